@@ -1,0 +1,729 @@
+"""The one definition of the finetune.dev CRDs.
+
+Everything else (crds/*.yaml, the chart's copy, docs/api.md, the typed models'
+defaults) is generated from or checked against the dicts built here.
+
+The schemas are OpenAPI v3 structural schemas as Kubernetes wants them. Small
+helpers keep them readable: ``string()``, ``integer()``, ``obj()`` ... each take
+the description first and the constraints as keywords.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+GROUP = "finetune.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+CATEGORY = "finetune"
+
+Schema = dict[str, Any]
+
+# Bounds on strings and lists keep CEL's cost estimate within the API server's budget.
+SHORT = 253
+LONG = 4096
+DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# hf id (org/name or name), hf://, pvc://claim/path, s3://bucket/key, https://, or /absolute/path
+MODEL_SOURCE = (
+    r"^(hf://[A-Za-z0-9][-A-Za-z0-9_.]*(/[-A-Za-z0-9_.]+)?"
+    r"|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?"
+    r"|s3://[a-z0-9][-a-z0-9.]{1,61}[a-z0-9](/.*)?"
+    r"|https://[^\s]+"
+    r"|/[^\s]*"
+    r"|[A-Za-z0-9][-A-Za-z0-9_.]*(/[-A-Za-z0-9_.]+)?)$"
+)
+# Datasets may also be a plain http(s) URL and an hf dataset id.
+DATASET_SOURCE = MODEL_SOURCE
+PUSH_URI = r"^(hf://[A-Za-z0-9][-A-Za-z0-9_.]*/[-A-Za-z0-9_.]+|s3://[a-z0-9][-a-z0-9.]{1,61}[a-z0-9](/.*)?)$"
+QUANTITY = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+SOURCE_HELP = (
+    "a Hugging Face id (org/name), hf://org/name, pvc://<claim>/<path>, s3://<bucket>/<key>, "
+    "https://<url>, or an absolute path inside the trainer image"
+)
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+def _with(schema: Schema, **extra: Any) -> Schema:
+    """Adds the optional keywords that are not None, in OpenAPI spelling."""
+    spelling = {
+        "min_length": "minLength",
+        "max_length": "maxLength",
+        "min_items": "minItems",
+        "max_items": "maxItems",
+        "max_properties": "maxProperties",
+        "exclusive_minimum": "exclusiveMinimum",
+    }
+    for key, value in extra.items():
+        if value is not None:
+            schema[spelling.get(key, key)] = value
+    return schema
+
+
+def string(description: str, *, default: str | None = None, enum: list[str] | None = None,
+           pattern: str | None = None, min_length: int | None = None,
+           max_length: int | None = SHORT, format: str | None = None) -> Schema:
+    if enum is not None:
+        max_length = None
+    return _with({"type": "string", "description": description}, default=default, enum=enum,
+                 pattern=pattern, min_length=min_length, max_length=max_length, format=format)
+
+
+def name(description: str, *, label: bool = False, default: str | None = None) -> Schema:
+    """A Kubernetes object name (DNS-1123 subdomain, or label for Services and the like)."""
+    return string(description, default=default, pattern=DNS1123_LABEL if label else DNS1123_SUBDOMAIN,
+                  min_length=1, max_length=63 if label else SHORT)
+
+
+def integer(description: str, *, default: int | None = None, minimum: int | None = None,
+            maximum: int | None = None, format: str | None = None) -> Schema:
+    return _with({"type": "integer", "description": description}, default=default,
+                 minimum=minimum, maximum=maximum, format=format)
+
+
+def number(description: str, *, default: float | None = None, minimum: float | None = None,
+           maximum: float | None = None, exclusive_minimum: bool | None = None) -> Schema:
+    return _with({"type": "number", "description": description}, default=default,
+                 minimum=minimum, maximum=maximum, exclusive_minimum=exclusive_minimum)
+
+
+def boolean(description: str, *, default: bool | None = None) -> Schema:
+    return _with({"type": "boolean", "description": description}, default=default)
+
+
+def timestamp(description: str) -> Schema:
+    return {"type": "string", "format": "date-time", "description": description}
+
+
+def quantity(description: str, *, default: str | None = None) -> Schema:
+    """A resource quantity such as 20Gi or 500m (an int is accepted too)."""
+    return _with({"description": description, "anyOf": [{"type": "integer"}, {"type": "string"}],
+                  "x-kubernetes-int-or-string": True, "pattern": QUANTITY}, default=default)
+
+
+def array(items: Schema, description: str, *, default: list | None = None,
+          min_items: int | None = None, max_items: int | None = 64,
+          list_type: str | None = None) -> Schema:
+    return _with({"type": "array", "description": description, "items": items}, default=default,
+                 min_items=min_items, max_items=max_items, **{"x-kubernetes-list-type": list_type})
+
+
+def string_map(description: str, *, max_properties: int = 64) -> Schema:
+    return {"type": "object", "description": description, "maxProperties": max_properties,
+            "additionalProperties": {"type": "string", "maxLength": SHORT}}
+
+
+def free_form(description: str) -> Schema:
+    """Only for upstream Kubernetes types copied verbatim (affinity, tolerations)."""
+    return {"type": "object", "description": description,
+            "x-kubernetes-preserve-unknown-fields": True}
+
+
+def rule(expression: str, message: str, *, field_path: str | None = None,
+         reason: str | None = None) -> Schema:
+    return _with({"rule": expression, "message": message}, fieldPath=field_path, reason=reason)
+
+
+def obj(description: str, properties: dict[str, Schema], *, required: list[str] | None = None,
+        rules: list[Schema] | None = None, default: dict | None = None) -> Schema:
+    schema: Schema = {"type": "object", "description": description, "properties": properties}
+    if required:
+        schema["required"] = required
+    if rules:
+        schema["x-kubernetes-validations"] = rules
+    return _with(schema, default=default)
+
+
+def secret_key_ref(description: str, *, default_key: str) -> Schema:
+    return obj(description, {
+        "name": name("Name of the Secret in the same namespace."),
+        "key": string("Key in the Secret that holds the token.", default=default_key, min_length=1),
+    }, required=["name"])
+
+
+def local_ref(description: str) -> Schema:
+    return obj(description, {"name": name("Name of the object in the same namespace.")},
+               required=["name"])
+
+
+def conditions(types: list[str]) -> Schema:
+    """metav1.Condition, listed by type."""
+    return array(obj(f"A condition; types used: {', '.join(types)}.", {
+        "type": string("Type of the condition, e.g. " + types[0] + ".", max_length=316,
+                       pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$"),
+        "status": string("True, False or Unknown.", enum=["True", "False", "Unknown"]),
+        "reason": string("CamelCase reason for the last transition.", max_length=1024,
+                         pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"),
+        "message": string("Human-readable message; says what to do when something is wrong.",
+                          max_length=32768),
+        "lastTransitionTime": timestamp("When the status last changed."),
+        "observedGeneration": integer("metadata.generation this condition was computed from.",
+                                      minimum=0, format="int64"),
+    }, required=["type", "status", "reason", "message", "lastTransitionTime"]),
+        "Current state of the resource, one entry per condition type.", max_items=16,
+        list_type="map") | {"x-kubernetes-list-map-keys": ["type"]}
+
+
+# --- FineTuneJob -----------------------------------------------------------------------------
+
+PHASES = ["Pending", "Validating", "Training", "Evaluating", "Deploying", "Succeeded", "Failed",
+          "Suspended"]
+FINETUNEJOB_CONDITIONS = ["Validated", "Training", "Evaluated", "Deployed", "Succeeded", "Failed",
+                          "Suspended"]
+# Spec sections frozen once training started (status.startTime is set).
+IMMUTABLE_SECTIONS = ["model", "method", "dataset", "training", "evaluation", "resources",
+                      "storage", "output"]
+
+MODEL = obj("The base model to fine-tune.", {
+    "source": string("Where the base model comes from: " + SOURCE_HELP + ".", min_length=1,
+                     max_length=LONG, pattern=MODEL_SOURCE),
+    "revision": string("Git revision (branch, tag or commit) of a Hugging Face model.",
+                       min_length=1, pattern=r"^[-A-Za-z0-9_./]+$"),
+    "tokenSecretRef": secret_key_ref("Secret holding an access token for the model source "
+                                     "(Hugging Face token).", default_key="token"),
+    "trustRemoteCode": boolean("Run model code shipped with the checkpoint. Only for sources you trust.",
+                               default=False),
+}, required=["source"], rules=[
+    rule("!has(self.revision) || !(self.source.startsWith('pvc://') || self.source.startsWith('s3://') "
+         "|| self.source.startsWith('https://') || self.source.startsWith('/'))",
+         "spec.model.revision is only allowed with a Hugging Face source (org/name or hf://org/name)",
+         field_path=".revision"),
+])
+
+LORA = obj("LoRA adapter settings (method.type lora or qlora).", {
+    "r": integer("Rank of the LoRA update matrices.", default=16, minimum=1, maximum=1024),
+    "alpha": integer("LoRA scaling factor (alpha / r scales the update).", default=32, minimum=1,
+                     maximum=4096),
+    "dropout": number("Dropout on the LoRA layers.", default=0.05, minimum=0, maximum=0.9),
+    "targetModules": array(string("A module name, e.g. q_proj, or all-linear.", min_length=1,
+                                  max_length=128),
+                           "Modules that get adapters; all-linear adapts every linear layer but "
+                           "the output head.", default=["all-linear"], min_items=1, max_items=64),
+    "bias": string("Which biases are trained.", default="none", enum=["none", "all", "lora_only"]),
+}, rules=[
+    rule("!('all-linear' in self.targetModules) || size(self.targetModules) == 1",
+         "spec.method.lora.targetModules: all-linear cannot be combined with other module names",
+         field_path=".targetModules"),
+])
+
+QUANTIZATION = obj("4-bit quantization of the frozen base model (method.type qlora only).", {
+    "bits": integer("Bits per weight of the quantized base model.", default=4, minimum=4, maximum=4),
+    "quantType": string("4-bit data type.", default="nf4", enum=["nf4", "fp4"]),
+    "doubleQuant": boolean("Quantize the quantization constants too (saves ~0.4 bit/param).",
+                           default=True),
+    "computeDtype": string("Data type of the matmuls.", default="bf16",
+                           enum=["bf16", "fp16", "fp32"]),
+})
+
+METHOD = obj("How the model is fine-tuned. When lora (or quantization) is omitted for a method that "
+             "uses it, the defaults below apply.", {
+    "type": string("full updates every weight; lora trains low-rank adapters; qlora trains adapters "
+                   "on a 4-bit quantized base.", default="lora", enum=["full", "lora", "qlora"]),
+    "lora": LORA,
+    "quantization": QUANTIZATION,
+}, default={"type": "lora", "lora": {}}, rules=[
+    rule("!has(self.lora) || self.type in ['lora', 'qlora']",
+         "spec.method.lora is only allowed when spec.method.type is lora or qlora",
+         field_path=".lora"),
+    rule("!has(self.quantization) || self.type == 'qlora'",
+         "spec.method.quantization is only allowed when spec.method.type is qlora",
+         field_path=".quantization"),
+])
+
+DATASET_SOURCE_HELP = ("a Hugging Face dataset id (org/name), hf://org/name, pvc://<claim>/<path> "
+                       "(a .jsonl, .json, .parquet or .csv file or folder), s3://<bucket>/<key>, "
+                       "https://<url>, or an absolute path")
+
+DATASET = obj("Training data, its format, how it is split and cleaned.", {
+    "source": string("Where the training data comes from: " + DATASET_SOURCE_HELP + ".",
+                     min_length=1, max_length=LONG, pattern=DATASET_SOURCE),
+    "split": string("Split of a Hugging Face dataset.", default="train", min_length=1,
+                    max_length=128, pattern=r"^[-A-Za-z0-9_.\[\]:%]+$"),
+    "format": string("Record shape. instruction: {instruction, input?, output}; completion: "
+                     "{prompt, completion}; chat: {messages: [{role, content}]}; text: {text}.",
+                     default="instruction", enum=["instruction", "completion", "chat", "text"]),
+    "fieldMap": string_map("Renames source fields to the format's field names, "
+                           "e.g. {instruction: question, output: answer}.", max_properties=16),
+    "evalFraction": number("Fraction of the cleaned data held out for evaluation (0 disables "
+                           "evaluation on held-out data unless evalSource is set).", default=0.05,
+                           minimum=0, maximum=0.5),
+    "evalSource": string("A separate evaluation set (same forms as source); when set, "
+                         "evalFraction is ignored.",
+                         min_length=1, max_length=LONG, pattern=DATASET_SOURCE),
+    "dedup": obj("Duplicate removal before the split.", {
+        "exact": boolean("Remove exact duplicates (after whitespace normalisation).", default=True),
+        "nearThreshold": number("Jaccard similarity above which records are near-duplicates "
+                                "(MinHash); 1 disables near-duplicate removal.", default=0.9,
+                                minimum=0.5, maximum=1),
+    }, default={}),
+    "minExamples": integer("Fail validation when fewer training examples remain after cleaning.",
+                           default=10, minimum=1),
+    "maxInvalidFraction": number("Fail validation when more than this fraction of records is "
+                                 "invalid (malformed or missing fields).", default=0.1, minimum=0,
+                                 maximum=1),
+    "lengthPolicy": string("What happens to examples longer than training.maxSeqLength tokens.",
+                           default="truncate", enum=["truncate", "drop"]),
+    "categoryField": string("Field whose value is reported per category in the dataset report.",
+                            min_length=1, max_length=128),
+    "mix": obj("General-domain data mixed into the training set (to limit forgetting).", {
+        "source": string("Where the mixed-in data comes from: " + DATASET_SOURCE_HELP + ".",
+                         min_length=1, max_length=LONG, pattern=DATASET_SOURCE),
+        "ratio": number("Mixed-in examples per training example.", minimum=0, maximum=10,
+                        exclusive_minimum=True),
+        "format": string("Record shape of the mixed-in data.", default="instruction",
+                         enum=["instruction", "completion", "chat", "text"]),
+    }, required=["source", "ratio"]),
+}, required=["source"])
+
+TRAINING = obj("Hyperparameters of the training loop.", {
+    "epochs": number("Passes over the training data (ignored when maxSteps is set).", default=1,
+                     minimum=0, maximum=1000, exclusive_minimum=True),
+    "maxSteps": integer("Stop after this many optimizer steps; overrides epochs.", minimum=1),
+    "perDeviceBatchSize": integer("Examples per GPU per forward pass.", default=4, minimum=1,
+                                  maximum=4096),
+    "gradientAccumulationSteps": integer("Forward passes per optimizer step.", default=1,
+                                         minimum=1, maximum=1024),
+    "learningRate": number("Peak learning rate.", default=2e-4, minimum=0, maximum=1,
+                           exclusive_minimum=True),
+    "lrScheduler": string("Learning-rate schedule after warmup.", default="cosine",
+                          enum=["linear", "cosine", "cosine_with_restarts", "polynomial",
+                                "constant", "constant_with_warmup", "inverse_sqrt"]),
+    "warmupSteps": integer("Optimizer steps of linear warmup (wins over warmupRatio).", default=0,
+                           minimum=0),
+    "warmupRatio": number("Fraction of all steps used for warmup.", default=0.0, minimum=0,
+                          maximum=0.5),
+    "weightDecay": number("AdamW weight decay.", default=0.0, minimum=0, maximum=1),
+    "maxSeqLength": integer("Maximum tokens per example (see dataset.lengthPolicy).", default=1024,
+                            minimum=16, maximum=131072),
+    "packing": string("Pack several short examples into one sequence. auto: on when a "
+                      "variable-length attention kernel is available (GPU), off elsewhere.",
+                      default="auto", enum=["auto", "on", "off"]),
+    "precision": string("Training precision.", default="bf16", enum=["bf16", "fp16", "fp32"]),
+    "optimizer": string("Optimizer (transformers' names).", default="adamw_torch",
+                        enum=["adamw_torch", "adamw_torch_fused", "adamw_8bit",
+                              "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd"]),
+    "maxGradNorm": number("Gradient clipping norm (0 disables clipping).", default=1.0, minimum=0,
+                          maximum=1000),
+    "gradientCheckpointing": boolean("Recompute activations in the backward pass to save memory.",
+                                     default=True),
+    "loggingSteps": integer("Optimizer steps between loss reports.", default=10, minimum=1),
+    "evalSteps": integer("Optimizer steps between evaluations (defaults to saveSteps).", minimum=1),
+    "saveSteps": integer("Optimizer steps between checkpoints.", default=100, minimum=1),
+    "saveTotalLimit": integer("Checkpoints kept on the volume (the best one is always kept).",
+                              default=3, minimum=1, maximum=100),
+    "metricForBestModel": string("Metric that picks the best checkpoint.", default="eval_loss",
+                                 enum=["eval_loss", "perplexity", "bleu", "rouge", "exactMatch"]),
+    "earlyStopping": obj("Stop when the metric for the best model stops improving.", {
+        "patience": integer("Evaluations without improvement before stopping.", minimum=1,
+                            maximum=1000),
+        "threshold": number("Smallest change that counts as an improvement.", default=0.0,
+                            minimum=0),
+    }, required=["patience"]),
+    "seed": integer("Random seed (data shuffling, initialisation of adapters).", default=42,
+                    minimum=0, maximum=4294967295),
+    "lossSpikeFactor": number("Fail the run when the training loss exceeds this multiple of its "
+                              "running mean (divergence guard); 0 disables it.", default=0.0,
+                              minimum=0),
+}, default={}, rules=[
+    rule("!has(self.evalSteps) || self.saveSteps % self.evalSteps == 0",
+         "spec.training.saveSteps must be a multiple of spec.training.evalSteps so that the best "
+         "checkpoint can be kept", field_path=".saveSteps"),
+])
+
+EVALUATION = obj("Evaluation after training. Loss and perplexity are always computed.", {
+    "metrics": array(string("An optional metric.", enum=["bleu", "rouge", "exactMatch"]),
+                     "Extra metrics computed on generations for the eval set or prompts.",
+                     default=[], max_items=3, list_type="set"),
+    "prompts": array(obj("A held-out prompt.", {
+        "prompt": string("The prompt.", min_length=1, max_length=16384),
+        "reference": string("The expected answer (used by bleu, rouge, exactMatch).",
+                            max_length=16384),
+    }, required=["prompt"]), "Prompts answered by the base and the fine-tuned model for a "
+                             "side-by-side comparison in the evaluation report.", max_items=200),
+    "maxNewTokens": integer("Tokens generated per prompt.", default=128, minimum=1,
+                            maximum=8192),
+}, default={})
+
+TOLERATION = obj("A toleration (core/v1 Toleration).", {
+    "key": string("Taint key; empty with operator Exists matches every taint.", max_length=316),
+    "operator": string("Exists or Equal.", enum=["Exists", "Equal"]),
+    "value": string("Taint value (operator Equal).", max_length=63),
+    "effect": string("NoSchedule, PreferNoSchedule or NoExecute; empty matches all.",
+                     enum=["", "NoSchedule", "PreferNoSchedule", "NoExecute"]),
+    "tolerationSeconds": integer("How long a NoExecute taint is tolerated.", format="int64"),
+})
+
+RESOURCES = obj("Compute for the trainer.", {
+    "gpusPerNode": integer("GPUs per trainer pod (nvidia.com/gpu); 0 trains on CPU.", default=1,
+                           minimum=0, maximum=16),
+    "nodes": integer("Trainer pods (one per node), joined by torchrun.", default=1, minimum=1,
+                     maximum=256),
+    "cpu": quantity("CPU request and limit per trainer pod, e.g. 8 or 500m."),
+    "memory": quantity("Memory request and limit per trainer pod, e.g. 64Gi."),
+    "nodeSelector": string_map("Node labels the trainer pods must match."),
+    "tolerations": array(TOLERATION, "Tolerations for the trainer pods.", max_items=32),
+    "affinity": free_form("core/v1 Affinity for the trainer pods, passed through verbatim."),
+    "priorityClassName": name("PriorityClass of the trainer pods."),
+    "queueName": name("Kueue LocalQueue; the trainer Job is created suspended and Kueue admits it.",
+                      label=True),
+    "image": string("Trainer image override (defaults to the operator's configured image).",
+                    min_length=1, max_length=512, pattern=r"^[^\s]+$"),
+    "activeDeadlineSeconds": integer("Fail the job when training runs longer than this.",
+                                     minimum=1, format="int64"),
+}, default={}, rules=[
+    rule("self.nodes == 1 || self.gpusPerNode >= 1",
+         "spec.resources.nodes > 1 requires spec.resources.gpusPerNode >= 1 (multi-node training "
+         "runs on GPUs)", field_path=".nodes"),
+])
+
+STORAGE = obj("The job volume (data, checkpoints, artifacts, reports).", {
+    "existingClaim": name("Use this PersistentVolumeClaim instead of creating one; size, "
+                          "storageClassName and accessModes are then ignored."),
+    "size": quantity("Size of the created PersistentVolumeClaim.", default="20Gi"),
+    "storageClassName": name("StorageClass of the created claim (cluster default when unset)."),
+    "accessModes": array(string("An access mode.", enum=["ReadWriteOnce", "ReadWriteMany",
+                                                         "ReadWriteOncePod"]),
+                         "Access modes of the created claim (ReadWriteOnce when unset; "
+                         "multi-node training needs ReadWriteMany).", min_items=1, max_items=3,
+                         list_type="set"),
+    "reclaimPolicy": string("What happens to the created claim when the FineTuneJob is deleted. "
+                            "Retain keeps it (and the checkpoints and artifacts on it); Delete "
+                            "removes it. An existing claim is never deleted.",
+                            default="Retain", enum=["Retain", "Delete"]),
+}, default={}, rules=[
+    rule("!has(self.existingClaim) || (!has(self.storageClassName) && !has(self.accessModes))",
+         "spec.storage.storageClassName and spec.storage.accessModes are not allowed with "
+         "spec.storage.existingClaim", field_path=".existingClaim"),
+])
+
+OUTPUT = obj("What the job produces and where it is published.", {
+    "merge": boolean("Also write the base model merged with the adapter (LoRA/QLoRA); full "
+                     "fine-tuning always writes a full model.", default=False),
+    "push": obj("Publish the artifacts when training succeeds.", {
+        "uri": string("hf://<org>/<repo> (Hugging Face Hub) or s3://<bucket>/<prefix>.",
+                      min_length=1, max_length=LONG, pattern=PUSH_URI),
+        "tokenSecretRef": secret_key_ref("Secret with the Hub token or S3 credentials.",
+                                         default_key="token"),
+        "private": boolean("Create the Hub repository as private.", default=True),
+    }, required=["uri"], rules=[
+        rule("!self.uri.startsWith('hf://') || has(self.tokenSecretRef)",
+             "spec.output.push.tokenSecretRef is required when pushing to the Hugging Face Hub "
+             "(hf://)", field_path=".tokenSecretRef"),
+    ]),
+}, default={})
+
+VLLM = obj("vLLM server options.", {
+    "image": string("vLLM image override.", min_length=1, max_length=512, pattern=r"^[^\s]+$"),
+    "servedModelName": string("Name clients use in the OpenAI API (model field); defaults to "
+                              "the object's name.", min_length=1, max_length=128,
+                              pattern=r"^[-A-Za-z0-9_./:]+$"),
+    "maxModelLen": integer("Context length served.", minimum=16, maximum=1048576),
+    "gpuMemoryUtilization": number("Fraction of GPU memory vLLM may use.", default=0.9,
+                                   minimum=0.05, maximum=1),
+    "tensorParallelSize": integer("GPUs one replica shards the model over (must not exceed "
+                                  "resources.gpus).", default=1, minimum=1, maximum=16),
+    "maxLoraRank": integer("Largest LoRA rank served (vLLM --max-lora-rank); must be at least "
+                           "every adapter's rank.", default=16, minimum=1, maximum=512),
+    "maxLoras": integer("Adapters batched at once (vLLM --max-loras).", default=4, minimum=1,
+                        maximum=256),
+    "dtype": string("Weights and activations data type.", default="auto",
+                    enum=["auto", "bfloat16", "float16", "float32"]),
+    "extraArgs": array(string("One argument.", min_length=1, max_length=1024),
+                       "Extra vLLM arguments, passed as a list (never through a shell).",
+                       default=[], max_items=64),
+})
+
+DEPLOY = obj("Serve the result with an InferenceService once training succeeded. Mutable: "
+             "adding it to a finished job deploys it.", {
+    "inferenceService": name("Name of the InferenceService to create or add the adapter to "
+                             "(defaults to the job's name).", label=True),
+    "replicas": integer("vLLM replicas.", default=1, minimum=0, maximum=64),
+    "gpus": integer("GPUs per replica.", default=1, minimum=0, maximum=16),
+    "vllm": VLLM,
+})
+
+FINETUNEJOB_SPEC = obj("Desired state of a FineTuneJob. Once training started (status.startTime "
+                       "is set), everything but suspend, deploy and ttlSecondsAfterFinished is "
+                       "immutable.", {
+    "model": MODEL,
+    "method": METHOD,
+    "dataset": DATASET,
+    "training": TRAINING,
+    "evaluation": EVALUATION,
+    "resources": RESOURCES,
+    "storage": STORAGE,
+    "output": OUTPUT,
+    "deploy": DEPLOY,
+    "suspend": boolean("Stop training (pods deleted, volume and checkpoints kept); setting it back "
+                       "to false resumes from the latest checkpoint.", default=False),
+    "ttlSecondsAfterFinished": integer("Delete the FineTuneJob this many seconds after it "
+                                       "succeeded or failed (kept forever when unset).",
+                                       minimum=0, format="int64"),
+}, required=["model", "dataset"], rules=[
+    rule("self.method.type != 'qlora' || self.resources.gpusPerNode >= 1",
+         "spec.method.type qlora requires spec.resources.gpusPerNode >= 1 (bitsandbytes 4-bit "
+         "needs a GPU)", field_path=".method.type"),
+    rule("self.method.type != 'full' || !self.output.merge",
+         "spec.output.merge is only allowed with spec.method.type lora or qlora (full fine-tuning "
+         "always writes a full model)", field_path=".output.merge"),
+    rule("!has(self.deploy) || !has(self.deploy.vllm) || self.method.type == 'full' || "
+         "!has(self.method.lora) || self.method.lora.r <= self.deploy.vllm.maxLoraRank",
+         "spec.deploy.vllm.maxLoraRank must be at least spec.method.lora.r", field_path=".deploy"),
+    rule("!has(self.training.earlyStopping) || self.dataset.evalFraction > 0.0 || "
+         "has(self.dataset.evalSource)",
+         "spec.training.earlyStopping needs evaluation data: set spec.dataset.evalFraction > 0 or "
+         "spec.dataset.evalSource", field_path=".training.earlyStopping"),
+    rule("self.training.precision != 'fp16' || self.resources.gpusPerNode >= 1",
+         "spec.training.precision fp16 requires spec.resources.gpusPerNode >= 1",
+         field_path=".training.precision"),
+])
+
+FINETUNEJOB_STATUS = obj("Observed state of a FineTuneJob, written by the operator and the trainer.", {
+    "phase": string("Where the job is in its lifecycle.", enum=PHASES),
+    "conditions": conditions(FINETUNEJOB_CONDITIONS),
+    "observedGeneration": integer("metadata.generation the status reflects.", minimum=0,
+                                  format="int64"),
+    "startTime": timestamp("When training started (the trainer Job was created). From then on "
+                           "the spec is immutable except suspend, deploy, ttlSecondsAfterFinished."),
+    "completionTime": timestamp("When the job succeeded or failed."),
+    "progress": obj("Training progress.", {
+        "step": integer("Optimizer steps done.", minimum=0, format="int64"),
+        "totalSteps": integer("Optimizer steps planned.", minimum=0, format="int64"),
+        "epoch": number("Epochs done (fractional).", minimum=0),
+        "percent": integer("step / totalSteps in percent.", minimum=0, maximum=100),
+        "etaSeconds": integer("Estimated seconds to the end of training.", minimum=0,
+                              format="int64"),
+    }),
+    "metrics": obj("Latest training metrics.", {
+        "trainLoss": number("Training loss (running mean over the logging interval)."),
+        "evalLoss": number("Loss on the evaluation set."),
+        "perplexity": number("exp(evalLoss)."),
+        "learningRate": number("Current learning rate."),
+        "tokensPerSecond": number("Training throughput over all GPUs."),
+    }),
+    "dataset": obj("Report of the validation and cleaning step.", {
+        "examplesRead": integer("Records read from the sources.", minimum=0, format="int64"),
+        "rejected": integer("Records rejected as invalid.", minimum=0, format="int64"),
+        "duplicatesRemoved": integer("Exact duplicates removed.", minimum=0, format="int64"),
+        "nearDuplicatesRemoved": integer("Near-duplicates removed.", minimum=0, format="int64"),
+        "trainExamples": integer("Examples in the final training set.", minimum=0,
+                                 format="int64"),
+        "evalExamples": integer("Examples in the final evaluation set.", minimum=0,
+                                format="int64"),
+        "contentHash": string("sha256 of the cleaned training and evaluation sets.",
+                              max_length=128),
+        "firstErrors": array(string("An error, with its line and field.", max_length=1024),
+                             "The first errors found in the data.", max_items=20),
+    }),
+    "checkpoints": obj("Checkpoints on the job volume.", {
+        "latest": string("Path of the newest complete checkpoint.", max_length=LONG),
+        "best": string("Path of the best checkpoint by training.metricForBestModel.",
+                       max_length=LONG),
+        "count": integer("Complete checkpoints on the volume.", minimum=0),
+    }),
+    "artifacts": obj("Where the results are.", {
+        "adapter": string("Path of the adapter on the job volume (LoRA/QLoRA).", max_length=LONG),
+        "merged": string("Path of the merged or fully fine-tuned model on the job volume.",
+                         max_length=LONG),
+        "volume": string("PersistentVolumeClaim holding the artifacts.", max_length=SHORT),
+        "pushed": string("Where the artifacts were published (output.push.uri).", max_length=LONG),
+    }),
+    "attempts": integer("Trainer Job attempts (pods started).", minimum=0),
+    "restarts": integer("Restarts that resumed from a checkpoint (preemptions, node loss).",
+                        minimum=0),
+    "gpuHours": number("GPU hours used so far.", minimum=0),
+    "estimatedCost": string("Estimated cost of the GPU hours, with its currency (e.g. 12.40 USD).",
+                            max_length=64),
+    "trainerJob": string("Name of the trainer batch/v1 Job.", max_length=SHORT),
+    "inferenceService": obj("The InferenceService serving the result.", {
+        "name": string("Its name.", max_length=SHORT),
+        "url": string("OpenAI-compatible base URL.", max_length=LONG),
+    }),
+})
+
+
+def _immutable_once_started(section: str) -> Schema:
+    old, new = f"oldSelf.spec.{section}", f"self.spec.{section}"
+    return rule(
+        f"!has(oldSelf.status) || !has(oldSelf.status.startTime) || "
+        f"(has({new}) == has({old}) && (!has({new}) || {new} == {old}))",
+        f"spec.{section} is immutable once training started (status.startTime is set); only "
+        f"spec.suspend, spec.deploy and spec.ttlSecondsAfterFinished may change. Create a new "
+        f"FineTuneJob to change it",
+        reason="FieldValueForbidden", field_path=f".spec.{section}")
+
+
+def _printer_columns_finetunejob() -> list[dict]:
+    return [
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "Model", "type": "string", "jsonPath": ".spec.model.source"},
+        {"name": "Method", "type": "string", "jsonPath": ".spec.method.type"},
+        {"name": "Progress", "type": "integer", "jsonPath": ".status.progress.percent",
+         "description": "Percent of training steps done"},
+        {"name": "Loss", "type": "number", "jsonPath": ".status.metrics.trainLoss"},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        {"name": "Epoch", "type": "number", "jsonPath": ".status.progress.epoch", "priority": 1},
+        {"name": "GPUs", "type": "integer", "jsonPath": ".spec.resources.gpusPerNode",
+         "priority": 1},
+        {"name": "Nodes", "type": "integer", "jsonPath": ".spec.resources.nodes", "priority": 1},
+        {"name": "ETA", "type": "integer", "jsonPath": ".status.progress.etaSeconds",
+         "description": "Seconds to the end of training", "priority": 1},
+        {"name": "Reason", "type": "string",
+         "jsonPath": ".status.conditions[?(@.status==\"True\")].reason", "priority": 1},
+    ]
+
+
+def _root(spec: Schema, status: Schema, description: str, rules: list[Schema] | None = None) -> Schema:
+    schema: Schema = {
+        "type": "object",
+        "description": description,
+        "properties": {
+            "apiVersion": {"type": "string", "description": "APIVersion of this object."},
+            "kind": {"type": "string", "description": "Kind of this object."},
+            "metadata": {"type": "object"},
+            "spec": spec,
+            "status": status,
+        },
+        "required": ["spec"],
+    }
+    if rules:
+        schema["x-kubernetes-validations"] = rules
+    return schema
+
+
+FINETUNEJOB_SCHEMA = _root(
+    FINETUNEJOB_SPEC, FINETUNEJOB_STATUS,
+    "FineTuneJob validates a dataset, fine-tunes a language model on it (full, LoRA or QLoRA), "
+    "keeps checkpoints, evaluates the result and optionally serves it.",
+    rules=[_immutable_once_started(section) for section in IMMUTABLE_SECTIONS],
+)
+
+
+# --- InferenceService ------------------------------------------------------------------------
+
+INFERENCESERVICE_CONDITIONS = ["Ready", "Progressing", "Degraded"]
+
+INFERENCESERVICE_SPEC = obj("Desired state of an InferenceService: a vLLM OpenAI-compatible server "
+                            "for a base model with LoRA adapters, or for a merged model.", {
+    "model": MODEL,
+    "adapters": array(obj("A LoRA adapter served next to the base model.", {
+        "name": string("Name clients use in the OpenAI API (model field).", min_length=1,
+                       max_length=128, pattern=r"^[-A-Za-z0-9_.]+$"),
+        "fineTuneJobRef": local_ref("FineTuneJob whose adapter is served (same namespace)."),
+        "path": string("Adapter location instead of a FineTuneJob: pvc://<claim>/<path>, "
+                       "s3://..., https://... or an absolute path.", min_length=1, max_length=LONG,
+                       pattern=MODEL_SOURCE),
+    }, required=["name"], rules=[
+        rule("has(self.fineTuneJobRef) != has(self.path)",
+             "spec.adapters[]: set exactly one of fineTuneJobRef or path"),
+    ]), "LoRA adapters to serve.", default=[], max_items=64, list_type="map")
+    | {"x-kubernetes-list-map-keys": ["name"]},
+    "mergedModel": obj("Serve a merged (or fully fine-tuned) model instead of model.source.", {
+        "fineTuneJobRef": local_ref("FineTuneJob whose merged model is served."),
+        "path": string("Merged model location: pvc://<claim>/<path>, s3://..., https://... or an "
+                       "absolute path.", min_length=1, max_length=LONG, pattern=MODEL_SOURCE),
+    }, rules=[
+        rule("has(self.fineTuneJobRef) != has(self.path)",
+             "spec.mergedModel: set exactly one of fineTuneJobRef or path"),
+    ]),
+    "replicas": integer("vLLM replicas (ignored when autoscaling is set).", default=1, minimum=0,
+                        maximum=64),
+    "resources": obj("Compute per replica.", {
+        "gpus": integer("GPUs per replica (nvidia.com/gpu); 0 serves on CPU.", default=1,
+                        minimum=0, maximum=16),
+        "cpu": quantity("CPU request and limit per replica."),
+        "memory": quantity("Memory request and limit per replica."),
+        "nodeSelector": string_map("Node labels the pods must match."),
+        "tolerations": array(TOLERATION, "Tolerations for the pods.", max_items=32),
+        "affinity": free_form("core/v1 Affinity for the pods, passed through verbatim."),
+        "priorityClassName": name("PriorityClass of the pods."),
+    }, default={}),
+    "vllm": VLLM,
+    "autoscaling": obj("Scale on vllm:num_requests_waiting (needs KEDA or prometheus-adapter).", {
+        "minReplicas": integer("Fewest replicas.", default=1, minimum=0, maximum=64),
+        "maxReplicas": integer("Most replicas.", minimum=1, maximum=64),
+        "targetRequestsWaiting": integer("Waiting requests per replica that trigger scale-out.",
+                                         default=4, minimum=1, maximum=10000),
+    }, required=["maxReplicas"], rules=[
+        rule("self.minReplicas <= self.maxReplicas",
+             "spec.autoscaling.minReplicas must not exceed spec.autoscaling.maxReplicas",
+             field_path=".minReplicas"),
+    ]),
+}, required=["model"], rules=[
+    rule("!has(self.mergedModel) || size(self.adapters) == 0",
+         "spec.adapters are not allowed with spec.mergedModel (a merged model has no adapters)",
+         field_path=".adapters"),
+    rule("!has(self.vllm) || self.vllm.tensorParallelSize <= self.resources.gpus || "
+         "(self.resources.gpus == 0 && self.vllm.tensorParallelSize == 1)",
+         "spec.vllm.tensorParallelSize must not exceed spec.resources.gpus", field_path=".vllm"),
+])
+
+INFERENCESERVICE_STATUS = obj("Observed state of an InferenceService.", {
+    "phase": string("Summary of the conditions.", enum=["Pending", "Progressing", "Ready",
+                                                         "Degraded", "Failed"]),
+    "conditions": conditions(INFERENCESERVICE_CONDITIONS),
+    "observedGeneration": integer("metadata.generation the status reflects.", minimum=0,
+                                  format="int64"),
+    "replicas": integer("Replicas created.", minimum=0),
+    "readyReplicas": integer("Replicas passing their readiness probe.", minimum=0),
+    "url": string("OpenAI-compatible base URL inside the cluster (http://<svc>.<ns>.svc:8000/v1).",
+                  max_length=LONG),
+    "servedModels": array(string("A model name.", max_length=SHORT),
+                          "Names accepted in the OpenAI API's model field (base and adapters).",
+                          max_items=128),
+    "revision": string("Hash of the served configuration (changes trigger a rollout).",
+                       max_length=128),
+})
+
+INFERENCESERVICE_SCHEMA = _root(
+    INFERENCESERVICE_SPEC, INFERENCESERVICE_STATUS,
+    "InferenceService serves a base model with LoRA adapters, or a merged model, through vLLM's "
+    "OpenAI-compatible API.")
+
+
+# --- CRDs ------------------------------------------------------------------------------------
+
+
+def _crd(kind: str, plural: str, short_names: list[str], schema: Schema,
+         columns: list[dict]) -> dict:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "names": {"kind": kind, "listKind": f"{kind}List", "plural": plural,
+                      "singular": kind.lower(), "shortNames": short_names,
+                      "categories": [CATEGORY]},
+            "scope": "Namespaced",
+            "versions": [{
+                "name": VERSION,
+                "served": True,
+                "storage": True,
+                "schema": {"openAPIV3Schema": schema},
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": columns,
+            }],
+        },
+    }
+
+
+def finetunejob_crd() -> dict:
+    return _crd("FineTuneJob", "finetunejobs", ["ftj"], FINETUNEJOB_SCHEMA,
+                _printer_columns_finetunejob())
+
+
+def inferenceservice_crd() -> dict:
+    return _crd("InferenceService", "inferenceservices", ["ftisvc"], INFERENCESERVICE_SCHEMA, [
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "Ready", "type": "string", "jsonPath": ".status.readyReplicas",
+         "description": "Replicas ready"},
+        {"name": "URL", "type": "string", "jsonPath": ".status.url"},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ])
+
+
+def all_crds() -> list[dict]:
+    return [finetunejob_crd(), inferenceservice_crd()]
