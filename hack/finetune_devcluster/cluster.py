@@ -1,0 +1,440 @@
+"""A real local Kubernetes control plane for tests and the demo.
+
+etcd, kube-apiserver (TLS, RBAC, ServiceAccount tokens), kube-controller-manager,
+kube-scheduler and kwok run as local processes on dynamic ports; kwok fakes a pool of
+GPU and CPU nodes, and the local node agent (`localnode.py`) really runs the pods bound
+to the node named `local`. Everything lives under one state directory (`.cluster/` by
+default): certificates, kubeconfig, logs, pids, etcd data and volumes.
+
+This is development tooling: the operator never imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BUILD_SCRIPT = REPO_ROOT / "hack" / "build-control-plane.sh"
+
+GPU_NODES = ("gpu-node-0", "gpu-node-1")
+CPU_NODES = ("cpu-node-0",)
+LOCAL_NODE = "local"
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_TAINT_KEY = "nvidia.com/gpu"
+KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+LOCAL_NODE_LABEL = "finetune.dev/local-node"
+STORAGE_CLASS = "local-hostpath"
+STORAGE_PROVISIONER = "finetune.dev/local-hostpath"
+KWOK_STAGES = ("node-initialize", "node-heartbeat-with-lease", "pod-ready", "pod-complete", "pod-delete")
+
+
+class ClusterError(RuntimeError):
+    """A component failed to start; the message names it and carries its log's tail."""
+
+
+def control_plane_binaries() -> Path:
+    """Build (or find in the cache) the pinned binaries; returns their directory."""
+    out = subprocess.run(["bash", str(BUILD_SCRIPT)], check=False, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise ClusterError(f"building the control plane failed:\n{out.stderr[-4000:]}")
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+@dataclass
+class Component:
+    name: str
+    argv: list[str]
+    log: Path
+    process: subprocess.Popen | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+class Cluster:
+    """Start with `Cluster(state_dir).start()`; stop with `.stop()` (kills by pid)."""
+
+    def __init__(self, state_dir: Path | str | None = None, *, bin_dir: Path | None = None,
+                 local_node: bool = True) -> None:
+        self.state_dir = Path(state_dir or REPO_ROOT / ".cluster").resolve()
+        self.bin_dir = bin_dir
+        self.local_node = local_node
+        self.components: list[Component] = []
+        self.ports: dict[str, int] = {}
+
+    # paths -------------------------------------------------------------------------
+    @property
+    def kubeconfig(self) -> Path:
+        return self.state_dir / "kubeconfig"
+
+    @property
+    def pki(self) -> Path:
+        return self.state_dir / "pki"
+
+    @property
+    def logs(self) -> Path:
+        return self.state_dir / "logs"
+
+    @property
+    def volumes(self) -> Path:
+        return self.state_dir / "volumes"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.state_dir / "pids.json"
+
+    @property
+    def server(self) -> str:
+        return f"https://127.0.0.1:{self.ports['apiserver']}"
+
+    # lifecycle ---------------------------------------------------------------------
+    def start(self, timeout: float = 120) -> "Cluster":
+        if self.pid_file.exists():
+            stop_from_pid_file(self.state_dir)
+        self.bin_dir = self.bin_dir or control_plane_binaries()
+        if self.state_dir.exists():
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+        for d in (self.pki, self.logs, self.volumes, self.state_dir / "etcd"):
+            d.mkdir(parents=True, exist_ok=True)
+        self.ports = {name: free_port() for name in
+                      ("etcd", "etcd-peer", "apiserver", "kcm", "scheduler", "kwok")}
+        self._write_pki()
+        self._write_kubeconfig()
+        deadline = time.monotonic() + timeout
+        try:
+            self._launch(self._etcd())
+            self._wait_http(f"http://127.0.0.1:{self.ports['etcd']}/health", "etcd", deadline)
+            self._launch(self._apiserver())
+            self._wait_apiserver(deadline)
+            self._launch(self._controller_manager())
+            self._launch(self._scheduler())
+            self._launch(self._kwok())
+            if self.local_node:
+                self._launch(self._local_node_agent())
+            self._create_nodes_and_storage()
+            self._wait_nodes_ready(deadline)
+            self._wait_default_serviceaccount(deadline)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        stop_from_pid_file(self.state_dir)
+        for c in reversed(self.components):
+            if c.process and c.process.poll() is None:
+                _kill_group(c.process.pid)
+        self.components.clear()
+
+    def __enter__(self) -> "Cluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def restart_component(self, name: str, timeout: float = 60) -> None:
+        """Stop one component (SIGKILL) and start it again with the same flags."""
+        comp = next(c for c in self.components if c.name == name)
+        if comp.process and comp.process.poll() is None:
+            _kill_group(comp.process.pid, sig=signal.SIGKILL)
+            comp.process.wait(timeout=30)
+        self._launch(comp, register=False)
+        deadline = time.monotonic() + timeout
+        if name == "etcd":
+            self._wait_http(f"http://127.0.0.1:{self.ports['etcd']}/health", "etcd", deadline)
+        if name == "kube-apiserver":
+            self._wait_apiserver(deadline)
+
+    def logs_tail(self, lines: int = 30) -> str:
+        return "\n".join(f"--- {c.name} ({c.log}) ---\n{_tail(c.log, lines)}" for c in self.components)
+
+    # helpers for tests and tooling -------------------------------------------------
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True,
+                token: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+        argv = [str(self.bin_dir / "kubectl"), f"--kubeconfig={self.kubeconfig}"]
+        if token is not None:
+            # Act as a ServiceAccount: same server and CA, bearer token instead of the admin cert.
+            argv = [str(self.bin_dir / "kubectl"), f"--server={self.server}",
+                    f"--certificate-authority={self.pki / 'ca.crt'}", f"--token={token}"]
+        out = subprocess.run(argv + list(args), input=input, capture_output=True, text=True,
+                             timeout=timeout, check=False)
+        if check and out.returncode != 0:
+            raise subprocess.CalledProcessError(out.returncode, argv + list(args), out.stdout, out.stderr)
+        return out
+
+    def env(self) -> dict[str, str]:
+        """Environment for child processes that should talk to this cluster."""
+        return {**os.environ, "KUBECONFIG": str(self.kubeconfig),
+                "PATH": f"{self.bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+    def api_client(self):
+        from kubernetes import client, config
+
+        return config.new_client_from_config(config_file=str(self.kubeconfig))
+
+    # pieces ------------------------------------------------------------------------
+    def _launch(self, comp: Component, register: bool = True) -> None:
+        log = open(comp.log, "ab")
+        comp.process = subprocess.Popen(comp.argv, stdout=log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True,
+                                        env={**os.environ, **comp.env})
+        log.close()
+        if register:
+            self.components.append(comp)
+        self._write_pids()
+
+    def _write_pids(self) -> None:
+        pids = {c.name: c.process.pid for c in self.components if c.process}
+        self.pid_file.write_text(json.dumps(pids))
+
+    def _check_alive(self) -> None:
+        for c in self.components:
+            if c.process and c.process.poll() is not None:
+                raise ClusterError(
+                    f"{c.name} exited with code {c.process.returncode} while the cluster was "
+                    f"starting; last lines of {c.log}:\n{_tail(c.log)}")
+
+    def _wait(self, what: str, probe, deadline: float) -> None:
+        while True:
+            self._check_alive()
+            try:
+                if probe():
+                    return
+            except Exception:  # noqa: BLE001 - a probe that errors is simply not ready yet
+                pass
+            if time.monotonic() > deadline:
+                raise ClusterError(f"timed out waiting for {what}\n{self.logs_tail()}")
+            time.sleep(0.2)
+
+    def _wait_http(self, url: str, what: str, deadline: float) -> None:
+        import urllib.request
+
+        self._wait(what, lambda: urllib.request.urlopen(url, timeout=2).status == 200, deadline)
+
+    def _wait_apiserver(self, deadline: float) -> None:
+        def ready() -> bool:
+            out = self.kubectl("get", "--raw", "/readyz", check=False, timeout=10)
+            return out.returncode == 0 and out.stdout.strip() == "ok"
+
+        self._wait("kube-apiserver /readyz", ready, deadline)
+
+    def _wait_nodes_ready(self, deadline: float) -> None:
+        names = list(GPU_NODES + CPU_NODES) + ([LOCAL_NODE] if self.local_node else [])
+
+        def ready() -> bool:
+            out = self.kubectl("get", "nodes", "-o", "json", check=False, timeout=10)
+            items = json.loads(out.stdout)["items"] if out.returncode == 0 else []
+            status = {n["metadata"]["name"]: any(
+                c["type"] == "Ready" and c["status"] == "True"
+                for c in n.get("status", {}).get("conditions", [])) for n in items}
+            return all(status.get(n) for n in names)
+
+        self._wait("nodes to become Ready", ready, deadline)
+
+    def _wait_default_serviceaccount(self, deadline: float) -> None:
+        self._wait("the default ServiceAccount",
+                   lambda: self.kubectl("get", "sa", "default", "-n", "default", check=False,
+                                        timeout=10).returncode == 0, deadline)
+
+    def _etcd(self) -> Component:
+        p = self.ports
+        return Component("etcd", [
+            str(self.bin_dir / "etcd"), f"--data-dir={self.state_dir / 'etcd'}", "--name=default",
+            f"--listen-client-urls=http://127.0.0.1:{p['etcd']}",
+            f"--advertise-client-urls=http://127.0.0.1:{p['etcd']}",
+            f"--listen-peer-urls=http://127.0.0.1:{p['etcd-peer']}",
+            f"--initial-advertise-peer-urls=http://127.0.0.1:{p['etcd-peer']}",
+            f"--initial-cluster=default=http://127.0.0.1:{p['etcd-peer']}",
+            "--unsafe-no-fsync", "--log-level=warn",
+        ], self.logs / "etcd.log")
+
+    def _apiserver(self) -> Component:
+        p, k = self.ports, self.pki
+        return Component("kube-apiserver", [
+            str(self.bin_dir / "kube-apiserver"),
+            f"--etcd-servers=http://127.0.0.1:{p['etcd']}",
+            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+            f"--secure-port={p['apiserver']}",
+            f"--tls-cert-file={k / 'apiserver.crt'}", f"--tls-private-key-file={k / 'apiserver.key'}",
+            f"--client-ca-file={k / 'ca.crt'}",
+            "--authorization-mode=RBAC",
+            "--service-cluster-ip-range=10.96.0.0/16",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={k / 'sa.pub'}",
+            f"--service-account-signing-key-file={k / 'sa.key'}",
+            "--api-audiences=https://kubernetes.default.svc.cluster.local",
+            "--allow-privileged=true",
+            f"--cert-dir={k}",
+            "--enable-priority-and-fairness=false",
+            "--profiling=false",
+            "--v=1",
+        ], self.logs / "kube-apiserver.log")
+
+    def _controller_manager(self) -> Component:
+        k = self.pki
+        return Component("kube-controller-manager", [
+            str(self.bin_dir / "kube-controller-manager"),
+            f"--kubeconfig={self.kubeconfig}",
+            f"--authentication-kubeconfig={self.kubeconfig}",
+            f"--authorization-kubeconfig={self.kubeconfig}",
+            "--bind-address=127.0.0.1", f"--secure-port={self.ports['kcm']}",
+            f"--cert-dir={self.state_dir / 'kcm-certs'}",
+            "--leader-elect=false",
+            "--use-service-account-credentials=true",
+            f"--service-account-private-key-file={k / 'sa.key'}",
+            f"--root-ca-file={k / 'ca.crt'}",
+            f"--cluster-signing-cert-file={k / 'ca.crt'}",
+            f"--cluster-signing-key-file={k / 'ca.key'}",
+            "--controllers=*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller,-route",
+            "--concurrent-job-syncs=10",
+            "--kube-api-qps=200", "--kube-api-burst=400",
+            "--v=1",
+        ], self.logs / "kube-controller-manager.log")
+
+    def _scheduler(self) -> Component:
+        return Component("kube-scheduler", [
+            str(self.bin_dir / "kube-scheduler"),
+            f"--kubeconfig={self.kubeconfig}",
+            f"--authentication-kubeconfig={self.kubeconfig}",
+            f"--authorization-kubeconfig={self.kubeconfig}",
+            "--bind-address=127.0.0.1", f"--secure-port={self.ports['scheduler']}",
+            f"--cert-dir={self.state_dir / 'scheduler-certs'}",
+            "--leader-elect=false",
+            "--kube-api-qps=200", "--kube-api-burst=400",
+            "--v=1",
+        ], self.logs / "kube-scheduler.log")
+
+    def _kwok(self) -> Component:
+        stages = self.bin_dir / "kwok-stages"
+        configs = []
+        for stage in KWOK_STAGES:
+            found = sorted(stages.rglob(f"{stage}.yaml"))
+            if not found:
+                raise ClusterError(f"kwok stage {stage}.yaml not found under {stages}")
+            configs.append(f"--config={found[0]}")
+        return Component("kwok", [
+            str(self.bin_dir / "kwok"), f"--kubeconfig={self.kubeconfig}",
+            "--manage-all-nodes=false",
+            f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
+            f"--server-address=127.0.0.1:{self.ports['kwok']}",
+            "--node-ip=127.0.0.1", "--cidr=10.0.0.1/24",
+            *configs,
+        ], self.logs / "kwok.log")
+
+    def _local_node_agent(self) -> Component:
+        return Component("local-node", [
+            sys.executable, "-m", "finetune_devcluster.localnode",
+            f"--kubeconfig={self.kubeconfig}", f"--node-name={LOCAL_NODE}",
+            f"--state-dir={self.state_dir / 'local-node'}",
+            f"--volumes-dir={self.volumes}",
+            f"--storage-provisioner={STORAGE_PROVISIONER}",
+        ], self.logs / "local-node.log",
+            env={"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT / "hack"),
+                                                               os.environ.get("PYTHONPATH")]))})
+
+    def _create_nodes_and_storage(self) -> None:
+        from . import manifests
+
+        docs = manifests.nodes(GPU_NODES, CPU_NODES) + manifests.storage()
+        self.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
+                                                           "items": docs}))
+        for node in GPU_NODES + CPU_NODES:
+            # Capacity is status: set through the status subresource, as a kubelet would.
+            self.kubectl("patch", "node", node, "--subresource=status", "--type=merge",
+                         "-p", json.dumps(manifests.node_status(node, node in GPU_NODES)))
+
+    # certificates ------------------------------------------------------------------
+    def _openssl(self, *args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=self.pki)
+
+    def _write_pki(self) -> None:
+        o = self._openssl
+        o("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+          "-days", "365", "-subj", "/CN=finetune-devcluster-ca")
+        (self.pki / "apiserver.ext").write_text(
+            "subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,"
+            "DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\n"
+            "extendedKeyUsage=serverAuth\n")
+        self._signed("apiserver", "/CN=kube-apiserver", "apiserver.ext")
+        (self.pki / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+        self._signed("admin", "/O=system:masters/CN=admin", "client.ext")
+        o("genrsa", "-out", "sa.key", "2048")
+        o("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub")
+
+    def _signed(self, name: str, subject: str, ext: str) -> None:
+        o = self._openssl
+        o("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+          "-subj", subject)
+        o("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+          "-CAcreateserial", "-out", f"{name}.crt", "-days", "365", "-extfile", ext)
+
+    def _write_kubeconfig(self) -> None:
+        import yaml
+
+        cfg = {
+            "apiVersion": "v1", "kind": "Config", "current-context": "finetune-dev",
+            "clusters": [{"name": "finetune-dev", "cluster": {
+                "server": self.server, "certificate-authority": str(self.pki / "ca.crt")}}],
+            "users": [{"name": "admin", "user": {
+                "client-certificate": str(self.pki / "admin.crt"),
+                "client-key": str(self.pki / "admin.key")}}],
+            "contexts": [{"name": "finetune-dev", "context": {"cluster": "finetune-dev", "user": "admin"}}],
+        }
+        self.kubeconfig.write_text(yaml.safe_dump(cfg))
+        self.kubeconfig.chmod(0o600)
+
+
+def _kill_group(pid: int, sig: int = signal.SIGTERM, grace: float = 10) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        return
+    end = time.monotonic() + grace
+    while time.monotonic() < end:
+        try:
+            os.kill(pid, 0)
+            # Reap if it is our child; ignore if it is not.
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    return
+            except ChildProcessError:
+                pass
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def stop_from_pid_file(state_dir: Path) -> list[str]:
+    """Stop every process a previous `start` recorded, by pid; returns their names."""
+    pid_file = Path(state_dir) / "pids.json"
+    if not pid_file.exists():
+        return []
+    pids = json.loads(pid_file.read_text() or "{}")
+    for name, pid in reversed(list(pids.items())):
+        _kill_group(pid)
+    pid_file.unlink(missing_ok=True)
+    return list(pids)

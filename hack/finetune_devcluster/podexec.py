@@ -1,0 +1,43 @@
+"""Run one container's command inside a private mount namespace.
+
+Started by the local node agent as `unshare -m --propagation private python -m
+finetune_devcluster.podexec SPEC.json`: it bind-mounts the pod's volumes at their
+mountPaths (read-only where asked), then execs the container's argv directly (no shell).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _mount(src: str, dst: str, read_only: bool) -> None:
+    s, d = Path(src), Path(dst)
+    if s.is_dir():
+        d.mkdir(parents=True, exist_ok=True)
+    else:
+        d.parent.mkdir(parents=True, exist_ok=True)
+        d.touch(exist_ok=True)
+    subprocess.run(["mount", "--bind", str(s), str(d)], check=True)
+    if read_only:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(d)], check=True)
+
+
+def main(argv: list[str]) -> None:
+    spec = json.loads(Path(argv[0]).read_text())
+    for m in spec["mounts"]:
+        _mount(m["source"], m["target"], m.get("readOnly", False))
+    if spec.get("workingDir"):
+        Path(spec["workingDir"]).mkdir(parents=True, exist_ok=True)
+        os.chdir(spec["workingDir"])
+    command = spec["argv"]
+    if not command:
+        sys.exit("container has no command: the local node cannot read an image's entrypoint")
+    os.execvpe(command[0], command, spec["env"])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
