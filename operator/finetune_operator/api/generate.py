@@ -79,6 +79,12 @@ def _constraints(node: dict, required: bool) -> list[str]:
         facts.append(f"at most {node['maxItems']} items")
     if node.get("pattern") and not node.get("x-kubernetes-int-or-string"):
         facts.append(f"pattern `{node['pattern']}`")
+    if node.get("x-kubernetes-list-type") in ("set", "map"):
+        keys = node.get("x-kubernetes-list-map-keys")
+        facts.append("items are unique" + (f" by `{', '.join(keys)}`" if keys else ""))
+    item = node.get("items", {})
+    if item and item.get("type") != "object":
+        facts.extend(f"each item: {fact}" for fact in _constraints(item, False))
     return facts
 
 

@@ -718,7 +718,7 @@ def finetunejob_crd() -> dict:
 def inferenceservice_crd() -> dict:
     return _crd("InferenceService", "inferenceservices", ["ftisvc"], INFERENCESERVICE_SCHEMA, [
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-        {"name": "Ready", "type": "string", "jsonPath": ".status.readyReplicas",
+        {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas",
          "description": "Replicas ready"},
         {"name": "URL", "type": "string", "jsonPath": ".status.url"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
