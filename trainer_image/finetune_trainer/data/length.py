@@ -1,0 +1,222 @@
+"""Measure examples in tokens and apply the length policy (truncate or drop).
+
+With a tokenizer (a `tokenizers.Tokenizer` or a transformers tokenizer) lengths are
+real token counts of each part, without special tokens. Without one they are an
+approximation: whitespace-separated words times APPROX_TOKENS_PER_WORD, since BPE
+tokenizers make about four tokens of three English words (code and non-Latin scripts
+make more: give a tokenizer when it matters).
+
+Truncation cuts from the end, as the trainer would: the completion of a prompt/completion
+record, the last messages of a chat. An example whose trainable part (completion, assistant
+messages, text) is gone after truncation is removed: it would only add padding.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .formats import Example
+
+APPROX_TOKENS_PER_WORD = 4 / 3
+# Tokens a chat template adds around each message (role header, end-of-turn marker).
+CHAT_MESSAGE_OVERHEAD = 4
+_BATCH = 4096
+_WORD = re.compile(r"\S+")
+
+
+class TokenCounter(Protocol):
+    approximate: bool
+
+    def count(self, texts: Sequence[str]) -> list[int]: ...
+
+    def cut(self, text: str, tokens: int) -> str: ...
+
+
+class WhitespaceCounter:
+    approximate = True
+
+    @staticmethod
+    def _tokens(words: int) -> int:
+        return int(words * APPROX_TOKENS_PER_WORD + 0.5)
+
+    def count(self, texts: Sequence[str]) -> list[int]:
+        tokens = self._tokens
+        return [tokens(len(t.split())) for t in texts]
+
+    def cut(self, text: str, tokens: int) -> str:
+        words = int(tokens / APPROX_TOKENS_PER_WORD)
+        while self._tokens(words + 1) <= tokens:
+            words += 1
+        if words <= 0:
+            return ""
+        end = 0
+        for i, match in enumerate(_WORD.finditer(text), 1):
+            end = match.end()
+            if i == words:
+                break
+        return text[:end]
+
+
+class TokenizersCounter:
+    """A `tokenizers.Tokenizer` (the fast tokenizer library itself)."""
+
+    approximate = False
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def count(self, texts: Sequence[str]) -> list[int]:
+        out: list[int] = []
+        for start in range(0, len(texts), _BATCH):
+            batch = list(texts[start:start + _BATCH])
+            encodings = self.tokenizer.encode_batch(batch, add_special_tokens=False)
+            out.extend(len(e.ids) for e in encodings)
+        return out
+
+    def cut(self, text: str, tokens: int) -> str:
+        if tokens <= 0:
+            return ""
+        offsets = self.tokenizer.encode(text, add_special_tokens=False).offsets
+        if len(offsets) <= tokens:
+            return text
+        return text[:offsets[tokens - 1][1]]
+
+
+class TransformersCounter:
+    """A transformers tokenizer (`AutoTokenizer.from_pretrained(...)`)."""
+
+    approximate = False
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def count(self, texts: Sequence[str]) -> list[int]:
+        out: list[int] = []
+        for start in range(0, len(texts), _BATCH):
+            batch = list(texts[start:start + _BATCH])
+            ids = self.tokenizer(batch, add_special_tokens=False)["input_ids"]
+            out.extend(len(i) for i in ids)
+        return out
+
+    def cut(self, text: str, tokens: int) -> str:
+        if tokens <= 0:
+            return ""
+        if getattr(self.tokenizer, "is_fast", False):
+            offsets = self.tokenizer(
+                text, add_special_tokens=False, return_offsets_mapping=True
+            )["offset_mapping"]
+            return text if len(offsets) <= tokens else text[:offsets[tokens - 1][1]]
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return text if len(ids) <= tokens else self.tokenizer.decode(ids[:tokens])
+
+
+def make_counter(tokenizer: Any = None) -> TokenCounter:
+    if tokenizer is None:
+        return WhitespaceCounter()
+    if hasattr(tokenizer, "encode_batch") and hasattr(tokenizer, "get_vocab_size"):
+        return TokenizersCounter(tokenizer)
+    return TransformersCounter(tokenizer)
+
+
+def _segments(record: dict) -> list[tuple[str, bool]]:
+    """(text, trainable) parts of a converted record."""
+    if "messages" in record:
+        return [(m["content"], m["role"] == "assistant") for m in record["messages"]]
+    if "completion" in record:
+        return [(record["prompt"], False), (record["completion"], True)]
+    return [(record["text"], True)]
+
+
+@dataclass
+class LengthResult:
+    kept: list[Example] = field(default_factory=list)
+    truncated: int = 0
+    dropped_too_long: int = 0
+    dropped_no_trainable: int = 0
+
+
+def _measure(parts: list[tuple[str, bool]], counts: list[int], chat: bool) -> tuple[int, int]:
+    overhead = CHAT_MESSAGE_OVERHEAD if chat else 0
+    total = sum(counts) + overhead * len(parts)
+    trainable = sum(c for (_, t), c in zip(parts, counts) if t)
+    return total, trainable
+
+
+def _truncate(record: dict, counts: list[int], counter: TokenCounter,
+              max_len: int) -> dict | None:
+    """The record cut to `max_len` tokens, or None when nothing trainable is left."""
+    if "messages" in record:
+        budget = max_len
+        kept: list[dict] = []
+        for message, count in zip(record["messages"], counts):
+            need = count + CHAT_MESSAGE_OVERHEAD
+            if need <= budget:
+                kept.append(message)
+                budget -= need
+                continue
+            room = budget - CHAT_MESSAGE_OVERHEAD
+            if message["role"] == "assistant" and room > 0:
+                content = counter.cut(message["content"], room)
+                if content.strip():
+                    kept.append({**message, "content": content})
+            break
+        while kept and kept[-1]["role"] != "assistant":
+            kept.pop()
+        if not kept:
+            return None
+        return {**record, "messages": kept}
+    if "completion" in record:
+        room = max_len - counts[0]
+        completion = counter.cut(record["completion"], room) if room > 0 else ""
+        if not completion.strip():
+            return None
+        return {**record, "completion": completion}
+    text = counter.cut(record["text"], max_len)
+    return {"text": text} if text.strip() else None
+
+
+def apply_length_policy(examples: list[Example], counter: TokenCounter, max_len: int,
+                        policy: str) -> LengthResult:
+    result = LengthResult()
+    parts_per_example = [_segments(e.record) for e in examples]
+    counts_flat = counter.count([text for parts in parts_per_example for text, _ in parts])
+    position = 0
+    for example, parts in zip(examples, parts_per_example):
+        counts = counts_flat[position:position + len(parts)]
+        position += len(parts)
+        chat = "messages" in example.record
+        total, trainable = _measure(parts, counts, chat)
+        if total > max_len:
+            if policy == "drop":
+                result.dropped_too_long += 1
+                continue
+            record = _truncate(example.record, counts, counter, max_len)
+            if record is None:
+                result.dropped_no_trainable += 1
+                continue
+            example.record = record
+            new_parts = _segments(record)
+            total, trainable = _measure(new_parts, counter.count([t for t, _ in new_parts]), chat)
+            result.truncated += 1
+        if trainable == 0:
+            result.dropped_no_trainable += 1
+            continue
+        example.tokens = total
+        result.kept.append(example)
+    return result
+
+
+def percentiles(lengths: Sequence[int]) -> dict[str, int]:
+    """Nearest-rank p50/p90/p99/max; zeros for no data."""
+    if not lengths:
+        return {"p50": 0, "p90": 0, "p99": 0, "max": 0}
+    ordered = sorted(lengths)
+    n = len(ordered)
+
+    def rank(p: float) -> int:
+        return ordered[min(n - 1, max(0, -(-int(p * n) // 100) - 1))]
+
+    return {"p50": rank(50), "p90": rank(90), "p99": rank(99), "max": ordered[-1]}

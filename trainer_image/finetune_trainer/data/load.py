@@ -1,0 +1,238 @@
+"""Read raw records from a local file (JSONL, JSON, CSV, Parquet) or a Hugging Face dataset.
+
+`read_records` yields `(where, record, error)` triples: `where` names the record the way a
+person finds it in the file ("line 41" in JSONL and CSV, "record 3" in a JSON list, "row 7"
+in Parquet or a hub dataset); exactly one of `record` and `error` is set. Problems with the
+source as a whole (missing, empty, binary) raise SourceError.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .formats import MAX_RECORD_BYTES
+
+Item = tuple[str, Any, str | None]
+
+FILE_TYPES = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_BOM = b"\xef\xbb\xbf"
+
+
+class SourceError(ValueError):
+    """The source cannot be read at all."""
+
+
+def is_hub_source(source: str) -> bool:
+    if source.startswith("hf://"):
+        return True
+    path = Path(source)
+    return not path.exists() and path.suffix.lower() not in FILE_TYPES and bool(_HUB_ID.match(source))
+
+
+def read_records(source: str, *, split: str | None = None) -> Iterator[Item]:
+    if is_hub_source(source):
+        yield from _read_hub(source, split)
+        return
+    path = Path(source)
+    if not path.exists():
+        raise SourceError(f"{source}: file not found")
+    if path.is_dir():
+        raise SourceError(f"{source}: is a directory; name a .jsonl, .json, .csv or .parquet file")
+    file_type = FILE_TYPES.get(path.suffix.lower()) or _sniff(path)
+    if path.stat().st_size == 0:
+        raise SourceError(f"{source}: file is empty")
+    if file_type == "parquet":
+        yield from _read_parquet(path)
+        return
+    _refuse_binary(path)
+    if file_type == "jsonl":
+        yield from _read_jsonl(path)
+    elif file_type == "json":
+        yield from _read_json(path)
+    else:
+        yield from _read_csv(path, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+
+
+def _sniff(path: Path) -> str:
+    with path.open("rb") as f:
+        head = f.read(4096)
+    if head.startswith(b"PAR1"):
+        return "parquet"
+    stripped = head.removeprefix(_BOM).lstrip()
+    if stripped.startswith(b"["):
+        return "json"
+    if stripped.startswith(b"{"):
+        return "jsonl"
+    raise SourceError(
+        f"{path}: cannot tell the file type; name it .jsonl, .json, .csv or .parquet"
+    )
+
+
+def _refuse_binary(path: Path) -> None:
+    with path.open("rb") as f:
+        head = f.read(8192)
+    nul = head.find(b"\x00")
+    if nul >= 0:
+        line = head.count(b"\n", 0, nul) + 1
+        raise SourceError(
+            f"{path}: looks like a binary file, not text (NUL byte at line {line}, byte {nul + 1})"
+        )
+
+
+def _decode(raw: bytes, lineno: int) -> tuple[str | None, str | None]:
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError as exc:
+        bad = raw[exc.start]
+        return None, f"line {lineno}: not valid UTF-8: byte 0x{bad:02x} at column {exc.start + 1}"
+
+
+def _read_jsonl(path: Path) -> Iterator[Item]:
+    loads = json.loads
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1:
+                raw = raw.removeprefix(_BOM)
+            raw = raw.rstrip(b"\r\n")
+            if len(raw) > MAX_RECORD_BYTES:
+                yield (f"line {lineno}", None,
+                       f"line {lineno}: record is {len(raw) / 1e6:.1f} MB, over the "
+                       f"{MAX_RECORD_BYTES / 1e6:g} MB limit per record")
+                continue
+            if not raw.strip():
+                continue
+            where = f"line {lineno}"
+            nul = raw.find(b"\x00")
+            if nul >= 0:
+                yield where, None, f"{where}: binary data (NUL byte at column {nul + 1})"
+                continue
+            text, error = _decode(raw, lineno)
+            if error:
+                yield where, None, error
+                continue
+            try:
+                yield where, loads(text), None
+            except json.JSONDecodeError as exc:
+                yield where, None, f"{where}: not valid JSON: {exc.msg} at column {exc.colno}"
+
+
+def _read_json(path: Path) -> Iterator[Item]:
+    data = path.read_bytes().removeprefix(_BOM)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise SourceError(
+            f"{path}: line {line}: not valid UTF-8: byte 0x{data[exc.start]:02x} at column {column}"
+        ) from None
+    if not text.strip():
+        raise SourceError(f"{path}: file is empty")
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # one object per line under a .json name
+            yield from _read_jsonl(path)
+            return
+        raise SourceError(
+            f"{path}: line {exc.lineno}: not valid JSON: {exc.msg} at column {exc.colno}"
+        ) from None
+    if isinstance(records, dict):
+        yield "record 1", records, None
+        return
+    if not isinstance(records, list):
+        raise SourceError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    for i, record in enumerate(records, 1):
+        yield f"record {i}", record, None
+
+
+def _read_csv(path: Path, delimiter: str) -> Iterator[Item]:
+    bad_lines: dict[int, str] = {}
+
+    def lines() -> Iterator[str]:
+        with path.open("rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if lineno == 1:
+                    raw = raw.removeprefix(_BOM)
+                text, error = _decode(raw, lineno)
+                if error:
+                    bad_lines[lineno] = error
+                    text = raw.decode("utf-8", errors="replace")
+                yield text
+
+    reader = csv.reader(lines(), delimiter=delimiter)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise SourceError(f"{path}: file is empty") from None
+    if 1 in bad_lines:
+        raise SourceError(f"{path}: {bad_lines[1]} (in the header)")
+    start = reader.line_num + 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield f"line {start}", None, f"line {start}: not valid CSV: {exc}"
+            start = reader.line_num + 1
+            continue
+        end = reader.line_num
+        where = f"line {start}"
+        errors = [bad_lines.pop(n) for n in range(start, end + 1) if n in bad_lines]
+        if errors:
+            yield where, None, errors[0]
+        elif not any(cell.strip() for cell in row):
+            pass  # blank line
+        elif len(row) != len(header):
+            yield where, None, f"{where}: has {len(row)} columns, the header has {len(header)}"
+        else:
+            yield where, dict(zip(header, row)), None
+        start = end + 1
+
+
+def _read_parquet(path: Path) -> Iterator[Item]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for a corrupt file
+        raise SourceError(f"{path}: cannot read as Parquet: {exc}") from None
+    row = 0
+    for batch in parquet.iter_batches(batch_size=8192):
+        for record in batch.to_pylist():
+            row += 1
+            yield f"row {row}", record, None
+
+
+def _read_hub(source: str, split: str | None) -> Iterator[Item]:
+    name = source.removeprefix("hf://").removeprefix("datasets/")
+    try:
+        import datasets
+    except ImportError:
+        raise SourceError(f"{source}: loading hub datasets needs the `datasets` package") from None
+    try:
+        dataset = datasets.load_dataset(name, split=split or "train")
+    except Exception as exc:  # network, auth, missing split: all worth showing as they are
+        raise SourceError(f"{source}: cannot load from the Hugging Face hub: {exc}") from None
+    for row, record in enumerate(dataset, 1):
+        yield f"row {row}", record, None
+
+
+def is_tabular(source: str) -> bool:
+    """CSV cells are strings; chat messages in them are JSON text to parse."""
+    return not is_hub_source(source) and Path(source).suffix.lower() in (".csv", ".tsv")
