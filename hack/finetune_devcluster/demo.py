@@ -1,0 +1,250 @@
+"""`make demo`: the whole pipeline on this machine, for real.
+
+1. start the local control plane (state in `.demo/`);
+2. install the CRDs and the chart's ServiceAccount and RBAC, and run the operator as a local
+   process with that ServiceAccount's token (not the admin credential);
+3. build a tiny Llama-architecture base model (no internet) and copy it, with the dataset
+   from examples/data/, onto the job's claim;
+4. create the InferenceService `quickstart` (local-node placement, CPU) and apply
+   examples/quickstart.yaml; the trainer pod really runs on the local node;
+5. show progress while it trains, wait for vLLM to serve the adapter, and print the
+   adapter's answers next to the base model's for held-out prompts.
+
+`make demo-down` stops everything it started and removes `.demo/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from .cluster import REPO_ROOT, Cluster, stop_from_pid_file
+
+DEMO_DIR = REPO_ROOT / ".demo"
+NAMESPACE = "demo"
+OPERATOR_NAMESPACE = "finetune-system"
+RELEASE = "finetune-operator"
+JOB = "quickstart"
+CLAIM = "quickstart-workspace"
+VLLM_PORT = 8000
+QUICKSTART = REPO_ROOT / "examples" / "quickstart.yaml"
+DATASET = REPO_ROOT / "examples" / "data" / "quickstart.jsonl"
+
+
+def say(msg: str) -> None:
+    print(f"==> {msg}", flush=True)
+
+
+class Demo:
+    def __init__(self, state_dir: Path = DEMO_DIR, *, timeout: float = 1200) -> None:
+        self.state_dir = state_dir
+        self.cluster = Cluster(state_dir / "cluster")
+        self.timeout = timeout
+        self.operator: subprocess.Popen | None = None
+
+    # steps -------------------------------------------------------------------------------
+    def up(self) -> dict:
+        t0 = time.monotonic()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        say("building (or reusing) the control-plane binaries")
+        tb = time.monotonic()
+        from .cluster import control_plane_binaries
+
+        self.cluster.bin_dir = control_plane_binaries()
+        build_s = time.monotonic() - tb
+        say(f"starting the local control plane (binaries ready in {build_s:.0f}s)")
+        self.cluster.start()
+        self.install_operator()
+        model_dir = self.prepare_model()
+        self.prepare_workspace(model_dir)
+        self.create_inference_service()
+        say(f"applying {QUICKSTART.relative_to(REPO_ROOT)}")
+        self.kubectl("apply", "-f", str(QUICKSTART))
+        self.watch_training()
+        url = self.wait_serving()
+        answers = self.ask(url)
+        self.print_endings(url)
+        total = time.monotonic() - t0
+        say(f"demo finished in {total:.0f}s (of which {build_s:.0f}s building binaries)")
+        return {"answers": answers, "seconds": total, "build_seconds": build_s}
+
+    def kubectl(self, *args: str, **kw) -> subprocess.CompletedProcess:
+        return self.cluster.kubectl(*args, **kw)
+
+    def install_operator(self) -> None:
+        say("installing the CRDs and the chart's ServiceAccount + RBAC")
+        self.kubectl("apply", "--server-side", "-f", str(REPO_ROOT / "crds"))
+        self.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+        self.kubectl("create", "namespace", OPERATOR_NAMESPACE, check=False)
+        rendered = subprocess.run(
+            [str(self.cluster.bin_dir / "helm"), "template", RELEASE, str(REPO_ROOT / "charts" / "finetune-operator"),
+             "--namespace", OPERATOR_NAMESPACE, "--skip-crds"],
+            check=True, capture_output=True, text=True).stdout
+        # Everything but the operator's own Deployment: the demo runs the operator as a local
+        # process with the chart's ServiceAccount token instead.
+        docs = [d for d in yaml.safe_load_all(rendered) if d and d["kind"] != "Deployment"]
+        self.kubectl("apply", "-n", OPERATOR_NAMESPACE, "-f", "-",
+                     input=json.dumps({"apiVersion": "v1", "kind": "List", "items": docs}))
+        sa = next(d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount")
+        token = self.kubectl("create", "token", sa, "-n", OPERATOR_NAMESPACE, "--duration=24h").stdout.strip()
+        kubeconfig = self.state_dir / "operator.kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "operator",
+            "clusters": [{"name": "local", "cluster": {"server": self.cluster.server,
+                                                       "certificate-authority": str(self.cluster.pki / "ca.crt")}}],
+            "users": [{"name": sa, "user": {"token": token}}],
+            "contexts": [{"name": "operator", "context": {"cluster": "local", "user": sa}}]}))
+        kubeconfig.chmod(0o600)
+        log = open(self.state_dir / "operator.log", "ab")
+        self.operator = subprocess.Popen(
+            [sys.executable, "-m", "finetune_operator", "--metrics-port", "8080", "--liveness-port", "8081"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            env={**os.environ, "KUBECONFIG": str(kubeconfig)})
+        (self.state_dir / "operator.pid").write_text(str(self.operator.pid))
+        say(f"operator running as ServiceAccount {OPERATOR_NAMESPACE}/{sa} (pid {self.operator.pid}, "
+            f"log {self.state_dir / 'operator.log'})")
+
+    def prepare_model(self) -> Path:
+        from .tiny_model import build_tiny_model
+
+        source = os.environ.get("DEMO_BASE_MODEL")
+        if source:
+            say(f"using the base model at {source} (DEMO_BASE_MODEL)")
+            return Path(source)
+        say("building the tiny Llama-architecture base model (no internet needed)")
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "finetune-operator"
+        return build_tiny_model(cache / "tiny-model")
+
+    def prepare_workspace(self, model_dir: Path) -> None:
+        say(f"creating the claim {CLAIM} and copying the base model and dataset onto it")
+        self.kubectl("create", "namespace", NAMESPACE, check=False)
+        self.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps({
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": CLAIM},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "5Gi"}}}}))
+        self.kubectl("wait", "-n", NAMESPACE, "--for=jsonpath={.status.phase}=Bound", f"pvc/{CLAIM}",
+                     "--timeout=60s")
+        root = self.claim_path()
+        shutil.copytree(model_dir, root / "models" / "tiny-llama", dirs_exist_ok=True)
+        (root / "data").mkdir(exist_ok=True)
+        shutil.copy(DATASET, root / "data" / DATASET.name)
+
+    def claim_path(self) -> Path:
+        pv = self.kubectl("get", "pvc", CLAIM, "-n", NAMESPACE, "-o", "jsonpath={.spec.volumeName}").stdout
+        return Path(self.kubectl("get", "pv", pv, "-o", "jsonpath={.spec.hostPath.path}").stdout)
+
+    def create_inference_service(self) -> None:
+        say("creating the InferenceService 'quickstart' (vLLM CPU build on the local node)")
+        self.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps({
+            "apiVersion": "finetune.dev/v1alpha1", "kind": "InferenceService",
+            "metadata": {"name": JOB},
+            "spec": {"model": {"source": f"pvc://{CLAIM}/models/tiny-llama"},
+                     "replicas": 1,
+                     "resources": {"gpus": 0, "nodeSelector": {"finetune.dev/local-node": "true"},
+                                   "tolerations": [{"key": "finetune.dev/local-node", "operator": "Exists",
+                                                    "effect": "NoSchedule"}]},
+                     "vllm": {"servedModelName": "tiny-llama", "maxModelLen": 256, "maxLoraRank": 8,
+                              "dtype": "float32"}}}))
+
+    def job(self) -> dict:
+        return json.loads(self.kubectl("get", "ftj", JOB, "-n", NAMESPACE, "-o", "json").stdout)
+
+    def watch_training(self) -> None:
+        say("training (kubectl get ftj -n demo -w shows the same):")
+        deadline = time.monotonic() + self.timeout
+        last = None
+        while time.monotonic() < deadline:
+            st = self.job().get("status", {})
+            phase, prog, met = st.get("phase", "Pending"), st.get("progress", {}), st.get("metrics", {})
+            line = (f"  {phase:<11} step {prog.get('step', 0)}/{prog.get('totalSteps', '?')} "
+                    f"({prog.get('percent', 0):.0f}%)  loss {met.get('trainLoss', float('nan')):.3f}  "
+                    f"eta {prog.get('etaSeconds', '?')}s")
+            if line != last:
+                print(line, flush=True)
+                last = line
+            if phase in ("Deploying", "Succeeded"):
+                return
+            if phase == "Failed":
+                cond = [c for c in st.get("conditions", []) if c.get("status") == "False" or c["type"] == "Failed"]
+                raise SystemExit(f"the FineTuneJob failed: {json.dumps(cond, indent=1)}\n"
+                                 f"see `kubectl describe ftj {JOB} -n {NAMESPACE}` and {self.state_dir}/operator.log")
+            time.sleep(2)
+        raise SystemExit("timed out waiting for training")
+
+    def wait_serving(self) -> str:
+        say("waiting for the InferenceService to become Ready (vLLM loads the model, ~1 min)")
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            isvc = json.loads(self.kubectl("get", "inferenceservice.finetune.dev", JOB, "-n", NAMESPACE,
+                                           "-o", "json").stdout)
+            st = isvc.get("status", {})
+            if st.get("phase") == "Ready" and JOB in st.get("servedModels", []):
+                # The local node gives every pod the address 127.0.0.1.
+                return f"http://127.0.0.1:{VLLM_PORT}/v1"
+            if st.get("phase") in ("Failed", "Degraded"):
+                raise SystemExit(f"the InferenceService is {st['phase']}: {json.dumps(st.get('conditions'), indent=1)}")
+            time.sleep(2)
+        raise SystemExit("timed out waiting for the InferenceService")
+
+    def ask(self, url: str) -> list[dict]:
+        from openai import OpenAI
+
+        from finetune_trainer.data import format_prompt
+
+        client = OpenAI(base_url=url, api_key="not-needed")
+        spec = yaml.safe_load(QUICKSTART.read_text())["spec"]
+        answers = []
+        say("asking the base model and the fine-tuned adapter the held-out prompts:")
+        for item in spec["evaluation"]["prompts"]:
+            prompt = format_prompt("instruction", {"instruction": item["prompt"], "input": ""})
+            row = {"prompt": item["prompt"]}
+            for who, model in (("base", "tiny-llama"), ("fine-tuned", JOB)):
+                out = client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0)
+                row[who] = out.choices[0].text.strip()
+            answers.append(row)
+            print(f"  prompt:      {row['prompt']}\n  base:        {row['base']!r}\n"
+                  f"  fine-tuned:  {row['fine-tuned']!r}\n", flush=True)
+        return answers
+
+    def print_endings(self, url: str) -> None:
+        say("where to look next")
+        print(f"  export KUBECONFIG={self.cluster.kubeconfig}\n"
+              f"  kubectl get ftj,ftisvc -n {NAMESPACE}; kubectl describe ftj {JOB} -n {NAMESPACE}\n"
+              f"  metrics: operator http://127.0.0.1:8080/metrics, vLLM {url.removesuffix('/v1')}/metrics,\n"
+              f"           trainer http://127.0.0.1:9400/metrics while it trains\n"
+              f"  clean up: make demo-down", flush=True)
+
+
+def down(state_dir: Path = DEMO_DIR) -> None:
+    pid_file = state_dir / "operator.pid"
+    if pid_file.exists():
+        from .cluster import _kill_group
+
+        _kill_group(int(pid_file.read_text()))
+        pid_file.unlink()
+    stopped = stop_from_pid_file(state_dir / "cluster")
+    shutil.rmtree(state_dir, ignore_errors=True)
+    print(f"stopped: {', '.join(['operator'] + stopped) if stopped else 'nothing was running'}; removed {state_dir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="finetune_devcluster.demo")
+    p.add_argument("command", choices=["up", "down"])
+    args = p.parse_args(argv)
+    if args.command == "down":
+        down()
+        return 0
+    down()  # a previous run's leftovers never collide with this one
+    Demo().up()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
