@@ -1,0 +1,159 @@
+"""What a finished run leaves on the job volume for serving: the adapter, the merged model,
+the tokenizer beside each, and a model card.
+
+`adapter/` is a PEFT LoRA adapter vLLM can load (`--lora-modules name=path`): linear
+targets only, no `modules_to_save`. `merged/` is a plain transformers checkpoint (full
+fine-tuning, or `output.merge`).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .config import TrainerConfig, _to_camel_dict
+from .model import VLLM_UNSUPPORTED_LORA_TARGETS
+
+log = logging.getLogger(__name__)
+
+LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes")
+
+
+def _replace_dir(staging: Path, target: Path) -> None:
+    """Swap a fully written folder into place (a retried run may find an old one)."""
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+
+
+def _staging(target: Path) -> Path:
+    staging = target.with_name(f".{target.name}.tmp")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def check_adapter_servable(adapter_dir: Path) -> None:
+    """Fail loudly now, not at serve time, on an adapter vLLM would reject."""
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if config.get("modules_to_save"):
+        raise RuntimeError(f"adapter saves whole modules {config['modules_to_save']}; vLLM rejects it")
+    targets = config.get("target_modules") or []
+    if isinstance(targets, str):
+        targets = [targets]
+    bad = [t for t in targets if any(t.endswith(u) for u in VLLM_UNSUPPORTED_LORA_TARGETS)]
+    if bad:
+        raise RuntimeError(f"adapter targets {bad}, which vLLM cannot serve")
+
+
+def _save_dtype(cfg: TrainerConfig):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.training.precision, torch.float32)
+
+
+def save(cfg: TrainerConfig, model, tokenizer) -> dict[str, Path]:
+    """Write adapter/ (LoRA, QLoRA) and merged/ (full, or output.merge); return their paths."""
+    root = cfg.paths.artifacts
+    root.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Path] = {}
+    model = getattr(model, "module", model)  # unwrap DDP
+    if cfg.method.type == "full":
+        merged = root / "merged"
+        staging = _staging(merged)
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        _replace_dir(staging, merged)
+        out["merged"] = merged
+        return out
+
+    adapter = root / "adapter"
+    staging = _staging(adapter)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    check_adapter_servable(staging)
+    _replace_dir(staging, adapter)
+    out["adapter"] = adapter
+    if cfg.output.merge:
+        out["merged"] = merge_adapter(cfg, adapter, tokenizer)
+    return out
+
+
+def merge_adapter(cfg: TrainerConfig, adapter: Path, tokenizer) -> Path:
+    """Merge into a fresh, unquantized base (merging into 4-bit weights would lose precision)."""
+    from peft import PeftModel
+
+    from .model import load_base_for_inference
+
+    base = load_base_for_inference(cfg)
+    merged_model = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    merged_model = merged_model.to(_save_dtype(cfg))
+    merged = cfg.paths.artifacts / "merged"
+    staging = _staging(merged)
+    merged_model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    _replace_dir(staging, merged)
+    return merged
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def write_model_card(cfg: TrainerConfig, summary: dict[str, Any], eval_report: dict[str, Any]) -> Path:
+    """README.md beside the artifacts: what was trained, on what, how, with which result."""
+    training = _to_camel_dict(cfg.training)
+    method = _to_camel_dict(cfg.method)
+    lines = [
+        f"# {cfg.job.name}: fine-tuned {cfg.model.source}",
+        "",
+        f"- Base model: `{cfg.model.source}`" + (f" (revision `{cfg.model.revision}`)" if cfg.model.revision else ""),
+        f"- Method: {cfg.method.type}",
+        f"- Dataset: `{cfg.dataset.source}` (format {cfg.dataset.format}, hash `{summary.get('datasetHash')}`,"
+        f" {summary.get('trainRecords')} train / {summary.get('evalRecords')} eval records)",
+        f"- Trainer image: `{os.environ.get('FINETUNE_IMAGE', 'unknown')}`",
+        f"- FineTuneJob: `{cfg.job.namespace}/{cfg.job.name}`",
+        "",
+        "## Results",
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+    ]
+    for key in ("step", "epoch", "trainLoss", "evalLoss", "perplexity", "trainSeconds", "tokensSeen",
+                "bestCheckpoint", "precision", "packing"):
+        lines.append(f"| {key} | {_fmt(summary.get(key))} |")
+    scores = eval_report.get("scores") or {}
+    for model_name, metrics in scores.items():
+        for metric, value in metrics.items():
+            lines.append(f"| {metric} ({model_name}) | {_fmt(value)} |")
+    lines += ["", "## Method", "", "```json", json.dumps(method, indent=2, sort_keys=True), "```",
+              "", "## Hyperparameters", "", "```json", json.dumps(training, indent=2, sort_keys=True), "```",
+              "", "## Library versions", ""]
+    lines += [f"- {name} {version}" for name, version in library_versions().items()]
+    artifacts = summary.get("artifacts") or {}
+    if "adapter" in artifacts:
+        lines += ["", "## Serving", "",
+                  f"vLLM: `--enable-lora --lora-modules {cfg.job.name}={artifacts['adapter']}"
+                  f" --max-lora-rank {max(16, cfg.method.lora.r if cfg.method.lora else 16)}`"]
+    path = cfg.paths.artifacts / "README.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,148 @@
+"""`finetune-trainer` / `python -m finetune_trainer`.
+
+    finetune-trainer train --config /etc/finetune/config.json
+    finetune-trainer validate-data ...        (see finetune_trainer.data)
+    finetune-trainer evaluate --config /etc/finetune/config.json
+
+Every failure ends with an exit code the Job's podFailurePolicy acts on (42 permanent:
+bad config or data, a diverging run; 43 retryable: anything else, including SIGTERM)
+and a JSON summary in the termination log. Heavy libraries load only inside commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from typing import Any, Callable
+
+from . import exitcodes
+from .config import ConfigError, TrainerConfig
+
+log = logging.getLogger("finetune_trainer")
+
+
+def _setup_logging() -> None:
+    rank = os.environ.get("RANK")
+    prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    logging.basicConfig(
+        level=os.environ.get("FINETUNE_LOG_LEVEL", "INFO"),
+        format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def classify(exc: BaseException) -> tuple[int, str]:
+    """(exit code, reason) for an exception that ended a command."""
+    from .train import TerminationRequested, TrainingDiverged
+
+    if isinstance(exc, TrainingDiverged):
+        return exitcodes.PERMANENT, "TrainingDiverged"
+    if isinstance(exc, ConfigError):
+        name = type(exc).__name__
+        return exitcodes.PERMANENT, "InvalidData" if name == "DataValidationError" else "InvalidConfig"
+    if isinstance(exc, TerminationRequested):
+        return exitcodes.RETRYABLE, "Terminated"
+    if isinstance(exc, KeyboardInterrupt):
+        return exitcodes.RETRYABLE, "Interrupted"
+    return exitcodes.RETRYABLE, "Error"
+
+
+def _is_main_rank() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _guarded(command: Callable[[], dict[str, Any]]) -> int:
+    from .reporting import write_termination_message
+
+    try:
+        summary = command() or {}
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - every failure gets an exit code
+        code, reason = classify(exc)
+        if code == exitcodes.PERMANENT:
+            log.error("%s: %s", reason, exc)
+        else:
+            log.error("%s: %s\n%s", reason, exc, traceback.format_exc())
+        write_termination_message({"reason": reason, "message": str(exc), "exitCode": code,
+                                   "step": _last_step()})
+        return code
+    if _is_main_rank():
+        summary.setdefault("reason", "Succeeded")
+        summary.setdefault("exitCode", exitcodes.SUCCESS)
+        write_termination_message({k: summary.get(k) for k in
+                                   ("reason", "message", "exitCode", "step", "trainLoss", "evalLoss",
+                                    "perplexity") if summary.get(k) is not None})
+    return exitcodes.SUCCESS
+
+
+def _last_step() -> int | None:
+    """The newest complete checkpoint's step, for the termination message."""
+    config = os.environ.get("_FINETUNE_CONFIG_PATH")
+    if not config:
+        return None
+    try:
+        from .checkpoints import find_resumable
+
+        latest = find_resumable(TrainerConfig.load(config).paths.checkpoints, quarantine_bad=False)
+        return latest.step if latest else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _load(path: str) -> TrainerConfig:
+    os.environ["_FINETUNE_CONFIG_PATH"] = path
+    try:
+        return TrainerConfig.load(path)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    def run() -> dict[str, Any]:
+        from .train import run as train
+
+        return train(_load(args.config))
+
+    return _guarded(run)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    def run() -> dict[str, Any]:
+        from .evaluate import run as evaluate
+
+        report = evaluate(_load(args.config))
+        return {"reason": "Succeeded", "message": "evaluated", "evalLoss": report.get("evalLoss"),
+                "perplexity": report.get("perplexity")}
+
+    return _guarded(run)
+
+
+def cmd_validate_data(argv: list[str]) -> int:
+    from .data import validate_cli
+
+    return validate_cli(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finetune-trainer", description="Fine-tune an LLM from a TrainerConfig.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train as the config says (what the pod runs)")
+    train.add_argument("--config", required=True, help="TrainerConfig JSON/YAML file")
+    sub.add_parser("validate-data", help="validate a dataset without training (see its own --help)",
+                   add_help=False)
+    evaluate = sub.add_parser("evaluate", help="evaluate the artifacts of a finished run")
+    evaluate.add_argument("--config", required=True, help="TrainerConfig JSON/YAML file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _setup_logging()
+    if argv and argv[0] == "validate-data":
+        return cmd_validate_data(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        return cmd_train(args)
+    return cmd_evaluate(args)

@@ -1,0 +1,263 @@
+"""What the trainer tells the outside world: Prometheus metrics, the FineTuneJob's status,
+the termination message.
+
+Reporting never stops training: a failed status patch is logged and training goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import ssl
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import JobRef, ReportingConfig
+from .exitcodes import TERMINATION_LOG
+
+log = logging.getLogger(__name__)
+
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+GROUP_VERSION = "finetune.dev/v1alpha1"
+
+
+def write_termination_message(summary: dict[str, Any]) -> None:
+    """Write the JSON summary Kubernetes shows in the pod's terminated state (max 4 KiB)."""
+    path = Path(os.environ.get("FINETUNE_TERMINATION_LOG", TERMINATION_LOG))
+    text = json.dumps(summary, sort_keys=True, default=str)
+    if len(text) > 4000:
+        summary = dict(summary, message=str(summary.get("message", ""))[:3000] + "...")
+        text = json.dumps(summary, sort_keys=True, default=str)
+    try:
+        path.write_text(text)
+    except OSError as exc:  # not in a pod, or the file is not writable
+        log.debug("cannot write termination message to %s: %s", path, exc)
+
+
+@dataclass
+class Progress:
+    """The trainer's latest known state, shared by metrics and the status patch."""
+
+    step: int = 0
+    total_steps: int = 0
+    epoch: float = 0.0
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    learning_rate: float | None = None
+    tokens_per_second: float | None = None
+    latest_checkpoint: str | None = None
+    checkpoint_count: int = 0
+    started_at: float = field(default_factory=time.monotonic)
+    start_step: int = 0
+
+    @property
+    def percent(self) -> float:
+        return round(100.0 * self.step / self.total_steps, 1) if self.total_steps else 0.0
+
+    @property
+    def eta_seconds(self) -> int | None:
+        done = self.step - self.start_step
+        if done <= 0 or not self.total_steps:
+            return None
+        rate = (time.monotonic() - self.started_at) / done
+        return int(rate * max(self.total_steps - self.step, 0))
+
+    @property
+    def perplexity(self) -> float | None:
+        if self.eval_loss is None:
+            return None
+        return math.exp(self.eval_loss) if self.eval_loss < 50 else float("inf")
+
+    def status_patch(self) -> dict[str, Any]:
+        metrics = {
+            "trainLoss": self.train_loss,
+            "evalLoss": self.eval_loss,
+            "perplexity": self.perplexity,
+            "learningRate": self.learning_rate,
+            "tokensPerSecond": self.tokens_per_second,
+        }
+        # JSON has no NaN/inf; the API server would reject the whole patch.
+        metrics = {k: _json_number(v) for k, v in metrics.items() if v is not None}
+        progress = {"step": self.step, "totalSteps": self.total_steps,
+                    "epoch": round(self.epoch, 4), "percent": self.percent}
+        if self.eta_seconds is not None:
+            progress["etaSeconds"] = self.eta_seconds
+        status: dict[str, Any] = {"progress": progress, "metrics": metrics}
+        if self.latest_checkpoint:
+            status["checkpoints"] = {"latest": self.latest_checkpoint, "count": self.checkpoint_count}
+        return {"status": status}
+
+
+def _json_number(value: float) -> float | str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return round(value, 6) if isinstance(value, float) else value
+
+
+class Metrics:
+    """`finetune_trainer_*` gauges on their own registry, served on metrics_port."""
+
+    def __init__(self, port: int | None):
+        from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+        self.registry = CollectorRegistry()
+        names = {
+            "step": "Optimizer steps done",
+            "total_steps": "Optimizer steps planned",
+            "loss": "Latest logged training loss",
+            "eval_loss": "Latest evaluation loss",
+            "learning_rate": "Current learning rate",
+            "tokens_per_second": "Training throughput in non-padding tokens per second",
+            "epoch": "Epochs done (fractional)",
+        }
+        self.gauges = {n: Gauge(f"finetune_trainer_{n}", h, registry=self.registry) for n, h in names.items()}
+        self.server = None
+        if port:
+            try:
+                self.server = start_http_server(port, registry=self.registry)
+            except OSError as exc:
+                log.warning("cannot serve metrics on port %s: %s", port, exc)
+
+    def update(self, progress: Progress) -> None:
+        values = {
+            "step": progress.step,
+            "total_steps": progress.total_steps,
+            "loss": progress.train_loss,
+            "eval_loss": progress.eval_loss,
+            "learning_rate": progress.learning_rate,
+            "tokens_per_second": progress.tokens_per_second,
+            "epoch": progress.epoch,
+        }
+        for name, value in values.items():
+            if value is not None:
+                self.gauges[name].set(value)
+
+    def close(self) -> None:
+        if self.server is not None:
+            server, _thread = self.server
+            server.shutdown()
+
+
+@dataclass
+class _ApiTarget:
+    base_url: str
+    token: str | None
+    ssl_context: ssl.SSLContext | None
+    client_cert: tuple[str, str] | None = None
+
+
+def _in_cluster_target() -> _ApiTarget | None:
+    host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT")
+    token_file = SERVICE_ACCOUNT_DIR / "token"
+    if not host or not port or not token_file.is_file():
+        return None
+    ctx = ssl.create_default_context(cafile=str(SERVICE_ACCOUNT_DIR / "ca.crt"))
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return _ApiTarget(f"https://{host}:{port}", token_file.read_text().strip(), ctx)
+
+
+def _kubeconfig_target(path: str) -> _ApiTarget:
+    """A target from a kubeconfig (local runs); uses the kubernetes client to read it."""
+    from kubernetes import client, config
+
+    api_client = config.new_client_from_config(config_file=path)
+    conf: client.Configuration = api_client.configuration
+    ctx = ssl.create_default_context(cafile=conf.ssl_ca_cert) if conf.ssl_ca_cert else ssl.create_default_context()
+    if not conf.verify_ssl:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if conf.cert_file and conf.key_file:
+        ctx.load_cert_chain(conf.cert_file, conf.key_file)
+    token = None
+    auth = conf.api_key.get("authorization") if conf.api_key else None
+    if auth:
+        token = auth.split(" ", 1)[1] if auth.lower().startswith("bearer ") else auth
+    return _ApiTarget(conf.host.rstrip("/"), token, ctx)
+
+
+class StatusPatcher:
+    """Merge-patches the FineTuneJob's status subresource, at most every `interval` seconds."""
+
+    def __init__(self, job: JobRef, interval: float, target: _ApiTarget | None = None):
+        self.job = job
+        self.interval = interval
+        self._target = target
+        self._resolved = target is not None
+        self._last = 0.0
+        self._lock = threading.Lock()
+        self.failures = 0
+        self.sent = 0
+
+    def _resolve(self) -> _ApiTarget | None:
+        if not self._resolved:
+            self._resolved = True
+            kubeconfig = os.environ.get("FINETUNE_KUBECONFIG")
+            try:
+                self._target = _kubeconfig_target(kubeconfig) if kubeconfig else _in_cluster_target()
+            except Exception as exc:  # noqa: BLE001 - reporting must not stop training
+                log.warning("status patching disabled: cannot read credentials: %s", exc)
+            if self._target is None:
+                log.warning("status patching disabled: no in-cluster credentials and no FINETUNE_KUBECONFIG")
+        return self._target
+
+    @property
+    def url_path(self) -> str:
+        return (f"/apis/{GROUP_VERSION}/namespaces/{self.job.namespace}"
+                f"/finetunejobs/{self.job.name}/status")
+
+    def maybe_patch(self, body: dict[str, Any], *, force: bool = False) -> bool:
+        now = time.monotonic()
+        if not force and now - self._last < self.interval:
+            return False
+        with self._lock:
+            self._last = now
+            return self.patch(body)
+
+    def patch(self, body: dict[str, Any]) -> bool:
+        target = self._resolve()
+        if target is None:
+            return False
+        request = urllib.request.Request(
+            target.base_url + self.url_path,
+            data=json.dumps(body).encode(),
+            method="PATCH",
+            headers={"Content-Type": "application/merge-patch+json", "Accept": "application/json"},
+        )
+        if target.token:
+            request.add_header("Authorization", f"Bearer {target.token}")
+        try:
+            with urllib.request.urlopen(request, timeout=10, context=target.ssl_context) as response:
+                response.read()
+            self.sent += 1
+            return True
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            self.failures += 1
+            detail = exc.read().decode(errors="replace")[:300] if isinstance(exc, urllib.error.HTTPError) else ""
+            log.warning("status patch of %s/%s failed (training goes on): %s %s",
+                        self.job.namespace, self.job.name, exc, detail)
+            return False
+
+
+class Reporter:
+    """Fan-out of progress to the metrics gauges and the status patcher (rank 0 only)."""
+
+    def __init__(self, reporting: ReportingConfig, job: JobRef, *, serve_metrics: bool = True):
+        self.progress = Progress()
+        self.metrics = Metrics(reporting.metrics_port if serve_metrics else None)
+        self.patcher = StatusPatcher(job, reporting.status_interval) if reporting.status_patch else None
+
+    def publish(self, *, force: bool = False) -> None:
+        self.metrics.update(self.progress)
+        if self.patcher is not None:
+            self.patcher.maybe_patch(self.progress.status_patch(), force=force)
+
+    def close(self) -> None:
+        self.metrics.close()
