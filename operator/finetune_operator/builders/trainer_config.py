@@ -1,0 +1,125 @@
+"""The trainer's one input: a TrainerConfig rendered from the FineTuneJob spec into a
+ConfigMap (`config.json`, mounted at /etc/finetune).
+
+Sections carry the spec's own field names. Secrets never enter the config: it names the
+environment variables (`HF_TOKEN`, `PUSH_TOKEN`) the trainer Job fills from Secrets.
+`pvc://<claim>/<path>` sources become paths: under /workspace for the job's own claim,
+under /mnt/claims/<claim> (mounted read-only) for any other claim.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from finetune_trainer.config import TrainerConfig
+
+from finetune_operator import names
+from finetune_operator.api.models import FineTuneJob, to_dict
+from finetune_operator.builders import object_meta
+from finetune_operator.builders.storage import WORKSPACE, claim_name
+
+CONFIG_DIR = "/etc/finetune"
+CONFIG_KEY = "config.json"
+CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
+OTHER_CLAIMS_DIR = "/mnt/claims"
+MODEL_TOKEN_ENV = "HF_TOKEN"
+PUSH_TOKEN_ENV = "PUSH_TOKEN"
+TRAINER_METRICS_PORT = 9400
+STATUS_INTERVAL_SECONDS = 5.0
+COMPONENT = "trainer"
+
+
+@dataclass(frozen=True)
+class ClaimMount:
+    claim: str
+    path: str
+
+
+def _split_pvc(source: str) -> tuple[str, str]:
+    claim, _, rest = source[len("pvc://"):].partition("/")
+    return claim, rest
+
+
+def other_claims(job: FineTuneJob) -> list[ClaimMount]:
+    """Claims other than the job volume that pvc:// sources name (mounted read-only)."""
+    own = claim_name(job)
+    seen: dict[str, ClaimMount] = {}
+    for source in _sources(job):
+        if source.startswith("pvc://"):
+            claim, _ = _split_pvc(source)
+            if claim != own and claim not in seen:
+                seen[claim] = ClaimMount(claim, f"{OTHER_CLAIMS_DIR}/{claim}")
+    return list(seen.values())
+
+
+def _sources(job: FineTuneJob) -> list[str]:
+    d = job.spec.dataset
+    return [s for s in (job.spec.model.source, d.source, d.eval_source,
+                        d.mix.source if d.mix else None) if s]
+
+
+def resolve_source(job: FineTuneJob, source: str | None) -> str | None:
+    if source is None or not source.startswith("pvc://"):
+        return source
+    claim, rest = _split_pvc(source)
+    root = WORKSPACE if claim == claim_name(job) else f"{OTHER_CLAIMS_DIR}/{claim}"
+    return f"{root}/{rest}".rstrip("/") if rest else root
+
+
+def build_trainer_config(job: FineTuneJob) -> dict:
+    """The TrainerConfig as a dict, validated by the trainer's own parser."""
+    spec = job.spec
+    model: dict = {"source": resolve_source(job, spec.model.source),
+                   "trustRemoteCode": spec.model.trust_remote_code}
+    if spec.model.revision:
+        model["revision"] = spec.model.revision
+    if spec.model.token_secret_ref:
+        model["tokenEnv"] = MODEL_TOKEN_ENV
+
+    method: dict = {"type": spec.method.type}
+    if spec.method.uses_adapter and spec.method.lora:
+        method["lora"] = to_dict(spec.method.lora)
+    if spec.method.type == "qlora" and spec.method.quantization:
+        q = spec.method.quantization
+        # `bits` is always 4 for QLoRA; the trainer's config has no field for it.
+        method["quantization"] = {"quantType": q.quant_type, "doubleQuant": q.double_quant,
+                                  "computeDtype": q.compute_dtype}
+
+    dataset = to_dict(spec.dataset)
+    dataset["source"] = resolve_source(job, spec.dataset.source)
+    if spec.dataset.eval_source:
+        dataset["evalSource"] = resolve_source(job, spec.dataset.eval_source)
+    if spec.dataset.mix:
+        dataset["mix"]["source"] = resolve_source(job, spec.dataset.mix.source)
+
+    output: dict = {"merge": spec.output.merge}
+    if spec.output.push:
+        output["pushUri"] = spec.output.push.uri
+        if spec.output.push.token_secret_ref:
+            output["pushTokenEnv"] = PUSH_TOKEN_ENV
+
+    config = {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "TrainerConfig",
+        "job": {"name": job.metadata.name, "namespace": job.metadata.namespace,
+                "uid": job.metadata.uid},
+        "model": model,
+        "method": method,
+        "dataset": dataset,
+        "training": to_dict(spec.training),
+        "evaluation": to_dict(spec.evaluation),
+        "output": output,
+        "paths": {"root": WORKSPACE},
+        "reporting": {"statusPatch": True, "metricsPort": TRAINER_METRICS_PORT,
+                      "statusInterval": STATUS_INTERVAL_SECONDS},
+    }
+    TrainerConfig.from_dict(config)  # raises ConfigError naming the field the trainer rejects
+    return config
+
+
+def build_config_map(job: FineTuneJob) -> dict:
+    config = build_trainer_config(job)
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": object_meta(job, names.trainer_config_map(job.metadata.name), COMPONENT),
+            "data": {CONFIG_KEY: json.dumps(config, indent=2, sort_keys=True) + "\n"}}

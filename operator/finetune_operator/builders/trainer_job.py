@@ -1,0 +1,191 @@
+"""The trainer Job (and, for multi-node runs, its headless Service).
+
+One Job per FineTuneJob, named deterministically: a restarted operator that creates it
+again gets 409 AlreadyExists and carries on. Retries are the Job's own pods:
+`podFailurePolicy` fails the Job at once on the trainer's permanent exit code (bad data or
+config) and ignores disruptions (preemption, drain), so only real crashes count against
+`backoffLimit`. `podReplacementPolicy: Failed` starts a replacement only after the old pod
+is gone, so two trainers never write checkpoints to the volume at the same time.
+"""
+
+from __future__ import annotations
+
+from finetune_trainer.exitcodes import PERMANENT
+
+from finetune_operator import names
+from finetune_operator.api.models import FineTuneJob, to_dict
+from finetune_operator.builders import object_meta
+from finetune_operator.builders.storage import WORKSPACE, WORKSPACE_VOLUME, claim_name
+from finetune_operator.builders.trainer_config import (
+    CONFIG_DIR, CONFIG_PATH, MODEL_TOKEN_ENV, PUSH_TOKEN_ENV, TRAINER_METRICS_PORT, other_claims,
+)
+from finetune_operator.labels import KUEUE_QUEUE, labels_for
+
+COMPONENT = "trainer"
+CONTAINER = "trainer"
+GPU_RESOURCE = "nvidia.com/gpu"
+BACKOFF_LIMIT = 3
+TERMINATION_GRACE_SECONDS = 120  # the trainer writes a checkpoint on SIGTERM
+MASTER_PORT = 29500
+RUN_AS_USER = 1000
+
+
+def trainer_command(job: FineTuneJob) -> list[str]:
+    """The container command, as a list (no shell ever sees a user string)."""
+    train = ["-m", "finetune_trainer", "train", "--config", CONFIG_PATH]
+    res = job.spec.resources
+    if res.nodes > 1:
+        job_name = names.trainer_job(job.metadata.name)
+        master = f"{job_name}-0.{names.trainer_service(job.metadata.name)}"
+        return ["torchrun", "--nnodes", str(res.nodes), "--nproc-per-node", str(res.gpus_per_node),
+                "--node-rank", "$(JOB_COMPLETION_INDEX)", "--master-addr", master,
+                "--master-port", str(MASTER_PORT), *train]
+    if res.gpus_per_node > 1:
+        return ["torchrun", "--standalone", "--nnodes", "1",
+                "--nproc-per-node", str(res.gpus_per_node), *train]
+    return ["python", *train]
+
+
+def _resources(job: FineTuneJob) -> dict:
+    res = job.spec.resources
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if res.cpu:
+        requests["cpu"] = res.cpu
+    if res.memory:
+        requests["memory"] = limits["memory"] = res.memory
+    if res.gpus_per_node > 0:
+        requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(res.gpus_per_node)
+    out = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _secret_env(name: str, ref) -> dict:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+
+
+def _env(job: FineTuneJob) -> list[dict]:
+    env = [{"name": "HF_HOME", "value": f"{WORKSPACE}/.cache/huggingface"},
+           {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
+    if job.spec.model.token_secret_ref:
+        env.append(_secret_env(MODEL_TOKEN_ENV, job.spec.model.token_secret_ref))
+    push = job.spec.output.push
+    if push and push.token_secret_ref:
+        env.append(_secret_env(PUSH_TOKEN_ENV, push.token_secret_ref))
+    return env
+
+
+def _tolerations(job: FineTuneJob) -> list[dict]:
+    tolerations = [to_dict(t) for t in job.spec.resources.tolerations]
+    if job.spec.resources.gpus_per_node > 0 and not any(
+            t.get("key") == GPU_RESOURCE for t in tolerations):
+        tolerations.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
+    return tolerations
+
+
+def _volumes(job: FineTuneJob) -> tuple[list[dict], list[dict]]:
+    volumes = [
+        {"name": WORKSPACE_VOLUME, "persistentVolumeClaim": {"claimName": claim_name(job)}},
+        {"name": "config", "configMap": {"name": names.trainer_config_map(job.metadata.name)}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts = [
+        {"name": WORKSPACE_VOLUME, "mountPath": WORKSPACE},
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    if job.spec.resources.gpus_per_node > 0:
+        # PyTorch data loaders and NCCL need more shared memory than a container's default.
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    for i, claim in enumerate(other_claims(job)):
+        volumes.append({"name": f"claim-{i}", "persistentVolumeClaim": {
+            "claimName": claim.claim, "readOnly": True}})
+        mounts.append({"name": f"claim-{i}", "mountPath": claim.path, "readOnly": True})
+    return volumes, mounts
+
+
+def build_pod_template(job: FineTuneJob, image: str) -> dict:
+    res = job.spec.resources
+    volumes, mounts = _volumes(job)
+    container = {
+        "name": CONTAINER,
+        "image": res.image or image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": trainer_command(job),
+        "env": _env(job),
+        "ports": [{"name": "metrics", "containerPort": TRAINER_METRICS_PORT}],
+        "resources": _resources(job),
+        "volumeMounts": mounts,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True,
+                            "capabilities": {"drop": ["ALL"]}},
+    }
+    if res.nodes > 1:
+        container["ports"].append({"name": "rendezvous", "containerPort": MASTER_PORT})
+    spec: dict = {
+        "restartPolicy": "Never",
+        "serviceAccountName": names.trainer_service_account(job.metadata.name),
+        "automountServiceAccountToken": True,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_USER,
+                            "runAsGroup": RUN_AS_USER, "fsGroup": RUN_AS_USER,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if res.node_selector:
+        spec["nodeSelector"] = dict(res.node_selector)
+    tolerations = _tolerations(job)
+    if tolerations:
+        spec["tolerations"] = tolerations
+    if res.affinity:
+        spec["affinity"] = res.affinity
+    if res.priority_class_name:
+        spec["priorityClassName"] = res.priority_class_name
+    if res.nodes > 1:
+        spec["subdomain"] = names.trainer_service(job.metadata.name)
+    return {"metadata": {"labels": labels_for(job.metadata.name, COMPONENT)}, "spec": spec}
+
+
+def build_trainer_job(job: FineTuneJob, image: str, *, suspend: bool | None = None) -> dict:
+    """The trainer Job. `suspend` defaults to what the spec and Kueue ask for at creation."""
+    res = job.spec.resources
+    meta = object_meta(job, names.trainer_job(job.metadata.name), COMPONENT)
+    if res.queue_name:
+        meta["labels"][KUEUE_QUEUE] = res.queue_name
+    if suspend is None:
+        # Kueue admits a queued Job by unsuspending it; it must be created suspended.
+        suspend = bool(res.queue_name) or job.spec.suspend
+    spec: dict = {
+        "backoffLimit": BACKOFF_LIMIT,
+        "podReplacementPolicy": "Failed",
+        "podFailurePolicy": {"rules": [
+            {"action": "FailJob",
+             "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [PERMANENT]}},
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+        ]},
+        "suspend": suspend,
+        "template": build_pod_template(job, image),
+    }
+    if res.active_deadline_seconds:
+        spec["activeDeadlineSeconds"] = res.active_deadline_seconds
+    if res.nodes > 1:
+        spec.update({"completionMode": "Indexed", "completions": res.nodes, "parallelism": res.nodes})
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}
+
+
+def build_headless_service(job: FineTuneJob) -> dict | None:
+    """The Service giving multi-node trainer pods stable DNS names; None for one node."""
+    if job.spec.resources.nodes <= 1:
+        return None
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": object_meta(job, names.trainer_service(job.metadata.name), COMPONENT),
+            "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
+                     "selector": {"batch.kubernetes.io/job-name": names.trainer_job(job.metadata.name)},
+                     "ports": [{"name": "rendezvous", "port": MASTER_PORT,
+                                "targetPort": MASTER_PORT}]}}

@@ -1,0 +1,60 @@
+"""The operator's Prometheus metrics, on their own registry, served on --metrics-port.
+
+`METRIC_NAMES` is the one list of what the operator exports (dashboards and alert tests
+import it).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+PREFIX = "finetune_operator"
+
+JOBS = f"{PREFIX}_jobs"
+PHASE_TRANSITIONS = f"{PREFIX}_phase_transitions_total"
+RECONCILE_DURATION = f"{PREFIX}_reconcile_duration_seconds"
+RECONCILE_ERRORS = f"{PREFIX}_reconcile_errors_total"
+TIME_TO_TRAINING_START = f"{PREFIX}_time_to_training_start_seconds"
+JOB_DURATION = f"{PREFIX}_job_duration_seconds"
+GPU_HOURS = f"{PREFIX}_gpu_hours_total"
+
+METRIC_NAMES: tuple[str, ...] = (
+    JOBS, PHASE_TRANSITIONS, RECONCILE_DURATION, RECONCILE_ERRORS,
+    TIME_TO_TRAINING_START, JOB_DURATION, GPU_HOURS,
+)
+
+registry = CollectorRegistry()
+
+
+def _strip_total(name: str) -> str:
+    # prometheus_client appends _total to counters itself.
+    return name[: -len("_total")] if name.endswith("_total") else name
+
+
+jobs = Gauge(JOBS, "FineTuneJobs known to this operator, by phase.", ["phase"], registry=registry)
+phase_transitions = Counter(_strip_total(PHASE_TRANSITIONS), "FineTuneJob phase transitions.",
+                            ["from", "to"], registry=registry)
+reconcile_duration = Histogram(RECONCILE_DURATION, "Time spent in one reconciliation.",
+                               registry=registry)
+reconcile_errors = Counter(_strip_total(RECONCILE_ERRORS), "Reconciliations that raised.",
+                           registry=registry)
+time_to_training_start = Histogram(
+    TIME_TO_TRAINING_START, "From FineTuneJob creation to its first trainer pod running.",
+    buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, float("inf")), registry=registry)
+job_duration = Histogram(
+    JOB_DURATION, "From FineTuneJob creation to Succeeded or Failed.",
+    buckets=(30, 60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, float("inf")),
+    registry=registry)
+gpu_hours = Counter(_strip_total(GPU_HOURS), "GPU hours consumed by trainer pods.",
+                    registry=registry)
+
+
+def serve(port: int) -> None:
+    """Serve /metrics on `port` (0 disables)."""
+    if port:
+        start_http_server(port, registry=registry)
+
+
+def set_job_counts(counts: dict[str, int], phases: tuple[str, ...]) -> None:
+    for phase in phases:
+        jobs.labels(phase=phase).set(counts.get(phase, 0))

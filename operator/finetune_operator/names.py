@@ -1,0 +1,56 @@
+"""Names of every object the operator creates for a FineTuneJob: one function each.
+
+Names are deterministic (a restarted operator derives the same ones and finds what it
+created before). Kubernetes caps most names that end up in labels at 63 characters; a
+name that would be longer keeps a readable head and a short hash of the full name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+MAX_NAME = 63
+
+
+def fit(base: str, suffix: str, limit: int = MAX_NAME) -> str:
+    """`<base>-<suffix>`, shortened with a stable hash when longer than `limit`."""
+    name = f"{base}-{suffix}"
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    head = base[: limit - len(suffix) - len(digest) - 2].rstrip("-.")
+    return f"{head}-{digest}-{suffix}"
+
+
+def workspace_claim(job_name: str) -> str:
+    return fit(job_name, "workspace")
+
+
+def trainer_service_account(job_name: str) -> str:
+    return fit(job_name, "trainer")
+
+
+def trainer_role(job_name: str) -> str:
+    return fit(job_name, "trainer")
+
+
+def trainer_role_binding(job_name: str) -> str:
+    return fit(job_name, "trainer")
+
+
+def trainer_config_map(job_name: str) -> str:
+    return fit(job_name, "trainer-config")
+
+
+def trainer_job(job_name: str) -> str:
+    """One trainer Job per FineTuneJob: retries are the Job's own pods (backoffLimit).
+
+    Kept at most 52 characters so the Job controller's pod names (`<job>-<index>-<rand>`)
+    and the headless Service's DNS names stay valid.
+    """
+    return fit(job_name, "trainer", limit=52)
+
+
+def trainer_service(job_name: str) -> str:
+    """The headless Service of a multi-node trainer; its name is the pods' subdomain."""
+    return trainer_job(job_name)

@@ -1,0 +1,59 @@
+"""What the operator is told on its command line, and how kopf is configured from it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import kopf
+
+GROUP = "finetune.dev"
+FINALIZER = f"{GROUP}/finalizer"
+DEFAULT_TRAINER_IMAGE = "ghcr.io/finetune-dev/finetune-trainer:0.1.0"
+
+
+@dataclass
+class OperatorConfig:
+    namespaces: list[str] = field(default_factory=list)  # empty: all namespaces
+    metrics_port: int = 8080
+    liveness_port: int = 8081
+    log_level: str = "INFO"
+    gpu_hour_price: float = 0.0
+    trainer_image: str = DEFAULT_TRAINER_IMAGE
+    # How often each FineTuneJob's status is re-derived even without events (gpuHours grow).
+    resync_seconds: float = 10.0
+    # A Secret or claim the spec names does not exist yet: check again after this many seconds.
+    admission_retry_seconds: float = 10.0
+
+    @classmethod
+    def from_env(cls) -> "OperatorConfig":
+        """Defaults overridable by environment (a Deployment can set them without flags)."""
+        return cls(
+            trainer_image=os.environ.get("FINETUNE_TRAINER_IMAGE", DEFAULT_TRAINER_IMAGE),
+            gpu_hour_price=float(os.environ.get("FINETUNE_GPU_HOUR_PRICE", "0") or 0),
+            resync_seconds=float(os.environ.get("FINETUNE_RESYNC_SECONDS", "10") or 10),
+        )
+
+
+# The running operator's configuration; cli.main replaces it before kopf starts.
+current = OperatorConfig.from_env()
+
+
+def configure_kopf(settings: kopf.OperatorSettings) -> None:
+    settings.persistence.finalizer = FINALIZER
+    # Handler progress and the last handled spec live in annotations: a restarted operator
+    # reads them back and resumes where the killed one stopped.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration")
+    # Watches end on the server's side after server_timeout and are abandoned by the client
+    # after client_timeout, so a restarted API server is noticed within a minute.
+    settings.watching.server_timeout = 60
+    settings.watching.client_timeout = 90
+    settings.watching.connect_timeout = 10
+    settings.watching.reconnect_backoff = 1.0
+    settings.networking.request_timeout = 30
+    settings.posting.level = 20  # INFO and above become Kubernetes Events
+    settings.execution.max_workers = 8
+    # One operator per cluster (the chart runs one replica with strategy Recreate).
+    settings.peering.standalone = True
