@@ -119,7 +119,7 @@ class Metrics:
         }
         self.gauges = {n: Gauge(f"finetune_trainer_{n}", h, registry=self.registry) for n, h in names.items()}
         self.server = None
-        if port:
+        if port is not None:  # 0 picks a free port (tests)
             try:
                 self.server = start_http_server(port, registry=self.registry)
             except OSError as exc:
@@ -191,7 +191,7 @@ class StatusPatcher:
         self.interval = interval
         self._target = target
         self._resolved = target is not None
-        self._last = 0.0
+        self._last: float | None = None
         self._lock = threading.Lock()
         self.failures = 0
         self.sent = 0
@@ -215,7 +215,7 @@ class StatusPatcher:
 
     def maybe_patch(self, body: dict[str, Any], *, force: bool = False) -> bool:
         now = time.monotonic()
-        if not force and now - self._last < self.interval:
+        if not force and self._last is not None and now - self._last < self.interval:
             return False
         with self._lock:
             self._last = now

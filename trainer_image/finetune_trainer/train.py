@@ -253,6 +253,21 @@ def build_sft_config(cfg: TrainerConfig, precision, *, has_eval: bool, kind: str
     return SFTConfig(**kwargs)
 
 
+def make_trainer(model, args, tokenizer, train: list[dict], evals: list[dict], callbacks=()):
+    """TRL's SFTTrainer over TRL-shaped records (it tokenizes and builds the label masks)."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    return SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train),
+        eval_dataset=Dataset.from_list(evals) if evals else None,
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+    )
+
+
 def _callbacks(cfg: TrainerConfig, reporter, has_eval: bool, guard: "SignalGuard"):
     from transformers import EarlyStoppingCallback, TrainerCallback
 
@@ -418,8 +433,6 @@ def _install_nan_hook(model) -> None:
 def run(cfg: TrainerConfig) -> dict[str, Any]:
     """Train as the config says; return the run summary (rank 0) or {} (other ranks)."""
     import torch
-    from datasets import Dataset
-    from trl import SFTTrainer
 
     from .model import check_method_supported, load_model, load_tokenizer, resolve_precision
     from .reporting import Reporter
@@ -456,14 +469,8 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
     try:
         model = load_model(cfg, precision)
         _install_nan_hook(model)
-        trainer = SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=Dataset.from_list(data.train),
-            eval_dataset=Dataset.from_list(data.eval) if has_eval else None,
-            processing_class=tokenizer,
-            callbacks=_callbacks(cfg, reporter, has_eval, guard),
-        )
+        trainer = make_trainer(model, args, tokenizer, data.train, data.eval,
+                               callbacks=_callbacks(cfg, reporter, has_eval, guard))
         if resume is not None:
             log.info("resuming from %s (step %d)", resume.path, resume.step)
         guard.in_loop = True
