@@ -184,3 +184,19 @@ def test_report_file_is_written(tmp_path, capsys):
     run(capsys, "--format", "instruction", "--report", str(report_path), str(path))
 
     assert json.loads(report_path.read_text())["examplesRead"] == 20
+
+
+def test_sharegpt_field_map_before_the_path(tmp_path, capsys):
+    records = [{"conversations": [{"from": "human", "value": f"question {i}"},
+                                  {"from": "gpt", "value": f"answer {i}"}]} for i in range(12)]
+    path = tmp_path / "sharegpt.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    code, out = run(capsys, "--format", "chat", "--field-map", "conversations=messages",
+                    "from=role", "value=content", "human=user", "gpt=assistant", str(path))
+
+    assert code == 0, out
+
+
+def test_missing_path_is_a_usage_error(capsys):
+    assert validate_cli(["--format", "chat"]) == 2

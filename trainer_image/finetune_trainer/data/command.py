@@ -31,10 +31,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Validate and clean a dataset the way a FineTuneJob would; exit 0 when "
                     "it is usable, 2 when it is not.",
     )
-    parser.add_argument("path", metavar="PATH",
+    parser.add_argument("path", metavar="PATH", nargs="?",
                         help="a .jsonl/.json/.csv/.parquet file, or a hub id (hf://org/name)")
     parser.add_argument("--format", required=True, choices=DATASET_FORMATS)
-    parser.add_argument("--field-map", nargs="+", default=[], metavar="SRC=DST",
+    parser.add_argument("--field-map", nargs="+", action="extend", default=[], metavar="SRC=DST",
                         help="rename fields (and chat roles), e.g. conversations=messages "
                              "from=role value=content human=user gpt=assistant")
     parser.add_argument("--near-threshold", type=float, default=DedupConfig().near_threshold,
@@ -73,6 +73,11 @@ def validate_cli(argv: list[str]) -> int:
     parser = _parser()
     try:
         args = parser.parse_args(argv)
+        # `--field-map a=b c=d PATH` hands PATH to --field-map: take it back.
+        if args.path is None and args.field_map and "=" not in args.field_map[-1]:
+            args.path = args.field_map.pop()
+        if args.path is None:
+            parser.error("the following arguments are required: PATH")
         field_map = _field_map(args.field_map)
     except argparse.ArgumentTypeError as exc:
         parser.print_usage(sys.stderr)

@@ -19,6 +19,7 @@ from .report import DatasetReport, DataValidationError
 
 # Warn when the largest category has more than this many times the examples of the smallest.
 IMBALANCE_RATIO = 10
+_CANONICAL_JSON = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
 @dataclass
@@ -104,9 +105,9 @@ def split(examples: list[Example], eval_fraction: float,
 
 def content_hash(train: list[dict], evals: list[dict]) -> str:
     digest = hashlib.sha256()
+    encode = _CANONICAL_JSON.encode
     for record in (*train, *evals):
-        digest.update(json.dumps(record, sort_keys=True, ensure_ascii=False,
-                                 separators=(",", ":")).encode("utf-8"))
+        digest.update(encode(record).encode("utf-8"))
         digest.update(b"\n")
     return digest.hexdigest()
 
