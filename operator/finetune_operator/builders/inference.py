@@ -1,0 +1,387 @@
+"""Pure builders for an InferenceService: the vLLM Deployment, its Service, PodDisruptionBudget,
+PodMonitor and autoscaler. A typed InferenceService (and the FineTuneJobs it names) in, dicts out.
+
+Where things are inside the vLLM pod:
+
+| source | mounted at | served from |
+| --- | --- | --- |
+| adapter of FineTuneJob `j` | its claim (`<j>-workspace` or `storage.existingClaim`), read-only, at `/adapters/<j>` | `/adapters/<j>/artifacts/adapter` |
+| merged model of FineTuneJob `j` | its claim, read-only, at `/models/<j>` | `/models/<j>/artifacts/merged` |
+| `pvc://<claim>/<path>` | the claim, read-only, at `/mnt/pvc/<claim>` | `/mnt/pvc/<claim>/<path>` |
+| `org/name`, `hf://org/name` | (downloaded by vLLM into `$HOME/.cache`) | the hub id |
+| `/absolute/path` | (inside the image) | the path |
+
+Security context: restricted (non-root uid 1000, no privilege escalation, every capability
+dropped, RuntimeDefault seccomp). Exception: the root filesystem stays writable, because
+vLLM, torch.compile and Triton write kernel and model caches under `$HOME` and `/tmp`;
+`$HOME` is an emptyDir so the image needs no user of its own.
+
+The pod template carries `finetune.dev/revision`, a hash of everything served (command,
+volumes, resources, and the identity of every referenced FineTuneJob's result): a new
+adapter version changes it and rolls the Deployment out, with maxUnavailable 0.
+
+Autoscaling scales on vLLM's `vllm:num_requests_waiting`: with KEDA (when its CRD exists)
+through a Prometheus query; otherwise with an autoscaling/v2 HPA on the Pods metric
+`vllm_num_requests_waiting`, the name prometheus-adapter gives it (its default rules turn
+`:` into `_`; a rule `seriesQuery: 'vllm:num_requests_waiting'` with
+`name: {as: vllm_num_requests_waiting}` exposes it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Mapping, Optional
+
+from finetune_operator import serving
+from finetune_operator.api.models import VLLM, FineTuneJob, InferenceService, to_dict
+from finetune_operator.api.schema import API_VERSION
+from finetune_operator.builders.storage import claim_name
+from finetune_operator.labels import APP, COMPONENT, MANAGED_BY, label_value
+
+DEFAULT_IMAGE = "vllm/vllm-openai:v0.32.0"
+PORT = 8000
+PORT_NAME = "http"
+CONTAINER = "vllm"
+COMPONENT_NAME = "inference"
+INFERENCESERVICE_LABEL = "finetune.dev/inferenceservice"
+REVISION_ANNOTATION = serving.REVISION_ANNOTATION
+ADAPTER_ARTIFACT = "artifacts/adapter"
+MERGED_ARTIFACT = "artifacts/merged"
+HOME = "/home/vllm"
+RUN_AS = 1000
+# Model loading may take long (download, weights, CUDA graphs): 120 x 10 s before liveness.
+STARTUP_PERIOD, STARTUP_FAILURES = 10, 120
+# Longer than the startup budget, so a slow but healthy start is not called stuck.
+PROGRESS_DEADLINE = STARTUP_PERIOD * STARTUP_FAILURES + 600
+DEFAULT_PROMETHEUS = "http://prometheus-operated.monitoring.svc:9090"
+GPU = "nvidia.com/gpu"
+
+
+def labels(isvc: InferenceService) -> dict[str, str]:
+    """Labels of every child of an InferenceService (the selector is a subset)."""
+    return {"app.kubernetes.io/name": "vllm", "app.kubernetes.io/instance": label_value(isvc.metadata.name),
+            COMPONENT: COMPONENT_NAME, MANAGED_BY: APP, **selector(isvc)}
+
+
+def selector(isvc: InferenceService) -> dict[str, str]:
+    return {INFERENCESERVICE_LABEL: label_value(isvc.metadata.name)}
+
+
+def owner_reference(isvc: InferenceService) -> dict:
+    return {"apiVersion": API_VERSION, "kind": InferenceService.KIND, "name": isvc.metadata.name,
+            "uid": isvc.metadata.uid, "controller": True, "blockOwnerDeletion": True}
+
+
+def _meta(isvc: InferenceService, name: Optional[str] = None) -> dict:
+    return {"name": name or isvc.metadata.name, "namespace": isvc.metadata.namespace,
+            "labels": labels(isvc), "ownerReferences": [owner_reference(isvc)]}
+
+
+def service_url(isvc: InferenceService) -> str:
+    return f"http://{isvc.metadata.name}.{isvc.metadata.namespace}.svc.cluster.local:{PORT}/v1"
+
+
+def served_models(isvc: InferenceService) -> list[str]:
+    return [serving.served_model_name(isvc)] + [a.name for a in isvc.spec.adapters]
+
+
+# --- where things are -------------------------------------------------------------------------
+
+
+def _volume_name(prefix: str, key: str) -> str:
+    name = re.sub(r"[^a-z0-9-]", "-", f"{prefix}-{key}".lower())
+    if len(name) <= 63:
+        return name
+    return f"{name[:54].rstrip('-')}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
+class _Layout:
+    """Collects the volumes and mounts the sources need, and where each source ends up."""
+
+    def __init__(self) -> None:
+        self.volumes: dict[str, dict] = {}
+        self.mounts: dict[str, dict] = {}
+
+    def _claim(self, volume: str, claim: str, mount_path: str) -> None:
+        self.volumes[volume] = {"name": volume, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        self.mounts[volume] = {"name": volume, "mountPath": mount_path, "readOnly": True}
+
+    def job_artifact(self, job: FineTuneJob, root: str, artifact: str) -> str:
+        name = job.metadata.name
+        self._claim(_volume_name(f"ftj-{root.strip('/')}", name), claim_name(job), f"{root}/{name}")
+        return f"{root}/{name}/{artifact}"
+
+    def source(self, source: str) -> str:
+        if source.startswith("pvc://"):
+            claim, _, sub = source[len("pvc://"):].partition("/")
+            self._claim(_volume_name("pvc", claim), claim, f"/mnt/pvc/{claim}")
+            return f"/mnt/pvc/{claim}/{sub}".rstrip("/")
+        return serving.hub_id(source) or source
+
+
+def _resolve(isvc: InferenceService, jobs: Mapping[str, FineTuneJob]) -> tuple[str, list[tuple[str, str]], _Layout]:
+    """(model path or hub id, [(adapter name, path)], layout)."""
+    layout = _Layout()
+    merged = isvc.spec.merged_model
+    if merged and merged.fine_tune_job_ref:
+        model = layout.job_artifact(jobs[merged.fine_tune_job_ref.name], "/models", MERGED_ARTIFACT)
+    elif merged and merged.path:
+        model = layout.source(merged.path)
+    else:
+        model = layout.source(isvc.spec.model.source)
+    adapters = []
+    for adapter in isvc.spec.adapters:
+        if adapter.fine_tune_job_ref:
+            path = layout.job_artifact(jobs[adapter.fine_tune_job_ref.name], "/adapters", ADAPTER_ARTIFACT)
+        else:
+            path = layout.source(adapter.path)
+        adapters.append((adapter.name, path))
+    return model, adapters, layout
+
+
+# --- the vLLM command -------------------------------------------------------------------------
+
+
+def vllm_command(isvc: InferenceService, jobs: Mapping[str, FineTuneJob]) -> list[str]:
+    """The container's command: vLLM's OpenAI server as a list (never through a shell).
+
+    `python -m vllm.entrypoints.openai.api_server`, not the `vllm` console script, which
+    fails in the CPU build (it looks up a distribution named `vllm`).
+    """
+    model, adapters, _ = _resolve(isvc, jobs)
+    return _command(isvc, model, adapters)
+
+
+def _command(isvc: InferenceService, model: str, adapters: list[tuple[str, str]]) -> list[str]:
+    spec = isvc.spec
+    vllm = spec.vllm or VLLM()
+    cmd = ["python", "-m", "vllm.entrypoints.openai.api_server",
+           "--model", model,
+           "--served-model-name", serving.served_model_name(isvc),
+           "--port", str(PORT), "--host", "0.0.0.0"]
+    uses_hub = serving.hub_id(spec.model.source) is not None and not spec.merged_model
+    if uses_hub and spec.model.revision:
+        cmd += ["--revision", spec.model.revision]
+    if spec.model.trust_remote_code:
+        cmd += ["--trust-remote-code"]
+    if adapters:
+        cmd += ["--enable-lora", "--lora-modules", *(f"{name}={path}" for name, path in adapters),
+                "--max-lora-rank", str(vllm.max_lora_rank), "--max-loras", str(vllm.max_loras)]
+    if vllm.max_model_len:
+        cmd += ["--max-model-len", str(vllm.max_model_len)]
+    cmd += ["--dtype", vllm.dtype,
+            "--gpu-memory-utilization", str(vllm.gpu_memory_utilization),
+            "--tensor-parallel-size", str(vllm.tensor_parallel_size)]
+    return cmd + list(vllm.extra_args)
+
+
+# --- the Deployment ---------------------------------------------------------------------------
+
+
+def _resources(isvc: InferenceService) -> dict:
+    r = isvc.spec.resources
+    amounts = {}
+    if r.cpu:
+        amounts["cpu"] = str(r.cpu)
+    if r.memory:
+        amounts["memory"] = str(r.memory)
+    limits = dict(amounts)
+    if r.gpus > 0:
+        limits[GPU] = str(r.gpus)
+    out = {}
+    if amounts:
+        out["requests"] = amounts
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _memory_gib(quantity: Optional[str]) -> Optional[float]:
+    if not quantity:
+        return None
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    for suffix, mult in units.items():
+        if quantity.endswith(suffix):
+            return float(quantity[: -len(suffix)]) * mult / 2**30
+    return float(quantity) / 2**30
+
+
+def _env(isvc: InferenceService) -> list[dict]:
+    env = [{"name": "HOME", "value": HOME}]
+    ref = isvc.spec.model.token_secret_ref
+    if ref:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    if isvc.spec.resources.gpus == 0:
+        # The CPU build reserves VLLM_CPU_KVCACHE_SPACE GiB (default 4) for the KV cache:
+        # a quarter of the memory limit, at least 1 GiB.
+        gib = _memory_gib(isvc.spec.resources.memory)
+        env.append({"name": "VLLM_CPU_KVCACHE_SPACE", "value": str(max(1, int(gib // 4)) if gib else 1)})
+    return env
+
+
+def _tolerations(isvc: InferenceService) -> list[dict]:
+    tolerations = [to_dict(t) for t in isvc.spec.resources.tolerations]
+    if isvc.spec.resources.gpus > 0 and not any(t.get("key") == GPU for t in tolerations):
+        tolerations.append({"key": GPU, "operator": "Exists", "effect": "NoSchedule"})
+    return tolerations
+
+
+def _probe(path: str, period: int, failures: int, timeout: int = 5) -> dict:
+    return {"httpGet": {"path": path, "port": PORT_NAME}, "periodSeconds": period,
+            "failureThreshold": failures, "timeoutSeconds": timeout}
+
+
+def _pod_spec(isvc: InferenceService, command: list[str], layout: _Layout) -> dict:
+    r = isvc.spec.resources
+    volumes = [{"name": "home", "emptyDir": {}}]
+    mounts = [{"name": "home", "mountPath": HOME}]
+    if r.gpus > 0:
+        # NCCL (tensor parallelism) needs more shared memory than a container's 64 MiB.
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    volumes += [layout.volumes[k] for k in sorted(layout.volumes)]
+    mounts += [layout.mounts[k] for k in sorted(layout.mounts)]
+    container = {
+        "name": CONTAINER,
+        "image": (isvc.spec.vllm.image if isvc.spec.vllm and isvc.spec.vllm.image else DEFAULT_IMAGE),
+        "command": command,
+        "env": _env(isvc),
+        "ports": [{"name": PORT_NAME, "containerPort": PORT, "protocol": "TCP"}],
+        "startupProbe": _probe("/health", STARTUP_PERIOD, STARTUP_FAILURES),
+        "readinessProbe": _probe("/health", 5, 3),
+        "livenessProbe": _probe("/health", 10, 3),
+        "resources": _resources(isvc),
+        "volumeMounts": mounts,
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                            "runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    pod = {
+        "containers": [container],
+        "volumes": volumes,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS,
+                            "fsGroup": RUN_AS, "seccompProfile": {"type": "RuntimeDefault"}},
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 60,
+    }
+    if r.node_selector:
+        pod["nodeSelector"] = dict(r.node_selector)
+    tolerations = _tolerations(isvc)
+    if tolerations:
+        pod["tolerations"] = tolerations
+    if r.affinity:
+        pod["affinity"] = r.affinity
+    if r.priority_class_name:
+        pod["priorityClassName"] = r.priority_class_name
+    return pod
+
+
+def revision(isvc: InferenceService, jobs: Mapping[str, FineTuneJob]) -> str:
+    """Hash of what the pods serve: changes exactly when a rollout is needed."""
+    return _revision(_unrevisioned_pod_spec(isvc, jobs), isvc, jobs)
+
+
+def _unrevisioned_pod_spec(isvc: InferenceService, jobs: Mapping[str, FineTuneJob]) -> dict:
+    model, adapters, layout = _resolve(isvc, jobs)
+    return _pod_spec(isvc, _command(isvc, model, adapters), layout)
+
+
+def _revision(pod_spec: dict, isvc: InferenceService, jobs: Mapping[str, FineTuneJob]) -> str:
+    # A FineTuneJob recreated under the same name writes a new adapter to the same path:
+    # its uid and completion time tell the versions apart.
+    results = {name: [job.metadata.uid, job.status.completion_time,
+                      job.status.artifacts.adapter if job.status.artifacts else None]
+               for name, job in sorted(jobs.items()) if name in serving.referenced_jobs(isvc)}
+    blob = json.dumps({"pod": pod_spec, "jobs": results}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def build_deployment(isvc: InferenceService, jobs: Mapping[str, FineTuneJob]) -> dict:
+    """The vLLM Deployment; `jobs` holds every FineTuneJob the spec references (checked)."""
+    pod_spec = _unrevisioned_pod_spec(isvc, jobs)
+    rev = _revision(pod_spec, isvc, jobs)
+    spec = {
+        "selector": {"matchLabels": selector(isvc)},
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+        "progressDeadlineSeconds": PROGRESS_DEADLINE,
+        "revisionHistoryLimit": 3,
+        "template": {
+            "metadata": {
+                "labels": labels(isvc),
+                "annotations": {REVISION_ANNOTATION: rev, "prometheus.io/scrape": "true",
+                                "prometheus.io/port": str(PORT), "prometheus.io/path": "/metrics"},
+            },
+            "spec": pod_spec,
+        },
+    }
+    if isvc.spec.autoscaling is None:
+        spec["replicas"] = isvc.spec.replicas  # left to the autoscaler otherwise
+    meta = _meta(isvc)
+    meta["annotations"] = {REVISION_ANNOTATION: rev}
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": spec}
+
+
+# --- the other children -----------------------------------------------------------------------
+
+
+def build_service(isvc: InferenceService) -> dict:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(isvc),
+            "spec": {"type": "ClusterIP", "selector": selector(isvc),
+                     "ports": [{"name": PORT_NAME, "port": PORT, "targetPort": PORT_NAME, "protocol": "TCP"}]}}
+
+
+def wants_pdb(isvc: InferenceService) -> bool:
+    scaling = isvc.spec.autoscaling
+    return (scaling.min_replicas if scaling else isvc.spec.replicas) > 1
+
+
+def build_pdb(isvc: InferenceService) -> dict:
+    """Keeps one replica up through node drains (only when more than one runs)."""
+    return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": _meta(isvc),
+            "spec": {"minAvailable": 1, "selector": {"matchLabels": selector(isvc)}}}
+
+
+def build_pod_monitor(isvc: InferenceService) -> dict:
+    """For the Prometheus Operator (built when `podmonitors.monitoring.coreos.com` exists)."""
+    return {"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor", "metadata": _meta(isvc),
+            "spec": {"selector": {"matchLabels": selector(isvc)},
+                     "podMetricsEndpoints": [{"port": PORT_NAME, "path": "/metrics", "interval": "15s"}]}}
+
+
+def build_hpa(isvc: InferenceService) -> dict:
+    """HPA on the per-pod `vllm_num_requests_waiting` (vllm:num_requests_waiting through
+    prometheus-adapter; see the module docstring)."""
+    scaling = isvc.spec.autoscaling
+    return {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": _meta(isvc),
+            "spec": {
+                "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": isvc.metadata.name},
+                "minReplicas": max(1, scaling.min_replicas),
+                "maxReplicas": scaling.max_replicas,
+                "metrics": [{"type": "Pods", "pods": {
+                    "metric": {"name": "vllm_num_requests_waiting"},
+                    "target": {"type": "AverageValue", "averageValue": str(scaling.target_requests_waiting)}}}],
+                # Loading a model takes minutes: scale down slowly.
+                "behavior": {"scaleDown": {"stabilizationWindowSeconds": 300}},
+            }}
+
+
+def build_scaled_object(isvc: InferenceService, prometheus_url: str = DEFAULT_PROMETHEUS) -> dict:
+    """KEDA ScaledObject (built when `scaledobjects.keda.sh` exists); KEDA can scale to zero."""
+    scaling = isvc.spec.autoscaling
+    ns, name = isvc.metadata.namespace, isvc.metadata.name
+    query = (f'sum(vllm:num_requests_waiting{{namespace="{ns}",'
+             f'pod=~"{re.escape(name)}-[a-z0-9]+-[a-z0-9]+"}})')
+    return {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": _meta(isvc),
+            "spec": {
+                "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+                "minReplicaCount": scaling.min_replicas,
+                "maxReplicaCount": scaling.max_replicas,
+                "cooldownPeriod": 300,
+                "triggers": [{"type": "prometheus", "metadata": {
+                    "serverAddress": prometheus_url, "query": query,
+                    "threshold": str(scaling.target_requests_waiting)}}],
+            }}
