@@ -1,0 +1,3 @@
+from finetune_operator.cli import main
+
+raise SystemExit(main())

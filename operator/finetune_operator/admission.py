@@ -1,0 +1,78 @@
+"""Checks the schema cannot make: does what the spec names exist in the cluster, and can
+any node ever hold one trainer pod? Pure: the facts are gathered by the handler.
+
+A missing Secret, claim or PriorityClass is retried (creating it later lets the job go
+on); a pod larger than the largest node fails the job, since waiting would not help.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from finetune_operator.api.models import FineTuneJob
+from finetune_operator.builders.trainer_config import other_claims
+
+
+@dataclass
+class ClusterFacts:
+    secrets: dict[str, set[str]] = field(default_factory=dict)  # name -> keys
+    claims: set[str] = field(default_factory=set)
+    priority_classes: set[str] | None = None  # None: could not be read, not checked
+    node_gpus: list[int] | None = None  # allocatable nvidia.com/gpu of each node; None: unknown
+
+
+@dataclass(frozen=True)
+class Problem:
+    reason: str
+    message: str
+    retryable: bool
+
+
+def secret_refs(job: FineTuneJob) -> list[tuple[str, object]]:
+    refs = []
+    if job.spec.model.token_secret_ref:
+        refs.append(("spec.model.tokenSecretRef", job.spec.model.token_secret_ref))
+    push = job.spec.output.push
+    if push and push.token_secret_ref:
+        refs.append(("spec.output.push.tokenSecretRef", push.token_secret_ref))
+    return refs
+
+
+def claims_to_check(job: FineTuneJob) -> list[tuple[str, str]]:
+    out = []
+    if job.spec.storage.existing_claim:
+        out.append(("spec.storage.existingClaim", job.spec.storage.existing_claim))
+    out += [("a pvc:// source", c.claim) for c in other_claims(job)]
+    return out
+
+
+RETRY_NOTE = "the job starts as soon as it exists (checked again every few seconds)"
+
+
+def check(job: FineTuneJob, facts: ClusterFacts) -> Problem | None:
+    ns = job.metadata.namespace
+    for where, ref in secret_refs(job):
+        if ref.name not in facts.secrets:
+            return Problem("SecretNotFound", f"{where}: Secret {ns}/{ref.name} does not exist; "
+                           f"create it and {RETRY_NOTE}", True)
+        if ref.key not in facts.secrets[ref.name]:
+            return Problem("SecretKeyNotFound", f"{where}: Secret {ns}/{ref.name} has no key "
+                           f"{ref.key!r} (keys: {', '.join(sorted(facts.secrets[ref.name])) or 'none'}); "
+                           f"add it and {RETRY_NOTE}", True)
+    for where, claim in claims_to_check(job):
+        if claim not in facts.claims:
+            return Problem("ClaimNotFound", f"{where}: PersistentVolumeClaim {ns}/{claim} does not "
+                           f"exist; create it and {RETRY_NOTE}", True)
+    pc = job.spec.resources.priority_class_name
+    if pc and facts.priority_classes is not None and pc not in facts.priority_classes:
+        return Problem("PriorityClassNotFound", f"spec.resources.priorityClassName: PriorityClass "
+                       f"{pc} does not exist; create it and {RETRY_NOTE}", True)
+    gpus = job.spec.resources.gpus_per_node
+    if gpus > 0 and facts.node_gpus is not None:
+        largest = max(facts.node_gpus, default=0)
+        if gpus > largest:
+            return Problem("InsufficientGPUCapacity",
+                           f"spec.resources.gpusPerNode is {gpus} but the largest node has {largest} "
+                           f"allocatable nvidia.com/gpu; no node can ever run a trainer pod. Lower "
+                           f"gpusPerNode (and raise nodes) and create the job again", False)
+    return None

@@ -1,0 +1,367 @@
+"""What a FineTuneJob's status should say, derived from its trainer Job and pods.
+
+`derive` is a pure function: the FineTuneJob (with what the trainer reported), the Job and
+its pods as dicts, the clock and the price in; an `Observation` out. Handlers only fetch
+the inputs and write the result (see `status_patch`): they never decide a phase themselves.
+
+Phases: Pending -> Validating -> Training -> Evaluating -> Deploying -> Succeeded, or
+Failed; Suspended while spec.suspend is true. Validating/Training/Evaluating follow the
+trainer's own progress report: running with no step yet is Validating (the trainer
+validates the data before its first step), steps below the total are Training, the last
+step reached while the pod still runs is Evaluating.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import json
+import re
+from dataclasses import dataclass, field
+
+from finetune_trainer.exitcodes import PERMANENT
+
+from finetune_operator.api.models import FineTuneJob
+from finetune_operator.conditions import (
+    ADMITTED, FAILED, FALSE, RUNNING, SUCCEEDED, SUSPENDED, TRUE, ConditionUpdate, find,
+    now_iso, set_conditions,
+)
+
+GPU_RESOURCE = "nvidia.com/gpu"
+IMAGE_PROBLEMS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull",
+                  "CreateContainerConfigError", "CreateContainerError")
+GPU_SECONDS_ANNOTATION = "finetune.dev/gpu-seconds"
+
+
+class Phase(str, enum.Enum):
+    PENDING = "Pending"
+    VALIDATING = "Validating"
+    TRAINING = "Training"
+    EVALUATING = "Evaluating"
+    DEPLOYING = "Deploying"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (Phase.SUCCEEDED, Phase.FAILED)
+
+    @property
+    def running(self) -> bool:
+        return self in (Phase.VALIDATING, Phase.TRAINING, Phase.EVALUATING)
+
+
+PHASES = tuple(p.value for p in Phase)
+
+
+@dataclass
+class Observation:
+    phase: Phase
+    reason: str
+    message: str
+    # pod uid -> GPU seconds consumed so far (merged with what was recorded before)
+    gpu_seconds: dict[str, float] = field(default_factory=dict)
+    attempts: int = 0
+    restarts: int = 0
+    first_running_at: str | None = None
+
+    @property
+    def gpu_hours(self) -> float:
+        return round(sum(self.gpu_seconds.values()) / 3600.0, 6)
+
+
+# --- reading Kubernetes objects ---------------------------------------------------------------
+
+
+def parse_time(value: str | None) -> dt.datetime | None:
+    if not value:
+        return None
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _conditions(obj: dict | None) -> dict[str, dict]:
+    return {c.get("type"): c for c in ((obj or {}).get("status") or {}).get("conditions") or []}
+
+
+def _true(obj: dict | None, type_: str) -> dict | None:
+    c = _conditions(obj).get(type_)
+    return c if c and c.get("status") == "True" else None
+
+
+def _container_statuses(pod: dict) -> list[dict]:
+    return (pod.get("status") or {}).get("containerStatuses") or []
+
+
+def _terminated(pod: dict) -> dict | None:
+    for cs in _container_statuses(pod):
+        term = (cs.get("state") or {}).get("terminated")
+        if term:
+            return term
+    return None
+
+
+def _pod_gpus(pod: dict) -> int:
+    total = 0
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        limits = ((c.get("resources") or {}).get("limits") or {})
+        total += int(str(limits.get(GPU_RESOURCE, 0)) or 0)
+    return total
+
+
+def _created(pod: dict) -> str:
+    return (pod.get("metadata") or {}).get("creationTimestamp") or ""
+
+
+def _disrupted(pod: dict) -> dict | None:
+    return _true(pod, "DisruptionTarget")
+
+
+def pod_gpu_seconds(pod: dict, now: dt.datetime) -> float:
+    """GPU seconds a pod's containers have run: (finish or now) - start, times its GPUs."""
+    gpus = _pod_gpus(pod)
+    if not gpus:
+        return 0.0
+    longest = 0.0
+    for cs in _container_statuses(pod):
+        state = cs.get("state") or {}
+        if "running" in state:
+            start, end = parse_time(state["running"].get("startedAt")), now
+        elif "terminated" in state:
+            start = parse_time(state["terminated"].get("startedAt"))
+            end = parse_time(state["terminated"].get("finishedAt")) or now
+        else:
+            continue
+        if start:
+            longest = max(longest, (end - start).total_seconds())
+    return max(longest, 0.0) * gpus
+
+
+def termination_summary(message: str | None) -> tuple[str | None, str]:
+    """The trainer's JSON termination message as (reason, readable message)."""
+    if not message:
+        return None, ""
+    try:
+        data = json.loads(message)
+    except ValueError:
+        return None, message.strip()[-1024:]
+    if not isinstance(data, dict):
+        return None, message.strip()[-1024:]
+    reason = data.get("reason")
+    text = str(data.get("message") or "")
+    errors = data.get("firstErrors") or []
+    if errors:
+        text = f"{text}; first errors: " + "; ".join(str(e) for e in errors[:5])
+    return (reason if isinstance(reason, str) else None), text
+
+
+def _valid_reason(reason: str | None, fallback: str) -> str:
+    if reason and re.fullmatch(r"[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?", reason):
+        return reason
+    return fallback
+
+
+def _failure_of(pod: dict) -> tuple[str, str]:
+    """Why one failed pod failed, as (reason, message)."""
+    term = _terminated(pod) or {}
+    name = pod["metadata"]["name"]
+    code = term.get("exitCode")
+    if term.get("reason") == "OOMKilled":
+        return "OOMKilled", f"pod {name} ran out of memory (OOMKilled); raise spec.resources.memory"
+    if code == PERMANENT:
+        reason, text = termination_summary(term.get("message"))
+        return (_valid_reason(reason, "PermanentError"),
+                f"trainer exited with code {PERMANENT} (not retried): {text or 'no message'}")
+    reason, text = termination_summary(term.get("message"))
+    if code is not None:
+        return "TrainerError", f"pod {name} exited with code {code}: {text or term.get('reason', '')}"
+    status = pod.get("status") or {}
+    return _valid_reason(status.get("reason"), "PodFailed"), status.get("message") or f"pod {name} failed"
+
+
+# --- the derivation -----------------------------------------------------------------------------
+
+
+def derive(job: FineTuneJob, trainer_job: dict | None, pods: list[dict], *, now: dt.datetime,
+           recorded_gpu_seconds: dict[str, float] | None = None) -> Observation:
+    pods = sorted(pods, key=_created)
+    gpu_seconds = dict(recorded_gpu_seconds or {})
+    for pod in pods:
+        uid = pod["metadata"]["uid"]
+        gpu_seconds[uid] = max(gpu_seconds.get(uid, 0.0), round(pod_gpu_seconds(pod, now), 1))
+    nodes = max(job.spec.resources.nodes, 1)
+    attempts = max(job.status.attempts or 0, -(-len(pods) // nodes))
+    restarts = sum(1 for p in pods if (p.get("status") or {}).get("phase") == "Failed"
+                   and not _disrupted(p))
+    running_starts = [parse_time(_running_start(p)) for p in pods if _running_start(p)]
+    first_running = min(running_starts).strftime("%Y-%m-%dT%H:%M:%SZ") if running_starts else None
+
+    def obs(phase: Phase, reason: str, message: str) -> Observation:
+        return Observation(phase, reason, message, gpu_seconds, attempts, restarts, first_running)
+
+    current = Phase(job.status.phase) if job.status.phase in PHASES else Phase.PENDING
+    if current.terminal:
+        c = find([_cond_dict(c) for c in job.status.conditions], FAILED if current is Phase.FAILED else SUCCEEDED)
+        return obs(current, (c or {}).get("reason", current.value), (c or {}).get("message", ""))
+    admitted = find([_cond_dict(c) for c in job.status.conditions], ADMITTED)
+    if admitted is None or admitted.get("status") != TRUE:
+        return obs(Phase.PENDING, (admitted or {}).get("reason", "Admitting"),
+                   (admitted or {}).get("message", "checking the spec against the cluster"))
+
+    if trainer_job is None:
+        if job.spec.suspend:
+            return obs(Phase.SUSPENDED, "Suspended", "spec.suspend is true: no trainer is running; "
+                       "the volume and its checkpoints are kept")
+        return obs(Phase.PENDING, "Creating", "creating the trainer Job")
+
+    failed = _true(trainer_job, "Failed") or _true(trainer_job, "FailureTarget")
+    if failed:
+        return obs(Phase.FAILED, *_job_failure(failed, pods))
+    if _true(trainer_job, "Complete") or _true(trainer_job, "SuccessCriteriaMet"):
+        if job.spec.deploy:
+            return obs(Phase.DEPLOYING, "TrainingCompleted", "training completed; deploying the model")
+        return obs(Phase.SUCCEEDED, "TrainingCompleted", _completion_message(job))
+
+    job_suspended = bool((trainer_job.get("spec") or {}).get("suspend"))
+    live = [p for p in pods if (p.get("status") or {}).get("phase") in (None, "Pending", "Running")
+            and not (p.get("metadata") or {}).get("deletionTimestamp")]
+    if job.spec.suspend:
+        if live:
+            return obs(Phase.SUSPENDED, "Suspending", "stopping the trainer (it checkpoints on SIGTERM)")
+        return obs(Phase.SUSPENDED, "Suspended", "spec.suspend is true: no trainer is running; "
+                   "the volume and its checkpoints are kept")
+    if job_suspended:
+        if job.spec.resources.queue_name:
+            return obs(Phase.PENDING, "Queued",
+                       f"waiting for Kueue to admit the Job in queue {job.spec.resources.queue_name}")
+        return obs(Phase.PENDING, "Resuming", "resuming the trainer Job")
+
+    for pod in live:
+        scheduled = _conditions(pod).get("PodScheduled")
+        if scheduled and scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
+            return obs(Phase.PENDING, "Unschedulable", scheduled.get("message") or "no node fits the pod")
+        for cs in _container_statuses(pod):
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in IMAGE_PROBLEMS:
+                return obs(Phase.PENDING, waiting["reason"],
+                           f"{cs.get('image', '')}: {waiting.get('message') or waiting['reason']}")
+
+    disrupted = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed" and _disrupted(p)]
+    crashed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed" and not _disrupted(p)]
+    running = [p for p in live if (p.get("status") or {}).get("phase") == "Running"]
+    if running:
+        phase = _running_phase(job)
+        reason, message = phase.value, _progress_message(job, phase)
+        if disrupted and _created(disrupted[-1]) < _created(running[-1]):
+            reason, message = "Resumed", (f"resumed after pod {disrupted[-1]['metadata']['name']} was "
+                                          f"disrupted ({_disrupted(disrupted[-1]).get('reason', '')}); "
+                                          "continuing from the latest checkpoint")
+        elif crashed and _created(crashed[-1]) < _created(running[-1]):
+            reason = "Retrying"
+            message = f"attempt {attempts}: previous pod failed: {_failure_of(crashed[-1])[1]}"
+        return obs(phase, reason, message)
+    if disrupted and (not crashed or _created(crashed[-1]) < _created(disrupted[-1])):
+        target = _disrupted(disrupted[-1])
+        return obs(Phase.PENDING, "Preempted",
+                   f"pod {disrupted[-1]['metadata']['name']} was disrupted ({target.get('reason', '')}: "
+                   f"{target.get('message', '')}); it will resume from the latest checkpoint")
+    if crashed:
+        reason, message = _failure_of(crashed[-1])
+        return obs(Phase.PENDING, reason, f"{message}; retrying (attempt {attempts + 1})")
+    return obs(Phase.PENDING, "Starting", "waiting for the trainer pod to start")
+
+
+def _cond_dict(c) -> dict:
+    return {"type": c.type, "status": c.status, "reason": c.reason, "message": c.message,
+            "lastTransitionTime": c.last_transition_time}
+
+
+def _running_start(pod: dict) -> str | None:
+    for cs in _container_statuses(pod):
+        state = cs.get("state") or {}
+        started = (state.get("running") or state.get("terminated") or {}).get("startedAt")
+        if started:
+            return started
+    return None
+
+
+def _running_phase(job: FineTuneJob) -> Phase:
+    p = job.status.progress
+    if p is None or not p.step:
+        return Phase.VALIDATING
+    if p.total_steps and p.step >= p.total_steps:
+        return Phase.EVALUATING
+    return Phase.TRAINING
+
+
+def _progress_message(job: FineTuneJob, phase: Phase) -> str:
+    p = job.status.progress
+    if phase is Phase.VALIDATING:
+        return "the trainer is validating the dataset and loading the model"
+    if phase is Phase.EVALUATING:
+        return "training steps done; evaluating and writing artifacts"
+    return f"step {p.step}/{p.total_steps or '?'}"
+
+
+def _completion_message(job: FineTuneJob) -> str:
+    artifacts = job.status.artifacts
+    where = artifacts and (artifacts.adapter or artifacts.merged)
+    return f"training completed; artifacts at {where}" if where else "training completed"
+
+
+def _job_failure(condition: dict, pods: list[dict]) -> tuple[str, str]:
+    job_reason = condition.get("reason") or "JobFailed"
+    failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed" and not _disrupted(p)]
+    if job_reason == "PodFailurePolicy":
+        permanent = [p for p in failed if (_terminated(p) or {}).get("exitCode") == PERMANENT]
+        if permanent:
+            return _failure_of(permanent[-1])
+        return "PermanentError", condition.get("message") or "the pod failure policy failed the Job"
+    if job_reason == "DeadlineExceeded":
+        return "DeadlineExceeded", ("the trainer ran longer than spec.resources.activeDeadlineSeconds: "
+                                    + (condition.get("message") or ""))
+    if job_reason == "BackoffLimitExceeded" and failed:
+        reason, message = _failure_of(failed[-1])
+        if reason == "OOMKilled":
+            return reason, f"{message} (retries exhausted)"
+        return "BackoffLimitExceeded", f"the trainer failed {len(failed)} times; last: {message}"
+    return _valid_reason(job_reason, "JobFailed"), condition.get("message") or job_reason
+
+
+# --- writing it -----------------------------------------------------------------------------------
+
+
+def condition_updates(o: Observation) -> list[ConditionUpdate]:
+    """The operator's conditions for an observation (Admitted is written by admission)."""
+    running = o.phase.running
+    updates = [
+        ConditionUpdate(RUNNING, TRUE if running else FALSE, o.reason, o.message),
+        ConditionUpdate(SUSPENDED, TRUE if o.phase is Phase.SUSPENDED else FALSE,
+                        o.reason if o.phase is Phase.SUSPENDED else "NotSuspended",
+                        o.message if o.phase is Phase.SUSPENDED else "spec.suspend is false"),
+    ]
+    if o.phase is Phase.SUCCEEDED:
+        updates.append(ConditionUpdate(SUCCEEDED, TRUE, o.reason, o.message))
+    if o.phase is Phase.FAILED:
+        updates.append(ConditionUpdate(FAILED, TRUE, o.reason, o.message))
+    return updates
+
+
+def status_patch(job: FineTuneJob, o: Observation, *, now: dt.datetime, gpu_hour_price: float,
+                 existing_conditions: list[dict]) -> dict:
+    """The status fields the operator owns (never progress/metrics/checkpoints: the trainer's)."""
+    stamp = now_iso(now)
+    status: dict = {
+        "phase": o.phase.value,
+        "observedGeneration": job.metadata.generation,
+        "conditions": set_conditions(existing_conditions, condition_updates(o),
+                                     generation=job.metadata.generation, now=stamp),
+        "attempts": o.attempts,
+        "restarts": o.restarts,
+        "gpuHours": o.gpu_hours,
+    }
+    if gpu_hour_price:
+        status["estimatedCost"] = f"{o.gpu_hours * gpu_hour_price:.2f}"
+    if o.phase.terminal and not job.status.completion_time:
+        status["completionTime"] = stamp
+    return status
