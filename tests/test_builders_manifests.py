@@ -1,0 +1,165 @@
+"""The pure builders render what the golden files say (issue 5).
+
+Update the golden files after an intended change with:
+    UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_builders_manifests.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from finetune_operator import names
+from finetune_operator.api.models import FineTuneJob
+from finetune_operator.builders import identity, storage, trainer_config, trainer_job
+
+GOLDEN = Path(__file__).parent / "golden"
+IMAGE = "ghcr.io/finetune-dev/finetune-trainer:test"
+
+
+def assert_golden(name: str, obj: object) -> None:
+    path = GOLDEN / f"{name}.json"
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert path.exists(), f"{path} is missing: run with UPDATE_GOLDEN=1 to create it"
+    assert json.loads(text) == json.loads(path.read_text()), f"{name} differs from {path}"
+
+
+def make_job(spec: dict, name: str = "support-bot", **status) -> FineTuneJob:
+    return FineTuneJob.from_resource({
+        "apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
+        "metadata": {"name": name, "namespace": "ml", "uid": "1234-uid", "generation": 1},
+        "spec": spec, "status": status})
+
+
+SINGLE = {
+    "model": {"source": "hf://meta-llama/Llama-3.1-8B-Instruct",
+              "tokenSecretRef": {"name": "hf-token", "key": "token"}},
+    "method": {"type": "qlora", "lora": {"r": 16, "alpha": 32, "targetModules": ["q_proj", "v_proj"]}},
+    "dataset": {"source": "pvc://support-bot-workspace/data/support.jsonl", "format": "chat",
+                "mix": {"source": "pvc://shared-data/general.jsonl", "ratio": 0.1}},
+    "training": {"epochs": 3, "earlyStopping": {"patience": 3}},
+    "resources": {"gpusPerNode": 1, "cpu": "8", "memory": "64Gi",
+                  "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H200"},
+                  "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml",
+                                   "effect": "NoSchedule"}],
+                  "priorityClassName": "training", "activeDeadlineSeconds": 86400},
+    "storage": {"size": "100Gi", "storageClassName": "fast", "reclaimPolicy": "Delete"},
+    "output": {"merge": True, "push": {"uri": "hf://org/support-bot", "tokenSecretRef": {"name": "hf-push"}}},
+}
+
+MULTI = {
+    "model": {"source": "/models/llama"},
+    "method": {"type": "full"},
+    "dataset": {"source": "pvc://corpus/train.jsonl", "format": "text"},
+    "resources": {"gpusPerNode": 8, "nodes": 2, "queueName": "team-a"},
+}
+
+
+def test_workspace_claim_is_owned_only_with_reclaim_policy_delete():
+    assert_golden("workspace-claim-delete", storage.build_workspace_claim(make_job(SINGLE)))
+    retained = make_job({**SINGLE, "storage": {"size": "10Gi"}})
+    claim = storage.build_workspace_claim(retained)
+    assert "ownerReferences" not in claim["metadata"]
+    assert_golden("workspace-claim-retain", claim)
+
+
+def test_existing_claim_is_neither_created_nor_owned():
+    job = make_job({**SINGLE, "storage": {"existingClaim": "mine", "reclaimPolicy": "Delete"}})
+    assert storage.build_workspace_claim(job) is None
+    assert storage.claim_name(job) == "mine"
+    assert storage.desired_owner_references(job, []) == []
+
+
+def test_multi_node_claim_is_read_write_many():
+    claim = storage.build_workspace_claim(make_job(MULTI))
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_identity_grants_only_its_own_job_status():
+    job = make_job(SINGLE)
+    objs = [identity.build_service_account(job), identity.build_role(job), identity.build_role_binding(job)]
+    assert_golden("identity", objs)
+    role = objs[1]
+    assert all(rule["resourceNames"] == ["support-bot"] for rule in role["rules"])
+    verbs = {v for rule in role["rules"] for v in rule["verbs"]}
+    assert verbs == {"get", "patch"}
+
+
+def test_trainer_config_renders_the_spec_without_secrets():
+    job = make_job(SINGLE)
+    cm = trainer_config.build_config_map(job)
+    assert_golden("trainer-config", json.loads(cm["data"]["config.json"]))
+    config = json.loads(cm["data"]["config.json"])
+    assert config["model"]["tokenEnv"] == "HF_TOKEN"
+    assert config["dataset"]["source"] == "/workspace/data/support.jsonl"
+    assert config["dataset"]["mix"]["source"] == "/mnt/claims/shared-data/general.jsonl"
+    assert config["job"] == {"name": "support-bot", "namespace": "ml", "uid": "1234-uid"}
+    assert config["reporting"]["statusPatch"] is True
+    assert "hf-token" not in cm["data"]["config.json"]
+
+
+def test_trainer_config_is_accepted_by_the_trainer():
+    from finetune_trainer.config import TrainerConfig
+
+    for spec in (SINGLE, MULTI):
+        parsed = TrainerConfig.from_dict(trainer_config.build_trainer_config(make_job(spec)))
+        assert parsed.paths.root == "/workspace"
+
+
+def test_single_node_trainer_job():
+    job = make_job(SINGLE)
+    manifest = trainer_job.build_trainer_job(job, IMAGE)
+    assert_golden("trainer-job-single", manifest)
+    pod = manifest["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"] == ["python", "-m", "finetune_trainer", "train", "--config",
+                                    "/etc/finetune/config.json"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token"}}} \
+        in container["env"]
+    rules = manifest["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0]["action"] == "FailJob" and rules[0]["onExitCodes"]["values"] == [42]
+    assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+    assert manifest["spec"]["suspend"] is False
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert trainer_job.build_headless_service(job) is None
+
+
+def test_cpu_only_job_asks_for_no_gpu_and_no_gpu_toleration():
+    job = make_job({**SINGLE, "method": {"type": "lora"}, "training": {"precision": "fp32"},
+                    "resources": {"gpusPerNode": 0}})
+    pod = trainer_job.build_trainer_job(job, IMAGE)["spec"]["template"]["spec"]
+    assert "nvidia.com/gpu" not in json.dumps(pod["containers"][0]["resources"])
+    assert "tolerations" not in pod
+
+
+def test_multi_node_trainer_job_is_indexed_with_torchrun_and_queued_for_kueue():
+    job = make_job(MULTI, name="big")
+    manifest = trainer_job.build_trainer_job(job, IMAGE)
+    service = trainer_job.build_headless_service(job)
+    assert_golden("trainer-job-multi-kueue", [manifest, service])
+    spec = manifest["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == 2
+    assert spec["suspend"] is True
+    assert manifest["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    command = spec["template"]["spec"]["containers"][0]["command"]
+    assert command[:9] == ["torchrun", "--nnodes", "2", "--nproc-per-node", "8", "--node-rank",
+                           "$(JOB_COMPLETION_INDEX)", "--master-addr", "big-trainer-0.big-trainer"]
+    assert spec["template"]["spec"]["subdomain"] == service["metadata"]["name"] == "big-trainer"
+    assert service["spec"]["clusterIP"] == "None"
+
+
+def test_names_are_deterministic_and_short_enough():
+    long = "x" * 200
+    assert names.trainer_job(long) == names.trainer_job(long)
+    assert len(names.trainer_job(long)) <= 52
+    assert len(names.workspace_claim(long)) <= 63
+    assert names.trainer_job("a") == "a-trainer"
