@@ -73,8 +73,24 @@ def string(description: str, *, default: str | None = None, enum: list[str] | No
 
 def name(description: str, *, label: bool = False, default: str | None = None) -> Schema:
     """A Kubernetes object name (DNS-1123 subdomain, or label for Services and the like)."""
-    return string(description, default=default, pattern=DNS1123_LABEL if label else DNS1123_SUBDOMAIN,
-                  min_length=1, max_length=63 if label else SHORT)
+    if label:
+        check = rule(f"self.matches(r'{DNS1123_LABEL}')",
+                     "must be a DNS-1123 label: lowercase letters, digits and '-', starting and "
+                     "ending with a letter or digit, at most 63 characters")
+    else:
+        check = rule(f"self.matches(r'{DNS1123_SUBDOMAIN}')",
+                     "must be a DNS-1123 subdomain: lowercase letters, digits, '-' and '.', "
+                     "starting and ending with a letter or digit, at most 253 characters")
+    node = string(description, default=default, min_length=1, max_length=63 if label else SHORT)
+    node["x-kubernetes-validations"] = [check]
+    return node
+
+
+def location(description: str, allowed: str, regex: str) -> Schema:
+    """A URI-like location (model, dataset, adapter, push target) checked with a readable message."""
+    node = string(description, min_length=1, max_length=LONG)
+    node["x-kubernetes-validations"] = [rule(f"self.matches(r'{regex}')", f"must be {allowed}")]
+    return node
 
 
 def integer(description: str, *, default: int | None = None, minimum: int | None = None,
@@ -121,6 +137,8 @@ def free_form(description: str) -> Schema:
             "x-kubernetes-preserve-unknown-fields": True}
 
 
+# The API server also checks each `default` against the rules of its node, before the nested
+# defaults are filled in: a rule on an object defaulted to {} must use has() on its fields.
 def rule(expression: str, message: str, *, field_path: str | None = None,
          reason: str | None = None) -> Schema:
     return _with({"rule": expression, "message": message}, fieldPath=field_path, reason=reason)
@@ -177,8 +195,7 @@ IMMUTABLE_SECTIONS = ["model", "method", "dataset", "training", "evaluation", "r
                       "storage", "output"]
 
 MODEL = obj("The base model to fine-tune.", {
-    "source": string("Where the base model comes from: " + SOURCE_HELP + ".", min_length=1,
-                     max_length=LONG, pattern=MODEL_SOURCE),
+    "source": location("Where the base model comes from: " + SOURCE_HELP + ".", SOURCE_HELP, MODEL_SOURCE),
     "revision": string("Git revision (branch, tag or commit) of a Hugging Face model.",
                        min_length=1, pattern=r"^[-A-Za-z0-9_./]+$"),
     "tokenSecretRef": secret_key_ref("Secret holding an access token for the model source "
@@ -203,7 +220,8 @@ LORA = obj("LoRA adapter settings (method.type lora or qlora).", {
                            "the output head.", default=["all-linear"], min_items=1, max_items=64),
     "bias": string("Which biases are trained.", default="none", enum=["none", "all", "lora_only"]),
 }, rules=[
-    rule("!('all-linear' in self.targetModules) || size(self.targetModules) == 1",
+    rule("!has(self.targetModules) || !('all-linear' in self.targetModules) || "
+         "size(self.targetModules) == 1",
          "spec.method.lora.targetModules: all-linear cannot be combined with other module names",
          field_path=".targetModules"),
 ])
@@ -237,8 +255,8 @@ DATASET_SOURCE_HELP = ("a Hugging Face dataset id (org/name), hf://org/name, pvc
                        "https://<url>, or an absolute path")
 
 DATASET = obj("Training data, its format, how it is split and cleaned.", {
-    "source": string("Where the training data comes from: " + DATASET_SOURCE_HELP + ".",
-                     min_length=1, max_length=LONG, pattern=DATASET_SOURCE),
+    "source": location("Where the training data comes from: " + DATASET_SOURCE_HELP + ".",
+                       DATASET_SOURCE_HELP, DATASET_SOURCE),
     "split": string("Split of a Hugging Face dataset.", default="train", min_length=1,
                     max_length=128, pattern=r"^[-A-Za-z0-9_.\[\]:%]+$"),
     "format": string("Record shape. instruction: {instruction, input?, output}; completion: "
@@ -249,9 +267,8 @@ DATASET = obj("Training data, its format, how it is split and cleaned.", {
     "evalFraction": number("Fraction of the cleaned data held out for evaluation (0 disables "
                            "evaluation on held-out data unless evalSource is set).", default=0.05,
                            minimum=0, maximum=0.5),
-    "evalSource": string("A separate evaluation set (same forms as source); when set, "
-                         "evalFraction is ignored.",
-                         min_length=1, max_length=LONG, pattern=DATASET_SOURCE),
+    "evalSource": location("A separate evaluation set (same forms as source); when set, "
+                           "evalFraction is ignored.", DATASET_SOURCE_HELP, DATASET_SOURCE),
     "dedup": obj("Duplicate removal before the split.", {
         "exact": boolean("Remove exact duplicates (after whitespace normalisation).", default=True),
         "nearThreshold": number("Jaccard similarity above which records are near-duplicates "
@@ -268,8 +285,8 @@ DATASET = obj("Training data, its format, how it is split and cleaned.", {
     "categoryField": string("Field whose value is reported per category in the dataset report.",
                             min_length=1, max_length=128),
     "mix": obj("General-domain data mixed into the training set (to limit forgetting).", {
-        "source": string("Where the mixed-in data comes from: " + DATASET_SOURCE_HELP + ".",
-                         min_length=1, max_length=LONG, pattern=DATASET_SOURCE),
+        "source": location("Where the mixed-in data comes from: " + DATASET_SOURCE_HELP + ".",
+                           DATASET_SOURCE_HELP, DATASET_SOURCE),
         "ratio": number("Mixed-in examples per training example.", minimum=0, maximum=10,
                         exclusive_minimum=True),
         "format": string("Record shape of the mixed-in data.", default="instruction",
@@ -373,7 +390,7 @@ RESOURCES = obj("Compute for the trainer.", {
     "activeDeadlineSeconds": integer("Fail the job when training runs longer than this.",
                                      minimum=1, format="int64"),
 }, default={}, rules=[
-    rule("self.nodes == 1 || self.gpusPerNode >= 1",
+    rule("!has(self.nodes) || self.nodes == 1 || (has(self.gpusPerNode) && self.gpusPerNode >= 1)",
          "spec.resources.nodes > 1 requires spec.resources.gpusPerNode >= 1 (multi-node training "
          "runs on GPUs)", field_path=".nodes"),
 ])
@@ -402,8 +419,8 @@ OUTPUT = obj("What the job produces and where it is published.", {
     "merge": boolean("Also write the base model merged with the adapter (LoRA/QLoRA); full "
                      "fine-tuning always writes a full model.", default=False),
     "push": obj("Publish the artifacts when training succeeds.", {
-        "uri": string("hf://<org>/<repo> (Hugging Face Hub) or s3://<bucket>/<prefix>.",
-                      min_length=1, max_length=LONG, pattern=PUSH_URI),
+        "uri": location("Where to publish: hf://<org>/<repo> (Hugging Face Hub) or s3://<bucket>/<prefix>.",
+                        "hf://<org>/<repo> or s3://<bucket>/<prefix>", PUSH_URI),
         "tokenSecretRef": secret_key_ref("Secret with the Hub token or S3 credentials.",
                                          default_key="token"),
         "private": boolean("Create the Hub repository as private.", default=True),
@@ -612,9 +629,8 @@ INFERENCESERVICE_SPEC = obj("Desired state of an InferenceService: a vLLM OpenAI
         "name": string("Name clients use in the OpenAI API (model field).", min_length=1,
                        max_length=128, pattern=r"^[-A-Za-z0-9_.]+$"),
         "fineTuneJobRef": local_ref("FineTuneJob whose adapter is served (same namespace)."),
-        "path": string("Adapter location instead of a FineTuneJob: pvc://<claim>/<path>, "
-                       "s3://..., https://... or an absolute path.", min_length=1, max_length=LONG,
-                       pattern=MODEL_SOURCE),
+        "path": location("Adapter location instead of a FineTuneJob: " + SOURCE_HELP + ".", SOURCE_HELP,
+                         MODEL_SOURCE),
     }, required=["name"], rules=[
         rule("has(self.fineTuneJobRef) != has(self.path)",
              "spec.adapters[]: set exactly one of fineTuneJobRef or path"),
@@ -622,8 +638,7 @@ INFERENCESERVICE_SPEC = obj("Desired state of an InferenceService: a vLLM OpenAI
     | {"x-kubernetes-list-map-keys": ["name"]},
     "mergedModel": obj("Serve a merged (or fully fine-tuned) model instead of model.source.", {
         "fineTuneJobRef": local_ref("FineTuneJob whose merged model is served."),
-        "path": string("Merged model location: pvc://<claim>/<path>, s3://..., https://... or an "
-                       "absolute path.", min_length=1, max_length=LONG, pattern=MODEL_SOURCE),
+        "path": location("Merged model location: " + SOURCE_HELP + ".", SOURCE_HELP, MODEL_SOURCE),
     }, rules=[
         rule("has(self.fineTuneJobRef) != has(self.path)",
              "spec.mergedModel: set exactly one of fineTuneJobRef or path"),
