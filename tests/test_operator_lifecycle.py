@@ -116,10 +116,11 @@ def test_missing_secret_waits_and_creating_it_lets_the_job_start(cluster, namesp
     apply(cluster, namespace, ftj("tok", model={"tokenSecretRef": {"name": "hf"}}, resources={"nodeSelector": NOWHERE}))
     wait_phase(cluster, namespace, "tok", "Pending", reason="SecretNotFound")
     assert trainer_jobs(cluster, namespace, "tok") == []
-    cluster.kubectl("create", "secret", "generic", "hf", "--from-literal=token=x", "-n", namespace)
+    cluster.kubectl("create", "secret", "generic", "hf", "--from-literal=token=hf_SECRET123", "-n", namespace)
     wait_for(lambda: trainer_jobs(cluster, namespace, "tok"), timeout=60, what="the trainer Job once the Secret exists")
     cm = get_json(cluster, "cm", "tok-trainer-config", "-n", namespace)
-    assert "x" not in json.loads(cm["data"]["config.json"])["model"].get("tokenEnv", "x")[1:]
+    assert "hf_SECRET123" not in cm["data"]["config.json"]
+    assert json.loads(cm["data"]["config.json"])["model"]["tokenEnv"] == "HF_TOKEN"
 
 
 def test_unschedulable_pod_is_reported_with_the_schedulers_message(cluster, namespace, operator):

@@ -1,0 +1,72 @@
+"""The real run: the local node executes the trainer command from the operator's Job (issue 5).
+
+The FineTuneJob is created suspended so its volume exists before the dataset is copied
+onto it (through the hostPath of the volume bound to the claim); resuming it lets the local
+node run `python -m finetune_trainer train --config /etc/finetune/config.json` with the
+per-job ServiceAccount token, and the trainer reports progress into status itself.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.cluster import get_json, wait_for
+from tests.fixtures.ml import learnable_instruction_records, write_jsonl
+from tests.test_operator_lifecycle import apply, status, wait_phase
+
+pytest_plugins = ["tests.fixtures.operator"]
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+
+def volume_path(cluster, namespace: str, claim: str) -> Path:
+    pvc = wait_for(lambda: (p := get_json(cluster, "pvc", claim, "-n", namespace))["status"].get("phase") == "Bound" and p,
+                   timeout=60, what=f"claim {claim} to bind")
+    pv = get_json(cluster, "pv", pvc["spec"]["volumeName"])
+    return Path(pv["spec"]["hostPath"]["path"])
+
+
+def test_the_local_node_trains_the_tiny_model_and_the_job_succeeds(cluster, namespace, operator, tiny_model):
+    name = "real"
+    apply(cluster, namespace, {
+        "apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name},
+        "spec": {
+            "suspend": True,
+            "model": {"source": str(tiny_model)},
+            "method": {"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
+            "dataset": {"source": f"pvc://{name}-workspace/data/train.jsonl", "format": "instruction",
+                        "evalFraction": 0.1, "minExamples": 4, "dedup": {"exact": False, "nearThreshold": 0}},
+            "training": {"epochs": 1, "maxSteps": 12, "perDeviceBatchSize": 4, "learningRate": 3e-3,
+                         "lrScheduler": "constant", "maxSeqLength": 64, "precision": "fp32",
+                         "loggingSteps": 2, "saveSteps": 6, "saveTotalLimit": 2, "seed": 0,
+                         "gradientCheckpointing": False},
+            "resources": {"gpusPerNode": 0, "cpu": "1", "memory": "4Gi",
+                          "nodeSelector": {"finetune.dev/local-node": "true"},
+                          "tolerations": [{"key": "finetune.dev/local-node", "operator": "Exists",
+                                           "effect": "NoSchedule"}]},
+            "storage": {"size": "1Gi"},
+        }})
+    wait_phase(cluster, namespace, name, "Suspended")
+    root = volume_path(cluster, namespace, f"{name}-workspace")
+    write_jsonl(root / "data" / "train.jsonl", learnable_instruction_records())
+
+    cluster.kubectl("patch", "ftj", name, "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    seen = set()
+
+    def done():
+        s = status(cluster, namespace, name)
+        seen.add(s.get("phase"))
+        if s.get("phase") == "Failed":
+            raise AssertionError(f"the job failed: {json.dumps(s, indent=2)}")
+        return s.get("phase") == "Succeeded" and s
+    s = wait_for(done, timeout=600, what="the real training run to succeed", interval=1)
+
+    assert s["progress"]["step"] == 12 and s["progress"]["totalSteps"] == 12
+    assert "trainLoss" in s["metrics"]
+    assert {"Validating", "Training"} & seen
+    assert (root / "artifacts" / "adapter").is_dir()
+    pod = get_json(cluster, "pods", "-n", namespace, "-l", f"finetune.dev/finetunejob={name}")["items"][0]
+    assert pod["spec"]["nodeName"] == "local"
+    assert pod["spec"]["serviceAccountName"] == f"{name}-trainer"
