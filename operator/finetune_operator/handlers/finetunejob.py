@@ -31,6 +31,8 @@ from finetune_operator.status import (
 )
 
 PLURAL = "finetunejobs"
+# A merge patch replaces lists (ownerReferences) where a strategic one would merge them.
+MERGE_PATCH = "application/merge-patch+json"
 log = logging.getLogger("finetune_operator.finetunejob")
 
 # One reconciliation at a time per FineTuneJob (spec handler, timer and watch events all
@@ -93,7 +95,7 @@ def _ensure_claim(job: FineTuneJob) -> None:
     if refs != desired:
         core.patch_namespaced_persistent_volume_claim(
             body["metadata"]["name"], job.metadata.namespace,
-            {"metadata": {"ownerReferences": desired or None}})
+            {"metadata": {"ownerReferences": desired or None}}, _content_type=MERGE_PATCH)
 
 
 def _ensure_identity(job: FineTuneJob) -> None:
@@ -313,7 +315,8 @@ def on_delete(namespace: str, name: str, body: dict, **_) -> None:
             kept = [r for r in refs if r.get("uid") != job.metadata.uid]
             if kept != refs:
                 core.patch_namespaced_persistent_volume_claim(claim, namespace,
-                                                              {"metadata": {"ownerReferences": kept or None}})
+                                                              {"metadata": {"ownerReferences": kept or None}},
+                                                              _content_type=MERGE_PATCH)
     _phases.pop((namespace, name), None)
     metrics.set_job_counts(_counts(), PHASES)
 
@@ -473,7 +476,7 @@ def trainer_job_event(body: dict, **_) -> None:
         refresh_status(body["metadata"]["namespace"], owner)
 
 
-@kopf.on.event("", "v1", "pods", labels={MANAGED_BY: APP, COMPONENT: trainer_job.COMPONENT})
+@kopf.on.event("v1", "pods", labels={MANAGED_BY: APP, COMPONENT: trainer_job.COMPONENT})
 def trainer_pod_event(body: dict, **_) -> None:
     owner = (body["metadata"].get("labels") or {}).get(FINETUNEJOB)
     if owner:
