@@ -1,0 +1,35 @@
+# syntax=docker/dockerfile:1
+# The operator's image: kopf, the Kubernetes client and prometheus-client; no ML library
+# (the project is installed without its `trainer` extra).
+#
+#   docker build -f operator.Dockerfile -t ghcr.io/finetune-dev/finetune-operator:0.1.0 .
+#   kind load docker-image ghcr.io/finetune-dev/finetune-operator:0.1.0    # for kind-config.yaml
+
+FROM python:3.11-slim AS build
+WORKDIR /src
+# Only what the wheel is built from: the operator, and the trainer package for the few
+# plain-Python constants the operator shares with it (exit codes). hack/ is dev tooling.
+COPY pyproject.toml README.md ./
+COPY requirements/constraints.txt requirements/constraints.txt
+COPY operator/ operator/
+COPY trainer_image/finetune_trainer/ trainer_image/finetune_trainer/
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
+ && cp requirements/constraints.txt /wheels/constraints.txt
+
+FROM python:3.11-slim
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+COPY --from=build /wheels /wheels
+# The project's pins apply to what is installed (kopf, kubernetes, prometheus-client).
+RUN pip install -c /wheels/constraints.txt /wheels/finetune_operator-*.whl \
+ && rm -rf /wheels \
+ && python -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) for m in ('torch', 'transformers', 'peft', 'trl')))"
+# A fixed non-root UID that the chart's securityContext (runAsUser 65532) matches.
+RUN groupadd --gid 65532 operator && useradd --uid 65532 --gid 65532 --no-create-home --shell /usr/sbin/nologin operator
+USER 65532:65532
+WORKDIR /tmp
+# --metrics-port (8080) and --liveness-port (8081)
+EXPOSE 8080 8081
+ENTRYPOINT ["finetune-operator"]
