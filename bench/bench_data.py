@@ -89,6 +89,8 @@ def main() -> None:
         "benchmark": "validate-data, instruction format, exact + near dedup (threshold 0.9)",
         "python": platform.python_version(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        # A busy machine slows every number here; this says how busy it was at the end.
+        "loadAverage1m": round(os.getloadavg()[0], 2),
         "results": results,
     }, indent=2) + "\n")
 
