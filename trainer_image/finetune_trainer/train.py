@@ -237,6 +237,8 @@ def build_sft_config(cfg: TrainerConfig, precision, *, has_eval: bool, kind: str
         fp16=precision.effective == "fp16",
         use_cpu=use_cpu,
         ddp_backend="gloo" if use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        # Every trainable weight takes part in each step (LoRA or full), so DDP need not search.
+        ddp_find_unused_parameters=False,
         report_to="none",
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=True,
@@ -413,19 +415,21 @@ class SignalGuard:
 
 
 def _install_nan_hook(model) -> None:
-    """Test hook: from step N on, the loss is NaN (as a diverging run would make it)."""
+    """Test hook: from the Nth training forward pass on, activations (so the loss) are NaN,
+    as in a diverging run."""
     at = int(os.environ.get(ENV_NAN_AT_STEP, "0") or 0)
     if not at:
         return
     calls = {"n": 0}
 
     def hook(module, args, output):
-        calls["n"] += 1
-        if calls["n"] >= at and getattr(output, "loss", None) is not None:
-            output.loss = output.loss * float("nan")
+        if module.training:
+            calls["n"] += 1
+        if calls["n"] >= at:
+            return output * float("nan")
         return output
 
-    model.register_forward_hook(hook)
+    model.get_input_embeddings().register_forward_hook(hook)
 
 
 # ---------------------------------------------------------------- the run
