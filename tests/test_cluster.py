@@ -99,7 +99,7 @@ def test_local_node_really_runs_a_pod_with_its_volumes_and_reports_exit(cluster,
     script = ("import os,pathlib,sys;"
               "g=pathlib.Path('/etc/cfg/greeting').read_text();"
               "t=os.environ['TOKEN'];"
-              "pathlib.Path('/work/out.txt').write_text(g+':'+t+':'+os.environ['POD_NS']);"
+              "pathlib.Path('/data/out.txt').write_text(g+':'+t+':'+os.environ['POD_NS']);"
               "pathlib.Path('/dev/termination-log').write_text('done');"
               "sys.exit(int(sys.argv[1]))")
     _apply(cluster, namespace, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "runs-here"}, "spec": {
@@ -110,7 +110,7 @@ def test_local_node_really_runs_a_pod_with_its_volumes_and_reports_exit(cluster,
                         "env": [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "tok", "key": "token"}}},
                                 {"name": "POD_NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}],
                         "volumeMounts": [{"name": "cfg", "mountPath": "/etc/cfg", "readOnly": True},
-                                         {"name": "vol", "mountPath": "/work"}]}],
+                                         {"name": "vol", "mountPath": "/data"}]}],
         "volumes": [{"name": "cfg", "configMap": {"name": "cfg"}},
                     {"name": "vol", "persistentVolumeClaim": {"claimName": "vol"}}]}})
     pod = wait_for(lambda: (p := get_json(cluster, "pod", "runs-here", "-n", namespace))["status"].get("phase")

@@ -15,7 +15,6 @@ import pytest
 
 from tests.fixtures.cluster import get_json, wait_for
 
-pytest_plugins = ["tests.fixtures.operator"]
 pytestmark = pytest.mark.cluster
 
 NOWHERE = {"finetune.dev/test-node": "nowhere"}

@@ -17,7 +17,6 @@ from tests.fixtures.cluster import get_json, wait_for
 from tests.fixtures.ml import learnable_instruction_records, write_jsonl
 from tests.test_operator_lifecycle import apply, status, wait_phase
 
-pytest_plugins = ["tests.fixtures.operator"]
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 

@@ -34,7 +34,18 @@ KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 LOCAL_NODE_LABEL = "finetune.dev/local-node"
 STORAGE_CLASS = "local-hostpath"
 STORAGE_PROVISIONER = "finetune.dev/local-hostpath"
-KWOK_STAGES = ("node-initialize", "node-heartbeat-with-lease", "pod-ready", "pod-complete", "pod-delete")
+# kwok's own stage configs (from its module source): node set-up and heartbeats, and the
+# "general" pod lifecycle, whose delays pods can tune with kwok's stage annotations.
+KWOK_STAGES = (
+    "node/fast/node-initialize.yaml",
+    "node/heartbeat-with-lease/node-heartbeat-with-lease.yaml",
+    "pod/general/pod-create.yaml",
+    "pod/general/pod-init-container-running.yaml",
+    "pod/general/pod-init-container-completed.yaml",
+    "pod/general/pod-ready.yaml",
+    "pod/general/pod-complete.yaml",
+    "pod/general/pod-delete.yaml",
+)
 
 
 class ClusterError(RuntimeError):
@@ -328,10 +339,9 @@ class Cluster:
         stages = self.bin_dir / "kwok-stages"
         configs = []
         for stage in KWOK_STAGES:
-            found = sorted(stages.rglob(f"{stage}.yaml"))
-            if not found:
-                raise ClusterError(f"kwok stage {stage}.yaml not found under {stages}")
-            configs.append(f"--config={found[0]}")
+            if not (stages / stage).is_file():
+                raise ClusterError(f"kwok stage {stage} not found under {stages}")
+            configs.append(f"--config={stages / stage}")
         return Component("kwok", [
             str(self.bin_dir / "kwok"), f"--kubeconfig={self.kubeconfig}",
             "--manage-all-nodes=false",

@@ -196,14 +196,14 @@ class Demo:
     def ask(self, url: str) -> list[dict]:
         from openai import OpenAI
 
-        from finetune_trainer.data import format_prompt
+        from finetune_trainer.data.formats import INSTRUCTION_TEMPLATE
 
         client = OpenAI(base_url=url, api_key="not-needed")
         spec = yaml.safe_load(QUICKSTART.read_text())["spec"]
         answers = []
         say("asking the base model and the fine-tuned adapter the held-out prompts:")
         for item in spec["evaluation"]["prompts"]:
-            prompt = format_prompt("instruction", {"instruction": item["prompt"], "input": ""})
+            prompt = INSTRUCTION_TEMPLATE.format(instruction=item["prompt"])
             row = {"prompt": item["prompt"]}
             for who, model in (("base", "tiny-llama"), ("fine-tuned", JOB)):
                 out = client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0)
