@@ -310,7 +310,10 @@ def test_kubectl_get_ftj_shows_the_printer_columns(crds, namespace):
         "phase": "Training", "progress": {"step": 40, "totalSteps": 100, "epoch": 0.4, "percent": 40,
                                            "etaSeconds": 90},
         "metrics": {"trainLoss": 1.25},
-        "conditions": [{"type": "Training", "status": "True", "reason": "TrainerRunning",
+        "conditions": [{"type": "Admitted", "status": "True", "reason": "Admitted",
+                        "message": "references exist", "lastTransitionTime": "2025-01-01T00:00:00Z",
+                        "observedGeneration": 1},
+                       {"type": "Running", "status": "True", "reason": "TrainerRunning",
                         "message": "step 40/100", "lastTransitionTime": "2025-01-01T00:00:00Z",
                         "observedGeneration": 1}]}}, subresource="status")
 

@@ -188,8 +188,9 @@ def conditions(types: list[str]) -> Schema:
 
 PHASES = ["Pending", "Validating", "Training", "Evaluating", "Deploying", "Succeeded", "Failed",
           "Suspended"]
-FINETUNEJOB_CONDITIONS = ["Validated", "Training", "Evaluated", "Deployed", "Succeeded", "Failed",
-                          "Suspended"]
+# Written by finetune_operator.conditions; the Running condition's reason is the job's latest
+# reason (Starting, Preempted, Retrying, ...), which the Reason column shows.
+FINETUNEJOB_CONDITIONS = ["Admitted", "Running", "Succeeded", "Failed", "Suspended"]
 # Spec sections frozen once training started (status.startTime is set).
 IMMUTABLE_SECTIONS = ["model", "method", "dataset", "training", "evaluation", "resources",
                       "storage", "output"]
@@ -588,7 +589,7 @@ def _printer_columns_finetunejob() -> list[dict]:
         {"name": "ETA", "type": "integer", "jsonPath": ".status.progress.etaSeconds",
          "description": "Seconds to the end of training", "priority": 1},
         {"name": "Reason", "type": "string",
-         "jsonPath": ".status.conditions[?(@.status==\"True\")].reason", "priority": 1},
+         "jsonPath": ".status.conditions[?(@.type==\"Running\")].reason", "priority": 1},
     ]
 
 
