@@ -104,7 +104,7 @@ def test_children_are_created_and_a_kwok_run_succeeds(cluster, namespace, operat
 
 
 def test_more_gpus_than_any_node_fails_with_insufficient_capacity(cluster, namespace, operator):
-    apply(cluster, namespace, ftj("huge", resources={"gpusPerNode": 64}))
+    apply(cluster, namespace, ftj("huge", resources={"gpusPerNode": 16}))
     s = wait_phase(cluster, namespace, "huge", "Failed", reason="InsufficientGPUCapacity")
     cond = next(c for c in s["conditions"] if c["type"] == "Admitted")
     assert cond["status"] == "False" and "largest node has 8" in cond["message"]

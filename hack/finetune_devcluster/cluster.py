@@ -48,6 +48,13 @@ KWOK_STAGES = (
 )
 
 
+class KubectlError(subprocess.CalledProcessError):
+    """kubectl failed; unlike CalledProcessError, its message carries kubectl's stderr."""
+
+    def __str__(self) -> str:
+        return f"{' '.join(map(str, self.cmd[1:]))} exited {self.returncode}: {(self.stderr or '').strip()}"
+
+
 class ClusterError(RuntimeError):
     """A component failed to start; the message names it and carries its log's tail."""
 
@@ -190,7 +197,7 @@ class Cluster:
         out = subprocess.run(argv + list(args), input=input, capture_output=True, text=True,
                              timeout=timeout, check=False)
         if check and out.returncode != 0:
-            raise subprocess.CalledProcessError(out.returncode, argv + list(args), out.stdout, out.stderr)
+            raise KubectlError(out.returncode, argv + list(args), out.stdout, out.stderr)
         return out
 
     def env(self) -> dict[str, str]:
@@ -288,6 +295,12 @@ class Cluster:
             f"--secure-port={p['apiserver']}",
             f"--tls-cert-file={k / 'apiserver.crt'}", f"--tls-private-key-file={k / 'apiserver.key'}",
             f"--client-ca-file={k / 'ca.crt'}",
+            # Front-proxy settings: without them every component logs a missing CA bundle.
+            f"--requestheader-client-ca-file={k / 'ca.crt'}",
+            "--requestheader-allowed-names=front-proxy-client",
+            "--requestheader-username-headers=X-Remote-User",
+            "--requestheader-group-headers=X-Remote-Group",
+            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
             "--authorization-mode=RBAC",
             "--service-cluster-ip-range=10.96.0.0/16",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
