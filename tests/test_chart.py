@@ -89,9 +89,17 @@ def test_helm_lint_passes(helm, value_set):
     assert "0 chart(s) failed" in out.stdout
 
 
+def without_crd_specs(rendered: str) -> str:
+    """CRDs rendered as templates keep their metadata; their spec, which is the generated
+    CRD's (test_crds_as_templates_are_the_crd_files_with_a_keep_policy), is left out so
+    that a schema change does not touch the chart's golden files."""
+    return re.sub(r"(\nkind: CustomResourceDefinition\n(?:.*\n)*?)spec:\n(?:  .*\n|\n)*",
+                  r"\1spec: {}  # the spec of the generated CRD in crds/\n", rendered)
+
+
 @pytest.mark.parametrize("value_set", VALUE_SETS)
 def test_rendered_chart_matches_golden(helm, value_set):
-    rendered = template(helm, *values_args(value_set)).stdout
+    rendered = without_crd_specs(template(helm, *values_args(value_set)).stdout)
     golden = GOLDEN / f"{value_set}.yaml"
     if os.environ.get("UPDATE_GOLDEN"):
         golden.write_text(rendered)
@@ -583,7 +591,8 @@ def test_install_upgrade_uninstall_against_a_real_api_server(cluster, namespace,
     common = [RELEASE, str(CHART), "-n", namespace, "--set", f"watchNamespaces={{{namespace}}}",
               "--set", f"fullnameOverride={name}"]
     # given a fresh install
-    release("install", *common)
+    notes = release("install", *common).stdout
+    assert "kubectl get ftj -A" in notes and f"It watches the namespaces: {namespace}." in notes
     assert get_json(cluster, "crd", "finetunejobs.finetune.dev")["spec"]["names"]["shortNames"] == ["ftj"]
     args = _deployment(cluster, namespace, name)["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--log-level=info" in args and f"--namespace={namespace}" in args
@@ -594,13 +603,16 @@ def test_install_upgrade_uninstall_against_a_real_api_server(cluster, namespace,
 
     # then its ServiceAccount may do what files/rbac/rules.yaml grants, and no more
     def can(verb, resource, *scope):
-        out = cluster.kubectl("auth", "can-i", verb, resource, *(scope or ("-n", namespace)),
+        """`kubectl auth can-i` as the operator's ServiceAccount (in `namespace` unless told)."""
+        if not any(s.startswith(("-n", "--all-namespaces")) for s in scope):
+            scope = (*scope, "-n", namespace)
+        out = cluster.kubectl("auth", "can-i", verb, resource, *scope,
                               f"--as=system:serviceaccount:{namespace}:{name}", check=False)
         return out.stdout.strip() == "yes"
-    assert can("patch", "finetunejobs.finetune.dev", ) and can("patch", "finetunejobs.finetune.dev/status")
+    assert can("patch", "finetunejobs.finetune.dev") and can("patch", "finetunejobs.finetune.dev", "--subresource=status")
     assert can("create", "jobs.batch") and can("create", "roles.rbac.authorization.k8s.io")
     assert can("get", "secrets") and not can("list", "secrets")
-    assert not can("get", "pods/log") and not can("create", "pods")
+    assert not can("get", "pods", "--subresource=log") and not can("create", "pods")
     assert not can("list", "finetunejobs.finetune.dev", "-n", "default"), "only the watched namespace"
     assert can("list", "nodes", "--all-namespaces") and not can("delete", "nodes", "--all-namespaces")
 
