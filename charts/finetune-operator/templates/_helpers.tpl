@@ -54,8 +54,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s:%s" .Values.trainerImage.repository (default .Chart.AppVersion .Values.trainerImage.tag) }}
 {{- end }}
 
+{{/* Empty when vllmImage.repository is: the operator keeps its own default. */}}
 {{- define "finetune-operator.vllmImage" -}}
-{{- printf "%s:%s" .Values.vllmImage.repository .Values.vllmImage.tag }}
+{{- with .Values.vllmImage.repository }}
+{{- printf "%s:%s" . (required "vllmImage.tag is required when vllmImage.repository is set" $.Values.vllmImage.tag) }}
+{{- end }}
 {{- end }}
 
 {{/* True (non-empty) when the operator watches every namespace. */}}
