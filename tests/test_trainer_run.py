@@ -57,15 +57,18 @@ def summary(root: Path) -> dict:
     return json.loads((root / "reports" / "summary.json").read_text())
 
 
-def test_lora_lowers_the_loss_and_writes_a_servable_adapter(trainer_config, tmp_path):
+def test_lora_lowers_the_loss_and_writes_a_servable_adapter(trainer_config, tmp_path, fake_kube_api):
+    kubeconfig, patches = fake_kube_api
     config = trainer_config(
         training={"maxSteps": 16, "learningRate": 5e-3},
         evaluation={"metrics": ["bleu", "rouge", "exactMatch"],
                     "prompts": [{"prompt": "Repeat the word red 2 times.", "reference": "red red"}],
                     "maxNewTokens": 4},
+        job={"name": "tune", "namespace": "team-a"},
+        reporting={"statusPatch": True, "statusInterval": 0, "metricsPort": None},
     )
 
-    result = run_trainer(config, tmp_path)
+    result = run_trainer(config, tmp_path, FINETUNE_KUBECONFIG=str(kubeconfig))
 
     assert result.returncode == 0, result.stderr[-3000:]
     root = workspace(config)
@@ -85,6 +88,22 @@ def test_lora_lowers_the_loss_and_writes_a_servable_adapter(trainer_config, tmp_
     assert {"bleu", "rouge1", "rougeL", "exactMatch"} <= set(report["scores"]["finetuned"])
     assert report["perplexity"] > 1
     assert termination(tmp_path)["reason"] == "Succeeded"
+    assert {path for path, _, _ in patches} == {
+        "/apis/finetune.dev/v1alpha1/namespaces/team-a/finetunejobs/tune/status"}
+    assert patches[0][1]["Authorization"] == "Bearer test-token"
+    final = patches[-1][2]["status"]
+    assert final["progress"]["step"] == final["progress"]["totalSteps"] == 16
+    assert final["progress"]["percent"] == 100.0
+    assert {"trainLoss", "evalLoss", "perplexity", "learningRate"} <= set(final["metrics"])
+    assert final["checkpoints"]["latest"] == "checkpoint-16"
+
+    evaluated = subprocess.run(trainer_command(config, "evaluate"), env=trainer_env(tmp_path),
+                               capture_output=True, text=True, timeout=240)
+
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    again = json.loads((root / "reports" / "eval.json").read_text())
+    assert again["evalLoss"] == pytest.approx(report["evalLoss"], rel=1e-3)
+    assert again["generations"][0]["finetuned"] == report["generations"][0]["finetuned"]
 
 
 def test_full_fine_tuning_lowers_the_loss_and_writes_a_merged_model(trainer_config, tmp_path):

@@ -177,7 +177,11 @@ def _kubeconfig_target(path: str) -> _ApiTarget:
     if conf.cert_file and conf.key_file:
         ctx.load_cert_chain(conf.cert_file, conf.key_file)
     token = None
-    auth = conf.api_key.get("authorization") if conf.api_key else None
+    # The key's name differs between client versions ("authorization", "BearerToken").
+    auth = next(iter(conf.api_key.values()), None) if conf.api_key else None
+    if conf.refresh_api_key_hook is not None:
+        conf.refresh_api_key_hook(conf)
+        auth = next(iter(conf.api_key.values()), None) if conf.api_key else auth
     if auth:
         token = auth.split(" ", 1)[1] if auth.lower().startswith("bearer ") else auth
     return _ApiTarget(conf.host.rstrip("/"), token, ctx)
