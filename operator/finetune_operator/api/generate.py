@@ -70,11 +70,13 @@ def _constraints(node: dict, required: bool) -> list[str]:
     if node.get("maximum") is not None:
         facts.append(f"<= `{node['maximum']}`")
     if node.get("minLength"):
-        facts.append(f"at least {node['minLength']} characters")
+        n = node["minLength"]
+        facts.append(f"at least {n} character{'s' if n > 1 else ''}")
     if node.get("maxLength"):
         facts.append(f"at most {node['maxLength']} characters")
     if node.get("minItems"):
-        facts.append(f"at least {node['minItems']} items")
+        n = node["minItems"]
+        facts.append(f"at least {n} item{'s' if n > 1 else ''}")
     if node.get("maxItems"):
         facts.append(f"at most {node['maxItems']} items")
     if node.get("pattern") and not node.get("x-kubernetes-int-or-string"):
