@@ -144,7 +144,7 @@ def test_killed_run_resumes_from_last_complete_checkpoint(trainer_config, tmp_pa
 
 
 def test_corrupted_newest_checkpoint_is_skipped(trainer_config, tmp_path):
-    config = trainer_config(training={"maxSteps": 8, "saveSteps": 4})
+    config = trainer_config(training={"maxSteps": 8, "saveSteps": 4, "gradientCheckpointing": True})
     root = workspace(config)
     assert run_trainer(config, tmp_path).returncode == 0
     newest = root / "checkpoints" / "checkpoint-8"
@@ -239,7 +239,8 @@ def test_qlora_trains_on_cuda(trainer_config, tmp_path):
 
 
 def test_two_process_torchrun_trains_once_and_writes_one_set_of_artifacts(trainer_config, tmp_path):
-    config = trainer_config(training={"maxSteps": 8, "saveSteps": 4, "perDeviceBatchSize": 2})
+    config = trainer_config(training={"maxSteps": 8, "saveSteps": 4, "perDeviceBatchSize": 2},
+                            output={"merge": True})
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "finetune_trainer", "train", "--config", str(config)]
 
@@ -248,7 +249,8 @@ def test_two_process_torchrun_trains_once_and_writes_one_set_of_artifacts(traine
     assert result.returncode == 0, result.stderr[-4000:]
     root = workspace(config)
     assert summary(root)["step"] == 8
-    assert sorted(p.name for p in (root / "artifacts").iterdir()) == ["README.md", "adapter"]
+    assert sorted(p.name for p in (root / "artifacts").iterdir()) == ["README.md", "adapter", "merged"]
+    assert (root / "artifacts" / "merged" / "model.safetensors").is_file()
     assert len(list((root / "data-cache").iterdir())) == 1
     assert len(re.findall(r"prepared dataset \w+: \d+ train", result.stderr)) == 1
     assert "using the prepared dataset cache" in result.stderr
