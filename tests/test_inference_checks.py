@@ -159,3 +159,11 @@ def test_a_full_fine_tuning_job_cannot_join_an_adapter_server():
     job = parse(inferenceservice(), finetunejob("f", method="full", deploy={}))[1]["f"]
     with pytest.raises(handler.DeployConflict, match="full fine-tuning"):
         handler._with_job({"model": {"source": "x"}, "adapters": [adapter("a")]}, job, "s")
+
+
+def test_a_job_deployed_to_a_server_of_its_own_name_serves_the_base_as_name_base():
+    isvc, _ = parse(inferenceservice("support-lora", adapters=[adapter()]))
+    assert serving.served_model_name(isvc) == "support-lora-base"
+    explicit, _ = parse(inferenceservice("support-lora", adapters=[adapter()],
+                                         vllm={"servedModelName": "support-lora"}))
+    assert [p.reason for p in serving.check(explicit, {"support-lora": None})][0] == "AdapterNameConflict"

@@ -163,8 +163,13 @@ def referenced_jobs(isvc: InferenceService) -> list[str]:
 
 
 def served_model_name(isvc: InferenceService) -> str:
+    """spec.vllm.servedModelName, else the object's name, else (when an adapter already has
+    that name, as when a FineTuneJob deploys to an InferenceService of its own name) `<name>-base`."""
     vllm = isvc.spec.vllm
-    return (vllm.served_model_name if vllm and vllm.served_model_name else None) or isvc.metadata.name
+    if vllm and vllm.served_model_name:
+        return vllm.served_model_name
+    name = isvc.metadata.name
+    return f"{name}-base" if any(a.name == name for a in isvc.spec.adapters) else name
 
 
 def check(isvc: InferenceService, jobs: Mapping[str, Optional[FineTuneJob]]) -> list[Problem]:
