@@ -23,7 +23,9 @@ import pytest
 
 from finetune_operator import serving
 from finetune_operator.builders import inference
+from tests.fixtures.cluster import get_json, wait_for
 from tests.fixtures.inference import finetunejob, inferenceservice, parse
+from tests.test_inference_cluster import apply, create_succeeded_job, serving_operator, wait_phase  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -156,3 +158,40 @@ def test_modules_to_save_adapters_are_refused(lora_adapter, tiny_model, tmp_path
     (bad / "adapter_config.json").write_text(json.dumps(config))
     problems = serving.check_adapter_dir(bad, str(tiny_model), max_lora_rank=16)
     assert any("modules_to_save" in p for p in problems) and any("rank 32" in p for p in problems)
+
+
+@pytest.mark.cluster
+def test_inferenceservice_on_the_local_node_really_serves_the_adapter(cluster, namespace, tiny_model, lora_adapter,
+                                                                      request):
+    """The whole path: a FineTuneJob's claim holds the adapter (copied there, standing in for
+    training), the operator renders the Deployment, the local node runs its pod's vLLM command
+    with the claim mounted at /adapters/<job>, and the readiness probe makes it Ready."""
+    import shutil
+
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", inference.PORT)) == 0:
+            pytest.skip("port 8000 is taken on this machine; the local node's pods share its network")
+    request.getfixturevalue("serving_operator")  # after the port check: no operator for a skipped test
+    create_succeeded_job(cluster, namespace, "tiny-lora", source=str(tiny_model), r=8)
+    pvc = wait_for(lambda: (p := get_json(cluster, "pvc", "tiny-lora-workspace", "-n", namespace))["spec"].get(
+        "volumeName") and p, timeout=60, what="the job's claim to bind")
+    volume = Path(get_json(cluster, "pv", pvc["spec"]["volumeName"])["spec"]["hostPath"]["path"])
+    shutil.copytree(lora_adapter / "artifacts", volume / "artifacts")
+
+    apply(cluster, {"apiVersion": "finetune.dev/v1alpha1", "kind": "InferenceService",
+                    "metadata": {"name": "tiny", "namespace": namespace},
+                    "spec": {"model": {"source": str(tiny_model)},
+                             "adapters": [{"name": "tiny-lora", "fineTuneJobRef": {"name": "tiny-lora"}}],
+                             "resources": {"gpus": 0, "memory": "4Gi",
+                                           "nodeSelector": {"finetune.dev/local-node": "true"},
+                                           "tolerations": [{"key": "finetune.dev/local-node", "operator": "Exists"}]},
+                             "vllm": {"maxModelLen": 256, "maxLoraRank": 8, "maxLoras": 1}}})
+    status = wait_phase(cluster, namespace, "tiny", "Ready", timeout=STARTUP_TIMEOUT + 60)
+    assert status["readyReplicas"] == 1 and status["servedModels"] == ["tiny", "tiny-lora"]
+
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"http://127.0.0.1:{inference.PORT}/v1", api_key="unused", timeout=120, max_retries=0)
+    models = {m.id: m for m in client.models.list().data}
+    assert models["tiny-lora"].model_extra.get("parent") == "tiny"
+    assert client.completions.create(model="tiny-lora", prompt="Repeat", max_tokens=4).usage.completion_tokens > 0
