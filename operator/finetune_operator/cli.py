@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="price of one GPU hour, for status.estimatedCost (default %(default)s)")
     p.add_argument("--trainer-image", default=defaults.trainer_image,
                    help="trainer image when spec.resources.image is unset (default %(default)s)")
+    p.add_argument("--vllm-image", default=defaults.vllm_image,
+                   help="vLLM image when an InferenceService sets no spec.vllm.image (default %(default)s)")
     p.add_argument("--resync-seconds", type=float, default=defaults.resync_seconds,
                    help=argparse.SUPPRESS)
     return p
@@ -35,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     settings.current = settings.OperatorConfig(
         namespaces=args.namespaces, metrics_port=args.metrics_port, liveness_port=args.liveness_port,
         log_level=args.log_level, gpu_hour_price=args.gpu_hour_price, trainer_image=args.trainer_image,
+        vllm_image=args.vllm_image,
         resync_seconds=args.resync_seconds)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

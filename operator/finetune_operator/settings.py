@@ -10,6 +10,7 @@ import kopf
 GROUP = "finetune.dev"
 FINALIZER = f"{GROUP}/finalizer"
 DEFAULT_TRAINER_IMAGE = "ghcr.io/finetune-dev/finetune-trainer:0.1.0"
+DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.32.0"
 
 
 @dataclass
@@ -20,6 +21,7 @@ class OperatorConfig:
     log_level: str = "INFO"
     gpu_hour_price: float = 0.0
     trainer_image: str = DEFAULT_TRAINER_IMAGE
+    vllm_image: str = DEFAULT_VLLM_IMAGE
     # How often each FineTuneJob's status is re-derived even without events (gpuHours grow).
     resync_seconds: float = 10.0
     # A Secret or claim the spec names does not exist yet: check again after this many seconds.
@@ -30,6 +32,7 @@ class OperatorConfig:
         """Defaults overridable by environment (a Deployment can set them without flags)."""
         return cls(
             trainer_image=os.environ.get("FINETUNE_TRAINER_IMAGE", DEFAULT_TRAINER_IMAGE),
+            vllm_image=os.environ.get("FINETUNE_VLLM_IMAGE", DEFAULT_VLLM_IMAGE),
             gpu_hour_price=float(os.environ.get("FINETUNE_GPU_HOUR_PRICE", "0") or 0),
             resync_seconds=float(os.environ.get("FINETUNE_RESYNC_SECONDS", "10") or 10),
         )
