@@ -28,8 +28,12 @@ def _mount(src: str, dst: str, read_only: bool) -> None:
 
 def main(argv: list[str]) -> None:
     spec = json.loads(Path(argv[0]).read_text())
-    for m in spec["mounts"]:
-        _mount(m["source"], m["target"], m.get("readOnly", False))
+    # Open every source before mounting anything: a mountPath such as /tmp may cover the
+    # folder the other sources live in. Mount through /proc/<pid>/fd, parents first.
+    mounts = sorted(spec["mounts"], key=lambda m: len(Path(m["target"]).parts))
+    fds = [os.open(m["source"], os.O_PATH) for m in mounts]
+    for m, fd in zip(mounts, fds):
+        _mount(f"/proc/{os.getpid()}/fd/{fd}", m["target"], m.get("readOnly", False))
     if spec.get("workingDir"):
         Path(spec["workingDir"]).mkdir(parents=True, exist_ok=True)
         os.chdir(spec["workingDir"])
