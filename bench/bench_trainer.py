@@ -64,13 +64,12 @@ def _timing_callback(warmup: int):
 
     class Timing(TrainerCallback):
         def __init__(self):
-            self.start = None
-            self.end = None
+            self.start = self.end = self.cpu_start = self.cpu_end = None
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == warmup:
-                self.start = time.perf_counter()
-            self.end = time.perf_counter()
+                self.start, self.cpu_start = time.perf_counter(), time.process_time()
+            self.end, self.cpu_end = time.perf_counter(), time.process_time()
 
     return Timing()
 
@@ -112,6 +111,7 @@ def run_case(name: str, model_dir: Path, records: list[dict], *, steps: int, war
     trainer.train()
     measured = counter.batches[warmup:steps]
     seconds = timing.end - timing.start
+    cpu_seconds = timing.cpu_end - timing.cpu_start
     positions = sum(p for p, _ in measured)
     useful = sum(u for _, u in measured)
     return {
@@ -121,6 +121,9 @@ def run_case(name: str, model_dir: Path, records: list[dict], *, steps: int, war
         "useful_tokens_per_second": round(useful / seconds, 1),
         "positions_per_second": round(positions / seconds, 1),
         "non_padding_share": round(useful / positions, 4),
+        # CPU time of this process: what the work costs, whatever else the machine runs.
+        "cpu_seconds": round(cpu_seconds, 3),
+        "useful_tokens_per_cpu_second": round(useful / cpu_seconds, 1),
     }
 
 
@@ -157,12 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, _ in cases:
         best = max(rounds[name], key=lambda r: r["useful_tokens_per_second"])
         best["rounds_useful_tokens_per_second"] = [r["useful_tokens_per_second"] for r in rounds[name]]
+        best["rounds_useful_tokens_per_cpu_second"] = [r["useful_tokens_per_cpu_second"] for r in rounds[name]]
         results.append(best)
 
     cuda = torch.cuda.is_available()
     auto_packs = choose_packing("auto", cuda=cuda)
     packed, padded = results[0], results[1]
-    faster_packs = packed["useful_tokens_per_second"] > padded["useful_tokens_per_second"]
+    # Judged on CPU time: wall-clock rates on a shared machine swing with the neighbours' load.
+    faster_packs = packed["useful_tokens_per_cpu_second"] > padded["useful_tokens_per_cpu_second"]
     report = {
         "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()}, "
                                                                f"{torch.get_num_threads()} threads)",
@@ -171,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
                      "max_length": args.max_length, "records": args.records, "rounds": args.rounds, "model": "tiny llama (hidden 128)"},
         "results": results,
         "packing_vs_padding": round(packed["useful_tokens_per_second"] / padded["useful_tokens_per_second"], 3),
+        "packing_vs_padding_cpu_time": round(
+            packed["useful_tokens_per_cpu_second"] / padded["useful_tokens_per_cpu_second"], 3),
         "auto": {"packs": auto_packs, "faster_strategy": "packing" if faster_packs else "dynamic padding",
                  "auto_picks_faster": auto_packs == faster_packs},
     }
@@ -178,11 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
 
-    print(f"\n{'case':<36} {'useful tok/s':>13} {'positions/s':>12} {'non-pad':>8}")
+    print(f"\n{'case':<36} {'useful tok/s':>13} {'tok/CPU-s':>10} {'positions/s':>12} {'non-pad':>8}")
     for r in results:
-        print(f"{r['case']:<36} {r['useful_tokens_per_second']:>13,.0f} {r['positions_per_second']:>12,.0f}"
-              f" {r['non_padding_share']:>8.0%}")
-    print(f"\npacking / dynamic padding: {report['packing_vs_padding']:.2f}x on {report['device']}")
+        print(f"{r['case']:<36} {r['useful_tokens_per_second']:>13,.0f} {r['useful_tokens_per_cpu_second']:>10,.0f}"
+              f" {r['positions_per_second']:>12,.0f} {r['non_padding_share']:>8.0%}")
+    print(f"\npacking / dynamic padding: {report['packing_vs_padding']:.2f}x wall clock, "
+          f"{report['packing_vs_padding_cpu_time']:.2f}x per CPU-second, on {report['device']}")
     print(f"packing: auto -> {'on' if auto_packs else 'off'}; the faster here is {report['auto']['faster_strategy']}"
           f" ({'auto picks it' if report['auto']['auto_picks_faster'] else 'auto does NOT pick it'})")
     print(f"wrote {out}")
