@@ -368,6 +368,14 @@ class TrainingMetrics:
 
 
 @model
+class TokenLengthPercentiles:
+    p50: Optional[int] = None
+    p90: Optional[int] = None
+    p99: Optional[int] = None
+    max: Optional[int] = None
+
+
+@model
 class DatasetReport:
     examples_read: Optional[int] = None
     rejected: Optional[int] = None
@@ -376,7 +384,15 @@ class DatasetReport:
     train_examples: Optional[int] = None
     eval_examples: Optional[int] = None
     content_hash: Optional[str] = None
+    truncated: Optional[int] = None
+    dropped_too_long: Optional[int] = None
+    dropped_no_trainable_tokens: Optional[int] = None
+    mix_examples: Optional[int] = None
+    token_length_percentiles: Optional[TokenLengthPercentiles] = None
+    token_lengths_approximate: Optional[bool] = None
     first_errors: list[str] = _default(list)
+    warnings: list[str] = _default(list)
+    problems: list[str] = _default(list)
 
 
 @model

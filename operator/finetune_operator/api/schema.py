@@ -532,8 +532,28 @@ FINETUNEJOB_STATUS = obj("Observed state of a FineTuneJob, written by the operat
                                 format="int64"),
         "contentHash": string("sha256 of the cleaned training and evaluation sets.",
                               max_length=128),
+        "truncated": integer("Examples truncated to training.maxSeqLength.", minimum=0,
+                             format="int64"),
+        "droppedTooLong": integer("Examples dropped for exceeding training.maxSeqLength "
+                                  "(lengthPolicy drop).", minimum=0, format="int64"),
+        "droppedNoTrainableTokens": integer("Examples removed because truncation left no "
+                                            "token to train on.", minimum=0, format="int64"),
+        "mixExamples": integer("Training examples that came from dataset.mix.", minimum=0,
+                               format="int64"),
+        "tokenLengthPercentiles": obj("Token lengths of the cleaned examples.", {
+            "p50": integer("Median length.", minimum=0),
+            "p90": integer("90th percentile.", minimum=0),
+            "p99": integer("99th percentile.", minimum=0),
+            "max": integer("Longest example.", minimum=0),
+        }),
+        "tokenLengthsApproximate": boolean("True when lengths were estimated from words, "
+                                           "without the model's tokenizer."),
         "firstErrors": array(string("An error, with its line and field.", max_length=1024),
                              "The first errors found in the data.", max_items=20),
+        "warnings": array(string("A warning about the data.", max_length=1024),
+                          "Warnings (few examples, unbalanced categories).", max_items=20),
+        "problems": array(string("Why the data cannot be used.", max_length=1024),
+                          "Why the data is unusable, when it is.", max_items=20),
     }),
     "checkpoints": obj("Checkpoints on the job volume.", {
         "latest": string("Path of the newest complete checkpoint.", max_length=LONG),
