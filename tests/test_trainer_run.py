@@ -257,3 +257,38 @@ def test_two_process_torchrun_trains_once_and_writes_one_set_of_artifacts(traine
     complete = sorted(p.parent.name for p in (root / "checkpoints").glob("checkpoint-*/COMPLETE"))
     assert complete == ["checkpoint-4", "checkpoint-8"]
     assert (root / "checkpoints" / "checkpoint-8" / "rng_state_1.pth").is_file()
+
+
+def test_multi_process_sigterm_checkpoints_and_exits_retryable(trainer_config, tmp_path):
+    config = trainer_config(training={"maxSteps": 200, "saveSteps": 1000, "loggingSteps": 1,
+                                      "perDeviceBatchSize": 2})
+    root = workspace(config)
+    proc = subprocess.Popen([*trainer_command(config), "--nproc-per-node", "2"],
+                            env=trainer_env(tmp_path, FINETUNE_TEST_STEP_DELAY="0.2"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            if "'loss'" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+    assert proc.returncode == RETRYABLE
+    saved = list((root / "checkpoints").glob("checkpoint-*/COMPLETE"))
+    assert len(saved) == 1
+    assert (saved[0].parent / "rng_state_1.pth").is_file()
+    assert termination(tmp_path)["reason"] == "Terminated"
+
+
+def test_multi_process_permanent_failure_keeps_its_exit_code(trainer_config, tmp_path):
+    config = trainer_config(training={"maxSteps": 12, "loggingSteps": 1, "perDeviceBatchSize": 2})
+
+    result = subprocess.run([*trainer_command(config), "--nproc-per-node", "2"],
+                            env=trainer_env(tmp_path, FINETUNE_TEST_NAN_AT_STEP="2"),
+                            capture_output=True, text=True, timeout=240)
+
+    assert result.returncode == PERMANENT, result.stderr[-3000:]
+    assert termination(tmp_path)["reason"] == "TrainingDiverged"

@@ -12,8 +12,10 @@ and a JSON summary in the termination log. Heavy libraries load only inside comm
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import shutil
 import sys
 import traceback
 from typing import Any, Callable
@@ -61,6 +63,9 @@ def _guarded(command: Callable[[], dict[str, Any]]) -> int:
         summary = command() or {}
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - every failure gets an exit code
         code, reason = classify(exc)
+        full = _no_space_left(exc) if code == exitcodes.RETRYABLE else None
+        if full:
+            reason, exc = "NoSpaceLeft", RuntimeError(f"{full}: {exc}")
         if code == exitcodes.PERMANENT:
             log.error("%s: %s", reason, exc)
         else:
@@ -75,6 +80,37 @@ def _guarded(command: Callable[[], dict[str, Any]]) -> int:
                                    ("reason", "message", "exitCode", "step", "trainLoss", "evalLoss",
                                     "perplexity") if summary.get(k) is not None})
     return exitcodes.SUCCESS
+
+
+def _no_space_left(exc: BaseException) -> str | None:
+    """Why the job volume is full, when it is; None otherwise.
+
+    torch.save reports a full disk as "enforce fail ... unexpected pos", without ENOSPC, so
+    the volume itself is asked too: less room left than the newest checkpoint takes.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return "no space left on device"
+        seen = seen.__cause__ or seen.__context__
+    config = os.environ.get("_FINETUNE_CONFIG_PATH")
+    if not config:
+        return None
+    try:
+        from .checkpoints import find_resumable
+
+        root = TrainerConfig.load(config).paths.checkpoints
+        latest = find_resumable(root, quarantine_bad=False)
+        if latest is None:
+            return None
+        needed = sum(p.stat().st_size for p in latest.path.rglob("*") if p.is_file())
+        free = shutil.disk_usage(root).free
+    except Exception:  # noqa: BLE001 - a best-effort diagnosis
+        return None
+    if free >= needed:
+        return None
+    return (f"no space left on the job volume: {free} bytes free under {root}, a checkpoint "
+            f"takes {needed}; enlarge spec.storage.size or lower training.saveTotalLimit")
 
 
 def _last_step() -> int | None:
@@ -100,12 +136,73 @@ def _load(path: str) -> TrainerConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.nproc_per_node and args.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
+        return launch_workers(args.config, args.nproc_per_node)
+
     def run() -> dict[str, Any]:
         from .train import run as train
 
         return train(_load(args.config))
 
     return _guarded(run)
+
+
+def launch_workers(config: str, nproc_per_node: int) -> int:
+    """Run `train` under torchrun and give the pod the exit code its workers mean.
+
+    torchrun's own exit code says only "a worker failed"; the Job needs 42 vs 43. Each
+    worker writes its termination summary to a private file; the worst one wins (42 over
+    43), and SIGTERM is forwarded so every worker checkpoints and exits 43. Multi-node
+    settings come from torchrun's PET_* environment variables (PET_NNODES, PET_NODE_RANK,
+    PET_MASTER_ADDR, PET_MASTER_PORT).
+    """
+    import json
+    import signal
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from .reporting import write_termination_message
+
+    with tempfile.TemporaryDirectory(prefix="finetune-workers-") as tmp:
+        env = dict(os.environ, FINETUNE_WORKER_TERMINATION_DIR=tmp)
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc_per_node)]
+        if "PET_NNODES" not in os.environ and "PET_RDZV_ENDPOINT" not in os.environ:
+            command.append("--standalone")
+        command += ["-m", "finetune_trainer", "train", "--config", config]
+        proc = subprocess.Popen(command, env=env)
+        terminated = []
+
+        def forward(signum, frame):
+            terminated.append(signum)
+            proc.send_signal(signum)
+
+        previous = signal.signal(signal.SIGTERM, forward)
+        try:
+            returncode = proc.wait()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        summaries = []
+        for path in sorted(Path(tmp).glob("rank-*.json")):
+            try:
+                summaries.append(json.loads(path.read_text()))
+            except ValueError:
+                pass
+    if returncode == 0 and not terminated:
+        main_summary = next((s for s in summaries if s.get("rank") == 0), {"reason": "Succeeded"})
+        write_termination_message(main_summary)
+        return exitcodes.SUCCESS
+    failures = [s for s in summaries if s.get("exitCode") not in (None, exitcodes.SUCCESS)]
+    permanent = [s for s in failures if s["exitCode"] == exitcodes.PERMANENT]
+    if permanent:
+        write_termination_message(permanent[0])
+        return exitcodes.PERMANENT
+    summary = failures[0] if failures else {
+        "reason": "Terminated" if terminated else "Error",
+        "message": "stopped by SIGTERM" if terminated else f"torchrun exited with {returncode}"}
+    summary["exitCode"] = exitcodes.RETRYABLE
+    write_termination_message(summary)
+    return exitcodes.RETRYABLE
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -130,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train as the config says (what the pod runs)")
     train.add_argument("--config", required=True, help="TrainerConfig JSON/YAML file")
+    train.add_argument("--nproc-per-node", type=int, default=int(os.environ.get("FINETUNE_NPROC_PER_NODE", "1")),
+                       help="worker processes on this node (one per GPU); above 1, runs under torchrun")
     sub.add_parser("validate-data", help="validate a dataset without training (see its own --help)",
                    add_help=False)
     evaluate = sub.add_parser("evaluate", help="evaluate the artifacts of a finished run")

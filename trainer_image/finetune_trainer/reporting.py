@@ -29,8 +29,18 @@ GROUP_VERSION = "finetune.dev/v1alpha1"
 
 
 def write_termination_message(summary: dict[str, Any]) -> None:
-    """Write the JSON summary Kubernetes shows in the pod's terminated state (max 4 KiB)."""
-    path = Path(os.environ.get("FINETUNE_TERMINATION_LOG", TERMINATION_LOG))
+    """Write the JSON summary Kubernetes shows in the pod's terminated state (max 4 KiB).
+
+    Under `finetune-trainer train --nproc-per-node N` each worker writes its own file and
+    the launcher writes the pod's.
+    """
+    worker_dir = os.environ.get("FINETUNE_WORKER_TERMINATION_DIR")
+    if worker_dir and "RANK" in os.environ:
+        rank = int(os.environ["RANK"])
+        summary = dict(summary, rank=rank)
+        path = Path(worker_dir) / f"rank-{rank}.json"
+    else:
+        path = Path(os.environ.get("FINETUNE_TERMINATION_LOG", TERMINATION_LOG))
     text = json.dumps(summary, sort_keys=True, default=str)
     if len(text) > 4000:
         summary = dict(summary, message=str(summary.get("message", ""))[:3000] + "...")
