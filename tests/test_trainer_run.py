@@ -106,6 +106,20 @@ def test_lora_lowers_the_loss_and_writes_a_servable_adapter(trainer_config, tmp_
     assert again["generations"][0]["finetuned"] == report["generations"][0]["finetuned"]
 
 
+@pytest.mark.parametrize("fmt", ["chat", "text"])
+def test_chat_and_text_datasets_train(trainer_config, tmp_path, fmt):
+    config = trainer_config(dataset={"format": fmt}, training={"maxSteps": 8, "learningRate": 5e-3})
+
+    result = run_trainer(config, tmp_path)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    root = workspace(config)
+    losses = logged_losses(root)
+    assert losses[-1] < losses[0], losses
+    assert (root / "artifacts" / "adapter" / "adapter_model.safetensors").is_file()
+    assert "training on whole conversations" not in result.stderr  # assistant-only loss is on
+
+
 def test_full_fine_tuning_lowers_the_loss_and_writes_a_merged_model(trainer_config, tmp_path):
     config = trainer_config(method={"type": "full", "lora": None},
                             training={"maxSteps": 12, "learningRate": 1e-3})

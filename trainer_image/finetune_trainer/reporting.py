@@ -252,7 +252,7 @@ class StatusPatcher:
                 response.read()
             self.sent += 1
             return True
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a failed patch never stops training
             self.failures += 1
             detail = exc.read().decode(errors="replace")[:300] if isinstance(exc, urllib.error.HTTPError) else ""
             log.warning("status patch of %s/%s failed (training goes on): %s %s",
