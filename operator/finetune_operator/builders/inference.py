@@ -174,7 +174,9 @@ def _command(isvc: InferenceService, model: str, adapters: list[tuple[str, str]]
     cmd += ["--dtype", vllm.dtype,
             "--gpu-memory-utilization", str(vllm.gpu_memory_utilization),
             "--tensor-parallel-size", str(vllm.tensor_parallel_size)]
-    return cmd + list(vllm.extra_args)
+    # The kubelet expands $(VAR) in command and args (and $$ to $): escaping every $ keeps
+    # user strings literal, so "$(HF_TOKEN)" cannot pull a Secret's value into vLLM's argv.
+    return cmd + [arg.replace("$", "$$") for arg in vllm.extra_args]
 
 
 # --- the Deployment ---------------------------------------------------------------------------
