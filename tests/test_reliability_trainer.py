@@ -27,7 +27,7 @@ RESULTS = REPO_ROOT / "bench" / "results" / "reliability_trainer_kills.json"
 RETRYABLE = 43
 KILLS = 10
 SAVE_STEPS = 2
-MAX_STEPS = 44  # room for 10 kills that each move the run on by at least one save interval
+MAX_STEPS = 26  # room for 10 kills that each move the run on by at most one save interval
 SEED = 20240610
 RESUMING = re.compile(r"resuming from \S+ \(step (\d+)\)")
 
@@ -52,10 +52,10 @@ def wait_until(predicate, timeout: float, what: str, proc: subprocess.Popen | No
 
 def test_trainer_sigkilled_ten_times_resumes_and_finishes_at_the_planned_step(
         trainer_config, tmp_path, fake_kube_api):
-    """Given a 44-step LoRA run saving every 2 steps, when it is SIGKILLed 10 times at seeded
+    """Given a 26-step LoRA run saving every 2 steps, when it is SIGKILLed 10 times at seeded
     random moments (each a little after it passed its resume point), then every restart resumes
     from the newest complete checkpoint, at most one save interval of steps is lost per kill,
-    and the last run finishes at step 44. The numbers go to bench/results/reliability_trainer_kills.json."""
+    and the last run finishes at step 26. The numbers go to bench/results/reliability_trainer_kills.json."""
     kubeconfig, patches = fake_kube_api
     config = trainer_config(
         training={"maxSteps": MAX_STEPS, "saveSteps": SAVE_STEPS, "saveTotalLimit": 2, "loggingSteps": 1},
@@ -77,9 +77,9 @@ def test_trainer_sigkilled_ten_times_resumes_and_finishes_at_the_planned_step(
         if attempt == KILLS:
             assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
             break
-        # Kill somewhere after one save interval past the resume point, plus a random fraction
-        # of a step, so kills land mid-step, mid-save and between steps.
-        target = resume_step + SAVE_STEPS + 1
+        # Kill one to three steps past the resume point, plus a random fraction of a step, so
+        # kills land before the next save, during it and after it.
+        target = resume_step + rng.choice([1, 2, 3])
         try:
             wait_until(lambda: reported_step(patches) >= target, 240, f"step {target}", proc)
             time.sleep(rng.uniform(0.0, 0.3))
@@ -91,7 +91,6 @@ def test_trainer_sigkilled_ten_times_resumes_and_finishes_at_the_planned_step(
         kills.append({"attempt": attempt, "resumedFrom": resume_step, "killedAtStep": reached,
                       "newestCompleteCheckpoint": newest.step if newest else 0})
         resume_step = newest.step if newest else 0
-        assert resume_step > kills[-1]["resumedFrom"], kills[-1]
 
     logs = [(tmp_path / f"attempt-{i}.log").read_text() for i in range(KILLS + 1)]
     resumed = [int(m.group(1)) if (m := RESUMING.search(text)) else 0 for text in logs]
@@ -109,7 +108,7 @@ def test_trainer_sigkilled_ten_times_resumes_and_finishes_at_the_planned_step(
     print(json.dumps({k: v for k, v in record.items() if k != "perKill"}))
 
     assert len(kills) == KILLS
-    assert resumed[0] == 0 and all(r > 0 for r in resumed[1:])
+    assert resumed[0] == 0 and resumed[-1] > 0
     assert [k["nextRunResumedFrom"] for k in kills] == [k["newestCompleteCheckpoint"] for k in kills]
     assert all(0 <= k["stepsLost"] <= SAVE_STEPS for k in kills), kills
     assert summary["step"] == MAX_STEPS
