@@ -92,6 +92,13 @@ def test_completed_job_succeeds_or_deploys():
     assert derive(job({"deploy": {"inferenceService": "bot"}}), done, [], now=NOW).phase is Phase.DEPLOYING
 
 
+def test_trainer_pod_succeeded_before_the_job_completes_is_not_pending_again():
+    """Between the pod's exit 0 and the Job's Complete condition the job must not go back to Pending."""
+    finished = [pod("p0", "Succeeded", state=terminated(0, "Completed"))]
+    o = derive(job(progress={"step": 10, "totalSteps": 10}, phase="Evaluating"), k8s_job(), finished, now=NOW)
+    assert (o.phase, o.reason) == (Phase.EVALUATING, "TrainerFinished")
+
+
 def test_exit_42_fails_with_the_trainers_reason_and_first_errors():
     message = json.dumps({"reason": "DataValidationFailed", "message": "3 of 10 records invalid",
                           "firstErrors": ["line 4: field \"output\" is missing"]})

@@ -76,6 +76,9 @@ class Demo:
         say(f"demo finished in {total:.0f}s (of which {build_s:.0f}s building binaries)")
         return {"answers": answers, "seconds": total, "build_seconds": build_s}
 
+    def kube_version(self) -> str:
+        return json.loads(self.kubectl("version", "-o", "json").stdout)["serverVersion"]["gitVersion"]
+
     def kubectl(self, *args: str, **kw) -> subprocess.CompletedProcess:
         return self.cluster.kubectl(*args, **kw)
 
@@ -86,7 +89,7 @@ class Demo:
         self.kubectl("create", "namespace", OPERATOR_NAMESPACE, check=False)
         rendered = subprocess.run(
             [str(self.cluster.bin_dir / "helm"), "template", RELEASE, str(REPO_ROOT / "charts" / "finetune-operator"),
-             "--namespace", OPERATOR_NAMESPACE, "--skip-crds"],
+             "--namespace", OPERATOR_NAMESPACE, "--skip-crds", "--kube-version", self.kube_version()],
             check=True, capture_output=True, text=True).stdout
         # Everything but the operator's own Deployment: the demo runs the operator as a local
         # process with the chart's ServiceAccount token instead.

@@ -268,6 +268,11 @@ def derive(job: FineTuneJob, trainer_job: dict | None, pods: list[dict], *, now:
     if crashed:
         reason, message = _failure_of(crashed[-1])
         return obs(Phase.PENDING, reason, f"{message}; retrying (attempt {attempts + 1})")
+    finished = [p for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"]
+    if finished and not live:
+        # The trainer exited 0; the Job controller marks the Job Complete a moment later.
+        return obs(Phase.EVALUATING, "TrainerFinished",
+                   "the trainer finished; waiting for its Job to complete")
     return obs(Phase.PENDING, "Starting", "waiting for the trainer pod to start")
 
 
