@@ -44,10 +44,12 @@ def say(msg: str) -> None:
 
 
 class Demo:
-    def __init__(self, state_dir: Path = DEMO_DIR, *, timeout: float = 1200) -> None:
+    def __init__(self, state_dir: Path = DEMO_DIR, *, timeout: float = 1200, metrics_port: int = 8080,
+                 liveness_port: int = 8081) -> None:
         self.state_dir = state_dir
         self.cluster = Cluster(state_dir / "cluster")
         self.timeout = timeout
+        self.metrics_port, self.liveness_port = metrics_port, liveness_port
         self.operator: subprocess.Popen | None = None
 
     # steps -------------------------------------------------------------------------------
@@ -108,7 +110,8 @@ class Demo:
         kubeconfig.chmod(0o600)
         log = open(self.state_dir / "operator.log", "ab")
         self.operator = subprocess.Popen(
-            [sys.executable, "-m", "finetune_operator", "--metrics-port", "8080", "--liveness-port", "8081"],
+            [sys.executable, "-m", "finetune_operator", "--metrics-port", str(self.metrics_port),
+             "--liveness-port", str(self.liveness_port)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             env={**os.environ, "KUBECONFIG": str(kubeconfig)})
         (self.state_dir / "operator.pid").write_text(str(self.operator.pid))
@@ -220,12 +223,16 @@ class Demo:
         say("where to look next")
         print(f"  export KUBECONFIG={self.cluster.kubeconfig}\n"
               f"  kubectl get ftj,ftisvc -n {NAMESPACE}; kubectl describe ftj {JOB} -n {NAMESPACE}\n"
-              f"  metrics: operator http://127.0.0.1:8080/metrics, vLLM {url.removesuffix('/v1')}/metrics,\n"
+              f"  metrics: operator http://127.0.0.1:{self.metrics_port}/metrics, vLLM {url.removesuffix('/v1')}/metrics,\n"
               f"           trainer http://127.0.0.1:9400/metrics while it trains\n"
               f"  clean up: make demo-down", flush=True)
 
 
-def down(state_dir: Path = DEMO_DIR) -> None:
+    def stop(self) -> None:
+        down(self.state_dir, remove=False)
+
+
+def down(state_dir: Path = DEMO_DIR, *, remove: bool = True) -> None:
     pid_file = state_dir / "operator.pid"
     if pid_file.exists():
         from .cluster import _kill_group
@@ -233,8 +240,10 @@ def down(state_dir: Path = DEMO_DIR) -> None:
         _kill_group(int(pid_file.read_text()))
         pid_file.unlink()
     stopped = stop_from_pid_file(state_dir / "cluster")
-    shutil.rmtree(state_dir, ignore_errors=True)
-    print(f"stopped: {', '.join(['operator'] + stopped) if stopped else 'nothing was running'}; removed {state_dir}")
+    if remove:
+        shutil.rmtree(state_dir, ignore_errors=True)
+    print(f"stopped: {', '.join(['operator'] + stopped) if stopped else 'nothing was running'}"
+          + (f"; removed {state_dir}" if remove else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

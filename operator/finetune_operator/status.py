@@ -65,6 +65,8 @@ class Observation:
     attempts: int = 0
     restarts: int = 0
     first_running_at: str | None = None
+    # {"name", "url"} of the InferenceService serving the result, once deployed.
+    endpoint: dict | None = None
 
     @property
     def gpu_hours(self) -> float:
@@ -365,6 +367,8 @@ def status_patch(job: FineTuneJob, o: Observation, *, now: dt.datetime, gpu_hour
         "restarts": o.restarts,
         "gpuHours": o.gpu_hours,
     }
+    if o.endpoint:
+        status["inferenceService"] = o.endpoint
     if gpu_hour_price:
         status["estimatedCost"] = f"{o.gpu_hours * gpu_hour_price:.2f}"
     if o.phase.terminal and not job.status.completion_time:

@@ -351,21 +351,32 @@ def _trainer_pods(trainer: dict) -> list[dict]:
 
 
 def _deploy(job: FineTuneJob, obs: Observation) -> Observation:
+    """Add the result to its InferenceService; Succeeded once that serves it and is Ready."""
     try:
         from finetune_operator.handlers import inferenceservice
     except ImportError:
         inferenceservice = None
     ensure = getattr(inferenceservice, "ensure_for_finetunejob", None)
+    carry = dict(gpu_seconds=obs.gpu_seconds, attempts=obs.attempts, restarts=obs.restarts,
+                 first_running_at=obs.first_running_at)
     if ensure is None:
         return Observation(Phase.SUCCEEDED, "TrainingCompleted",
                            "training completed; spec.deploy was not acted on: this operator has no "
-                           "InferenceService controller", obs.gpu_seconds, obs.attempts, obs.restarts,
-                           obs.first_running_at)
-    ensure(job, api())
-    target = job.spec.deploy.inference_service or job.metadata.name
-    return Observation(Phase.SUCCEEDED, "Deployed", f"training completed; adapter added to "
-                       f"InferenceService {target}", obs.gpu_seconds, obs.attempts, obs.restarts,
-                       obs.first_running_at)
+                           "InferenceService controller", **carry)
+    endpoint = ensure(job, api())
+    isvc = _custom().get_namespaced_custom_object(GROUP, VERSION, job.metadata.namespace,
+                                                  "inferenceservices", endpoint["name"])
+    st = isvc.get("status") or {}
+    served = job.metadata.name in (st.get("servedModels") or [])
+    if st.get("phase") == "Ready" and served and st.get("observedGeneration") == isvc["metadata"]["generation"]:
+        return Observation(Phase.SUCCEEDED, "Deployed", f"training completed; served by InferenceService "
+                           f"{endpoint['name']} as model {job.metadata.name!r} at {endpoint['url']}",
+                           endpoint=endpoint, **carry)
+    ready = next((c for c in st.get("conditions") or [] if c.get("type") == "Ready"), {})
+    return Observation(Phase.DEPLOYING, "WaitingForInferenceService",
+                       f"training completed; InferenceService {endpoint['name']} is "
+                       f"{st.get('phase') or 'starting'}: {ready.get('message') or 'rolling out'}",
+                       endpoint=endpoint, **carry)
 
 
 def refresh_status(namespace: str, name: str) -> None:

@@ -1,0 +1,48 @@
+"""The main job, end to end: the same flow as `make demo`, asserted.
+
+A real control plane, the operator running as the chart's ServiceAccount, the trainer pod
+really running on the local node with the tiny model, vLLM's CPU build serving the adapter,
+and the `openai` client asking it. vLLM listens on port 8000 of this machine (the local node
+gives pods the host's network), so this test cannot run while `make demo` is up.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from finetune_devcluster.cluster import free_port
+from finetune_devcluster.demo import JOB, NAMESPACE, Demo
+from tests.fixtures.cluster import wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+
+
+def test_demo_fine_tunes_serves_and_answers_in_the_trained_direction(tmp_path):
+    demo = Demo(tmp_path / "demo", metrics_port=free_port(), liveness_port=free_port(), timeout=900)
+    try:
+        result = demo.up()
+
+        status = wait_for(lambda: (s := demo.job()["status"])["phase"] == "Succeeded" and s,
+                          timeout=120, what="the FineTuneJob to be Succeeded once served")
+        assert status["progress"]["step"] == status["progress"]["totalSteps"] > 0
+        assert status["metrics"]["trainLoss"] > 0 and status["metrics"]["perplexity"] > 1
+        assert status["dataset"]["trainExamples"] > 0 and status["dataset"]["contentHash"]
+        assert status["inferenceService"]["name"] == JOB
+        assert "Deployed" in {c["reason"] for c in status["conditions"]}
+
+        artifacts = demo.claim_path() / "artifacts"
+        assert (artifacts / "adapter" / "adapter_config.json").is_file()
+        assert any((artifacts / "adapter").glob("adapter_model.*"))
+
+        isvc = json.loads(demo.kubectl("get", "inferenceservice.finetune.dev", JOB, "-n", NAMESPACE,
+                                       "-o", "json").stdout)
+        assert isvc["status"]["phase"] == "Ready" and JOB in isvc["status"]["servedModels"]
+
+        # The dataset teaches "Arr matey, <topic> be grand!"; the prompts are held out.
+        answers = result["answers"]
+        assert answers and all(a["fine-tuned"] for a in answers)
+        assert any("matey" in a["fine-tuned"].lower() and "matey" not in a["base"].lower() for a in answers), answers
+    finally:
+        demo.stop()
