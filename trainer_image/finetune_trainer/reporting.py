@@ -68,8 +68,9 @@ class Progress:
     start_step: int = 0
 
     @property
-    def percent(self) -> float:
-        return round(100.0 * self.step / self.total_steps, 1) if self.total_steps else 0.0
+    def percent(self) -> int:
+        # An integer in the FineTuneJob's status schema: whole percents are enough.
+        return min(100, 100 * self.step // self.total_steps) if self.total_steps else 0
 
     @property
     def eta_seconds(self) -> int | None:
@@ -93,8 +94,10 @@ class Progress:
             "learningRate": self.learning_rate,
             "tokensPerSecond": self.tokens_per_second,
         }
-        # JSON has no NaN/inf; the API server would reject the whole patch.
-        metrics = {k: _json_number(v) for k, v in metrics.items() if v is not None}
+        # JSON has no NaN/inf and the schema types these as numbers: leave such values out
+        # rather than have the API server reject the whole patch.
+        metrics = {k: round(float(v), 6) for k, v in metrics.items()
+                   if v is not None and math.isfinite(v)}
         progress = {"step": self.step, "totalSteps": self.total_steps,
                     "epoch": round(self.epoch, 4), "percent": self.percent}
         if self.eta_seconds is not None:
@@ -103,12 +106,6 @@ class Progress:
         if self.latest_checkpoint:
             status["checkpoints"] = {"latest": self.latest_checkpoint, "count": self.checkpoint_count}
         return {"status": status}
-
-
-def _json_number(value: float) -> float | str:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return round(value, 6) if isinstance(value, float) else value
 
 
 class Metrics:

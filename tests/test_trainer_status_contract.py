@@ -1,0 +1,52 @@
+"""What the trainer writes into a FineTuneJob's status matches the CRD's schema.
+
+The API server rejects a whole status patch when one field has the wrong type, so a drift
+between the trainer and the schema would silently hide all progress.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from finetune_operator.api.schema import all_crds
+from finetune_trainer.reporting import Progress
+
+
+def _status_schema() -> dict:
+    crd = next(c for c in all_crds() if c["spec"]["names"]["kind"] == "FineTuneJob")
+    return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+
+
+def _check(value, schema: dict, path: str) -> list[str]:
+    kind = schema.get("type")
+    if kind == "object":
+        if not isinstance(value, dict):
+            return [f"{path}: expected an object"]
+        errors = []
+        for key, sub in value.items():
+            if key not in schema.get("properties", {}):
+                errors.append(f"{path}.{key}: not declared (the API server would drop it)")
+            else:
+                errors += _check(sub, schema["properties"][key], f"{path}.{key}")
+        return errors
+    ok = {"integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+          "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+          "string": lambda v: isinstance(v, str), "boolean": lambda v: isinstance(v, bool)}[kind](value)
+    errors = [] if ok else [f"{path}: {value!r} is not of type {kind}"]
+    if ok and "maximum" in schema and value > schema["maximum"]:
+        errors.append(f"{path}: {value} above {schema['maximum']}")
+    if ok and "minimum" in schema and value < schema["minimum"]:
+        errors.append(f"{path}: {value} below {schema['minimum']}")
+    return errors
+
+
+@pytest.mark.parametrize("step,total,loss", [(0, 0, None), (1, 3, 2.5), (2, 3, float("nan")),
+                                             (68, 68, 4.38), (10, 7, float("inf"))])
+def test_status_patch_fits_the_finetunejob_status_schema(step, total, loss):
+    p = Progress(step=step, total_steps=total, epoch=step / 3, train_loss=loss, eval_loss=loss,
+                 learning_rate=1e-4, tokens_per_second=123.4, latest_checkpoint="checkpoint-2",
+                 checkpoint_count=1)
+    body = p.status_patch()
+    assert _check(body["status"], _status_schema(), "status") == []
