@@ -68,8 +68,10 @@ def _secret_env(name: str, ref) -> dict:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
 
 
-def _env(job: FineTuneJob) -> list[dict]:
+def _env(job: FineTuneJob, image: str) -> list[dict]:
     env = [{"name": "HF_HOME", "value": f"{WORKSPACE}/.cache/huggingface"},
+           # Recorded in the model card, so an artifact says which trainer made it.
+           {"name": "FINETUNE_IMAGE", "value": image},
            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
     if job.spec.model.token_secret_ref:
         env.append(_secret_env(MODEL_TOKEN_ENV, job.spec.model.token_secret_ref))
@@ -112,12 +114,13 @@ def _volumes(job: FineTuneJob) -> tuple[list[dict], list[dict]]:
 def build_pod_template(job: FineTuneJob, image: str) -> dict:
     res = job.spec.resources
     volumes, mounts = _volumes(job)
+    image = res.image or image
     container = {
         "name": CONTAINER,
-        "image": res.image or image,
+        "image": image,
         "imagePullPolicy": "IfNotPresent",
         "command": trainer_command(job),
-        "env": _env(job),
+        "env": _env(job, image),
         "ports": [{"name": "metrics", "containerPort": TRAINER_METRICS_PORT}],
         "resources": _resources(job),
         "volumeMounts": mounts,
