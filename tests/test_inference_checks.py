@@ -98,7 +98,14 @@ def pod(revision="r2", restarts=0, ready=False, waiting=None):
 
 
 def test_complete_rollout_is_ready():
-    assert serving.rollout(deployment(), [pod(ready=True)], "r2").phase == serving.READY
+    assert serving.rollout(deployment(), [pod(ready=True), pod(ready=True)], "r2").phase == serving.READY
+
+
+def test_counters_that_lag_the_new_pods_are_not_ready_yet():
+    """Right after a template change the Deployment may count the old ready pod as updated."""
+    lagging = deployment(replicas=1, updated=1, ready=1, available=1, total=1)
+    assert serving.rollout(lagging, [pod(revision="r1", ready=True), pod(revision="r2")], "r2").phase \
+        == serving.PROGRESSING
 
 
 def test_surge_pod_not_ready_yet_is_progressing_while_old_pods_serve():
@@ -115,7 +122,8 @@ def test_crash_looping_new_pods_are_degraded_while_old_pods_serve():
 
 
 def test_crash_loops_of_an_old_revision_do_not_degrade_the_new_one():
-    assert serving.rollout(deployment(), [pod(revision="r1", restarts=5)], "r2").phase == serving.READY
+    pods = [pod(revision="r1", restarts=5), pod(ready=True), pod(ready=True)]
+    assert serving.rollout(deployment(), pods, "r2").phase == serving.READY
 
 
 def test_progress_deadline_exceeded_is_degraded():
@@ -127,7 +135,8 @@ def test_progress_deadline_exceeded_is_degraded():
 
 def test_status_reports_url_served_models_and_conditions_with_generation():
     isvc, _ = parse(inferenceservice(adapters=[adapter()], vllm={"servedModelName": "qwen"}))
-    status = handler.status_for(isvc, [], deployment(), [pod(ready=True)], "r2", [], "2025-01-01T00:00:00Z")
+    status = handler.status_for(isvc, [], deployment(), [pod(ready=True), pod(ready=True)], "r2", [],
+                                "2025-01-01T00:00:00Z")
     assert status["phase"] == "Ready" and status["revision"] == "r2"
     assert status["url"] == "http://support.ml.svc.cluster.local:8000/v1"
     assert status["servedModels"] == ["qwen", "support-lora"]

@@ -64,6 +64,7 @@ def test_the_local_node_trains_the_tiny_model_and_the_job_succeeds(cluster, name
 
     assert s["progress"]["step"] == 12 and s["progress"]["totalSteps"] == 12
     assert "trainLoss" in s["metrics"]
+    assert s["dataset"]["trainExamples"] > 0 and len(s["dataset"]["contentHash"]) == 64
     assert {"Validating", "Training"} & seen
     assert (root / "artifacts" / "adapter").is_dir()
     pod = get_json(cluster, "pods", "-n", namespace, "-l", f"finetune.dev/finetunejob={name}")["items"][0]

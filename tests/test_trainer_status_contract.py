@@ -11,7 +11,8 @@ import math
 import pytest
 
 from finetune_operator.api.schema import all_crds
-from finetune_trainer.reporting import Progress
+from finetune_trainer.data import DatasetReport
+from finetune_trainer.reporting import Progress, dataset_status
 
 
 def _status_schema() -> dict:
@@ -31,6 +32,14 @@ def _check(value, schema: dict, path: str) -> list[str]:
             else:
                 errors += _check(sub, schema["properties"][key], f"{path}.{key}")
         return errors
+    if kind == "array":
+        if not isinstance(value, list):
+            return [f"{path}: expected a list"]
+        errors = [f"{path}: {len(value)} items, at most {schema['maxItems']}"] \
+            if len(value) > schema.get("maxItems", len(value)) else []
+        for i, item in enumerate(value):
+            errors += _check(item, schema["items"], f"{path}[{i}]")
+        return errors
     ok = {"integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
           "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
           "string": lambda v: isinstance(v, str), "boolean": lambda v: isinstance(v, bool)}[kind](value)
@@ -48,5 +57,9 @@ def test_status_patch_fits_the_finetunejob_status_schema(step, total, loss):
     p = Progress(step=step, total_steps=total, epoch=step / 3, train_loss=loss, eval_loss=loss,
                  learning_rate=1e-4, tokens_per_second=123.4, latest_checkpoint="checkpoint-2",
                  checkpoint_count=1)
+    report = DatasetReport(examples_read=100, rejected=2, train_examples=90, eval_examples=8,
+                           content_hash="ab" * 32, first_errors=[f"line {i}: bad" for i in range(30)],
+                           problems=["too few examples"])
+    p.dataset = dataset_status(report.to_dict())
     body = p.status_patch()
     assert _check(body["status"], _status_schema(), "status") == []

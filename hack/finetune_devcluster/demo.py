@@ -5,8 +5,8 @@
    process with that ServiceAccount's token (not the admin credential);
 3. build a tiny Llama-architecture base model (no internet) and copy it, with the dataset
    from examples/data/, onto the job's claim;
-4. create the InferenceService `quickstart` (local-node placement, CPU) and apply
-   examples/quickstart.yaml; the trainer pod really runs on the local node;
+4. apply examples/quickstart.yaml; the trainer pod really runs on the local node, and when
+   it succeeds the operator creates the InferenceService `quickstart` there (vLLM, CPU);
 5. show progress while it trains, wait for vLLM to serve the adapter, and print the
    adapter's answers next to the base model's for held-out prompts.
 
@@ -67,7 +67,6 @@ class Demo:
         self.install_operator()
         model_dir = self.prepare_model()
         self.prepare_workspace(model_dir)
-        self.create_inference_service()
         say(f"applying {QUICKSTART.relative_to(REPO_ROOT)}")
         self.kubectl("apply", "-f", str(QUICKSTART))
         self.watch_training()
@@ -146,19 +145,6 @@ class Demo:
         pv = self.kubectl("get", "pvc", CLAIM, "-n", NAMESPACE, "-o", "jsonpath={.spec.volumeName}").stdout
         return Path(self.kubectl("get", "pv", pv, "-o", "jsonpath={.spec.hostPath.path}").stdout)
 
-    def create_inference_service(self) -> None:
-        say("creating the InferenceService 'quickstart' (vLLM CPU build on the local node)")
-        self.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps({
-            "apiVersion": "finetune.dev/v1alpha1", "kind": "InferenceService",
-            "metadata": {"name": JOB},
-            "spec": {"model": {"source": f"pvc://{CLAIM}/models/tiny-llama"},
-                     "replicas": 1,
-                     "resources": {"gpus": 0, "nodeSelector": {"finetune.dev/local-node": "true"},
-                                   "tolerations": [{"key": "finetune.dev/local-node", "operator": "Exists",
-                                                    "effect": "NoSchedule"}]},
-                     "vllm": {"servedModelName": "tiny-llama", "maxModelLen": 256, "maxLoraRank": 8,
-                              "dtype": "float32"}}}))
-
     def job(self) -> dict:
         return json.loads(self.kubectl("get", "ftj", JOB, "-n", NAMESPACE, "-o", "json").stdout)
 
@@ -188,9 +174,9 @@ class Demo:
         say("waiting for the InferenceService to become Ready (vLLM loads the model, ~1 min)")
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
-            isvc = json.loads(self.kubectl("get", "inferenceservice.finetune.dev", JOB, "-n", NAMESPACE,
-                                           "-o", "json").stdout)
-            st = isvc.get("status", {})
+            out = self.kubectl("get", "inferenceservice.finetune.dev", JOB, "-n", NAMESPACE, "-o", "json",
+                               check=False)
+            st = json.loads(out.stdout).get("status", {}) if out.returncode == 0 else {}
             if st.get("phase") == "Ready" and JOB in st.get("servedModels", []):
                 # The local node gives every pod the address 127.0.0.1.
                 return f"http://127.0.0.1:{VLLM_PORT}/v1"

@@ -293,13 +293,29 @@ def rollout(deployment: Optional[dict], pods: list[dict], revision: str) -> Roll
     updated = status.get("updatedReplicas", 0) or 0
     available = status.get("availableReplicas", 0) or 0
     total = status.get("replicas", 0) or 0
-    if updated >= desired and available >= desired and total == updated and ready >= desired:
+    # The Deployment's counters can lag its ReplicaSets for a moment after a template change:
+    # count the ready pods of this revision too before calling it done.
+    new_ready = sum(1 for p in pods
+                    if p.get("metadata", {}).get("annotations", {}).get(REVISION_ANNOTATION) == revision
+                    and not p.get("metadata", {}).get("deletionTimestamp")
+                    and _pod_ready(p))
+    if (updated >= desired and available >= desired and total == updated and ready >= desired
+            and new_ready >= desired):
         if desired == 0:
             return Rollout(READY, "ScaledToZero", "no replicas are requested", **counts)
         return Rollout(READY, "RolloutComplete", f"{ready}/{desired} replicas ready on revision {revision}",
                        **counts)
     return Rollout(PROGRESSING, "RollingUpdate", f"{updated}/{desired} replicas updated to revision "
                    f"{revision}, {available} available; {serving}", **counts)
+
+
+def _pod_ready(pod: dict) -> bool:
+    status = pod.get("status", {})
+    conditions = status.get("conditions") or []
+    if conditions:
+        return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+    containers = status.get("containerStatuses") or []
+    return bool(containers) and all(c.get("ready") for c in containers)
 
 
 def _crash_looping(pod: dict) -> Optional[str]:

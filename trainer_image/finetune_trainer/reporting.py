@@ -66,6 +66,8 @@ class Progress:
     checkpoint_count: int = 0
     started_at: float = field(default_factory=time.monotonic)
     start_step: int = 0
+    # The dataset report, as the FineTuneJob status declares it (see dataset_status).
+    dataset: dict[str, Any] | None = None
 
     @property
     def percent(self) -> int:
@@ -105,7 +107,32 @@ class Progress:
         status: dict[str, Any] = {"progress": progress, "metrics": metrics}
         if self.latest_checkpoint:
             status["checkpoints"] = {"latest": self.latest_checkpoint, "count": self.checkpoint_count}
+        if self.dataset:
+            status["dataset"] = self.dataset
         return {"status": status}
+
+
+# Fields of the dataset report that the FineTuneJob status declares (others would be pruned).
+DATASET_STATUS_FIELDS = (
+    "examplesRead", "rejected", "duplicatesRemoved", "nearDuplicatesRemoved", "truncated",
+    "droppedTooLong", "droppedNoTrainableTokens", "trainExamples", "evalExamples", "mixExamples",
+    "tokenLengthPercentiles", "tokenLengthsApproximate", "contentHash", "firstErrors", "warnings",
+    "problems",
+)
+STATUS_LIST_LIMIT = 20
+
+
+def dataset_status(report: dict[str, Any]) -> dict[str, Any]:
+    """The dataset report (camelCase, as written to reports/dataset.json) for the status."""
+    out: dict[str, Any] = {}
+    for key in DATASET_STATUS_FIELDS:
+        value = report.get(key)
+        if value is None:
+            continue
+        if isinstance(value, list):
+            value = [str(v)[:1000] for v in value[:STATUS_LIST_LIMIT]]
+        out[key] = value
+    return out
 
 
 class Metrics:

@@ -158,9 +158,15 @@ def prepare_data(cfg: TrainerConfig, tokenizer, *, is_main: bool) -> PreparedDat
             raise RuntimeError(f"the prepared dataset {cache} is missing after the main process ran")
         from .data import prepare_dataset
 
-        prepared = prepare_dataset(cfg.dataset, seed=cfg.training.seed,
-                                   max_seq_length=cfg.training.max_seq_length,
-                                   tokenizer=tokenizer, resolve=cfg.paths.resolve)
+        from .data import DataValidationError
+
+        try:
+            prepared = prepare_dataset(cfg.dataset, seed=cfg.training.seed,
+                                       max_seq_length=cfg.training.max_seq_length,
+                                       tokenizer=tokenizer, resolve=cfg.paths.resolve)
+        except DataValidationError as exc:
+            _report_unusable_dataset(cfg, exc)
+            raise
         cache.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{digest}.", dir=cache.parent))
         _write_jsonl(staging / "train.jsonl", list(prepared.train))
@@ -182,6 +188,17 @@ def prepare_data(cfg: TrainerConfig, tokenizer, *, is_main: bool) -> PreparedDat
         report=json.loads((cache / "report.json").read_text()),
         digest=digest,
     )
+
+
+def _report_unusable_dataset(cfg: TrainerConfig, exc) -> None:
+    """Put the line-numbered errors of an unusable dataset into the FineTuneJob's status."""
+    from .reporting import StatusPatcher, dataset_status
+
+    cfg.paths.reports.mkdir(parents=True, exist_ok=True)
+    report = exc.report.to_dict()
+    (cfg.paths.reports / "dataset.json").write_text(json.dumps(_jsonable(report), indent=2, default=str))
+    if cfg.reporting.status_patch:
+        StatusPatcher(cfg.job, 0).patch({"status": {"dataset": dataset_status(report)}})
 
 
 # ---------------------------------------------------------------- trainer pieces
@@ -470,6 +487,11 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
                             packing=packing)
 
     reporter = Reporter(cfg.reporting, cfg.job) if is_main else None
+    if reporter is not None:
+        from .reporting import dataset_status
+
+        reporter.progress.dataset = dataset_status(data.report)
+        reporter.publish(force=True)
     try:
         model = load_model(cfg, precision)
         _install_nan_hook(model)

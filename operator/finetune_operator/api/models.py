@@ -328,6 +328,8 @@ class Deploy:
     inference_service: Optional[str] = None
     replicas: int = 1
     gpus: int = 1
+    node_selector: dict[str, str] = _default(dict)
+    tolerations: list[Toleration] = _default(list)
     vllm: Optional[VLLM] = None
 
 

@@ -459,6 +459,9 @@ DEPLOY = obj("Serve the result with an InferenceService once training succeeded.
                              "(defaults to the job's name).", label=True),
     "replicas": integer("vLLM replicas.", default=1, minimum=0, maximum=64),
     "gpus": integer("GPUs per replica.", default=1, minimum=0, maximum=16),
+    "nodeSelector": string_map("Node labels the vLLM pods must match (serving pools often differ "
+                               "from training pools)."),
+    "tolerations": array(TOLERATION, "Tolerations for the vLLM pods.", max_items=32),
     "vllm": VLLM,
 })
 

@@ -323,7 +323,12 @@ def ensure_for_finetunejob(job: FineTuneJob | dict, api_client: Optional[client.
 def _new_isvc(job: FineTuneJob, target: str) -> dict:
     deploy = job.spec.deploy
     model = to_dict(job.spec.model)
-    spec: dict = {"model": model, "replicas": deploy.replicas, "resources": {"gpus": deploy.gpus}}
+    resources: dict = {"gpus": deploy.gpus}
+    if deploy.node_selector:
+        resources["nodeSelector"] = dict(deploy.node_selector)
+    if deploy.tolerations:
+        resources["tolerations"] = [to_dict(t) for t in deploy.tolerations]
+    spec: dict = {"model": model, "replicas": deploy.replicas, "resources": resources}
     if deploy.vllm:
         spec["vllm"] = to_dict(deploy.vllm)
         if deploy.gpus == 0:
