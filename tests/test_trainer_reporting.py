@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import threading
 import urllib.request
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
@@ -17,30 +15,14 @@ from finetune_trainer.reporting import (
     _ApiTarget,
     write_termination_message,
 )
+from tests.fixtures.ml import recording_api_server
 
 
 @pytest.fixture
 def fake_api():
-    """An HTTP server that records PATCH requests (path, headers, body)."""
-    received = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_PATCH(self):  # noqa: N802 - http.server's naming
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            received.append((self.path, dict(self.headers), body))
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(b"{}")
-
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}", received
-    server.shutdown()
+    """A stand-in for the status endpoint that records PATCH requests (path, headers, body)."""
+    with recording_api_server() as (url, received):
+        yield url, received
 
 
 def test_status_patch_has_progress_metrics_and_checkpoints():
@@ -52,7 +34,7 @@ def test_status_patch_has_progress_metrics_and_checkpoints():
 
     assert status["progress"]["step"] == 50
     assert status["progress"]["totalSteps"] == 200
-    assert status["progress"]["percent"] == 25.0
+    assert status["progress"]["percent"] == 25
     assert status["metrics"]["trainLoss"] == 1.25
     assert status["metrics"]["perplexity"] == pytest.approx(2.718281, rel=1e-5)
     assert status["checkpoints"] == {"latest": "checkpoint-50", "count": 2}
