@@ -487,8 +487,14 @@ def _expire(job: FineTuneJob, obj: dict, now: dt.datetime) -> None:
 # --- following the trainer -------------------------------------------------------------------
 
 
+def _needs_resync(status, spec, **_) -> bool:
+    """A finished job has nothing left to observe, unless its TTL is still to run out."""
+    return (status or {}).get("phase") not in ("Succeeded", "Failed") \
+        or (spec or {}).get("ttlSecondsAfterFinished") is not None
+
+
 @kopf.timer(GROUP, VERSION, PLURAL, interval=settings.current.resync_seconds, initial_delay=2,
-            idle=None)
+            idle=None, when=_needs_resync)
 def resync(namespace: str, name: str, **_) -> None:
     refresh_status(namespace, name)
 
