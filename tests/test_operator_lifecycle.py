@@ -216,3 +216,18 @@ def test_trainer_token_patches_its_own_status_only(cluster, namespace, operator)
     assert denied.returncode != 0 and "forbidden" in denied.stderr.lower()
     assert cluster.kubectl("get", "secrets", "-n", namespace, token=token, check=False).returncode != 0
     assert status(cluster, namespace, "mine")["progress"]["step"] == 3  # the operator leaves it alone
+
+
+def test_ttl_after_finished_deletes_the_job_and_keeps_a_retained_claim(cluster, namespace, operator):
+    """ttlSecondsAfterFinished: the finished FineTuneJob and its trainer Job go; a Retain claim stays."""
+    apply(cluster, namespace, ftj("short", ttlSecondsAfterFinished=5))
+    wait_phase(cluster, namespace, "short", "Succeeded")
+    wait_for(lambda: cluster.kubectl("get", "ftj", "short", "-n", namespace, check=False).returncode != 0,
+             timeout=90, what="the FineTuneJob to be deleted after its TTL")
+    wait_for(lambda: trainer_jobs(cluster, namespace, "short") == [], timeout=60,
+             what="the trainer Job to be garbage-collected")
+    claim = get_json(cluster, "pvc", "short-workspace", "-n", namespace)
+    assert claim["metadata"].get("deletionTimestamp") is None
+    events = cluster.kubectl("get", "events", "-n", namespace, "--field-selector",
+                             "involvedObject.name=short").stdout
+    assert "Expired" in events
