@@ -1,6 +1,6 @@
 """`make bench`: run every benchmark, then write docs/benchmarks.md from bench/results/*.json.
 
-    .venv/bin/python bench/run_all.py [--only scale trainer data resume] [--render-only] [--quick]
+    .venv/bin/python bench/run_all.py [--only scale trainer data resume serve] [--render-only] [--quick]
 
 Each benchmark is its own script (and its own process, so one's memory and threads do not
 colour another's numbers); each writes bench/results/<name>.json. The table in
@@ -27,12 +27,14 @@ BENCHES = {
     "trainer": ["bench/bench_trainer.py"],
     "data": ["bench/bench_data.py"],
     "resume": ["bench/bench_resume.py"],
+    "serve": ["bench/bench_time_to_serve.py"],
 }
 QUICK = {
     "scale": ["--sizes", "100"],
     "trainer": ["--steps", "10", "--rounds", "1"],
     "data": ["--sizes", "10000", "100000"],
     "resume": ["--save-steps", "5", "--kill-at", "8", "--max-steps", "12"],
+    "serve": [],
 }
 
 
@@ -156,6 +158,18 @@ def resume_section(data: dict) -> list[str]:
     return out
 
 
+def serve_section(data: dict) -> list[str]:
+    return ["## Time to serve (tiny model, vLLM CPU build, local node)", "",
+            "From the FineTuneJob leaving training (phase Deploying) to its InferenceService being "
+            "Ready with the adapter, against vLLM's own start-up measured in the same run by starting "
+            "the serving pod's exact command alone. From `bench/bench_time_to_serve.py`.", "",
+            "| training done -> Ready (s) | vLLM start-up alone (s) | operator overhead (s) | overhead share |",
+            "| ---: | ---: | ---: | ---: |",
+            f"| {fmt(data['trainingDoneToReadySeconds'])} | {fmt(data['vllmStartupSeconds'])} "
+            f"| {fmt(data['operatorOverheadSeconds'])} "
+            f"| {fmt(100 * data['operatorOverheadSeconds'] / data['trainingDoneToReadySeconds'], '%')} |", ""]
+
+
 def render(notes: str) -> str:
     m = machine()
     lines = ["# Benchmarks", "",
@@ -165,7 +179,7 @@ def render(notes: str) -> str:
              f"(load average {m['loadAverage']} when this page was written). Python {m['python']}, {m['kube']}, "
              f"{', '.join(f'{k} {v}' for k, v in m['versions'].items())}. Written {m['date']}.", ""]
     for name, section in (("operator_scale", scale_section), ("trainer", trainer_section), ("data", data_section),
-                          ("resume", resume_section)):
+                          ("resume", resume_section), ("time_to_serve", serve_section)):
         data = load(name)
         if data:
             lines += section(data)
