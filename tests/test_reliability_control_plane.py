@@ -91,10 +91,13 @@ class PodConditions:
         core = client.CoreV1Api(cluster.api_client())
 
         def run():
-            for event in self._watch.stream(core.list_namespaced_pod, namespace,
-                                            field_selector=f"metadata.name={name}", timeout_seconds=300):
-                for cond in event["object"].status.conditions or []:
-                    self.conditions[cond.type] = cond.reason
+            try:
+                for event in self._watch.stream(core.list_namespaced_pod, namespace,
+                                                field_selector=f"metadata.name={name}", timeout_seconds=300):
+                    for cond in event["object"].status.conditions or []:
+                        self.conditions[cond.type] = cond.reason
+            except Exception:  # noqa: BLE001 - the stream ends when stopped or the cluster goes
+                pass
         self._thread = threading.Thread(target=run, daemon=True)
         self._thread.start()
         time.sleep(0.5)  # the watch is open before the node goes
