@@ -84,7 +84,8 @@ MANIFESTS = [
     ("model-revision-shell", at("spec.model.revision", "main; rm -rf /"), REJECT, "spec.model.revision"),
     ("model-token-secret-path", at("spec.model.tokenSecretRef", {"name": "../etc/passwd"}), REJECT,
      "spec.model.tokenSecretRef.name"),
-    ("dataset-source-subshell", at("spec.dataset.source", "pvc://data/$(id).jsonl"), REJECT, "spec.dataset.source"),
+    # A path inside the claim: plain data in the trainer's ConfigMap, never part of a command.
+    ("dataset-source-subshell", at("spec.dataset.source", "pvc://data/$(id).jsonl"), ACCEPT, None),
     ("dataset-split-backticks", at("spec.dataset.split", "train`id`"), REJECT, "spec.dataset.split"),
     ("dataset-format-unknown", at("spec.dataset.format", "yaml"), REJECT, "spec.dataset.format"),
     ("dataset-fieldmap-hostile", at("spec.dataset.fieldMap", {"instruction": HOSTILE, "output": "a\nb"}),
@@ -151,7 +152,14 @@ def test_hostile_manifest_is_refused_at_admission_or_accepted_as_plain_data(
         assert text in out.stderr, out.stderr[:2000]
     else:
         assert out.returncode == 0, out.stderr[:2000]
-        assert json.loads(out.stdout)["spec"] == {**json.loads(out.stdout)["spec"], **manifest["spec"]}
+        assert contains(json.loads(out.stdout)["spec"], manifest["spec"]), out.stdout[:2000]
+
+
+def contains(stored, sent) -> bool:
+    """Everything sent is stored unchanged (the server adds defaults around it)."""
+    if isinstance(sent, dict):
+        return isinstance(stored, dict) and all(contains(stored.get(k), v) for k, v in sent.items())
+    return stored == sent
 
 
 # --- datasets -----------------------------------------------------------------------------------
@@ -270,12 +278,12 @@ def test_missing_references_and_concurrent_writers_end_in_named_conditions_witho
     custom = client.CustomObjectsApi(cluster.api_client())
     target = ftj("edited", resources={"nodeSelector": NOWHERE})
     apply(cluster, namespace, target)
-    stale = custom.get_namespaced_custom_object("finetune.dev", "v1alpha1", namespace, "finetunejobs", "edited")
-    results: list = []
+    wait_for(lambda: len(trainer_jobs(cluster, namespace, "edited")) == 1, timeout=60, what="the edited job's Job")
+    rounds: list[list] = []
 
-    def writer(epochs: int) -> None:
+    def writer(stale: dict, epochs: int, results: list) -> None:
         body = copy.deepcopy(stale)
-        body["spec"].setdefault("training", {})["epochs"] = epochs
+        body["spec"]["ttlSecondsAfterFinished"] = epochs  # a field that stays mutable once started
         try:
             custom.replace_namespaced_custom_object("finetune.dev", "v1alpha1", namespace, "finetunejobs",
                                                     "edited", body)
@@ -283,15 +291,25 @@ def test_missing_references_and_concurrent_writers_end_in_named_conditions_witho
         except ApiException as e:
             results.append((e.status, epochs))
 
-    threads = [threading.Thread(target=writer, args=(n,)) for n in (2, 3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(r[0] for r in results if r[0] != "ok") == [409], results
+    # Both writers hold the same resourceVersion; the operator may write in between (then both
+    # lose), so rounds repeat until one wins. Never may both win.
+    for epochs in range(1000, 1010, 2):
+        stale = custom.get_namespaced_custom_object("finetune.dev", "v1alpha1", namespace, "finetunejobs", "edited")
+        results: list = []
+        threads = [threading.Thread(target=writer, args=(stale, n, results)) for n in (epochs, epochs + 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        rounds.append(results)
+        assert [r for r, _ in results].count("ok") <= 1 and all(r in ("ok", 409) for r, _ in results), results
+        if any(r == "ok" for r, _ in results):
+            break
+    print(f"concurrent writer rounds: {rounds}")
+    assert sorted(str(r) for r, _ in results) == ["409", "ok"], rounds
     winner = next(e for r, e in results if r == "ok")
     stored = custom.get_namespaced_custom_object("finetune.dev", "v1alpha1", namespace, "finetunejobs", "edited")
-    assert stored["spec"]["training"]["epochs"] == winner
+    assert stored["spec"]["ttlSecondsAfterFinished"] == winner
     racing = []
 
     def patcher(key: str) -> None:
