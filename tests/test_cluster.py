@@ -121,3 +121,25 @@ def test_local_node_really_runs_a_pod_with_its_volumes_and_reports_exit(cluster,
     pv = get_json(cluster, "pv", pvc["spec"]["volumeName"])
     from pathlib import Path
     assert Path(pv["spec"]["hostPath"]["path"], "out.txt").read_text() == f"hello:s3cret:{namespace}"
+
+
+def test_a_mount_over_the_python_environment_does_not_hide_it(cluster, namespace):
+    """A pod's emptyDir at /tmp (the trainer has one) must not hide the environment the local
+    node runs commands with, wherever the checkout lives (CI clones may sit under /tmp)."""
+    import sys
+    from pathlib import Path
+
+    top = "/" + Path(sys.prefix).parts[1]
+    _apply(cluster, namespace, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "covered"}, "spec": {
+        "restartPolicy": "Never",
+        "nodeSelector": {"finetune.dev/local-node": "true"},
+        "tolerations": [{"key": "finetune.dev/local-node", "operator": "Exists"}],
+        "containers": [{"name": "main", "image": "local",
+                        "command": ["python", "-c", "import finetune_trainer.config, pathlib, sys;"
+                                    f"pathlib.Path('{top}/scratch').write_text('ok')"],
+                        "volumeMounts": [{"name": "scratch", "mountPath": top}]}],
+        "volumes": [{"name": "scratch", "emptyDir": {}}]}})
+    pod = wait_for(lambda: (p := get_json(cluster, "pod", "covered", "-n", namespace))["status"].get("phase")
+                   in ("Succeeded", "Failed") and p, timeout=90, what="the pod to finish")
+    term = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert term["exitCode"] == 0, term

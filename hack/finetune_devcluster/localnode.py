@@ -483,7 +483,8 @@ class PodRunner:
         mounts.append({"source": str(term_log),
                        "target": c.termination_message_path or "/dev/termination-log", "readOnly": False})
         spec_file = cdir / "spec.json"
-        spec_file.write_text(json.dumps({"argv": argv, "env": env, "mounts": mounts,
+        keep = sorted({sys.prefix, str(Path(__file__).resolve().parents[2])})
+        spec_file.write_text(json.dumps({"argv": argv, "env": env, "mounts": mounts, "keep": keep,
                                          "workingDir": c.working_dir}))
         out = open(cdir / f"log-{restarts}.txt", "ab")
         started = now()

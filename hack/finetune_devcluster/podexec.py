@@ -21,7 +21,9 @@ def _mount(src: str, dst: str, read_only: bool) -> None:
     else:
         d.parent.mkdir(parents=True, exist_ok=True)
         d.touch(exist_ok=True)
-    subprocess.run(["mount", "--bind", str(s), str(d)], check=True)
+    # --no-canonicalize: mount(8) would otherwise turn /proc/<pid>/fd/N back into a path,
+    # which may by now lie under a folder covered by an earlier mount.
+    subprocess.run(["mount", "--no-canonicalize", "--bind", str(s), str(d)], check=True)
     if read_only:
         subprocess.run(["mount", "-o", "remount,bind,ro", str(d)], check=True)
 
@@ -32,8 +34,14 @@ def main(argv: list[str]) -> None:
     # folder the other sources live in. Mount through /proc/<pid>/fd, parents first.
     mounts = sorted(spec["mounts"], key=lambda m: len(Path(m["target"]).parts))
     fds = [os.open(m["source"], os.O_PATH) for m in mounts]
+    # Host folders the command itself needs (the Python environment, the project's source)
+    # stay visible even when a mountPath such as /tmp covers them.
+    keep = [(k, os.open(k, os.O_PATH)) for k in spec.get("keep", []) if Path(k).exists()]
     for m, fd in zip(mounts, fds):
         _mount(f"/proc/{os.getpid()}/fd/{fd}", m["target"], m.get("readOnly", False))
+    for path, fd in keep:
+        if any(Path(path).is_relative_to(m["target"]) for m in mounts):
+            _mount(f"/proc/{os.getpid()}/fd/{fd}", path, read_only=False)
     if spec.get("workingDir"):
         Path(spec["workingDir"]).mkdir(parents=True, exist_ok=True)
         os.chdir(spec["workingDir"])
