@@ -562,9 +562,9 @@ class PodRunner:
 
 
 def _expand(value: str, env: dict[str, str]) -> str:
-    """Kubernetes' $(VAR) expansion; $$(VAR) stays literal."""
-    return re.sub(r"\$\$\(|\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
-                  lambda m: "$(" if m.group(0) == "$$(" else env.get(m.group(1), m.group(0)), value)
+    """Kubernetes' $(VAR) expansion: `$$` is an escaped `$`, an unknown $(VAR) stays as it is."""
+    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                  lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), value)
 
 
 def main(argv: list[str] | None = None) -> None:
