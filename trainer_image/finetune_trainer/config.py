@@ -52,7 +52,6 @@ def _build(cls: type, data: Any, where: str) -> Any:
         name = _snake(key)
         if name not in fields:
             raise ConfigError(f"{where}.{key}: unknown field")
-        f = fields[name]
         nested = _NESTED.get((cls.__name__, name))
         if nested is not None and value is not None:
             value = _build(nested, value, f"{where}.{key}")

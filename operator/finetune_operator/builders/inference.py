@@ -35,8 +35,10 @@ import re
 from typing import Mapping, Optional
 
 from finetune_operator import serving
-from finetune_operator.api.models import VLLM, FineTuneJob, InferenceService, to_dict
+from finetune_operator.api.models import VLLM, FineTuneJob, InferenceService
 from finetune_operator.api.schema import API_VERSION
+from finetune_operator.builders.placement import GPU_RESOURCE as GPU
+from finetune_operator.builders.placement import place
 from finetune_operator.builders.storage import claim_name
 from finetune_operator.labels import APP, COMPONENT, MANAGED_BY, label_value
 
@@ -56,7 +58,6 @@ STARTUP_PERIOD, STARTUP_FAILURES = 10, 120
 # Longer than the startup budget, so a slow but healthy start is not called stuck.
 PROGRESS_DEADLINE = STARTUP_PERIOD * STARTUP_FAILURES + 600
 DEFAULT_PROMETHEUS = "http://prometheus-operated.monitoring.svc:9090"
-GPU = "nvidia.com/gpu"
 
 
 def labels(isvc: InferenceService) -> dict[str, str]:
@@ -223,13 +224,6 @@ def _env(isvc: InferenceService) -> list[dict]:
     return env
 
 
-def _tolerations(isvc: InferenceService) -> list[dict]:
-    tolerations = [to_dict(t) for t in isvc.spec.resources.tolerations]
-    if isvc.spec.resources.gpus > 0 and not any(t.get("key") == GPU for t in tolerations):
-        tolerations.append({"key": GPU, "operator": "Exists", "effect": "NoSchedule"})
-    return tolerations
-
-
 def _probe(path: str, period: int, failures: int, timeout: int = 5) -> dict:
     return {"httpGet": {"path": path, "port": PORT_NAME}, "periodSeconds": period,
             "failureThreshold": failures, "timeoutSeconds": timeout}
@@ -270,16 +264,8 @@ def _pod_spec(isvc: InferenceService, command: list[str], layout: _Layout) -> di
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": 60,
     }
-    if r.node_selector:
-        pod["nodeSelector"] = dict(r.node_selector)
-    tolerations = _tolerations(isvc)
-    if tolerations:
-        pod["tolerations"] = tolerations
-    if r.affinity:
-        pod["affinity"] = r.affinity
-    if r.priority_class_name:
-        pod["priorityClassName"] = r.priority_class_name
-    return pod
+    return place(pod, gpus=r.gpus, node_selector=r.node_selector, tolerations=r.tolerations,
+                 affinity=r.affinity, priority_class_name=r.priority_class_name)
 
 
 def revision(isvc: InferenceService, jobs: Mapping[str, FineTuneJob]) -> str:

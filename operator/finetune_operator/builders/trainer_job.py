@@ -13,8 +13,9 @@ from __future__ import annotations
 from finetune_trainer.exitcodes import PERMANENT
 
 from finetune_operator import names
-from finetune_operator.api.models import FineTuneJob, to_dict
+from finetune_operator.api.models import FineTuneJob
 from finetune_operator.builders import object_meta
+from finetune_operator.builders.placement import GPU_RESOURCE, place
 from finetune_operator.builders.storage import WORKSPACE, WORKSPACE_VOLUME, claim_name
 from finetune_operator.builders.trainer_config import (
     CONFIG_DIR, CONFIG_PATH, MODEL_TOKEN_ENV, PUSH_TOKEN_ENV, TRAINER_METRICS_PORT, other_claims,
@@ -23,7 +24,6 @@ from finetune_operator.labels import KUEUE_QUEUE, labels_for
 
 COMPONENT = "trainer"
 CONTAINER = "trainer"
-GPU_RESOURCE = "nvidia.com/gpu"
 BACKOFF_LIMIT = 3
 TERMINATION_GRACE_SECONDS = 120  # the trainer writes a checkpoint on SIGTERM
 MASTER_PORT = 29500
@@ -81,14 +81,6 @@ def _env(job: FineTuneJob, image: str) -> list[dict]:
     return env
 
 
-def _tolerations(job: FineTuneJob) -> list[dict]:
-    tolerations = [to_dict(t) for t in job.spec.resources.tolerations]
-    if job.spec.resources.gpus_per_node > 0 and not any(
-            t.get("key") == GPU_RESOURCE for t in tolerations):
-        tolerations.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
-    return tolerations
-
-
 def _volumes(job: FineTuneJob) -> tuple[list[dict], list[dict]]:
     volumes = [
         {"name": WORKSPACE_VOLUME, "persistentVolumeClaim": {"claimName": claim_name(job)}},
@@ -141,15 +133,8 @@ def build_pod_template(job: FineTuneJob, image: str) -> dict:
         "containers": [container],
         "volumes": volumes,
     }
-    if res.node_selector:
-        spec["nodeSelector"] = dict(res.node_selector)
-    tolerations = _tolerations(job)
-    if tolerations:
-        spec["tolerations"] = tolerations
-    if res.affinity:
-        spec["affinity"] = res.affinity
-    if res.priority_class_name:
-        spec["priorityClassName"] = res.priority_class_name
+    place(spec, gpus=res.gpus_per_node, node_selector=res.node_selector, tolerations=res.tolerations,
+          affinity=res.affinity, priority_class_name=res.priority_class_name)
     if res.nodes > 1:
         spec["subdomain"] = names.trainer_service(job.metadata.name)
     return {"metadata": {"labels": labels_for(job.metadata.name, COMPONENT)}, "spec": spec}
