@@ -195,8 +195,10 @@ def test_a_new_adapter_version_rolls_out_without_dropping_ready_replicas(cluster
     old = sets[old_revision]
     wait_for(lambda: get_json(cluster, "rs", new["metadata"]["name"], "-n", namespace)["spec"]["replicas"] == 1,
              timeout=30, what="the surge replica")
-    old = get_json(cluster, "rs", old["metadata"]["name"], "-n", namespace)
-    assert old["spec"]["replicas"] == 2 and old["status"]["readyReplicas"] == 2
+    old = wait_for(lambda: (rs := get_json(cluster, "rs", old["metadata"]["name"], "-n", namespace))
+                   ["status"].get("readyReplicas") == 2 and rs, timeout=60,
+                   what="the old ReplicaSet's two replicas ready while the new one waits")
+    assert old["spec"]["replicas"] == 2
     d = get_json(cluster, "deployment", "bot", "-n", namespace)
     assert d["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
     status = wait_phase(cluster, namespace, "bot", "Progressing")
