@@ -58,6 +58,8 @@ def summary(root: Path) -> dict:
 
 
 def test_lora_lowers_the_loss_and_writes_a_servable_adapter(trainer_config, tmp_path, fake_kube_api):
+    """Real training; its status patches go to a recording stand-in for the API server
+    (fake_kube_api), since this test runs without a cluster (test_operator_realrun uses the real one)."""
     kubeconfig, patches = fake_kube_api
     config = trainer_config(
         training={"maxSteps": 16, "learningRate": 5e-3},
