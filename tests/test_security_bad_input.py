@@ -371,6 +371,6 @@ def test_bad_dataset_in_a_real_job_fails_with_a_condition_naming_the_line(cluste
     failed = next(c for c in s["conditions"] if c["type"] == "Failed")
     print(f"Failed condition: {failed['reason']}: {failed['message'][:300]}")
     assert "line 5" in failed["message"], failed
-    assert failed["reason"] in ("DataValidationFailed", "InvalidData"), failed
+    assert failed["reason"] == "DataValidationFailed", failed
     (job,) = trainer_jobs(cluster, namespace, name)
     assert (job["status"].get("failed") or 0) == 1

@@ -17,7 +17,7 @@ def test_errors_map_to_exit_codes():
     from finetune_trainer.train import TerminationRequested, TrainingDiverged
 
     assert classify(ConfigError("x")) == (PERMANENT, "InvalidConfig")
-    assert classify(DataValidationError.__new__(DataValidationError)) == (PERMANENT, "InvalidData")
+    assert classify(DataValidationError.__new__(DataValidationError)) == (PERMANENT, "DataValidationFailed")
     assert classify(TrainingDiverged("nan")) == (PERMANENT, "TrainingDiverged")
     assert classify(TerminationRequested("sigterm")) == (RETRYABLE, "Terminated")
     assert classify(OSError("disk")) == (RETRYABLE, "Error")
@@ -57,7 +57,7 @@ def test_unusable_data_is_permanent_before_training(trainer_config, tmp_path):
                             capture_output=True, text=True, timeout=240)
 
     assert result.returncode == PERMANENT, result.stderr[-2000:]
-    assert json.loads((tmp_path / "termination-log").read_text())["reason"] == "InvalidData"
+    assert json.loads((tmp_path / "termination-log").read_text())["reason"] == "DataValidationFailed"
     root = json.loads(config.read_text())["paths"]["root"]
     assert not (tmp_path / root / "checkpoints").exists()
 

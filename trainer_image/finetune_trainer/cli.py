@@ -44,7 +44,7 @@ def classify(exc: BaseException) -> tuple[int, str]:
         return exitcodes.PERMANENT, "TrainingDiverged"
     if isinstance(exc, ConfigError):
         name = type(exc).__name__
-        return exitcodes.PERMANENT, "InvalidData" if name == "DataValidationError" else "InvalidConfig"
+        return exitcodes.PERMANENT, "DataValidationFailed" if name == "DataValidationError" else "InvalidConfig"
     if isinstance(exc, TerminationRequested):
         return exitcodes.RETRYABLE, "Terminated"
     if isinstance(exc, KeyboardInterrupt):
