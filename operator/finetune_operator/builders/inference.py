@@ -279,10 +279,11 @@ def _unrevisioned_pod_spec(isvc: InferenceService, jobs: Mapping[str, FineTuneJo
 
 
 def _revision(pod_spec: dict, isvc: InferenceService, jobs: Mapping[str, FineTuneJob]) -> str:
-    # A FineTuneJob recreated under the same name writes a new adapter to the same path:
-    # its uid and completion time tell the versions apart.
-    results = {name: [job.metadata.uid, job.status.completion_time,
-                      job.status.artifacts.adapter if job.status.artifacts else None]
+    # A FineTuneJob recreated under the same name writes a new adapter to the same path: its
+    # uid tells the versions apart (a job's own spec cannot change once it trained). Not its
+    # completion time: that is set only once the server already serves the adapter, and would
+    # roll every server out a second time.
+    results = {name: [job.metadata.uid, job.status.artifacts.adapter if job.status.artifacts else None]
                for name, job in sorted(jobs.items()) if name in serving.referenced_jobs(isvc)}
     blob = json.dumps({"pod": pod_spec, "jobs": results}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
