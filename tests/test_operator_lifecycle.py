@@ -109,6 +109,7 @@ def test_more_gpus_than_any_node_fails_with_insufficient_capacity(cluster, names
     cond = next(c for c in s["conditions"] if c["type"] == "Admitted")
     assert cond["status"] == "False" and "largest node has 8" in cond["message"]
     assert trainer_jobs(cluster, namespace, "huge") == []
+    assert cluster.kubectl("get", "pvc", "huge-workspace", "-n", namespace, check=False).returncode != 0
 
 
 def test_missing_secret_waits_and_creating_it_lets_the_job_start(cluster, namespace, operator):

@@ -236,8 +236,9 @@ def _node_gpus() -> list[int]:
         return gpus
 
 
-def _admit(job: FineTuneJob, body: dict, obj: dict) -> None:
-    """Write the Admitted condition; raise TemporaryError to be called again when retryable."""
+def _admit(job: FineTuneJob, body: dict, obj: dict) -> bool:
+    """Write the Admitted condition and say whether the job may go on; raise TemporaryError to
+    be called again when the problem may go away (a missing Secret or claim)."""
     problem = admission.check(job, _gather_facts(job))
     conditions = (obj.get("status") or {}).get("conditions") or []
     stamp = now_iso()
@@ -249,7 +250,7 @@ def _admit(job: FineTuneJob, body: dict, obj: dict) -> None:
                 generation=job.metadata.generation, now=stamp),
                 "observedGeneration": job.metadata.generation, "phase": job.status.phase or Phase.PENDING.value})
             kopf.info(body, reason="Admitted", message="the spec's references exist; creating the trainer")
-        return
+        return True
     updates = [ConditionUpdate(ADMITTED, FALSE, problem.reason, problem.message)]
     phase = Phase.PENDING
     if not problem.retryable:
@@ -263,6 +264,7 @@ def _admit(job: FineTuneJob, body: dict, obj: dict) -> None:
     kopf.warn(body, reason=problem.reason, message=problem.message)
     if problem.retryable:
         raise kopf.TemporaryError(problem.message, delay=settings.current.admission_retry_seconds)
+    return False
 
 
 # --- the spec handler -------------------------------------------------------------------------
@@ -287,7 +289,8 @@ def ensure_children(namespace: str, name: str) -> None:
             job = FineTuneJob.from_resource(obj)
             if job.status.phase in (Phase.SUCCEEDED.value, Phase.FAILED.value):
                 return
-            _admit(job, obj, obj)
+            if not _admit(job, obj, obj):
+                return  # failed for good: nothing is created for it
             _ensure_claim(job)
             _ensure_identity(job)
             _ensure_config(job)
