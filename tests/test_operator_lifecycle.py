@@ -156,8 +156,9 @@ def test_suspend_stops_the_trainer_and_resume_starts_it_again(cluster, namespace
     wait_for(lambda: trainer_pods(cluster, namespace, "sus"), timeout=60, what="the trainer pod")
     cluster.kubectl("patch", "ftj", "sus", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":true}}')
     wait_phase(cluster, namespace, "sus", "Suspended")
-    (job,) = trainer_jobs(cluster, namespace, "sus")
-    assert job["spec"]["suspend"] is True
+    # The phase follows spec.suspend at once; the Job is suspended by the update handler.
+    wait_for(lambda: [j["spec"].get("suspend") for j in trainer_jobs(cluster, namespace, "sus")] == [True],
+             timeout=30, what="the trainer Job to be suspended")
     wait_for(lambda: not [p for p in trainer_pods(cluster, namespace, "sus") if p["status"].get("phase") == "Pending"],
              timeout=60, what="the suspended Job's pods to go")
     get_json(cluster, "pvc", "sus-workspace", "-n", namespace)
