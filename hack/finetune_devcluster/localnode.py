@@ -311,33 +311,32 @@ class PodRunner:
                 paths[v.name] = Path(v.host_path.path)
                 continue
             target.mkdir(parents=True, exist_ok=True)
-            if v.config_map:
-                self._write_items(target, self._configmap(v.config_map.name, v.config_map.optional),
-                                  v.config_map.items)
-            elif v.secret:
-                self._write_items(target, self._secret(v.secret.secret_name, v.secret.optional),
-                                  v.secret.items)
-            elif v.projected:
+            if v.projected:
                 for src in v.projected.sources:
                     if src.service_account_token:
                         token = self._token(src.service_account_token)
                         (target / src.service_account_token.path).write_text(token)
-                    elif src.config_map:
-                        self._write_items(target, self._configmap(src.config_map.name, src.config_map.optional),
-                                          src.config_map.items)
-                    elif src.secret:
-                        self._write_items(target, self._secret(src.secret.name, src.secret.optional),
-                                          src.secret.items)
-                    elif src.downward_api:
-                        for item in src.downward_api.items:
-                            (target / item.path).write_text(self._field(item.field_ref.field_path))
-            elif v.downward_api:
-                for item in v.downward_api.items:
-                    (target / item.path).write_text(self._field(item.field_ref.field_path))
+                    else:
+                        self._write_source(target, src.config_map, src.secret, src.downward_api)
+            else:
+                self._write_source(target, v.config_map, v.secret, v.downward_api)
             # emptyDir and anything else: an empty folder
             target.chmod(0o777)
             paths[v.name] = target
         return paths
+
+    def _write_source(self, target: Path, config_map, secret, downward_api) -> None:
+        """Files of a ConfigMap, Secret or downward API source (a volume or a projected source);
+        a volume with none of them (emptyDir and the like) stays an empty folder."""
+        if config_map:
+            self._write_items(target, self._configmap(config_map.name, config_map.optional), config_map.items)
+        elif secret:
+            # A Secret volume names it `secretName`, a projected source `name`.
+            name = getattr(secret, "secret_name", None) or getattr(secret, "name", None)
+            self._write_items(target, self._secret(name, secret.optional), secret.items)
+        elif downward_api:
+            for item in downward_api.items:
+                (target / item.path).write_text(self._field(item.field_ref.field_path))
 
     @staticmethod
     def _write_items(target: Path, data: dict[str, bytes], items) -> None:
