@@ -34,9 +34,12 @@ import json
 import re
 from typing import Mapping, Optional
 
+from finetune_api import layout
+from finetune_api.models import VLLM, FineTuneJob, InferenceService
+from finetune_api.schema import API_VERSION
+from finetune_api.sources import PVC, hub_id, parse_source
+
 from finetune_operator import serving
-from finetune_operator.api.models import VLLM, FineTuneJob, InferenceService
-from finetune_operator.api.schema import API_VERSION
 from finetune_operator.builders.placement import GPU_RESOURCE as GPU
 from finetune_operator.builders.placement import place
 from finetune_operator.builders.storage import claim_name
@@ -49,8 +52,8 @@ CONTAINER = "vllm"
 COMPONENT_NAME = "inference"
 INFERENCESERVICE_LABEL = "finetune.dev/inferenceservice"
 REVISION_ANNOTATION = serving.REVISION_ANNOTATION
-ADAPTER_ARTIFACT = "artifacts/adapter"
-MERGED_ARTIFACT = "artifacts/merged"
+ADAPTER_ARTIFACT = layout.ADAPTER
+MERGED_ARTIFACT = layout.MERGED
 HOME = "/home/vllm"
 RUN_AS = 1000
 # Model loading may take long (download, weights, CUDA graphs): 120 x 10 s before liveness.
@@ -114,12 +117,13 @@ class _Layout:
         self._claim(_volume_name(f"ftj-{root.strip('/')}", name), claim_name(job), f"{root}/{name}")
         return f"{root}/{name}/{artifact}"
 
-    def source(self, source: str) -> str:
-        if source.startswith("pvc://"):
-            claim, _, sub = source[len("pvc://"):].partition("/")
+    def source(self, location: str) -> str:
+        source = parse_source(location)
+        if source.scheme == PVC:
+            claim, sub = source.authority, source.path
             self._claim(_volume_name("pvc", claim), claim, f"/mnt/pvc/{claim}")
             return f"/mnt/pvc/{claim}/{sub}".rstrip("/")
-        return serving.hub_id(source) or source
+        return hub_id(location) or location
 
 
 def _resolve(isvc: InferenceService, jobs: Mapping[str, FineTuneJob]) -> tuple[str, list[tuple[str, str]], _Layout]:
@@ -162,7 +166,7 @@ def _command(isvc: InferenceService, model: str, adapters: list[tuple[str, str]]
            "--model", model,
            "--served-model-name", serving.served_model_name(isvc),
            "--port", str(PORT), "--host", "0.0.0.0"]
-    uses_hub = serving.hub_id(spec.model.source) is not None and not spec.merged_model
+    uses_hub = hub_id(spec.model.source) is not None and not spec.merged_model
     if uses_hub and spec.model.revision:
         cmd += ["--revision", spec.model.revision]
     if spec.model.trust_remote_code:

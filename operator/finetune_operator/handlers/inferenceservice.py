@@ -25,9 +25,10 @@ import kopf
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from finetune_api.models import FineTuneJob, InferenceService, to_dict
+from finetune_api.schema import GROUP, VERSION
+
 from finetune_operator import serving
-from finetune_operator.api.models import FineTuneJob, InferenceService, to_dict
-from finetune_operator.api.schema import GROUP, VERSION
 from finetune_operator.builders import inference
 from finetune_operator.conditions import FALSE, TRUE, ConditionUpdate, now_iso, set_conditions
 from finetune_operator.handlers import api
