@@ -1,10 +1,28 @@
-"""Shared fixtures live in tests/fixtures/; this file only registers them."""
+"""Shared fixtures live in tests/fixtures/; this file registers them and marks every test by
+the folder it is in:
+
+| folder | what | markers added |
+| --- | --- | --- |
+| `tests/unit/<area>/` | pure functions, builders, the trainer on the tiny model, the chart's rendering | none (a file that trains says `slow` itself) |
+| `tests/cluster/` | the real control plane with the operator as a process | `cluster` |
+| `tests/e2e/` | whole pipelines: real training, real vLLM | `slow` |
+| `tests/faults/` | fault injection and bad input | `reliability` |
+
+A test that needs a cluster or trains also says so in its own file, so it is marked correctly
+wherever it lives. There are no automatic reruns: a test that must retry something does it in
+its own code and says why.
+"""
 
 import signal
+from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.fixtures.cluster", "tests.fixtures.ml", "tests.fixtures.operator"]
+pytest_plugins = ["tests.fixtures.cluster", "tests.fixtures.ml", "tests.fixtures.operator",
+                  "tests.fixtures.golden"]
+
+TESTS = Path(__file__).resolve().parent
+FOLDER_MARKERS = {"cluster": ("cluster",), "e2e": ("slow",), "faults": ("reliability",)}
 
 # A run stopped with SIGTERM (a CI time limit, `timeout`) tears down like Ctrl-C, so the
 # session's control plane, operator and local pods are stopped instead of left running.
@@ -12,9 +30,10 @@ signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(items):
-    """Tests against the local control plane run on fake kwok nodes whose simulated readiness can
-    flap on a loaded 2-core machine: such a test gets one rerun, which the summary reports
-    ("rerun"), so a flake stays visible while a real failure still fails twice."""
     for item in items:
-        if item.get_closest_marker("cluster") and not item.get_closest_marker("flaky"):
-            item.add_marker(pytest.mark.flaky(reruns=1, reruns_delay=5))
+        try:
+            folder = Path(str(item.fspath)).resolve().relative_to(TESTS).parts[0]
+        except ValueError:
+            continue
+        for marker in FOLDER_MARKERS.get(folder, ()):
+            item.add_marker(getattr(pytest.mark, marker))

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from finetune_api import layout
-from finetune_api.schema import API_VERSION, TRAINER_CONFIG, TRAINER_CONFIG_KIND
+from finetune_api.schema import (
+    ADAPTER_METHODS, API_VERSION, TRAINER_CONFIG, TRAINER_CONFIG_KIND, MethodType,
+)
 from finetune_api.sources import PVC, VOLUME, parse_source
 
 FREE_FORM = dict[str, Any]
@@ -168,21 +170,21 @@ class MethodBehaviour:
         # The schema cannot default a block that exists only for some methods; fill it here
         # with the same defaults (see docs/api.md, "Defaults of optional blocks").
         self.validate("method")
-        if self.type in ("lora", "qlora") and self.lora is None:
+        if self.type in ADAPTER_METHODS and self.lora is None:
             self.lora = _class("LoRA")()
-        if self.type == "qlora" and self.quantization is None:
+        if self.type == MethodType.QLORA and self.quantization is None:
             self.quantization = _class("Quantization")()
 
     def validate(self, where: str) -> None:
         """The schema's CEL rules on method, for configs no API server has checked."""
-        if self.lora is not None and self.type not in ("lora", "qlora"):
+        if self.lora is not None and self.type not in ADAPTER_METHODS:
             raise InvalidResource(f"{where}.lora: only allowed when {where}.type is lora or qlora")
-        if self.quantization is not None and self.type != "qlora":
+        if self.quantization is not None and self.type != MethodType.QLORA:
             raise InvalidResource(f"{where}.quantization: only allowed when {where}.type is qlora")
 
     @property
     def uses_adapter(self) -> bool:
-        return self.type in ("lora", "qlora")
+        return self.type in ADAPTER_METHODS
 
 
 class FineTuneJobBehaviour:

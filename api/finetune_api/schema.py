@@ -12,6 +12,7 @@ the description first and the constraints as keywords.
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 from finetune_api import layout
@@ -41,8 +42,20 @@ MODEL_SOURCE = (
 DATASET_SOURCE = MODEL_SOURCE
 PUSH_URI = r"^(hf://[A-Za-z0-9][-A-Za-z0-9_.]*/[-A-Za-z0-9_.]+|s3://[a-z0-9][-a-z0-9.]{1,61}[a-z0-9](/.*)?)$"
 QUANTITY = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+
+
+class MethodType(enum.StrEnum):
+    """spec.method.type."""
+
+    FULL = "full"
+    LORA = "lora"
+    QLORA = "qlora"
+
+
+# Methods that train an adapter (method.lora applies to them).
+ADAPTER_METHODS = (MethodType.LORA, MethodType.QLORA)
 # Enumerations the trainer's command line and the models use too.
-METHODS = ["full", "lora", "qlora"]
+METHODS = [m.value for m in MethodType]
 DATASET_FORMATS = ["instruction", "completion", "chat", "text"]
 LENGTH_POLICIES = ["truncate", "drop"]
 PACKING_MODES = ["auto", "on", "off"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
+from finetune_operator.names import shorten
 
 APP = "finetune-operator"
 FINETUNEJOB = "finetune.dev/finetunejob"
@@ -24,9 +24,7 @@ def labels_for(job_name: str, component: str) -> dict[str, str]:
 
 def label_value(name: str) -> str:
     """A label value (at most 63 characters) naming `name`; long names keep a stable hash."""
-    if len(name) <= 63:
-        return name
-    return f"{name[:54].rstrip('-.')}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return shorten(name, 63)
 
 
 def selector_for(job_name: str, component: str | None = None) -> str:

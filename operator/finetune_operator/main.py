@@ -1,4 +1,6 @@
-"""The operator's kopf registry: importing this module registers every handler.
+"""The operator's routing table: kopf decorators only, each delegating to a handler module
+(`handlers/finetunejob.py`; the InferenceService routes are in `serving/routes.py`, imported
+here). Importing this module registers every handler.
 
 Run it with `finetune-operator` (see cli.py) or `kopf run -m finetune_operator.main`.
 No ML library is imported here or below.
@@ -10,15 +12,20 @@ import logging
 
 import kopf
 
-from finetune_operator import metrics, settings
-from finetune_operator.handlers import api, finetunejob  # noqa: F401 - registers the handlers
+from finetune_api.schema import GROUP, VERSION
 
-try:  # the InferenceService controller registers its own handlers when present
-    from finetune_operator.handlers import inferenceservice  # noqa: F401
+from finetune_operator import kube, metrics, settings
+from finetune_operator.builders.trainer_job import COMPONENT as TRAINER
+from finetune_operator.handlers import finetunejob
+from finetune_operator.labels import APP, COMPONENT, MANAGED_BY
+
+try:  # the InferenceService controller registers its own routes when present
+    from finetune_operator.serving import routes as serving_routes  # noqa: F401
 except ImportError:
-    inferenceservice = None
+    serving_routes = None
 
 log = logging.getLogger("finetune_operator")
+FINETUNEJOBS = finetunejob.PLURAL
 
 
 @kopf.on.startup()
@@ -26,18 +33,47 @@ def configure(settings: kopf.OperatorSettings, **_) -> None:
     from finetune_operator.settings import configure_kopf, current
 
     configure_kopf(settings)
-    api()  # fail at startup, not in the first handler, when there are no credentials
+    kube.api()  # fail at startup, not in the first handler, when there are no credentials
     metrics.serve(current.metrics_port)
-    log.info("finetune-operator started: trainer image %s, metrics port %s, GPU-hour price %s",
-             current.trainer_image, current.metrics_port or "off", current.gpu_hour_price)
+    log.info("finetune-operator started: trainer image %s, vLLM image %s, metrics port %s, "
+             "GPU-hour price %s", current.trainer_image, current.vllm_image,
+             current.metrics_port or "off", current.gpu_hour_price)
 
 
 @kopf.on.probe(id="api")
 def api_reachable(**_) -> bool:
     from kubernetes import client
 
-    client.VersionApi(api()).get_code()
+    client.VersionApi(kube.api()).get_code()
     return True
+
+
+@kopf.on.create(GROUP, VERSION, FINETUNEJOBS)
+@kopf.on.resume(GROUP, VERSION, FINETUNEJOBS)
+@kopf.on.update(GROUP, VERSION, FINETUNEJOBS, field="spec")
+def finetunejob_spec(namespace: str, name: str, **_) -> None:
+    finetunejob.ensure_children(namespace, name)
+
+
+@kopf.on.delete(GROUP, VERSION, FINETUNEJOBS)
+def finetunejob_deleted(namespace: str, name: str, body: dict, **_) -> None:
+    finetunejob.release(namespace, name, body)
+
+
+@kopf.timer(GROUP, VERSION, FINETUNEJOBS, interval=settings.current.resync_seconds, initial_delay=2,
+            idle=None, when=finetunejob.needs_resync)
+def finetunejob_resync(namespace: str, name: str, **_) -> None:
+    finetunejob.refresh_status(namespace, name)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={MANAGED_BY: APP})
+def trainer_job_event(body: dict, **_) -> None:
+    finetunejob.on_trainer_job_event(body)
+
+
+@kopf.on.event("v1", "pods", labels={MANAGED_BY: APP, COMPONENT: TRAINER})
+def trainer_pod_event(body: dict, **_) -> None:
+    finetunejob.on_trainer_pod_event(body)
 
 
 __all__ = ["settings"]

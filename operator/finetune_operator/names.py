@@ -12,14 +12,18 @@ import hashlib
 MAX_NAME = 63
 
 
+def shorten(text: str, limit: int = MAX_NAME, *, hash_of: str | None = None) -> str:
+    """`text`, or when longer than `limit` its head and a stable hash of `hash_of` (default:
+    `text`). The one way every name and label value is shortened."""
+    if len(text) <= limit:
+        return text
+    digest = hashlib.sha256((hash_of or text).encode()).hexdigest()[:8]
+    return f"{text[: limit - len(digest) - 1].rstrip('-.')}-{digest}"
+
+
 def fit(base: str, suffix: str, limit: int = MAX_NAME) -> str:
-    """`<base>-<suffix>`, shortened with a stable hash when longer than `limit`."""
-    name = f"{base}-{suffix}"
-    if len(name) <= limit:
-        return name
-    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-    head = base[: limit - len(suffix) - len(digest) - 2].rstrip("-.")
-    return f"{head}-{digest}-{suffix}"
+    """`<base>-<suffix>`; when longer than `limit` the base is shortened, the suffix kept."""
+    return f"{shorten(base, limit - len(suffix) - 1, hash_of=f'{base}-{suffix}')}-{suffix}"
 
 
 def workspace_claim(job_name: str) -> str:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import kopf
 
-from finetune_operator.builders.inference import DEFAULT_IMAGE
+from finetune_operator.serving.deployment import DEFAULT_IMAGE
 
 GROUP = "finetune.dev"
 FINALIZER = f"{GROUP}/finalizer"

@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from finetune_api.exitcodes import PERMANENT
 from finetune_api.models import FineTuneJob
 
+from finetune_operator.builders.placement import GPU_RESOURCE
 from finetune_operator.conditions import (
     ADMITTED, FAILED, FALSE, RUNNING, SUCCEEDED, SUSPENDED, TRUE, ConditionUpdate, find,
     now_iso, set_conditions,
 )
 
-GPU_RESOURCE = "nvidia.com/gpu"
 IMAGE_PROBLEMS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull",
                   "CreateContainerConfigError", "CreateContainerError")
 GPU_SECONDS_ANNOTATION = "finetune.dev/gpu-seconds"
@@ -374,3 +374,63 @@ def status_patch(job: FineTuneJob, o: Observation, *, now: dt.datetime, gpu_hour
     if o.phase.terminal and not job.status.completion_time:
         status["completionTime"] = stamp
     return status
+
+
+# --- admission and deployment: the phases the handler would otherwise decide ------------------
+
+
+def admission_status(job: FineTuneJob, problem, existing_conditions: list[dict], *,
+                     now: str) -> dict | None:
+    """The status patch of the admission check (`problem` from admission.check, None when the
+    spec's references exist); None when nothing changes. A problem that may go away (a missing
+    Secret or claim) keeps the job Pending; any other fails it."""
+    generation = job.metadata.generation
+    if problem is None:
+        admitted = find(existing_conditions, ADMITTED) or {}
+        if admitted.get("status") == TRUE:
+            return None
+        update = ConditionUpdate(ADMITTED, TRUE, "Admitted",
+                                 "the Secrets, claims and node capacity the spec needs exist")
+        return {"conditions": set_conditions(existing_conditions, [update], generation=generation,
+                                             now=now),
+                "observedGeneration": generation, "phase": job.status.phase or Phase.PENDING.value}
+    updates = [ConditionUpdate(ADMITTED, FALSE, problem.reason, problem.message)]
+    phase = Phase.PENDING
+    if not problem.retryable:
+        updates.append(ConditionUpdate(FAILED, TRUE, problem.reason, problem.message))
+        phase = Phase.FAILED
+    return {"conditions": set_conditions(existing_conditions, updates, generation=generation, now=now),
+            "observedGeneration": generation, "phase": phase.value,
+            **({"completionTime": now} if phase is Phase.FAILED else {})}
+
+
+def deployment_observation(job: FineTuneJob, obs: Observation, endpoint: dict | None,
+                           isvc: dict | None) -> Observation:
+    """Where a trained job with spec.deploy stands: Succeeded once its InferenceService (`isvc`,
+    the object; `endpoint` its {name, url}) serves it and is Ready, Deploying until then.
+    `endpoint` None: this operator runs no InferenceService controller."""
+    carry = dict(gpu_seconds=obs.gpu_seconds, attempts=obs.attempts, restarts=obs.restarts,
+                 first_running_at=obs.first_running_at)
+    if endpoint is None:
+        return Observation(Phase.SUCCEEDED, "TrainingCompleted",
+                           "training completed; spec.deploy was not acted on: this operator has no "
+                           "InferenceService controller", **carry)
+    st = (isvc or {}).get("status") or {}
+    served = job.metadata.name in (st.get("servedModels") or [])
+    if st.get("phase") == "Ready" and served and \
+            st.get("observedGeneration") == (isvc or {}).get("metadata", {}).get("generation"):
+        return Observation(Phase.SUCCEEDED, "Deployed", f"training completed; served by InferenceService "
+                           f"{endpoint['name']} as model {job.metadata.name!r} at {endpoint['url']}",
+                           endpoint=endpoint, **carry)
+    ready = next((c for c in st.get("conditions") or [] if c.get("type") == "Ready"), {})
+    return Observation(Phase.DEPLOYING, "WaitingForInferenceService",
+                       f"training completed; InferenceService {endpoint['name']} is "
+                       f"{st.get('phase') or 'starting'}: {ready.get('message') or 'rolling out'}",
+                       endpoint=endpoint, **carry)
+
+
+def deployment_failed(obs: Observation, error: Exception) -> Observation:
+    """Adding the result to its InferenceService failed: stay Deploying, try again later."""
+    return Observation(Phase.DEPLOYING, "DeployFailed", f"adding the adapter to the "
+                       f"InferenceService failed: {error}; retrying", obs.gpu_seconds, obs.attempts,
+                       obs.restarts, obs.first_running_at)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from finetune_api.layout import OTHER_CLAIMS_DIR, WORKSPACE
 from finetune_api.models import FineTuneJob, to_dict
-from finetune_api.schema import API_VERSION, TRAINER_CONFIG_KIND
+from finetune_api.schema import API_VERSION, TRAINER_CONFIG_KIND, MethodType
 from finetune_api.sources import PVC, parse_source
 from finetune_api.trainer_config import TrainerConfig
 
@@ -79,7 +79,7 @@ def build_trainer_config(job: FineTuneJob) -> dict:
     method: dict = {"type": spec.method.type}
     if spec.method.uses_adapter and spec.method.lora:
         method["lora"] = to_dict(spec.method.lora)
-    if spec.method.type == "qlora" and spec.method.quantization:
+    if spec.method.type == MethodType.QLORA and spec.method.quantization:
         q = spec.method.quantization
         # `bits` is always 4 for QLoRA; the trainer's config has no field for it.
         method["quantization"] = {"quantType": q.quant_type, "doubleQuant": q.double_quant,

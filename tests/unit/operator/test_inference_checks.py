@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from finetune_operator import serving
-from finetune_operator.handlers import inferenceservice as handler
+from finetune_operator.serving import checks, common
+from finetune_operator.serving import rollout as rollouts
+from finetune_operator.serving import status as serving_status
+from finetune_operator.serving import handlers as handler
 from tests.fixtures.inference import finetunejob, inferenceservice, parse
 
 
@@ -15,8 +17,8 @@ def adapter(job: str = "support-lora") -> dict:
 
 def reasons(isvc_body, *jobs) -> list[str]:
     isvc, parsed = parse(isvc_body, *jobs)
-    names = serving.referenced_jobs(isvc)
-    return [p.reason for p in serving.check(isvc, {n: parsed.get(n) for n in names})]
+    names = common.referenced_jobs(isvc)
+    return [p.reason for p in checks.check(isvc, {n: parsed.get(n) for n in names})]
 
 
 def test_a_matching_succeeded_lora_job_is_servable():
@@ -26,7 +28,7 @@ def test_a_matching_succeeded_lora_job_is_servable():
 def test_rank_above_max_lora_rank_is_refused():
     isvc = inferenceservice(adapters=[adapter()], vllm={"maxLoraRank": 16})
     isvc_obj, jobs = parse(isvc, finetunejob("support-lora", r=64))
-    [problem] = serving.check(isvc_obj, jobs)
+    [problem] = checks.check(isvc_obj, jobs)
     assert problem.reason == "LoraRankTooHigh" and not problem.waiting
     assert "raise spec.vllm.maxLoraRank to at least 64" in problem.message
 
@@ -50,7 +52,7 @@ def test_hub_prefix_does_not_make_a_different_model():
 def test_missing_or_unfinished_jobs_are_waited_for(phase):
     jobs = [finetunejob("support-lora", phase=phase)] if phase else []
     isvc, parsed = parse(inferenceservice(adapters=[adapter()]), *jobs)
-    [problem] = serving.check(isvc, {"support-lora": parsed.get("support-lora")})
+    [problem] = checks.check(isvc, {"support-lora": parsed.get("support-lora")})
     assert problem.waiting
     assert problem.reason == ("FineTuneJobNotSucceeded" if phase else "FineTuneJobNotFound")
 
@@ -66,16 +68,16 @@ def test_merged_model_needs_a_merged_artifact():
                                  "--lora-modules", "--mod", "--max-lora-rank=64", "-tp", "@args.txt",
                                  "--chat-template\nrm -rf /"])
 def test_extra_args_that_break_the_contract_are_refused(arg):
-    assert serving.check_extra_args([arg]), arg
+    assert checks.check_extra_args([arg]), arg
 
 
 def test_harmless_extra_args_pass():
-    assert serving.check_extra_args(["--enable-prefix-caching", "--max-num-seqs", "64",
+    assert checks.check_extra_args(["--enable-prefix-caching", "--max-num-seqs", "64",
                                      "--kv-cache-dtype=fp8"]) == []
 
 
 def test_extra_args_problems_name_the_field_to_use():
-    [message] = serving.check_extra_args(["--max-lora-rank=64"])
+    [message] = checks.check_extra_args(["--max-lora-rank=64"])
     assert "spec.vllm.maxLoraRank" in message and "extraArgs[0]" in message
 
 
@@ -92,50 +94,50 @@ def deployment(replicas=2, updated=2, ready=2, available=2, total=2, conditions=
 
 def pod(revision="r2", restarts=0, ready=False, waiting=None):
     state = {"waiting": {"reason": waiting}} if waiting else {"running": {}}
-    return {"metadata": {"name": "p", "annotations": {serving.REVISION_ANNOTATION: revision}},
+    return {"metadata": {"name": "p", "annotations": {common.REVISION_ANNOTATION: revision}},
             "status": {"containerStatuses": [{"name": "vllm", "restartCount": restarts, "ready": ready,
                                               "state": state}]}}
 
 
 def test_complete_rollout_is_ready():
-    assert serving.rollout(deployment(), [pod(ready=True), pod(ready=True)], "r2").phase == serving.READY
+    assert rollouts.rollout(deployment(), [pod(ready=True), pod(ready=True)], "r2").phase == common.ServingPhase.READY
 
 
 def test_counters_that_lag_the_new_pods_are_not_ready_yet():
     """Right after a template change the Deployment may count the old ready pod as updated."""
     lagging = deployment(replicas=1, updated=1, ready=1, available=1, total=1)
-    assert serving.rollout(lagging, [pod(revision="r1", ready=True), pod(revision="r2")], "r2").phase \
-        == serving.PROGRESSING
+    assert rollouts.rollout(lagging, [pod(revision="r1", ready=True), pod(revision="r2")], "r2").phase \
+        == common.ServingPhase.PROGRESSING
 
 
 def test_surge_pod_not_ready_yet_is_progressing_while_old_pods_serve():
-    state = serving.rollout(deployment(updated=1, total=3), [pod()], "r2")
-    assert state.phase == serving.PROGRESSING and state.ready_replicas == 2
+    state = rollouts.rollout(deployment(updated=1, total=3), [pod()], "r2")
+    assert state.phase == common.ServingPhase.PROGRESSING and state.ready_replicas == 2
 
 
 def test_crash_looping_new_pods_are_degraded_while_old_pods_serve():
-    state = serving.rollout(deployment(updated=1, total=3), [pod(restarts=3)], "r2")
-    assert state.phase == serving.DEGRADED and state.reason == "CrashLoop"
+    state = rollouts.rollout(deployment(updated=1, total=3), [pod(restarts=3)], "r2")
+    assert state.phase == common.ServingPhase.DEGRADED and state.reason == "CrashLoop"
     assert "2 ready replica(s) keep serving" in state.message
-    assert serving.rollout(deployment(updated=1, total=3), [pod(waiting="CrashLoopBackOff")], "r2").phase \
-        == serving.DEGRADED
+    assert rollouts.rollout(deployment(updated=1, total=3), [pod(waiting="CrashLoopBackOff")], "r2").phase \
+        == common.ServingPhase.DEGRADED
 
 
 def test_crash_loops_of_an_old_revision_do_not_degrade_the_new_one():
     pods = [pod(revision="r1", restarts=5), pod(ready=True), pod(ready=True)]
-    assert serving.rollout(deployment(), pods, "r2").phase == serving.READY
+    assert rollouts.rollout(deployment(), pods, "r2").phase == common.ServingPhase.READY
 
 
 def test_progress_deadline_exceeded_is_degraded():
     stuck = {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
              "message": 'ReplicaSet "x" has timed out progressing.'}
-    assert serving.rollout(deployment(updated=1, total=3, conditions=[stuck]), [], "r2").reason \
+    assert rollouts.rollout(deployment(updated=1, total=3, conditions=[stuck]), [], "r2").reason \
         == "ProgressDeadlineExceeded"
 
 
 def test_status_reports_url_served_models_and_conditions_with_generation():
     isvc, _ = parse(inferenceservice(adapters=[adapter()], vllm={"servedModelName": "qwen"}))
-    status = handler.status_for(isvc, [], deployment(), [pod(ready=True), pod(ready=True)], "r2", [],
+    status = serving_status.status_for(isvc, [], deployment(), [pod(ready=True), pod(ready=True)], "r2", [],
                                 "2025-01-01T00:00:00Z")
     assert status["phase"] == "Ready" and status["revision"] == "r2"
     assert status["url"] == "http://support.ml.svc.cluster.local:8000/v1"
@@ -147,8 +149,8 @@ def test_status_reports_url_served_models_and_conditions_with_generation():
 
 def test_status_with_a_waiting_problem_is_pending():
     isvc, _ = parse(inferenceservice(adapters=[adapter()]))
-    problem = serving.Problem("FineTuneJobNotFound", "FineTuneJob support-lora does not exist", True)
-    status = handler.status_for(isvc, [problem], None, [], None, [], "2025-01-01T00:00:00Z")
+    problem = checks.Problem("FineTuneJobNotFound", "FineTuneJob support-lora does not exist", True)
+    status = serving_status.status_for(isvc, [problem], None, [], None, [], "2025-01-01T00:00:00Z")
     assert status["phase"] == "Pending"
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["reason"] == "FineTuneJobNotFound"
@@ -172,7 +174,7 @@ def test_a_full_fine_tuning_job_cannot_join_an_adapter_server():
 
 def test_a_job_deployed_to_a_server_of_its_own_name_serves_the_base_as_name_base():
     isvc, _ = parse(inferenceservice("support-lora", adapters=[adapter()]))
-    assert serving.served_model_name(isvc) == "support-lora-base"
+    assert common.served_model_name(isvc) == "support-lora-base"
     explicit, _ = parse(inferenceservice("support-lora", adapters=[adapter()],
                                          vllm={"servedModelName": "support-lora"}))
-    assert [p.reason for p in serving.check(explicit, {"support-lora": None})][0] == "AdapterNameConflict"
+    assert [p.reason for p in checks.check(explicit, {"support-lora": None})][0] == "AdapterNameConflict"

@@ -10,11 +10,11 @@ import pytest
 import yaml
 
 from finetune_api import schema
-from tests.test_api_schema import EXAMPLES, apply_defaults
+from tests.unit.api.test_api_schema import EXAMPLES, apply_defaults
 
 pytestmark = pytest.mark.cluster
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CRD_NAMES = ["finetunejobs.finetune.dev", "inferenceservices.finetune.dev"]
 DELETE = object()  # in a patch: remove the key
 

@@ -15,7 +15,8 @@ import json
 import pytest
 
 from finetune_api.models import FineTuneJob, InferenceService
-from finetune_operator.builders import inference, trainer_config, trainer_job
+from finetune_operator.builders import trainer_config, trainer_job
+from finetune_operator.serving import deployment
 from tests.fixtures.inference import finetunejob, inferenceservice
 
 pytestmark = [pytest.mark.reliability]
@@ -72,10 +73,10 @@ def test_vllm_command_carries_extra_args_as_whole_escaped_elements(value):
         adapters=[{"name": "faq-v1", "path": "pvc://adapters/faq-v1"}],
         vllm={"extraArgs": [f"--served-note={value}", value]}))
 
-    deployment = inference.build_deployment(isvc, {})
+    rendered = deployment.build_deployment(isvc, {})
 
-    assert_no_shell(deployment)
-    argv = containers(deployment)[0]["command"]
+    assert_no_shell(rendered)
+    argv = containers(rendered)[0]["command"]
     escaped = value.replace("$", "$$")
     assert argv[-2:] == [f"--served-note={escaped}", escaped]
     assert kubelet_expand(argv[-1], {"HF_TOKEN": "hf_SECRET"}) == value
@@ -112,4 +113,4 @@ def test_every_rendered_container_is_an_argument_list_without_a_shell():
     merged = FineTuneJob.from_resource(finetunejob("chat-full", method="full", uid="u2"))
     for isvc in (inferenceservice(),
                  inferenceservice(model={"source": "hf://org/base"}, mergedModel={"fineTuneJobRef": {"name": "chat-full"}})):
-        assert_no_shell(inference.build_deployment(InferenceService.from_resource(isvc), {"chat-full": merged}))
+        assert_no_shell(deployment.build_deployment(InferenceService.from_resource(isvc), {"chat-full": merged}))

@@ -1,7 +1,7 @@
 """Progress reaches Prometheus and the FineTuneJob status; a broken API never stops training.
 
 The status-patch tests here talk to a recording stand-in for the API server (to see the exact
-request); tests/test_operator_realrun.py checks the same patches against the real one.
+request); tests/e2e/test_operator_realrun.py checks the same patches against the real one.
 """
 
 from __future__ import annotations

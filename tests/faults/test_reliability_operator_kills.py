@@ -17,7 +17,7 @@ import pytest
 from kubernetes import client
 
 from tests.fixtures.cluster import get_json, wait_for
-from tests.test_operator_lifecycle import NOWHERE, apply, fail_pod, ftj, status, trainer_pods
+from tests.cluster.test_operator_lifecycle import NOWHERE, apply, fail_pod, ftj, status, trainer_pods
 
 pytestmark = [pytest.mark.reliability, pytest.mark.cluster, pytest.mark.slow]
 

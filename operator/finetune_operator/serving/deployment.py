@@ -1,5 +1,5 @@
-"""Pure builders for an InferenceService: the vLLM Deployment, its Service, PodDisruptionBudget,
-PodMonitor and autoscaler. A typed InferenceService (and the FineTuneJobs it names) in, dicts out.
+"""The vLLM Deployment of an InferenceService (pure): a typed InferenceService and the
+FineTuneJobs it names in, a dict out.
 
 Where things are inside the vLLM pod:
 
@@ -19,12 +19,6 @@ vLLM, torch.compile and Triton write kernel and model caches under `$HOME` and `
 The pod template carries `finetune.dev/revision`, a hash of everything served (command,
 volumes, resources, and the identity of every referenced FineTuneJob's result): a new
 adapter version changes it and rolls the Deployment out, with maxUnavailable 0.
-
-Autoscaling scales on vLLM's `vllm:num_requests_waiting`: with KEDA (when its CRD exists)
-through a Prometheus query; otherwise with an autoscaling/v2 HPA on the Pods metric
-`vllm_num_requests_waiting`, the name prometheus-adapter gives it (its default rules turn
-`:` into `_`; a rule `seriesQuery: 'vllm:num_requests_waiting'` with
-`name: {as: vllm_num_requests_waiting}` exposes it).
 """
 
 from __future__ import annotations
@@ -36,23 +30,19 @@ from typing import Mapping, Optional
 
 from finetune_api.layout import ADAPTER, MERGED
 from finetune_api.models import VLLM, FineTuneJob, InferenceService
-from finetune_api.schema import API_VERSION
 from finetune_api.sources import PVC, hub_id, parse_source
 
-from finetune_operator import serving
+from finetune_operator import names
 from finetune_operator.builders.placement import GPU_RESOURCE as GPU
 from finetune_operator.builders.placement import place
 from finetune_operator.builders.storage import claim_name
-from finetune_operator.labels import APP, COMPONENT, MANAGED_BY, label_value
+from finetune_operator.serving.common import (
+    PORT, PORT_NAME, REVISION_ANNOTATION, labels, meta, referenced_jobs, selector, served_model_name,
+)
 
 # The operator's --vllm-image default (settings.OperatorConfig.vllm_image); spec.vllm.image wins.
 DEFAULT_IMAGE = "vllm/vllm-openai:v0.32.0"
-PORT = 8000
-PORT_NAME = "http"
 CONTAINER = "vllm"
-COMPONENT_NAME = "inference"
-INFERENCESERVICE_LABEL = "finetune.dev/inferenceservice"
-REVISION_ANNOTATION = serving.REVISION_ANNOTATION
 ADAPTER_ARTIFACT = ADAPTER
 MERGED_ARTIFACT = MERGED
 HOME = "/home/vllm"
@@ -61,45 +51,13 @@ RUN_AS = 1000
 STARTUP_PERIOD, STARTUP_FAILURES = 10, 120
 # Longer than the startup budget, so a slow but healthy start is not called stuck.
 PROGRESS_DEADLINE = STARTUP_PERIOD * STARTUP_FAILURES + 600
-DEFAULT_PROMETHEUS = "http://prometheus-operated.monitoring.svc:9090"
-
-
-def labels(isvc: InferenceService) -> dict[str, str]:
-    """Labels of every child of an InferenceService (the selector is a subset)."""
-    return {"app.kubernetes.io/name": "vllm", "app.kubernetes.io/instance": label_value(isvc.metadata.name),
-            COMPONENT: COMPONENT_NAME, MANAGED_BY: APP, **selector(isvc)}
-
-
-def selector(isvc: InferenceService) -> dict[str, str]:
-    return {INFERENCESERVICE_LABEL: label_value(isvc.metadata.name)}
-
-
-def owner_reference(isvc: InferenceService) -> dict:
-    return {"apiVersion": API_VERSION, "kind": InferenceService.KIND, "name": isvc.metadata.name,
-            "uid": isvc.metadata.uid, "controller": True, "blockOwnerDeletion": True}
-
-
-def _meta(isvc: InferenceService, name: Optional[str] = None) -> dict:
-    return {"name": name or isvc.metadata.name, "namespace": isvc.metadata.namespace,
-            "labels": labels(isvc), "ownerReferences": [owner_reference(isvc)]}
-
-
-def service_url(isvc: InferenceService) -> str:
-    return f"http://{isvc.metadata.name}.{isvc.metadata.namespace}.svc.cluster.local:{PORT}/v1"
-
-
-def served_models(isvc: InferenceService) -> list[str]:
-    return [serving.served_model_name(isvc)] + [a.name for a in isvc.spec.adapters]
 
 
 # --- where things are -------------------------------------------------------------------------
 
 
 def _volume_name(prefix: str, key: str) -> str:
-    name = re.sub(r"[^a-z0-9-]", "-", f"{prefix}-{key}".lower())
-    if len(name) <= 63:
-        return name
-    return f"{name[:54].rstrip('-')}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+    return names.shorten(re.sub(r"[^a-z0-9-]", "-", f"{prefix}-{key}".lower()), hash_of=key)
 
 
 class _Layout:
@@ -165,7 +123,7 @@ def _command(isvc: InferenceService, model: str, adapters: list[tuple[str, str]]
     vllm = spec.vllm or VLLM()
     cmd = ["python", "-m", "vllm.entrypoints.openai.api_server",
            "--model", model,
-           "--served-model-name", serving.served_model_name(isvc),
+           "--served-model-name", served_model_name(isvc),
            "--port", str(PORT), "--host", "0.0.0.0"]
     uses_hub = hub_id(spec.model.source) is not None and not spec.merged_model
     if uses_hub and spec.model.revision:
@@ -291,7 +249,7 @@ def _revision(pod_spec: dict, isvc: InferenceService, jobs: Mapping[str, FineTun
     # completion time: that is set only once the server already serves the adapter, and would
     # roll every server out a second time.
     results = {name: [job.metadata.uid, job.status.artifacts.adapter if job.status.artifacts else None]
-               for name, job in sorted(jobs.items()) if name in serving.referenced_jobs(isvc)}
+               for name, job in sorted(jobs.items()) if name in referenced_jobs(isvc)}
     blob = json.dumps({"pod": pod_spec, "jobs": results}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -318,68 +276,6 @@ def build_deployment(isvc: InferenceService, jobs: Mapping[str, FineTuneJob],
     }
     if isvc.spec.autoscaling is None:
         spec["replicas"] = isvc.spec.replicas  # left to the autoscaler otherwise
-    meta = _meta(isvc)
-    meta["annotations"] = {REVISION_ANNOTATION: rev}
-    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": spec}
-
-
-# --- the other children -----------------------------------------------------------------------
-
-
-def build_service(isvc: InferenceService) -> dict:
-    return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(isvc),
-            "spec": {"type": "ClusterIP", "selector": selector(isvc),
-                     "ports": [{"name": PORT_NAME, "port": PORT, "targetPort": PORT_NAME, "protocol": "TCP"}]}}
-
-
-def wants_pdb(isvc: InferenceService) -> bool:
-    scaling = isvc.spec.autoscaling
-    return (scaling.min_replicas if scaling else isvc.spec.replicas) > 1
-
-
-def build_pdb(isvc: InferenceService) -> dict:
-    """Keeps one replica up through node drains (only when more than one runs)."""
-    return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": _meta(isvc),
-            "spec": {"minAvailable": 1, "selector": {"matchLabels": selector(isvc)}}}
-
-
-def build_pod_monitor(isvc: InferenceService) -> dict:
-    """For the Prometheus Operator (built when `podmonitors.monitoring.coreos.com` exists)."""
-    return {"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor", "metadata": _meta(isvc),
-            "spec": {"selector": {"matchLabels": selector(isvc)},
-                     "podMetricsEndpoints": [{"port": PORT_NAME, "path": "/metrics", "interval": "15s"}]}}
-
-
-def build_hpa(isvc: InferenceService) -> dict:
-    """HPA on the per-pod `vllm_num_requests_waiting` (vllm:num_requests_waiting through
-    prometheus-adapter; see the module docstring)."""
-    scaling = isvc.spec.autoscaling
-    return {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": _meta(isvc),
-            "spec": {
-                "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": isvc.metadata.name},
-                "minReplicas": max(1, scaling.min_replicas),
-                "maxReplicas": scaling.max_replicas,
-                "metrics": [{"type": "Pods", "pods": {
-                    "metric": {"name": "vllm_num_requests_waiting"},
-                    "target": {"type": "AverageValue", "averageValue": str(scaling.target_requests_waiting)}}}],
-                # Loading a model takes minutes: scale down slowly.
-                "behavior": {"scaleDown": {"stabilizationWindowSeconds": 300}},
-            }}
-
-
-def build_scaled_object(isvc: InferenceService, prometheus_url: str = DEFAULT_PROMETHEUS) -> dict:
-    """KEDA ScaledObject (built when `scaledobjects.keda.sh` exists); KEDA can scale to zero."""
-    scaling = isvc.spec.autoscaling
-    ns, name = isvc.metadata.namespace, isvc.metadata.name
-    query = (f'sum(vllm:num_requests_waiting{{namespace="{ns}",'
-             f'pod=~"{re.escape(name)}-[a-z0-9]+-[a-z0-9]+"}})')
-    return {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": _meta(isvc),
-            "spec": {
-                "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
-                "minReplicaCount": scaling.min_replicas,
-                "maxReplicaCount": scaling.max_replicas,
-                "cooldownPeriod": 300,
-                "triggers": [{"type": "prometheus", "metadata": {
-                    "serverAddress": prometheus_url, "query": query,
-                    "threshold": str(scaling.target_requests_waiting)}}],
-            }}
+    metadata = meta(isvc)
+    metadata["annotations"] = {REVISION_ANNOTATION: rev}
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": metadata, "spec": spec}

@@ -15,7 +15,7 @@ import pytest
 
 from tests.fixtures.cluster import get_json, wait_for
 from tests.fixtures.ml import learnable_instruction_records, write_jsonl
-from tests.test_operator_lifecycle import apply, status, wait_phase
+from tests.cluster.test_operator_lifecycle import apply, status, wait_phase
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 

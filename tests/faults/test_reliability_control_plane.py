@@ -20,7 +20,7 @@ from finetune_devcluster.cluster import Cluster, KWOK_NODE_ANNOTATION
 from finetune_devcluster.manifests import node_status
 from tests.fixtures.cluster import REPO_ROOT, get_json, wait_for
 from tests.fixtures.operator import OperatorProcess
-from tests.test_operator_lifecycle import apply, ftj, status, trainer_jobs, trainer_pods
+from tests.cluster.test_operator_lifecycle import apply, ftj, status, trainer_jobs, trainer_pods
 
 pytestmark = [pytest.mark.reliability, pytest.mark.cluster, pytest.mark.slow]
 

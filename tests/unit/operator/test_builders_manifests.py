@@ -1,33 +1,26 @@
 """The pure builders render what the golden files say (issue 5).
 
 Update the golden files after an intended change with:
-    UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_builders_manifests.py
+    UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests -k golden   (tests/fixtures/golden.py)
 """
 
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 
-from finetune_operator import names
 from finetune_api.models import FineTuneJob
-from finetune_operator.builders import identity, storage, trainer_config, trainer_job
 
-GOLDEN = Path(__file__).parent / "golden"
+from finetune_operator import names
+from finetune_operator.builders import identity, storage, trainer_config, trainer_job
+from tests.fixtures.golden import GOLDEN, assert_golden
+
 IMAGE = "ghcr.io/finetune-dev/finetune-trainer:test"
 
 
-def assert_golden(name: str, obj: object) -> None:
-    path = GOLDEN / f"{name}.json"
-    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
-    if os.environ.get("UPDATE_GOLDEN"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    assert path.exists(), f"{path} is missing: run with UPDATE_GOLDEN=1 to create it"
-    assert json.loads(text) == json.loads(path.read_text()), f"{name} differs from {path}"
+def assert_json_golden(name: str, obj: object) -> None:
+    assert_golden(GOLDEN / f"{name}.json", json.dumps(obj, indent=2, sort_keys=True) + "\n", parse=json.loads)
 
 
 def make_job(spec: dict, name: str = "support-bot", **status) -> FineTuneJob:
@@ -62,11 +55,11 @@ MULTI = {
 
 
 def test_workspace_claim_is_owned_only_with_reclaim_policy_delete():
-    assert_golden("workspace-claim-delete", storage.build_workspace_claim(make_job(SINGLE)))
+    assert_json_golden("workspace-claim-delete", storage.build_workspace_claim(make_job(SINGLE)))
     retained = make_job({**SINGLE, "storage": {"size": "10Gi"}})
     claim = storage.build_workspace_claim(retained)
     assert "ownerReferences" not in claim["metadata"]
-    assert_golden("workspace-claim-retain", claim)
+    assert_json_golden("workspace-claim-retain", claim)
 
 
 def test_existing_claim_is_neither_created_nor_owned():
@@ -84,7 +77,7 @@ def test_multi_node_claim_is_read_write_many():
 def test_identity_grants_only_its_own_job_status():
     job = make_job(SINGLE)
     objs = [identity.build_service_account(job), identity.build_role(job), identity.build_role_binding(job)]
-    assert_golden("identity", objs)
+    assert_json_golden("identity", objs)
     role = objs[1]
     assert all(rule["resourceNames"] == ["support-bot"] for rule in role["rules"])
     verbs = {v for rule in role["rules"] for v in rule["verbs"]}
@@ -94,7 +87,7 @@ def test_identity_grants_only_its_own_job_status():
 def test_trainer_config_renders_the_spec_without_secrets():
     job = make_job(SINGLE)
     cm = trainer_config.build_config_map(job)
-    assert_golden("trainer-config", json.loads(cm["data"]["config.json"]))
+    assert_json_golden("trainer-config", json.loads(cm["data"]["config.json"]))
     config = json.loads(cm["data"]["config.json"])
     assert config["model"]["tokenEnv"] == "HF_TOKEN"
     assert config["dataset"]["source"] == "/workspace/data/support.jsonl"
@@ -115,7 +108,7 @@ def test_trainer_config_is_accepted_by_the_trainer():
 def test_single_node_trainer_job():
     job = make_job(SINGLE)
     manifest = trainer_job.build_trainer_job(job, IMAGE)
-    assert_golden("trainer-job-single", manifest)
+    assert_json_golden("trainer-job-single", manifest)
     pod = manifest["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert container["command"] == ["python", "-m", "finetune_trainer", "train", "--config",
@@ -145,7 +138,7 @@ def test_multi_node_trainer_job_is_indexed_with_torchrun_and_queued_for_kueue():
     job = make_job(MULTI, name="big")
     manifest = trainer_job.build_trainer_job(job, IMAGE)
     service = trainer_job.build_headless_service(job)
-    assert_golden("trainer-job-multi-kueue", [manifest, service])
+    assert_json_golden("trainer-job-multi-kueue", [manifest, service])
     spec = manifest["spec"]
     assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == 2
     assert spec["suspend"] is True

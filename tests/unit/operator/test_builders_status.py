@@ -10,7 +10,7 @@ import pytest
 from finetune_operator.admission import ClusterFacts, check
 from finetune_operator.conditions import ConditionUpdate, set_conditions
 from finetune_operator.status import Phase, derive, status_patch, termination_summary
-from tests.test_builders_manifests import make_job
+from tests.unit.operator.test_builders_manifests import make_job
 
 NOW = dt.datetime(2025, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
 ADMITTED = [{"type": "Admitted", "status": "True", "reason": "Admitted", "message": "",

@@ -13,7 +13,7 @@ import yaml
 
 from finetune_api import _runtime, generate, models, schema
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 EXAMPLES = sorted(p for p in (REPO / "examples").glob("*.yaml") if not p.name.startswith("quickstart"))
 MODEL_OF_KIND = {"FineTuneJob": models.FineTuneJob, "InferenceService": models.InferenceService}
 

@@ -3,7 +3,7 @@
 Rendered output is compared with golden files in tests/golden/chart/; after an intended
 change rewrite them with
 
-    UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_chart.py -k golden
+    UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests -k golden   (tests/fixtures/golden.py)
 
 The cluster tests install the chart into the local control plane (tests/fixtures/cluster.py);
 the operator pod may never run there, which they do not need.
@@ -23,10 +23,12 @@ import pytest
 import yaml
 
 from tests.fixtures.cluster import get_json, wait_for
+from tests.fixtures.golden import GOLDEN as GOLDEN_DIR
+from tests.fixtures.golden import assert_golden
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 CHART = REPO_ROOT / "charts" / "finetune-operator"
-GOLDEN = REPO_ROOT / "tests" / "golden" / "chart"
+GOLDEN = GOLDEN_DIR / "chart"
 RELEASE, RELEASE_NAMESPACE = "finetune-operator", "finetune-system"
 FULLNAME = "finetune-operator"  # the release name contains the chart name
 VALUE_SETS = ["default", "namespaces-monitoring", "crd-templates-custom"]
@@ -100,11 +102,7 @@ def without_crd_specs(rendered: str) -> str:
 @pytest.mark.parametrize("value_set", VALUE_SETS)
 def test_rendered_chart_matches_golden(helm, value_set):
     rendered = without_crd_specs(template(helm, *values_args(value_set)).stdout)
-    golden = GOLDEN / f"{value_set}.yaml"
-    if os.environ.get("UPDATE_GOLDEN"):
-        golden.write_text(rendered)
-    assert golden.exists(), f"{golden} is missing: run with UPDATE_GOLDEN=1"
-    assert rendered == golden.read_text(), f"{golden.name} differs: run with UPDATE_GOLDEN=1 after an intended change"
+    assert_golden(GOLDEN / f"{value_set}.yaml", rendered)
 
 
 # --- values.schema.json --------------------------------------------------------------------------
@@ -342,21 +340,22 @@ def test_monitoring_objects_need_the_prometheus_operator_api_or_force(helm):
 
 
 def test_podmonitors_select_trainer_and_vllm_pods_by_the_operator_labels(helm):
-    from finetune_operator.builders import inference, trainer_config
+    from finetune_operator.builders import trainer_config
+    from finetune_operator.serving import common
     from finetune_operator.labels import COMPONENT, FINETUNEJOB, MANAGED_BY, APP
 
     monitors = {m["metadata"]["name"]: m for m in find(render(helm, *values_args("namespaces-monitoring")), "PodMonitor")}
     trainer, vllm = monitors[f"{FULLNAME}-trainer"]["spec"], monitors[f"{FULLNAME}-inference"]["spec"]
     assert trainer["selector"]["matchLabels"] == {MANAGED_BY: APP, COMPONENT: trainer_config.COMPONENT}
-    assert vllm["selector"]["matchLabels"] == {MANAGED_BY: APP, COMPONENT: inference.COMPONENT_NAME}
+    assert vllm["selector"]["matchLabels"] == {MANAGED_BY: APP, COMPONENT: common.COMPONENT_NAME}
     assert trainer["podMetricsEndpoints"][0]["port"] == "metrics"
-    assert vllm["podMetricsEndpoints"][0]["port"] == inference.PORT_NAME
+    assert vllm["podMetricsEndpoints"][0]["port"] == common.PORT_NAME
     assert vllm["podMetricsEndpoints"][0]["path"] == "/metrics"
     assert trainer["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
     relabeled = {r["sourceLabels"][0] for r in trainer["podMetricsEndpoints"][0]["relabelings"]}
     assert "__meta_kubernetes_pod_label_" + re.sub(r"[./-]", "_", FINETUNEJOB) in relabeled
     relabeled = {r["sourceLabels"][0] for r in vllm["podMetricsEndpoints"][0]["relabelings"]}
-    assert "__meta_kubernetes_pod_label_" + re.sub(r"[./-]", "_", inference.INFERENCESERVICE_LABEL) in relabeled
+    assert "__meta_kubernetes_pod_label_" + re.sub(r"[./-]", "_", common.INFERENCESERVICE_LABEL) in relabeled
 
 
 def test_dashboard_configmap_is_labelled_for_grafana_and_holds_the_dashboard(helm):

@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from tests.fixtures.cluster import REPO_ROOT, get_json, wait_for
-from tests.test_chart import kube_version
-from tests.test_operator_lifecycle import apply, ftj, status, trainer_pods
+from tests.unit.chart.test_chart import kube_version
+from tests.cluster.test_operator_lifecycle import apply, ftj, status, trainer_pods
 
 pytestmark = [pytest.mark.reliability, pytest.mark.cluster]
 

@@ -22,7 +22,7 @@ from tests.fixtures.ml import trainer_command, trainer_env
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 RESULTS = REPO_ROOT / "bench" / "results" / "reliability_trainer_kills.json"
 RETRYABLE = 43
 KILLS = 10

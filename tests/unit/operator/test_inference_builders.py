@@ -1,21 +1,20 @@
 """The InferenceService builders: golden manifests and the properties the pods rely on.
 
 Update the golden files after an intended change with
-`UPDATE_GOLDEN=1 python -m pytest tests/test_inference_builders.py -k golden` (or `make generate`).
+`UPDATE_GOLDEN=1 python -m pytest tests -k golden` (or `make generate`; tests/fixtures/golden.py).
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import yaml
 
-from finetune_operator.builders import inference
+from finetune_operator.serving import autoscaling, common, deployment, disruption, monitoring, service
+from tests.fixtures.golden import GOLDEN as GOLDEN_DIR
+from tests.fixtures.golden import assert_golden
 from tests.fixtures.inference import finetunejob, inferenceservice, parse
 
-GOLDEN = Path(__file__).parent / "golden" / "inference"
+GOLDEN = GOLDEN_DIR / "inference"
 
 
 def two_adapters_case():
@@ -58,34 +57,28 @@ CASES = {"two-adapters": two_adapters_case, "merged-model": merged_case, "cpu-au
 def render(case: str) -> list[dict]:
     isvc_body, job_bodies = CASES[case]()
     isvc, jobs = parse(isvc_body, *job_bodies)
-    docs = [inference.build_deployment(isvc, jobs), inference.build_service(isvc)]
-    if inference.wants_pdb(isvc):
-        docs.append(inference.build_pdb(isvc))
-    docs.append(inference.build_pod_monitor(isvc))
+    docs = [deployment.build_deployment(isvc, jobs), service.build_service(isvc)]
+    if disruption.wants_pdb(isvc):
+        docs.append(disruption.build_pdb(isvc))
+    docs.append(monitoring.build_pod_monitor(isvc))
     if isvc.spec.autoscaling:
-        docs += [inference.build_hpa(isvc), inference.build_scaled_object(isvc)]
+        docs += [autoscaling.build_hpa(isvc), autoscaling.build_scaled_object(isvc)]
     return docs
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_rendered_children_match_golden_files(case):
-    rendered = yaml.safe_dump_all(render(case), sort_keys=True)
-    path = GOLDEN / f"{case}.yaml"
-    if os.environ.get("UPDATE_GOLDEN"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(rendered)
-    assert path.exists(), f"{path} is missing: run with UPDATE_GOLDEN=1"
-    assert rendered == path.read_text(), f"{path} differs: review, then run with UPDATE_GOLDEN=1"
+    assert_golden(GOLDEN / f"{case}.yaml", yaml.safe_dump_all(render(case), sort_keys=True))
 
 
-def deployment(isvc_body, *jobs):
+def render_deployment(isvc_body, *jobs):
     isvc, parsed = parse(isvc_body, *jobs)
-    return inference.build_deployment(isvc, parsed)
+    return deployment.build_deployment(isvc, parsed)
 
 
 def test_command_is_the_openai_server_module_with_every_adapter():
     isvc, jobs = parse(*_flatten(two_adapters_case()))
-    cmd = inference.vllm_command(isvc, jobs)
+    cmd = deployment.vllm_command(isvc, jobs)
     assert cmd[:3] == ["python", "-m", "vllm.entrypoints.openai.api_server"]
     assert cmd[cmd.index("--model") + 1] == "Qwen/Qwen2.5-0.5B-Instruct"
     assert cmd[cmd.index("--served-model-name") + 1] == "qwen-base"
@@ -98,7 +91,7 @@ def test_command_is_the_openai_server_module_with_every_adapter():
 
 
 def test_adapters_of_a_job_mount_its_claim_read_only():
-    d = deployment(*_flatten(two_adapters_case()))
+    d = render_deployment(*_flatten(two_adapters_case()))
     pod = d["spec"]["template"]["spec"]
     claims = {v["persistentVolumeClaim"]["claimName"]: v["name"] for v in pod["volumes"]
               if "persistentVolumeClaim" in v}
@@ -111,14 +104,14 @@ def test_adapters_of_a_job_mount_its_claim_read_only():
 
 def test_merged_model_of_a_full_job_is_the_served_model():
     isvc, jobs = parse(*_flatten(merged_case()))
-    cmd = inference.vllm_command(isvc, jobs)
+    cmd = deployment.vllm_command(isvc, jobs)
     assert cmd[cmd.index("--model") + 1] == "/models/chat-full/artifacts/merged"
     assert "--enable-lora" not in cmd
     assert cmd[cmd.index("--tensor-parallel-size") + 1] == "2"
 
 
 def test_rolling_update_never_drops_a_serving_replica():
-    d = deployment(*_flatten(two_adapters_case()))
+    d = render_deployment(*_flatten(two_adapters_case()))
     assert d["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
     c = d["spec"]["template"]["spec"]["containers"][0]
     assert c["startupProbe"]["httpGet"]["path"] == "/health"
@@ -129,23 +122,23 @@ def test_rolling_update_never_drops_a_serving_replica():
 
 def test_a_new_adapter_version_changes_the_revision():
     isvc_body, jobs = two_adapters_case()
-    before = deployment(isvc_body, *jobs)["spec"]["template"]["metadata"]["annotations"]
+    before = render_deployment(isvc_body, *jobs)["spec"]["template"]["metadata"]["annotations"]
     retrained = [finetunejob("support-lora", uid="uid-1b", completion_time="2025-02-01T00:00:00Z"), jobs[1]]
-    after = deployment(isvc_body, *retrained)["spec"]["template"]["metadata"]["annotations"]
-    assert before[inference.REVISION_ANNOTATION] != after[inference.REVISION_ANNOTATION]
-    again = deployment(isvc_body, *jobs)["spec"]["template"]["metadata"]["annotations"]
+    after = render_deployment(isvc_body, *retrained)["spec"]["template"]["metadata"]["annotations"]
+    assert before[common.REVISION_ANNOTATION] != after[common.REVISION_ANNOTATION]
+    again = render_deployment(isvc_body, *jobs)["spec"]["template"]["metadata"]["annotations"]
     assert before == again
 
 
 def test_gpus_are_limits_and_gpu_taints_are_tolerated():
-    d = deployment(*_flatten(two_adapters_case()))
+    d = render_deployment(*_flatten(two_adapters_case()))
     pod = d["spec"]["template"]["spec"]
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
 
 
 def test_cpu_serving_sizes_the_kv_cache_from_memory_and_asks_for_no_gpu():
-    d = deployment(*_flatten(cpu_autoscaling_case()))
+    d = render_deployment(*_flatten(cpu_autoscaling_case()))
     c = d["spec"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in c["resources"].get("limits", {})
     assert {"name": "VLLM_CPU_KVCACHE_SPACE", "value": "2"} in c["env"]
@@ -155,23 +148,23 @@ def test_cpu_serving_sizes_the_kv_cache_from_memory_and_asks_for_no_gpu():
 def test_pdb_only_when_more_than_one_replica():
     one, _ = parse(inferenceservice(replicas=1))
     two, _ = parse(inferenceservice(replicas=2))
-    assert not inference.wants_pdb(one) and inference.wants_pdb(two)
-    assert inference.build_pdb(two)["spec"]["minAvailable"] == 1
+    assert not disruption.wants_pdb(one) and disruption.wants_pdb(two)
+    assert disruption.build_pdb(two)["spec"]["minAvailable"] == 1
 
 
 def test_scrape_annotations_and_service_port():
     isvc, jobs = parse(inferenceservice())
-    d = inference.build_deployment(isvc, jobs)
+    d = deployment.build_deployment(isvc, jobs)
     ann = d["spec"]["template"]["metadata"]["annotations"]
     assert ann["prometheus.io/scrape"] == "true" and ann["prometheus.io/port"] == "8000"
     assert ann["prometheus.io/path"] == "/metrics"
-    assert inference.build_service(isvc)["spec"]["ports"] == [
+    assert service.build_service(isvc)["spec"]["ports"] == [
         {"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"}]
-    assert inference.service_url(isvc) == "http://support.ml.svc.cluster.local:8000/v1"
+    assert common.service_url(isvc) == "http://support.ml.svc.cluster.local:8000/v1"
 
 
 def test_restricted_security_context():
-    d = deployment(inferenceservice())
+    d = render_deployment(inferenceservice())
     pod = d["spec"]["template"]["spec"]
     sc = pod["containers"][0]["securityContext"]
     assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
@@ -189,8 +182,8 @@ def test_the_operators_vllm_image_is_used_unless_the_spec_names_one():
     own, _ = parse(inferenceservice("own", vllm={"image": "example/own:1"}))
 
     def image(isvc, *default):
-        return inference.build_deployment(isvc, {}, *default)["spec"]["template"]["spec"]["containers"][0]["image"]
+        return deployment.build_deployment(isvc, {}, *default)["spec"]["template"]["spec"]["containers"][0]["image"]
 
-    assert image(plain) == inference.DEFAULT_IMAGE
+    assert image(plain) == deployment.DEFAULT_IMAGE
     assert image(plain, "registry.example/vllm:2") == "registry.example/vllm:2"
     assert image(own, "registry.example/vllm:2") == "example/own:1"

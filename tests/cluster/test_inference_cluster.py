@@ -1,7 +1,7 @@
 """InferenceService against the real control plane, with the serving handlers as a real process.
 
 The operator process here runs only the InferenceService handlers
-(`kopf run -m finetune_operator.handlers.inferenceservice`): FineTuneJobs are created and
+(`kopf run -m finetune_operator.serving.routes`): FineTuneJobs are created and
 then marked Succeeded by patching their status as admin, which stands in for training (the
 FineTuneJob handlers, which would start trainer Jobs and own that status, are not running).
 Pods land on kwok's fake 8-GPU nodes, where they turn Ready without running anything; the
@@ -21,15 +21,15 @@ from pathlib import Path
 import pytest
 
 from finetune_devcluster.cluster import free_port
-from finetune_operator.builders import inference
-from finetune_operator.handlers import inferenceservice as handler
+from finetune_operator.serving import common
+from finetune_operator.serving import handlers as handler
 from tests.fixtures.cluster import REPO_ROOT, get_json, wait_for
 from tests.fixtures.inference import BASE, finetunejob
 from tests.fixtures.operator import crds  # noqa: F401 - the session's CRDs
 
 pytestmark = pytest.mark.cluster
 
-PODMONITOR_CRD = Path(__file__).parent / "fixtures" / "crds" / "podmonitors.monitoring.coreos.com.yaml"
+PODMONITOR_CRD = Path(__file__).resolve().parents[1] / "fixtures" / "crds" / "podmonitors.monitoring.coreos.com.yaml"
 GPU_NODE_0 = {"kubernetes.io/hostname": "gpu-node-0"}
 GPU_NODE_1 = {"kubernetes.io/hostname": "gpu-node-1"}
 
@@ -47,7 +47,7 @@ def serving_operator(cluster, crds, namespace, tmp_path):  # noqa: F811
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "kopf", "run", "--standalone", "--namespace", namespace,
-             "--liveness", f"http://127.0.0.1:{port}/healthz", "-m", "finetune_operator.handlers.inferenceservice"],
+             "--liveness", f"http://127.0.0.1:{port}/healthz", "-m", "finetune_operator.serving.routes"],
             stdout=out, stderr=subprocess.STDOUT, env=cluster.env(), cwd=REPO_ROOT, start_new_session=True)
 
     def healthy():
@@ -125,7 +125,7 @@ def test_children_have_the_fields_vllm_and_the_cluster_rely_on(cluster, podmonit
     d = get_json(cluster, "deployment", "support", "-n", namespace)
     assert d["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
     template = d["spec"]["template"]
-    assert template["metadata"]["annotations"][inference.REVISION_ANNOTATION] == status["revision"]
+    assert template["metadata"]["annotations"][common.REVISION_ANNOTATION] == status["revision"]
     assert template["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
     c = template["spec"]["containers"][0]
     assert c["command"][:3] == ["python", "-m", "vllm.entrypoints.openai.api_server"]
@@ -169,7 +169,7 @@ def test_two_finetunejobs_share_one_server(cluster, namespace, serving_operator)
 
 def replica_sets(cluster, namespace: str, name: str) -> dict[str, dict]:
     items = get_json(cluster, "replicasets", "-n", namespace, "-l", f"finetune.dev/inferenceservice={name}")["items"]
-    return {rs["spec"]["template"]["metadata"]["annotations"][inference.REVISION_ANNOTATION]: rs for rs in items}
+    return {rs["spec"]["template"]["metadata"]["annotations"][common.REVISION_ANNOTATION]: rs for rs in items}
 
 
 def test_a_new_adapter_version_rolls_out_without_dropping_ready_replicas(cluster, namespace, serving_operator):

@@ -21,11 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from finetune_operator import serving
-from finetune_operator.builders import inference
+from finetune_operator.serving import checks, common, deployment
 from tests.fixtures.cluster import get_json, wait_for
 from tests.fixtures.inference import finetunejob, inferenceservice, parse
-from tests.test_inference_cluster import apply, create_succeeded_job, serving_operator, wait_phase  # noqa: F401
+from tests.cluster.test_inference_cluster import apply, create_succeeded_job, serving_operator, wait_phase  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -64,8 +63,8 @@ def rendered_deployment(tiny_model: Path) -> dict:
                          resources={"gpus": 0, "memory": "4Gi"},
                          vllm={"maxModelLen": 256, "maxLoraRank": 8, "maxLoras": 1}),
         finetunejob("tiny-lora", source=str(tiny_model), r=8))
-    assert serving.check(isvc, jobs) == []
-    return inference.build_deployment(isvc, jobs)
+    assert checks.check(isvc, jobs) == []
+    return deployment.build_deployment(isvc, jobs)
 
 
 def localise(deployment: dict, workspace: Path, port: int, home: Path) -> tuple[list[str], dict[str, str]]:
@@ -121,8 +120,8 @@ def vllm_server(tiny_model, lora_adapter, tmp_path_factory):
 
 def test_the_adapter_passes_the_serving_checks(tiny_model, lora_adapter):
     adapter = lora_adapter / "artifacts" / "adapter"
-    assert serving.check_adapter_dir(adapter, str(tiny_model), max_lora_rank=8) == []
-    [too_high] = serving.check_adapter_dir(adapter, str(tiny_model), max_lora_rank=4)
+    assert checks.check_adapter_dir(adapter, str(tiny_model), max_lora_rank=8) == []
+    [too_high] = checks.check_adapter_dir(adapter, str(tiny_model), max_lora_rank=4)
     assert "rank 8 exceeds" in too_high
 
 
@@ -156,7 +155,7 @@ def test_modules_to_save_adapters_are_refused(lora_adapter, tiny_model, tmp_path
     config = json.loads((lora_adapter / "artifacts" / "adapter" / "adapter_config.json").read_text())
     config.update(modules_to_save=["lm_head"], r=32)
     (bad / "adapter_config.json").write_text(json.dumps(config))
-    problems = serving.check_adapter_dir(bad, str(tiny_model), max_lora_rank=16)
+    problems = checks.check_adapter_dir(bad, str(tiny_model), max_lora_rank=16)
     assert any("modules_to_save" in p for p in problems) and any("rank 32" in p for p in problems)
 
 
@@ -169,7 +168,7 @@ def test_inferenceservice_on_the_local_node_really_serves_the_adapter(cluster, n
     import shutil
 
     with socket.socket() as s:
-        if s.connect_ex(("127.0.0.1", inference.PORT)) == 0:
+        if s.connect_ex(("127.0.0.1", common.PORT)) == 0:
             pytest.skip("port 8000 is taken on this machine; the local node's pods share its network")
     request.getfixturevalue("serving_operator")  # after the port check: no operator for a skipped test
     create_succeeded_job(cluster, namespace, "tiny-lora", source=str(tiny_model), r=8)
@@ -191,7 +190,7 @@ def test_inferenceservice_on_the_local_node_really_serves_the_adapter(cluster, n
 
     from openai import OpenAI
 
-    client = OpenAI(base_url=f"http://127.0.0.1:{inference.PORT}/v1", api_key="unused", timeout=120, max_retries=0)
+    client = OpenAI(base_url=f"http://127.0.0.1:{common.PORT}/v1", api_key="unused", timeout=120, max_retries=0)
     models = {m.id: m for m in client.models.list().data}
     assert models["tiny-lora"].model_extra.get("parent") == "tiny"
     assert client.completions.create(model="tiny-lora", prompt="Repeat", max_tokens=4).usage.completion_tokens > 0

@@ -1,5 +1,5 @@
-"""What may be served: checks an InferenceService against the FineTuneJobs it names, and
-reads the state of its rollout. Pure functions; the handler gathers their inputs.
+"""What may be served: checks an InferenceService against the FineTuneJobs it names. Pure
+functions; the handler gathers their inputs.
 
 Bad input is refused here, with a condition a person can act on, before a vLLM pod could
 crash-loop on it (vLLM rejects an adapter whose rank exceeds `--max-lora-rank`, adapters
@@ -17,18 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
-from finetune_api.sources import hub_id
 from finetune_api.models import FineTuneJob, InferenceService
+from finetune_api.sources import HTTPS, S3, hub_id, parse_source
 
-# The pod template annotation that names the served configuration (see builders.inference).
-REVISION_ANNOTATION = "finetune.dev/revision"
-
-# Phases of an InferenceService.
-PENDING, PROGRESSING, READY, DEGRADED, FAILED = "Pending", "Progressing", "Ready", "Degraded", "Failed"
+from finetune_operator.serving.common import referenced_jobs, served_model_name
+from finetune_operator.status import Phase
 
 # A FineTuneJob's artifacts are on its volume once training and evaluation are done:
 # `Deploying` is the job waiting on this server, `Succeeded` the job finished.
-SERVABLE_JOB_PHASES = ("Deploying", "Succeeded")
+SERVABLE_JOB_PHASES = (Phase.DEPLOYING, Phase.SUCCEEDED)
 
 # Flags the operator sets itself (or that would break the pod's contract: the port the
 # probes and the Service use, the names clients use, the adapters mounted from volumes).
@@ -57,13 +54,6 @@ DENIED_FLAGS = {
     "--trust-remote-code": "spec.model.trustRemoteCode",
     "--disable-log-stats": None,  # the /metrics the autoscaler and dashboards read
 }
-# Container restarts after which a pod that is not ready counts as crash-looping (the
-# local node reports restarts but no CrashLoopBackOff reason).
-CRASH_LOOP_RESTARTS = 2
-STUCK_WAITING_REASONS = ("CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull",
-                         "CreateContainerConfigError", "CreateContainerError", "InvalidImageName")
-
-
 @dataclass(frozen=True)
 class Problem:
     """Why the spec cannot be served; `waiting` problems may resolve by themselves."""
@@ -145,32 +135,13 @@ def _same_local_model(a: str, b: str) -> bool:
         return False
 
 
-def referenced_jobs(isvc: InferenceService) -> list[str]:
-    """Names of the FineTuneJobs the spec reads (adapters first, then the merged model)."""
-    names = [a.fine_tune_job_ref.name for a in isvc.spec.adapters if a.fine_tune_job_ref]
-    merged = isvc.spec.merged_model
-    if merged and merged.fine_tune_job_ref:
-        names.append(merged.fine_tune_job_ref.name)
-    return list(dict.fromkeys(names))
-
-
-def served_model_name(isvc: InferenceService) -> str:
-    """spec.vllm.servedModelName, else the object's name, else (when an adapter already has
-    that name, as when a FineTuneJob deploys to an InferenceService of its own name) `<name>-base`."""
-    vllm = isvc.spec.vllm
-    if vllm and vllm.served_model_name:
-        return vllm.served_model_name
-    name = isvc.metadata.name
-    return f"{name}-base" if any(a.name == name for a in isvc.spec.adapters) else name
-
-
 def check(isvc: InferenceService, jobs: Mapping[str, Optional[FineTuneJob]]) -> list[Problem]:
     """Every reason `isvc` cannot be served now; `jobs` maps referenced names to the job or None."""
     spec = isvc.spec
     problems: list[Problem] = []
     max_rank = spec.vllm.max_lora_rank if spec.vllm else 16
     for source, where in _sources(isvc):
-        if source.startswith(("s3://", "https://")):
+        if parse_source(source).scheme in (S3, HTTPS):
             problems.append(Problem("UnsupportedSource", f"{where}: {source!r}: vLLM cannot load from "
                                     "s3:// or https:// here; copy it to a claim (pvc://) or use a "
                                     "Hugging Face id"))
@@ -239,86 +210,3 @@ def _sources(isvc: InferenceService) -> list[tuple[str, str]]:
     if spec.merged_model and spec.merged_model.path:
         out.append((spec.merged_model.path, "spec.mergedModel.path"))
     return out
-
-
-# --- rollout ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Rollout:
-    phase: str
-    reason: str
-    message: str
-    replicas: int = 0
-    ready_replicas: int = 0
-
-
-def rollout(deployment: Optional[dict], pods: list[dict], revision: str) -> Rollout:
-    """The state of the Deployment's rollout to `revision` (the pod template annotation).
-
-    A rollout that cannot finish (the Deployment's progress deadline passed, or pods of the
-    new revision crash-loop) is Degraded: the old ReplicaSet keeps serving meanwhile, since
-    maxUnavailable is 0.
-    """
-    if deployment is None:
-        return Rollout(PROGRESSING, "Creating", "creating the vLLM Deployment")
-    spec, status = deployment.get("spec", {}), deployment.get("status", {})
-    desired = spec.get("replicas", 1)
-    ready = status.get("readyReplicas", 0) or 0
-    counts = {"replicas": status.get("replicas", 0) or 0, "ready_replicas": ready}
-    serving = f"{ready} ready replica(s) keep serving" if ready else "no replica is serving"
-    for pod in pods:
-        if pod.get("metadata", {}).get("annotations", {}).get(REVISION_ANNOTATION) != revision:
-            continue
-        crash = _crash_looping(pod)
-        if crash:
-            return Rollout(DEGRADED, "CrashLoop", f"pod {pod['metadata']['name']} of revision "
-                           f"{revision}: {crash}; {serving}", **counts)
-    progressing = next((c for c in status.get("conditions", []) if c.get("type") == "Progressing"), None)
-    if progressing and progressing.get("status") == "False" and progressing.get("reason") == "ProgressDeadlineExceeded":
-        return Rollout(DEGRADED, "ProgressDeadlineExceeded", f"{progressing.get('message', '')}; {serving}",
-                       **counts)
-    generation = deployment.get("metadata", {}).get("generation", 0)
-    if status.get("observedGeneration", 0) < generation:
-        return Rollout(PROGRESSING, "RollingUpdate", "the Deployment controller has not seen the new spec yet",
-                       **counts)
-    updated = status.get("updatedReplicas", 0) or 0
-    available = status.get("availableReplicas", 0) or 0
-    total = status.get("replicas", 0) or 0
-    # The Deployment's counters can lag its ReplicaSets for a moment after a template change:
-    # count the ready pods of this revision too before calling it done.
-    new_ready = sum(1 for p in pods
-                    if p.get("metadata", {}).get("annotations", {}).get(REVISION_ANNOTATION) == revision
-                    and not p.get("metadata", {}).get("deletionTimestamp")
-                    and _pod_ready(p))
-    if (updated >= desired and available >= desired and total == updated and ready >= desired
-            and new_ready >= desired):
-        if desired == 0:
-            return Rollout(READY, "ScaledToZero", "no replicas are requested", **counts)
-        return Rollout(READY, "RolloutComplete", f"{ready}/{desired} replicas ready on revision {revision}",
-                       **counts)
-    return Rollout(PROGRESSING, "RollingUpdate", f"{updated}/{desired} replicas updated to revision "
-                   f"{revision}, {available} available; {serving}", **counts)
-
-
-def _pod_ready(pod: dict) -> bool:
-    status = pod.get("status", {})
-    conditions = status.get("conditions") or []
-    if conditions:
-        return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
-    containers = status.get("containerStatuses") or []
-    return bool(containers) and all(c.get("ready") for c in containers)
-
-
-def _crash_looping(pod: dict) -> Optional[str]:
-    for cs in pod.get("status", {}).get("containerStatuses", []) or []:
-        waiting = cs.get("state", {}).get("waiting") or {}
-        if waiting.get("reason") in STUCK_WAITING_REASONS:
-            return f"container {cs['name']} is in {waiting['reason']} ({waiting.get('message', '')})"
-        restarts = cs.get("restartCount", 0) or 0
-        if restarts >= CRASH_LOOP_RESTARTS and not cs.get("ready"):
-            last = (cs.get("lastState", {}) or {}).get("terminated") or cs.get("state", {}).get("terminated") or {}
-            detail = f" (last exit code {last['exitCode']})" if "exitCode" in last else ""
-            return f"container {cs['name']} restarted {restarts} times{detail}"
-    return None
-

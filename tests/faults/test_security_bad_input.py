@@ -25,7 +25,7 @@ import pytest
 from finetune_trainer.data import validate_cli
 from tests.fixtures.cluster import get_json, wait_for
 from tests.fixtures.ml import learnable_instruction_records, write_jsonl
-from tests.test_operator_lifecycle import NOWHERE, apply, ftj, status, trainer_jobs
+from tests.cluster.test_operator_lifecycle import NOWHERE, apply, ftj, status, trainer_jobs
 
 pytestmark = [pytest.mark.reliability]
 
@@ -340,7 +340,7 @@ def test_bad_dataset_in_a_real_job_fails_with_a_condition_naming_the_line(cluste
     """Given a FineTuneJob on the local node whose dataset has a truncated JSON line 5, when the
     trainer really runs, then the job ends Failed with the trainer's permanent exit code and a
     Failed condition whose message names line 5; nothing is retried."""
-    from tests.test_operator_realrun import volume_path
+    from tests.e2e.test_operator_realrun import volume_path
 
     name = "baddata"
     apply(cluster, namespace, {

@@ -1,0 +1,57 @@
+"""What admission needs to know about the cluster: which referenced Secrets (and their keys),
+claims and PriorityClass exist, and each node's allocatable GPUs."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+from kubernetes import client
+
+from finetune_api.models import FineTuneJob
+
+from finetune_operator import admission, kube
+from finetune_operator.builders.placement import GPU_RESOURCE
+
+# Admission needs only each node's allocatable GPUs. Listing every node for every new
+# FineTuneJob, and building a typed model of each, was most of the operator's CPU when many
+# jobs arrive at once (200 nodes: about a third of its samples), so the list is read raw and
+# shared for a few seconds.
+NODE_GPUS_TTL_SECONDS = 5.0
+_node_gpus_cache: tuple[float, list[int]] | None = None
+_node_gpus_guard = threading.Lock()
+
+
+def gather(job: FineTuneJob) -> admission.ClusterFacts:
+    core, ns = kube.core(), job.metadata.namespace
+    facts = admission.ClusterFacts()
+    for _, ref in admission.secret_refs(job):
+        secret = kube.call(core.read_namespaced_secret, ref.name, ns, absent=True)
+        if secret is not None:
+            facts.secrets[ref.name] = set((secret.data or {}).keys()) | set((secret.string_data or {}).keys())
+    for _, claim in admission.claims_to_check(job):
+        if kube.call(core.read_namespaced_persistent_volume_claim, claim, ns, absent=True) is not None:
+            facts.claims.add(claim)
+    priority_class = job.spec.resources.priority_class_name
+    if priority_class:
+        found = kube.exists(client.SchedulingV1Api(kube.api()).read_priority_class, priority_class)
+        if found is not None:  # None: not allowed to look, so do not judge
+            facts.priority_classes = {priority_class} if found else set()
+    if job.spec.resources.gpus_per_node > 0:
+        gpus = kube.call(node_gpus, forbidden=True)
+        if gpus is not None:
+            facts.node_gpus = gpus
+    return facts
+
+
+def node_gpus() -> list[int]:
+    global _node_gpus_cache
+    with _node_gpus_guard:
+        if _node_gpus_cache and time.monotonic() - _node_gpus_cache[0] < NODE_GPUS_TTL_SECONDS:
+            return _node_gpus_cache[1]
+        raw = kube.core().list_node(_preload_content=False)
+        nodes = json.loads(raw.data)["items"]
+        gpus = [int(((n.get("status") or {}).get("allocatable") or {}).get(GPU_RESOURCE, "0")) for n in nodes]
+        _node_gpus_cache = (time.monotonic(), gpus)
+        return gpus

@@ -1,0 +1,63 @@
+"""What a FineTuneJob's transitions leave behind besides its status: Events, log lines and the
+operator's metrics (the jobs-per-phase gauge forgets a job when it is deleted)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+
+import kopf
+
+from finetune_api.models import FineTuneJob
+
+from finetune_operator import metrics
+from finetune_operator.status import PHASES, Observation, Phase, parse_time
+
+log = logging.getLogger("finetune_operator.finetunejob")
+
+_phases: dict[tuple[str, str], str] = {}  # for the finetune_operator_jobs gauge
+_phases_guard = threading.Lock()
+
+
+def transition(body: dict, old: str | None, new: str, reason: str, message: str) -> None:
+    if old == new:
+        return
+    metrics.phase_transitions.labels(**{"from": old or "", "to": new}).inc()
+    text = f"{old or 'New'} -> {new}: {reason}: {message}"[:1000]
+    if new == Phase.FAILED.value:
+        kopf.warn(body, reason=reason, message=text)
+    else:
+        kopf.info(body, reason=new, message=text)
+    log.info("%s/%s %s", body["metadata"].get("namespace"), body["metadata"].get("name"), text)
+
+
+def _publish_counts() -> None:
+    with _phases_guard:
+        counts: dict[str, int] = {}
+        for phase in _phases.values():
+            counts[phase] = counts.get(phase, 0) + 1
+    metrics.set_job_counts(counts, PHASES)
+
+
+def forget(namespace: str, name: str) -> None:
+    with _phases_guard:
+        _phases.pop((namespace, name), None)
+    _publish_counts()
+
+
+def observe(job: FineTuneJob, obs: Observation, obj: dict, now: dt.datetime) -> None:
+    with _phases_guard:
+        _phases[(job.metadata.namespace, job.metadata.name)] = obs.phase.value
+    _publish_counts()
+    delta = obs.gpu_hours - (job.status.gpu_hours or 0.0)
+    if delta > 0:
+        metrics.gpu_hours.inc(delta)
+    created = parse_time(obj["metadata"].get("creationTimestamp"))
+    old = job.status.phase
+    if created and obs.phase.running and old in (None, Phase.PENDING.value) and obs.restarts == 0 \
+            and obs.reason not in ("Resumed", "Retrying") and obs.first_running_at:
+        metrics.time_to_training_start.observe(
+            max((parse_time(obs.first_running_at) - created).total_seconds(), 0))
+    if created and obs.phase.terminal and old != obs.phase.value:
+        metrics.job_duration.observe(max((now - created).total_seconds(), 0))

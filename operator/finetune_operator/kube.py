@@ -1,0 +1,164 @@
+"""The one small Kubernetes helper the handlers use: typed API groups, create-or-read, read or
+None, delete if present, server-side apply, status patches. Every `ApiException` the operator
+tolerates is handled here (`call`), the way crate-operator's `call_kubeapi` does; anything else
+propagates to kopf, which retries the handler.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
+
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+
+from finetune_api.schema import GROUP, VERSION
+
+FIELD_MANAGER = "finetune-operator"
+APPLY_PATCH = "application/apply-patch+yaml"
+# A merge patch replaces lists (ownerReferences) where a strategic one would merge them.
+MERGE_PATCH = "application/merge-patch+json"
+NOT_FOUND, FORBIDDEN, CONFLICT = 404, 403, 409
+# Kinds applied with server-side apply: (group, version, plural); "" is the core group.
+PLURALS = {
+    "Deployment": ("apps", "v1", "deployments"),
+    "Service": ("", "v1", "services"),
+    "PodDisruptionBudget": ("policy", "v1", "poddisruptionbudgets"),
+    "PodMonitor": ("monitoring.coreos.com", "v1", "podmonitors"),
+    "HorizontalPodAutoscaler": ("autoscaling", "v2", "horizontalpodautoscalers"),
+    "ScaledObject": ("keda.sh", "v1alpha1", "scaledobjects"),
+}
+
+_api: client.ApiClient | None = None
+_api_lock = threading.Lock()
+
+
+def api() -> client.ApiClient:
+    """The client the handlers share: in-cluster credentials, else the kubeconfig."""
+    global _api
+    with _api_lock:
+        if _api is None:
+            try:
+                config.load_incluster_config()
+            except config.ConfigException:
+                config.load_kube_config()
+            _api = client.ApiClient()
+        return _api
+
+
+def core() -> client.CoreV1Api:
+    return client.CoreV1Api(api())
+
+
+def batch() -> client.BatchV1Api:
+    return client.BatchV1Api(api())
+
+
+def apps() -> client.AppsV1Api:
+    return client.AppsV1Api(api())
+
+
+def rbac() -> client.RbacAuthorizationV1Api:
+    return client.RbacAuthorizationV1Api(api())
+
+
+def custom(api_client: Optional[client.ApiClient] = None) -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(api_client or api())
+
+
+def as_dict(obj: Any) -> dict:
+    return api().sanitize_for_serialization(obj)
+
+
+def call(method: Callable[..., Any], *args: Any, absent: bool = False, conflict: bool = False,
+         forbidden: bool = False, **kwargs: Any) -> Any:
+    """`method(*args, **kwargs)`; None instead of raising for a 404 (absent=True), a 409
+    (conflict=True) or a 403 (forbidden=True). Everything else raises."""
+    try:
+        return method(*args, **kwargs)
+    except ApiException as e:
+        if (e.status == NOT_FOUND and absent) or (e.status == CONFLICT and conflict) \
+                or (e.status == FORBIDDEN and forbidden):
+            return None
+        raise
+
+
+def exists(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Optional[bool]:
+    """Whether the object `method` reads exists; None when the operator may not look (403)."""
+    try:
+        method(*args, **kwargs)
+        return True
+    except ApiException as e:
+        if e.status == NOT_FOUND:
+            return False
+        if e.status == FORBIDDEN:
+            return None
+        raise
+
+
+def read(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Optional[dict]:
+    """The object as a dict, or None when it does not exist."""
+    found = call(method, *args, absent=True, **kwargs)
+    return None if found is None else (found if isinstance(found, dict) else as_dict(found))
+
+
+def create(body: dict, create_method: Callable[..., Any],
+           read_method: Optional[Callable[..., Any]] = None) -> Optional[dict]:
+    """Create `body`; when it exists already (409) return what is there (read_method) or None."""
+    meta = body["metadata"]
+    created = call(create_method, meta["namespace"], body, conflict=True)
+    if created is not None:
+        return as_dict(created)
+    return read(read_method, meta["name"], meta["namespace"]) if read_method else None
+
+
+def delete(method: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """Delete; an object already gone is fine."""
+    call(method, *args, absent=True, **kwargs)
+
+
+def apply(body: dict) -> None:
+    """Server-side apply of a child (field manager finetune-operator, conflicts forced)."""
+    group, version, plural = PLURALS[body["kind"]]
+    ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    if group == "":
+        patch = getattr(core(), f"patch_namespaced_{body['kind'].lower()}")
+        patch(name, ns, body, field_manager=FIELD_MANAGER, force=True, _content_type=APPLY_PATCH)
+        return
+    custom().patch_namespaced_custom_object(group, version, ns, plural, name, body,
+                                            field_manager=FIELD_MANAGER, force=True,
+                                            _content_type=APPLY_PATCH)
+
+
+def delete_applied(kind: str, namespace: str, name: str) -> None:
+    group, version, plural = PLURALS[kind]
+    delete(custom().delete_namespaced_custom_object, group, version, namespace, plural, name)
+
+
+def crd_exists(name: str) -> bool:
+    """Whether a CRD is installed (False too when the operator may not read CRDs)."""
+    return bool(exists(client.ApiextensionsV1Api(api()).read_custom_resource_definition, name))
+
+
+def read_own(plural: str, namespace: str, name: str,
+             api_client: Optional[client.ApiClient] = None) -> Optional[dict]:
+    """One of the operator's own custom resources (finetune.dev), or None."""
+    return read(custom(api_client).get_namespaced_custom_object, GROUP, VERSION, namespace,
+                plural, name)
+
+
+def patch_status(plural: str, namespace: str, name: str, status: dict) -> None:
+    custom().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, plural, name,
+                                                   {"status": status})
+
+
+@contextmanager
+def logged(log: logging.Logger, what: str) -> Iterator[None]:
+    """For event handlers, which kopf does not retry (the next event is the retry): an API
+    error is logged with what was being done, and swallowed."""
+    try:
+        yield
+    except ApiException as e:
+        log.warning("%s failed: %s %s %s", what, e.status, e.reason, (e.body or "")[:500])

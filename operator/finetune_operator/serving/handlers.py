@@ -1,0 +1,241 @@
+"""InferenceService handlers: check what is to be served, apply the vLLM children, write status.
+The kopf decorators that call them are in `serving/routes.py`.
+
+One reconciliation (`reconcile`) does everything and is idempotent; it runs on every event of
+the InferenceService, of its Deployment and pods, and of the FineTuneJobs it names, so a
+referenced job that succeeds, a rollout that finishes or a pod that crash-loops all update
+the status. Children are applied with server-side apply (field manager `finetune-operator`).
+
+Bad input (a rank above maxLoraRank, an adapter from a full fine-tuning job, another base
+model, forbidden extra args) is refused with a condition and the Deployment is left as it
+was: pods already serving keep serving the previous configuration.
+
+`ensure_for_finetunejob` is called by the FineTuneJob handler when a job with spec.deploy
+finished training: it creates the InferenceService or adds the job's adapter to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+from kubernetes import client
+
+from finetune_api.models import FineTuneJob, InferenceService, to_dict
+from finetune_api.schema import GROUP, VERSION
+
+from finetune_operator import kube, settings
+from finetune_operator.conditions import now_iso
+from finetune_operator.labels import APP, MANAGED_BY
+from finetune_operator.locks import KeyedLocks
+from finetune_operator.serving import autoscaling, deployment, disruption, monitoring, service
+from finetune_operator.serving.checks import check
+from finetune_operator.serving.common import (
+    INFERENCESERVICE_LABEL, REVISION_ANNOTATION, referenced_jobs, selector, service_url,
+)
+from finetune_operator.serving.status import READY, status_for
+
+PLURAL = "inferenceservices"
+PROMETHEUS_URL = os.environ.get("FINETUNE_PROMETHEUS_URL", autoscaling.DEFAULT_PROMETHEUS)
+PODMONITOR_CRD = "podmonitors.monitoring.coreos.com"
+KEDA_CRD = "scaledobjects.keda.sh"
+log = logging.getLogger("finetune_operator.inferenceservice")
+_locks = KeyedLocks()  # one reconciliation at a time per InferenceService
+
+
+# --- reconciliation ---------------------------------------------------------------------------
+
+
+def _read_job(namespace: str, name: str) -> Optional[FineTuneJob]:
+    obj = kube.read_own("finetunejobs", namespace, name)
+    return None if obj is None else FineTuneJob.from_resource(obj)
+
+
+def _pods(isvc: InferenceService) -> list[dict]:
+    labels = ",".join(f"{k}={v}" for k, v in selector(isvc).items())
+    pods = kube.core().list_namespaced_pod(isvc.metadata.namespace, label_selector=labels)
+    return [kube.as_dict(p) for p in pods.items]
+
+
+def reconcile(namespace: str, name: str) -> None:
+    with _locks.hold((namespace, name)):
+        obj = kube.read_own(PLURAL, namespace, name)
+        if obj is None or obj["metadata"].get("deletionTimestamp"):
+            return
+        isvc = InferenceService.from_resource(obj)
+        jobs = {n: _read_job(namespace, n) for n in referenced_jobs(isvc)}
+        problems = check(isvc, jobs)
+        revision = (obj.get("status") or {}).get("revision")
+        if not problems:
+            revision = _apply_children(isvc, jobs)
+        current = kube.read(kube.apps().read_namespaced_deployment, name, namespace)
+        pods = _pods(isvc) if current else []
+        _write_status(obj, isvc, problems, current, pods, revision)
+
+
+def _apply_children(isvc: InferenceService, jobs: dict[str, FineTuneJob]) -> str:
+    ns, name = isvc.metadata.namespace, isvc.metadata.name
+    desired = deployment.build_deployment(isvc, jobs, settings.current.vllm_image)
+    kube.apply(desired)
+    kube.apply(service.build_service(isvc))
+    if disruption.wants_pdb(isvc):
+        kube.apply(disruption.build_pdb(isvc))
+    else:
+        kube.delete_applied("PodDisruptionBudget", ns, name)
+    if kube.crd_exists(PODMONITOR_CRD):
+        kube.apply(monitoring.build_pod_monitor(isvc))
+    keda = kube.crd_exists(KEDA_CRD)
+    if isvc.spec.autoscaling and keda:
+        kube.apply(autoscaling.build_scaled_object(isvc, PROMETHEUS_URL))
+        kube.delete_applied("HorizontalPodAutoscaler", ns, name)
+    elif isvc.spec.autoscaling:
+        kube.apply(autoscaling.build_hpa(isvc))
+    else:
+        kube.delete_applied("HorizontalPodAutoscaler", ns, name)
+        if keda:
+            kube.delete_applied("ScaledObject", ns, name)
+    return desired["spec"]["template"]["metadata"]["annotations"][REVISION_ANNOTATION]
+
+
+def _write_status(obj: dict, isvc: InferenceService, problems, current, pods, revision) -> None:
+    old = obj.get("status") or {}
+    status = status_for(isvc, problems, current, pods, revision, old.get("conditions") or [], now_iso())
+    changed = {k: v for k, v in status.items() if old.get(k) != v}
+    if not changed:
+        return
+    if old.get("phase") != status["phase"]:
+        ready = next(c for c in status["conditions"] if c["type"] == READY)
+        log.info("%s/%s: %s -> %s (%s: %s)", isvc.metadata.namespace, isvc.metadata.name, old.get("phase"),
+                 status["phase"], ready["reason"], ready["message"])
+    kube.patch_status(PLURAL, isvc.metadata.namespace, isvc.metadata.name, changed)
+
+
+def reconcile_logged(namespace: str, name: str) -> None:
+    """For event handlers: kopf does not retry them; the next event of the object or its
+    children is the retry."""
+    with kube.logged(log, f"{namespace}/{name}: reconciling"):
+        reconcile(namespace, name)
+
+
+# --- what the routes call -----------------------------------------------------------------------
+
+
+def on_child_event(body: dict, namespace: str) -> None:
+    owner = _owner(body)
+    if owner:
+        reconcile_logged(namespace, owner)
+
+
+def on_finetunejob_event(namespace: str, name: str) -> None:
+    """A referenced job that succeeds (or is recreated) changes what is served."""
+    for obj in kube.custom().list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]:
+        isvc = InferenceService.from_resource(obj)
+        if name in referenced_jobs(isvc):
+            reconcile_logged(namespace, isvc.metadata.name)
+
+
+def _owner(body: dict) -> Optional[str]:
+    refs = body.get("metadata", {}).get("ownerReferences") or []
+    for ref in refs:
+        if ref.get("kind") == InferenceService.KIND:
+            return ref["name"]
+    if body.get("kind") == "Pod":
+        # Pods belong to a ReplicaSet; the label names the InferenceService (same name as
+        # the Deployment, or a hashed label value for very long names).
+        return body.get("metadata", {}).get("labels", {}).get(INFERENCESERVICE_LABEL)
+    return None
+
+
+# --- FineTuneJob -> InferenceService ----------------------------------------------------------
+
+
+class DeployConflict(Exception):
+    """The job cannot be added to the named InferenceService (the message says why)."""
+
+
+def ensure_for_finetunejob(job: FineTuneJob | dict, api_client: Optional[client.ApiClient] = None,
+                           attempts: int = 5) -> dict:
+    """Create the InferenceService spec.deploy names (default: the job's name) serving this job's
+    adapter (or merged model), or add/update the adapter entry named after the job.
+
+    Read-modify-write with the resourceVersion, retried on 409; several jobs targeting one
+    server each add their own entry. Returns `{"name", "url"}`.
+    """
+    job = job if isinstance(job, FineTuneJob) else FineTuneJob.from_resource(job)
+    deploy = job.spec.deploy
+    if deploy is None:
+        raise ValueError(f"FineTuneJob {job.metadata.name} has no spec.deploy")
+    ns, target = job.metadata.namespace, deploy.inference_service or job.metadata.name
+    custom = kube.custom(api_client)
+    for _ in range(attempts):
+        current = kube.read_own(PLURAL, ns, target, api_client)
+        # None: created or changed meanwhile (409); read again
+        if current is None:
+            done = kube.call(custom.create_namespaced_custom_object, GROUP, VERSION, ns, PLURAL,
+                             _new_isvc(job, target), conflict=True)
+        else:
+            spec = _with_job(current["spec"], job, target)
+            if spec == current["spec"]:
+                break
+            body = {"apiVersion": current["apiVersion"], "kind": current["kind"],
+                    "metadata": current["metadata"], "spec": spec}
+            done = kube.call(custom.replace_namespaced_custom_object, GROUP, VERSION, ns, PLURAL,
+                             target, body, conflict=True)
+        if done is not None:
+            break
+    else:
+        raise DeployConflict(f"InferenceService {ns}/{target} kept changing; gave up after {attempts} attempts")
+    isvc_stub = InferenceService.from_resource({"metadata": {"name": target, "namespace": ns},
+                                                "spec": {"model": {"source": job.spec.model.source}}})
+    return {"name": target, "url": service_url(isvc_stub)}
+
+
+def _new_isvc(job: FineTuneJob, target: str) -> dict:
+    deploy = job.spec.deploy
+    model = to_dict(job.spec.model)
+    resources: dict = {"gpus": deploy.gpus}
+    if deploy.node_selector:
+        resources["nodeSelector"] = dict(deploy.node_selector)
+    if deploy.tolerations:
+        resources["tolerations"] = [to_dict(t) for t in deploy.tolerations]
+    spec: dict = {"model": model, "replicas": deploy.replicas, "resources": resources}
+    if deploy.vllm:
+        spec["vllm"] = to_dict(deploy.vllm)
+        if deploy.gpus == 0:
+            spec["vllm"]["tensorParallelSize"] = 1
+    ref = {"fineTuneJobRef": {"name": job.metadata.name}}
+    if job.spec.method.uses_adapter:
+        spec["adapters"] = [{"name": job.metadata.name, **ref}]
+    else:
+        spec["mergedModel"] = ref
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": InferenceService.KIND,
+            "metadata": {"name": target, "namespace": job.metadata.namespace,
+                         "labels": {MANAGED_BY: APP},
+                         "annotations": {f"{GROUP}/created-by-finetunejob": job.metadata.name}},
+            "spec": spec}
+
+
+def _with_job(spec: dict, job: FineTuneJob, target: str) -> dict:
+    spec = {**spec}
+    ref = {"fineTuneJobRef": {"name": job.metadata.name}}
+    if not job.spec.method.uses_adapter:
+        if spec.get("adapters"):
+            raise DeployConflict(f"FineTuneJob {job.metadata.name} did full fine-tuning (a whole model, no "
+                                 f"adapter) but InferenceService {target} serves adapters; deploy it to "
+                                 "another InferenceService")
+        spec["mergedModel"] = ref
+        return spec
+    if spec.get("mergedModel"):
+        raise DeployConflict(f"InferenceService {target} serves a merged model and cannot take the adapter "
+                             f"of FineTuneJob {job.metadata.name}; deploy it to another InferenceService")
+    adapters = [dict(a) for a in spec.get("adapters") or []]
+    entry = {"name": job.metadata.name, **ref}
+    for i, adapter in enumerate(adapters):
+        if adapter["name"] == job.metadata.name:
+            adapters[i] = entry
+            break
+    else:
+        adapters.append(entry)
+    spec["adapters"] = adapters
+    return spec

@@ -1,0 +1,48 @@
+"""The status of an InferenceService (pure): problems with the spec first, then the rollout's
+state. Phases are decided here and nowhere else."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from finetune_api.models import InferenceService
+
+from finetune_operator.conditions import FALSE, TRUE, ConditionUpdate, set_conditions
+from finetune_operator.serving.checks import Problem
+from finetune_operator.serving.common import ServingPhase, served_models, service_url
+from finetune_operator.serving.rollout import rollout
+
+READY, PROGRESSING, DEGRADED = "Ready", "Progressing", "Degraded"
+
+
+def status_for(isvc: InferenceService, problems: list[Problem], deployment: Optional[dict],
+               pods: list[dict], revision: Optional[str], existing_conditions: list[dict], now: str) -> dict:
+    """The status to write (pure): problems with the spec first, then the rollout's state."""
+    generation = isvc.metadata.generation
+    state = rollout(deployment, pods, revision or "")
+    status: dict = {"observedGeneration": generation, "url": service_url(isvc),
+                    "servedModels": served_models(isvc), "revision": revision,
+                    "replicas": state.replicas, "readyReplicas": state.ready_replicas}
+    if problems:
+        waiting = all(p.waiting for p in problems)
+        phase = ServingPhase.PENDING if waiting else ServingPhase.FAILED
+        reason = problems[0].reason if len({p.reason for p in problems}) == 1 else (
+            "WaitingForFineTuneJobs" if waiting else "InvalidSpec")
+        message = "; ".join(p.message for p in problems)
+        if deployment:
+            message += f" (the Deployment is left as it was: {state.ready_replicas} ready replica(s) " \
+                       "keep serving the previous configuration)"
+        updates = [ConditionUpdate(READY, FALSE, reason, message),
+                   ConditionUpdate(PROGRESSING, FALSE, reason, message),
+                   ConditionUpdate(DEGRADED, FALSE if waiting else TRUE, reason, message)]
+    else:
+        phase = state.phase
+        updates = [
+            ConditionUpdate(READY, TRUE if phase == ServingPhase.READY else FALSE, state.reason, state.message),
+            ConditionUpdate(PROGRESSING, TRUE if phase == ServingPhase.PROGRESSING else FALSE, state.reason,
+                            state.message),
+            ConditionUpdate(DEGRADED, TRUE if phase == ServingPhase.DEGRADED else FALSE, state.reason, state.message),
+        ]
+    status["phase"] = phase
+    status["conditions"] = set_conditions(existing_conditions, updates, generation=generation, now=now)
+    return {k: v for k, v in status.items() if v is not None}

@@ -1,0 +1,78 @@
+"""The operator's structure: routes only in main.py and serving/routes.py, API errors handled
+only in kube.py, one lock table that forgets, one name shortener."""
+
+from __future__ import annotations
+
+import ast
+import threading
+from pathlib import Path
+
+from finetune_operator import names
+from finetune_operator.labels import label_value
+from finetune_operator.locks import KeyedLocks
+
+PACKAGE = Path(__file__).resolve().parents[3] / "operator" / "finetune_operator"
+ROUTES = {"main.py", "serving/routes.py"}
+
+
+def _modules():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        yield str(path.relative_to(PACKAGE)), ast.parse(path.read_text(), str(path))
+
+
+def _is_kopf_decorator(node: ast.expr) -> bool:
+    target = node.func if isinstance(node, ast.Call) else node
+    while isinstance(target, ast.Attribute):
+        target = target.value
+    return isinstance(target, ast.Name) and target.id == "kopf"
+
+
+def test_kopf_decorators_live_only_in_the_routing_tables():
+    decorated = {name for name, tree in _modules() for node in ast.walk(tree)
+                 if isinstance(node, ast.FunctionDef) and any(map(_is_kopf_decorator, node.decorator_list))}
+    assert decorated == ROUTES
+
+
+def test_routes_only_delegate():
+    for name in ROUTES:
+        tree = ast.parse((PACKAGE / name).read_text())
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and any(map(_is_kopf_decorator, node.decorator_list)):
+                statements = [s for s in node.body if not isinstance(s, ast.Expr) or
+                              not isinstance(s.value, ast.Constant)]
+                assert len(statements) <= 6, f"{name}:{node.name} does more than delegate"
+
+
+def test_api_errors_are_handled_only_in_the_kube_helper():
+    handling = {name for name, tree in _modules() for node in ast.walk(tree)
+                if isinstance(node, ast.ExceptHandler) and "ApiException" in ast.unparse(node.type or ast.Constant(""))}
+    assert handling == {"kube.py"}
+
+
+def test_a_lock_is_dropped_once_nobody_holds_or_waits_for_it():
+    locks = KeyedLocks()
+    entered, release = threading.Event(), threading.Event()
+
+    def holder():
+        with locks.hold(("ns", "a")):
+            entered.set()
+            release.wait(5)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    assert entered.wait(5)
+    assert len(locks) == 1
+    release.set()
+    thread.join(5)
+    with locks.hold(("ns", "b")):
+        assert len(locks) == 1
+    assert len(locks) == 0
+
+
+def test_one_shortener_keeps_names_within_their_limits_and_stable():
+    long = "a-very-long-fine-tune-job-name-that-goes-on-and-on-and-on-beyond-limits"
+    assert len(label_value(long)) == 63 and label_value(long) == names.shorten(long, 63)
+    assert names.shorten("short") == "short"
+    fitted = names.fit(long, "trainer", limit=52)
+    assert len(fitted) <= 52 and fitted.endswith("-trainer") and fitted == names.fit(long, "trainer", limit=52)
+    assert names.fit("job", "workspace") == "job-workspace"
