@@ -21,7 +21,13 @@ TRAINER_CONFIG_KIND = "TrainerConfig"
 TRAINER_CONFIG_API_VERSION = "finetune.dev/v1alpha1"
 
 METHODS = ("full", "lora", "qlora")
-DATASET_FORMATS = ("instruction", "completion", "chat", "text")
+DATASET_FORMATS = ("instruction", "completion", "chat", "text", "preference")
+# Training objectives (finetune_trainer.objectives registers one module per name).
+OBJECTIVES = ("sft", "dpo")
+# TRL 1.16 DPOConfig.loss_type values that need no further parameter.
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
+                  "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop",
+                  "sigmoid_norm")
 PRECISIONS = ("bf16", "fp16", "fp32")
 PACKING_MODES = ("auto", "on", "off")
 LENGTH_POLICIES = ("truncate", "drop")
@@ -121,13 +127,40 @@ class QuantizationConfig:
 
 
 @dataclass
+class DpoConfig:
+    """Direct preference optimisation (method.objective dpo)."""
+
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    # Prompt tokens kept (the end of the prompt), and tokens kept of each completion.
+    max_prompt_length: int | None = None
+    max_completion_length: int | None = None
+
+    def validate(self, where: str) -> None:
+        _one_of(self.loss_type, DPO_LOSS_TYPES, f"{where}.lossType")
+        if not self.beta > 0:
+            raise ConfigError(f"{where}.beta: must be > 0")
+        for name in ("max_prompt_length", "max_completion_length"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{where}.{_camel(name)}: must be a positive integer")
+
+
+@dataclass
 class MethodConfig:
     type: str = "lora"
     lora: LoraConfig | None = None
     quantization: QuantizationConfig | None = None
+    objective: str = "sft"
+    dpo: DpoConfig | None = None
 
     def validate(self, where: str) -> None:
         _one_of(self.type, METHODS, f"{where}.type")
+        _one_of(self.objective, OBJECTIVES, f"{where}.objective")
+        if self.dpo is not None and self.objective != "dpo":
+            raise ConfigError(f"{where}.dpo: only allowed with objective dpo")
+        if self.objective == "dpo" and self.dpo is None:
+            self.dpo = DpoConfig()
         if self.type == "full" and (self.lora or self.quantization):
             raise ConfigError(f"{where}: lora/quantization are not allowed with type full")
         if self.type == "lora" and self.quantization:
@@ -324,6 +357,7 @@ _NESTED: dict[tuple[str, str], type] = {
     ("TrainerConfig", "reporting"): ReportingConfig,
     ("MethodConfig", "lora"): LoraConfig,
     ("MethodConfig", "quantization"): QuantizationConfig,
+    ("MethodConfig", "dpo"): DpoConfig,
     ("DatasetConfig", "dedup"): DedupConfig,
     ("DatasetConfig", "mix"): MixConfig,
     ("TrainingConfig", "early_stopping"): EarlyStoppingConfig,
