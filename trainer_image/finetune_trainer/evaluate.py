@@ -112,14 +112,16 @@ def evaluate_run(cfg: TrainerConfig, model, tokenizer, *, eval_metrics: dict[str
     """
     from .objectives import get_objective
 
+    objective = get_objective(cfg.method.objective)
     eval_loss = eval_metrics.get("eval_loss")
-    report: dict[str, Any] = {"evalLoss": eval_loss, "perplexity": perplexity(eval_loss),
+    report: dict[str, Any] = {"evalLoss": eval_loss,
+                              "perplexity": perplexity(eval_loss) if objective.lm_loss else None,
                               "metrics": list(cfg.evaluation.metrics)}
     base_model = None
     if base_loader is not None and not hasattr(getattr(model, "module", model), "disable_adapter"):
         base_model = base_loader()
         base_loader = (lambda: base_model)
-    report.update(get_objective(cfg.method.objective).evaluate(
+    report.update(objective.evaluate(
         cfg, model, tokenizer, eval_records or [], reference=base_model))
     prompts = load_prompts(cfg)
     if prompts:

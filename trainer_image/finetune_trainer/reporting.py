@@ -70,6 +70,8 @@ class Progress:
     dataset: dict[str, Any] | None = None
     # An objective's own latest values, by status.metrics key (DPO: rewardsChosen, ...).
     objective_metrics: dict[str, float] = field(default_factory=dict)
+    # False when the loss is not a language-model loss (DPO): no perplexity then.
+    lm_loss: bool = True
     # status.evaluation once the run evaluated (evalLoss, perplexity, preferenceAccuracy, ...).
     evaluation: dict[str, Any] | None = None
 
@@ -88,7 +90,7 @@ class Progress:
 
     @property
     def perplexity(self) -> float | None:
-        if self.eval_loss is None:
+        if self.eval_loss is None or not self.lm_loss:
             return None
         return math.exp(self.eval_loss) if self.eval_loss < 50 else float("inf")
 

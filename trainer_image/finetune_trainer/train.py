@@ -123,6 +123,7 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
         from .reporting import dataset_status
 
         reporter.progress.dataset = dataset_status(data.report)
+        reporter.progress.lm_loss = objective.lm_loss
         reporter.publish(force=True)
     try:
         model = objective.load_model(cfg, precision)

@@ -193,12 +193,24 @@ class Quantization:
 
 
 @model
+class Dpo:
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    max_prompt_length: Optional[int] = None
+    max_completion_length: Optional[int] = None
+
+
+@model
 class Method:
     type: str = "lora"
+    objective: str = "sft"
     lora: Optional[LoRA] = None
     quantization: Optional[Quantization] = None
+    dpo: Optional[Dpo] = None
 
     def __post_init__(self) -> None:
+        if self.objective == "dpo" and self.dpo is None:
+            self.dpo = Dpo()
         # The schema cannot default a block that exists only for some methods; fill it here
         # with the same defaults (see docs/api.md, "Defaults of optional blocks").
         if self.type in ("lora", "qlora") and self.lora is None:
@@ -367,6 +379,25 @@ class TrainingMetrics:
     perplexity: Optional[float] = None
     learning_rate: Optional[float] = None
     tokens_per_second: Optional[float] = None
+    rewards_chosen: Optional[float] = None
+    rewards_rejected: Optional[float] = None
+    rewards_accuracy: Optional[float] = None
+    rewards_margin: Optional[float] = None
+
+
+@model
+class PreferenceAccuracy:
+    base: Optional[float] = None
+    finetuned: Optional[float] = None
+    pairs: Optional[int] = None
+
+
+@model
+class EvaluationResults:
+    eval_loss: Optional[float] = None
+    perplexity: Optional[float] = None
+    preference_accuracy: Optional[PreferenceAccuracy] = None
+    reward_accuracy: Optional[float] = None
 
 
 @model
@@ -427,6 +458,7 @@ class FineTuneJobStatus:
     completion_time: Optional[str] = None
     progress: Optional[Progress] = None
     metrics: Optional[TrainingMetrics] = None
+    evaluation: Optional[EvaluationResults] = None
     dataset: Optional[DatasetReport] = None
     checkpoints: Optional[Checkpoints] = None
     artifacts: Optional[Artifacts] = None

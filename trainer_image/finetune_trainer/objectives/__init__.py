@@ -12,6 +12,7 @@ artifacts) is shared; an objective only says:
   model and the prepared records;
 - what it adds to the evaluation report (`evaluate`), and to `finetune-trainer evaluate`
   (`standalone_eval`);
+- whether its loss is a language-model loss (`lm_loss`: perplexity is reported only then);
 - which of its logged values are reported (`metrics`: MetricSpecs route a TRL log key into
   `status.metrics.<statusKey>` and the gauge `finetune_trainer_<gauge>`).
 
@@ -40,6 +41,8 @@ class Objective(Protocol):
     name: str
     formats: tuple[str, ...]
     metrics: tuple[MetricSpec, ...]
+    # Whether the eval loss is a language-model loss (so exp(loss) is a perplexity).
+    lm_loss: bool
 
     def check(self, cfg: TrainerConfig) -> None: ...
 

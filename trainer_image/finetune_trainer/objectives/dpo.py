@@ -119,6 +119,7 @@ def preference_accuracy(model, tokenizer, records: list[dict], max_length: int |
 class DPO:
     name = "dpo"
     formats = ("preference",)
+    lm_loss = False
     metrics = METRICS
 
     def check(self, cfg: TrainerConfig) -> None:

@@ -79,6 +79,7 @@ def make_sft_trainer(model, args, tokenizer, train: list[dict], evals: list[dict
 class SFT:
     name = "sft"
     formats = ("instruction", "completion", "chat", "text")
+    lm_loss = True
     metrics: tuple[MetricSpec, ...] = ()
 
     def check(self, cfg: TrainerConfig) -> None:
