@@ -69,7 +69,7 @@ def load_prompts(cfg: TrainerConfig) -> list[dict[str, str]]:
 def format_prompt(cfg: TrainerConfig, tokenizer, prompt: str) -> str:
     """Present a prompt the way the training data presented prompts."""
     fmt = cfg.dataset.format
-    if fmt == "chat" and getattr(tokenizer, "chat_template", None):
+    if fmt in ("chat", "preference") and getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                              add_generation_prompt=True, tokenize=False)
     if fmt == "instruction":
