@@ -193,3 +193,20 @@ def test_pair_length_is_prompt_plus_the_longer_answer_and_drop_policy_applies(tm
                                  seed=0, max_seq_length=40)
     assert truncating.report.truncated == 2
     assert all(len(r["chosen"].split()) == 3 for r in truncating.train)  # the short answer is whole
+
+
+def test_prompt_limit_counts_real_tokens_with_a_tokenizer(tmp_path, tiny_model):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    prompt = "An old preamble that goes on and on. " * 6 + "Now the question: where is the sea?"
+    record = {"prompt": prompt, "chosen": "Arr matey, the sea be grand!", "rejected": "The sea is fine."}
+    cfg = DatasetConfig(source=str(write(tmp_path / "pairs.jsonl", [record])), format="preference",
+                        eval_fraction=0.0, min_examples=1)
+
+    prepared = inspect_dataset(cfg, seed=0, max_seq_length=512, tokenizer=tokenizer, max_prompt_length=12)
+
+    kept = prepared.train[0]["prompt"]
+    assert len(tokenizer(kept, add_special_tokens=False)["input_ids"]) <= 12
+    assert prompt.endswith(kept) and kept.endswith("where is the sea?")
+    assert prepared.report.token_lengths_approximate is False

@@ -131,3 +131,20 @@ def test_full_dpo_uses_a_frozen_reference_copy(tiny_model, tmp_path):
     # The rewards are log-ratios against the reference: with the reference frozen they move apart.
     assert report["objectiveMetrics"]["rewardsMargin"] > 0
     assert (root / "artifacts" / "merged" / "config.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="QLoRA needs a CUDA device")
+def test_qlora_dpo_trains_on_cuda(tiny_model, tmp_path):
+    config = dpo_config(tmp_path, tiny_model)
+    config["method"]["type"] = "qlora"
+    config["method"]["quantization"] = {"quantType": "nf4"}
+    config["training"]["precision"] = "bf16"
+
+    result, root = run(config, tmp_path)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((root / "reports" / "eval.json").read_text())
+    assert report["preferenceAccuracy"]["finetuned"] > report["preferenceAccuracy"]["base"]
+    assert (root / "artifacts" / "adapter" / "adapter_model.safetensors").is_file()
