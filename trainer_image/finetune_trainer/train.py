@@ -99,8 +99,9 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
     rank = int(os.environ.get("RANK", "0"))
     is_main = rank == 0
     log.info("method %s, objective %s, precision %s (asked %s), packing %s (%s), device %s, "
-             "world size %s", cfg.method.type, objective.name, precision.effective, precision.requested, packing, cfg.training.packing,
-             "cuda" if cuda else "cpu", os.environ.get("WORLD_SIZE", "1"))
+             "world size %s", cfg.method.type, objective.name, precision.effective,
+             precision.requested, packing, cfg.training.packing, "cuda" if cuda else "cpu",
+             os.environ.get("WORLD_SIZE", "1"))
 
     tokenizer = load_tokenizer(cfg)
     # Only the first TRL config sets up torch.distributed; it needs the data's kind first,
@@ -188,7 +189,6 @@ def _finish(cfg, objective, trainer, tokenizer, data, result, eval_metrics, trai
     logged = {}
     for entry in state.log_history:
         logged.update({k: v for k, v in entry.items() if isinstance(v, (int, float))})
-    logged.update(eval_metrics)
     objective_metrics = {spec.status_key: logged[spec.log_key] for spec in objective.metrics
                          if spec.log_key in logged}
     eval_objective = {spec.status_key: eval_metrics[f"eval_{spec.log_key}"]
