@@ -18,7 +18,9 @@ from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import TrainerConfig, _to_camel_dict
+from finetune_api.models import to_dict
+
+from .config import TrainerConfig
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,7 @@ def dataset_digest(cfg: TrainerConfig) -> str:
     """Content hash of everything that shapes the prepared dataset."""
     digest = hashlib.sha256()
     key: dict[str, Any] = {
-        "dataset": _to_camel_dict(cfg.dataset),
+        "dataset": to_dict(cfg.dataset),
         "seed": cfg.training.seed,
         "maxSeqLength": cfg.training.max_seq_length,
         "model": cfg.model.source,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from finetune_operator.api.models import FineTuneJob
+from finetune_api.models import FineTuneJob
 from finetune_operator.builders.trainer_config import build_trainer_config
 from finetune_trainer.config import TrainerConfig
 

@@ -36,7 +36,7 @@ def test_sft_is_the_default_objective():
 def test_an_unknown_objective_names_the_field():
     with pytest.raises(ConfigError, match="method.objective: 'ppo' is not one of"):
         get_objective("ppo")
-    with pytest.raises(ConfigError, match="config.method.objective: 'ppo' is not one of sft, dpo"):
+    with pytest.raises(ConfigError, match="method.objective: 'ppo' is not one of sft, dpo"):
         config("ppo", "instruction")
 
 
@@ -61,12 +61,14 @@ def test_dpo_section_defaults_and_bounds():
     cfg = config("dpo", "preference")
     assert (cfg.method.dpo.beta, cfg.method.dpo.loss_type) == (0.1, "sigmoid")
     get_objective("dpo").check(cfg)
-    with pytest.raises(ConfigError, match="config.method.dpo.lossType: 'kto' is not one of"):
+    with pytest.raises(ConfigError, match="method.dpo.lossType: 'kto' is not one of"):
         config("dpo", "preference", dpo={"lossType": "kto"})
-    with pytest.raises(ConfigError, match="config.method.dpo: only allowed with objective dpo"):
+    with pytest.raises(ConfigError, match="method.dpo: only allowed when method.objective is dpo"):
         config("sft", "instruction", dpo={"beta": 0.2})
-    with pytest.raises(ConfigError, match="config.method.dpo.beta: must be > 0"):
-        config("dpo", "preference", dpo={"beta": 0})
+    with pytest.raises(ConfigError, match="method.dpo.beta: must be > 0"):
+        get_objective("dpo").check(config("dpo", "preference", dpo={"beta": 0}))
+    with pytest.raises(ConfigError, match="method.dpo.maxPromptLength: must be at least 1"):
+        get_objective("dpo").check(config("dpo", "preference", dpo={"maxPromptLength": 0}))
 
 
 def test_dpo_options_shape_the_prepared_data_and_its_cache_key(tmp_path):

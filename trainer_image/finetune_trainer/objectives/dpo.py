@@ -127,6 +127,13 @@ class DPO:
         dpo = cfg.method.dpo
         if dpo is None:
             raise ConfigError("method.dpo: missing (method.objective dpo)")
+        # The schema's bounds, for configs no API server has checked.
+        if not dpo.beta > 0:
+            raise ConfigError(f"method.dpo.beta: must be > 0, got {dpo.beta}")
+        for name, value in (("maxPromptLength", dpo.max_prompt_length),
+                            ("maxCompletionLength", dpo.max_completion_length)):
+            if value is not None and value < 1:
+                raise ConfigError(f"method.dpo.{name}: must be at least 1, got {value}")
         if cfg.training.packing == "on":
             raise ConfigError("training.packing on: DPO trains on whole pairs and does not pack")
 
