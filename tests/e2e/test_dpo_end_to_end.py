@@ -19,7 +19,9 @@ import pytest
 
 from tests.fixtures.cluster import get_json, wait_for
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+# Training, evaluation and vLLM's start-up on a shared 2-core machine take longer than the
+# suite's default 900 s per test.
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(2400)]
 
 REPO = Path(__file__).resolve().parents[2]
 PAIRS = REPO / "examples" / "data" / "preference.jsonl"
