@@ -163,8 +163,10 @@ def _from_resource(cls: type, obj: dict) -> Any:
 
 class MethodBehaviour:
     type: str
+    objective: str
     lora: Any
     quantization: Any
+    dpo: Any
 
     def __post_init__(self) -> None:
         # The schema cannot default a block that exists only for some methods; fill it here
@@ -174,9 +176,13 @@ class MethodBehaviour:
             self.lora = _class("LoRA")()
         if self.type == MethodType.QLORA and self.quantization is None:
             self.quantization = _class("Quantization")()
+        if self.objective == "dpo" and self.dpo is None:
+            self.dpo = _class("Dpo")()
 
     def validate(self, where: str) -> None:
         """The schema's CEL rules on method, for configs no API server has checked."""
+        if self.dpo is not None and self.objective != "dpo":
+            raise InvalidResource(f"{where}.dpo: only allowed when {where}.objective is dpo")
         if self.lora is not None and self.type not in ADAPTER_METHODS:
             raise InvalidResource(f"{where}.lora: only allowed when {where}.type is lora or qlora")
         if self.quantization is not None and self.type != MethodType.QLORA:

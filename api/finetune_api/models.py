@@ -57,13 +57,26 @@ class Quantization:
 
 
 @dataclass(kw_only=True)
+class Dpo:
+    """Direct preference optimisation (method.objective dpo). The reference model is the base
+    with the adapter disabled (lora, qlora) or a frozen copy of the base (full)."""
+
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    max_prompt_length: Optional[int] = None
+    max_completion_length: Optional[int] = None
+
+
+@dataclass(kw_only=True)
 class Method(_runtime.MethodBehaviour):
     """How the model is fine-tuned. When lora (or quantization) is omitted for a method that
     uses it, the defaults below apply."""
 
     type: str = "lora"
+    objective: str = "sft"
     lora: Optional[LoRA] = None
     quantization: Optional[Quantization] = None
+    dpo: Optional[Dpo] = None
 
 
 @dataclass(kw_only=True)
@@ -289,6 +302,30 @@ class TrainingMetrics:
     perplexity: Optional[float] = None
     learning_rate: Optional[float] = None
     tokens_per_second: Optional[float] = None
+    rewards_chosen: Optional[float] = None
+    rewards_rejected: Optional[float] = None
+    rewards_accuracy: Optional[float] = None
+    rewards_margin: Optional[float] = None
+
+
+@dataclass(kw_only=True)
+class PreferenceAccuracy:
+    """DPO: share of held-out pairs whose chosen answer has a higher log-probability (summed
+    over its tokens, given the prompt) than the rejected one."""
+
+    base: Optional[float] = None
+    finetuned: Optional[float] = None
+    pairs: Optional[int] = None
+
+
+@dataclass(kw_only=True)
+class EvaluationResults:
+    """Results of the evaluation after training."""
+
+    eval_loss: Optional[float] = None
+    perplexity: Optional[float] = None
+    preference_accuracy: Optional[PreferenceAccuracy] = None
+    reward_accuracy: Optional[float] = None
 
 
 @dataclass(kw_only=True)
@@ -361,6 +398,7 @@ class FineTuneJobStatus:
     completion_time: Optional[str] = None
     progress: Optional[Progress] = None
     metrics: Optional[TrainingMetrics] = None
+    evaluation: Optional[EvaluationResults] = None
     dataset: Optional[DatasetReport] = None
     checkpoints: Optional[Checkpoints] = None
     artifacts: Optional[Artifacts] = None

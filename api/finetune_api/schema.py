@@ -56,7 +56,13 @@ class MethodType(enum.StrEnum):
 ADAPTER_METHODS = (MethodType.LORA, MethodType.QLORA)
 # Enumerations the trainer's command line and the models use too.
 METHODS = [m.value for m in MethodType]
-DATASET_FORMATS = ["instruction", "completion", "chat", "text"]
+DATASET_FORMATS = ["instruction", "completion", "chat", "text", "preference"]
+# Training objectives (the trainer's finetune_trainer.objectives registers one module per name).
+OBJECTIVES = ["sft", "dpo"]
+# TRL 1.16 DPOConfig.loss_type values that need no further parameter.
+DPO_LOSS_TYPES = ["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
+                  "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop",
+                  "sigmoid_norm"]
 LENGTH_POLICIES = ["truncate", "drop"]
 PACKING_MODES = ["auto", "on", "off"]
 PRECISIONS = ["bf16", "fp16", "fp32"]
@@ -260,13 +266,33 @@ QUANTIZATION = obj("4-bit quantization of the frozen base model (method.type qlo
                            enum=["bf16", "fp16", "fp32"]),
 })
 
+DPO = obj("Direct preference optimisation (method.objective dpo). The reference model is the "
+          "base with the adapter disabled (lora, qlora) or a frozen copy of the base (full).", {
+    "beta": number("How far the tuned model may move from the reference: higher keeps it "
+                   "closer (for lossType ipo, the regularisation tau).", default=0.1, minimum=0,
+                   maximum=100, exclusive_minimum=True),
+    "lossType": string("The preference loss (TRL's names): sigmoid is the DPO paper's.",
+                       default="sigmoid", enum=DPO_LOSS_TYPES),
+    "maxPromptLength": integer("Tokens kept of each prompt (its end) when the dataset is "
+                               "prepared; unset keeps whole prompts.", minimum=1, maximum=131072),
+    "maxCompletionLength": integer("Tokens kept of each chosen and rejected answer (their "
+                                   "beginning) when the dataset is prepared; unset keeps whole "
+                                   "answers.", minimum=1, maximum=131072),
+})
+
 METHOD = obj("How the model is fine-tuned. When lora (or quantization) is omitted for a method that "
              "uses it, the defaults below apply.", {
     "type": string("full updates every weight; lora trains low-rank adapters; qlora trains adapters "
                    "on a 4-bit quantized base.", default="lora", enum=METHODS),
+    "objective": string("What training optimises: sft (supervised fine-tuning on instruction, "
+                        "completion, chat or text data) or dpo (direct preference optimisation "
+                        "on dataset.format preference).", default="sft", enum=OBJECTIVES),
     "lora": LORA,
     "quantization": QUANTIZATION,
+    "dpo": DPO,
 }, default={"type": "lora", "lora": {}}, rules=[
+    rule("!has(self.dpo) || (has(self.objective) && self.objective == 'dpo')",
+         "spec.method.dpo is only allowed when spec.method.objective is dpo", field_path=".dpo"),
     rule("!has(self.lora) || self.type in ['lora', 'qlora']",
          "spec.method.lora is only allowed when spec.method.type is lora or qlora",
          field_path=".lora"),
@@ -285,7 +311,10 @@ DATASET = obj("Training data, its format, how it is split and cleaned.", {
     "split": string("Split of a Hugging Face dataset.", default="train", min_length=1,
                     max_length=128, pattern=r"^[-A-Za-z0-9_.\[\]:%]+$"),
     "format": string("Record shape. instruction: {instruction, input?, output}; completion: "
-                     "{prompt, completion}; chat: {messages: [{role, content}]}; text: {text}.",
+                     "{prompt, completion}; chat: {messages: [{role, content}]}; text: {text}; "
+                     "preference (method.objective dpo): {prompt, chosen, rejected}, the prompt a "
+                     "string or chat messages, or OpenAI's {input: {messages}, preferred_output, "
+                     "non_preferred_output}.",
                      default="instruction", enum=DATASET_FORMATS),
     "fieldMap": string_map("Renames source fields to the format's field names, "
                            "e.g. {instruction: question, output: answer}.", max_properties=16),
@@ -317,7 +346,12 @@ DATASET = obj("Training data, its format, how it is split and cleaned.", {
         "format": string("Record shape of the mixed-in data.", default="instruction",
                          enum=DATASET_FORMATS),
     }, required=["source", "ratio"]),
-}, required=["source"])
+}, required=["source"], rules=[
+    rule("!has(self.mix) || !has(self.format) || "
+         "(self.mix.format == 'preference') == (self.format == 'preference')",
+         "spec.dataset.mix.format must be preference exactly when spec.dataset.format is "
+         "preference (pairs cannot be mixed with single examples)", field_path=".mix.format"),
+])
 
 TRAINING = obj("Hyperparameters of the training loop.", {
     "epochs": number("Passes over the training data (ignored when maxSteps is set).", default=1,
@@ -523,6 +557,18 @@ FINETUNEJOB_SPEC = obj("Desired state of a FineTuneJob. Once training started (s
     rule("self.training.precision != 'fp16' || self.resources.gpusPerNode >= 1",
          "spec.training.precision fp16 requires spec.resources.gpusPerNode >= 1",
          field_path=".training.precision"),
+    rule("!has(self.method.objective) || self.method.objective != 'dpo' || "
+         "self.dataset.format == 'preference'",
+         "spec.method.objective dpo needs spec.dataset.format preference (prompts with a chosen and "
+         "a rejected answer)", field_path=".method.objective"),
+    rule("!has(self.dataset.format) || self.dataset.format != 'preference' || "
+         "(has(self.method.objective) && self.method.objective == 'dpo')",
+         "spec.dataset.format preference is only for spec.method.objective dpo (sft needs single "
+         "examples)", field_path=".dataset.format"),
+    rule("!has(self.method.objective) || self.method.objective != 'dpo' || "
+         "self.training.packing != 'on'",
+         "spec.training.packing on is not allowed with spec.method.objective dpo (pairs are not "
+         "packed)", field_path=".training.packing"),
 ])
 
 FINETUNEJOB_STATUS = obj("Observed state of a FineTuneJob, written by the operator and the trainer.", {
@@ -547,6 +593,26 @@ FINETUNEJOB_STATUS = obj("Observed state of a FineTuneJob, written by the operat
         "perplexity": number("exp(evalLoss)."),
         "learningRate": number("Current learning rate."),
         "tokensPerSecond": number("Training throughput over all GPUs."),
+        "rewardsChosen": number("DPO: mean implicit reward of the chosen answers "
+                                "(beta x log-probability ratio to the reference)."),
+        "rewardsRejected": number("DPO: mean implicit reward of the rejected answers."),
+        "rewardsAccuracy": number("DPO: share of pairs whose chosen answer has the higher "
+                                  "implicit reward.", minimum=0, maximum=1),
+        "rewardsMargin": number("DPO: mean implicit reward of chosen minus rejected."),
+    }),
+    "evaluation": obj("Results of the evaluation after training.", {
+        "evalLoss": number("Loss on the evaluation set (the objective's loss)."),
+        "perplexity": number("exp(evalLoss), for language-model losses (sft)."),
+        "preferenceAccuracy": obj("DPO: share of held-out pairs whose chosen answer has a higher "
+                                  "log-probability (summed over its tokens, given the prompt) "
+                                  "than the rejected one.", {
+            "base": number("Under the base model.", minimum=0, maximum=1),
+            "finetuned": number("Under the fine-tuned model.", minimum=0, maximum=1),
+            "pairs": integer("Held-out pairs evaluated.", minimum=0, format="int64"),
+        }),
+        "rewardAccuracy": number("DPO: share of held-out pairs whose chosen answer has the higher "
+                                 "implicit reward (fine-tuned against the reference).", minimum=0,
+                                 maximum=1),
     }),
     "dataset": obj("Report of the validation and cleaning step.", {
         "examplesRead": integer("Records read from the sources.", minimum=0, format="int64"),
@@ -866,6 +932,7 @@ PYTHON_CLASSES: dict[str, dict[str, str]] = {
         "spec.method": "Method",
         "spec.method.lora": "LoRA",
         "spec.method.quantization": "Quantization",
+        "spec.method.dpo": "Dpo",
         "spec.dataset": "Dataset",
         "spec.dataset.dedup": "Dedup",
         "spec.dataset.mix": "DatasetMix",
@@ -885,6 +952,8 @@ PYTHON_CLASSES: dict[str, dict[str, str]] = {
         "status.conditions[]": "Condition",
         "status.progress": "Progress",
         "status.metrics": "TrainingMetrics",
+        "status.evaluation": "EvaluationResults",
+        "status.evaluation.preferenceAccuracy": "PreferenceAccuracy",
         "status.dataset": "DatasetReport",
         "status.dataset.tokenLengthPercentiles": "TokenLengthPercentiles",
         "status.checkpoints": "Checkpoints",

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from finetune_api import _runtime
 from finetune_api._runtime import InvalidResource as ConfigError  # noqa: F401
-from finetune_api.models import Dataset, DatasetMix, Dedup, EarlyStopping, EvalPrompt, LoRA, Method, Quantization, Training
+from finetune_api.models import Dataset, DatasetMix, Dedup, Dpo, EarlyStopping, EvalPrompt, LoRA, Method, Quantization, Training
 
 
 @dataclass(kw_only=True)

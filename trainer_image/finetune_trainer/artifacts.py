@@ -128,7 +128,7 @@ def write_model_card(cfg: TrainerConfig, summary: dict[str, Any], eval_report: d
         f"# {cfg.job.name}: fine-tuned {cfg.model.source}",
         "",
         f"- Base model: `{cfg.model.source}`" + (f" (revision `{cfg.model.revision}`)" if cfg.model.revision else ""),
-        f"- Method: {cfg.method.type}",
+        f"- Method: {cfg.method.type}, objective {cfg.method.objective}",
         f"- Dataset: `{cfg.dataset.source}` (format {cfg.dataset.format}, hash `{summary.get('datasetHash')}`,"
         f" {summary.get('trainRecords')} train / {summary.get('evalRecords')} eval records)",
         f"- Trainer image: `{os.environ.get('FINETUNE_IMAGE', 'unknown')}`",
@@ -142,6 +142,15 @@ def write_model_card(cfg: TrainerConfig, summary: dict[str, Any], eval_report: d
     for key in ("step", "epoch", "trainLoss", "evalLoss", "perplexity", "trainSeconds", "tokensSeen",
                 "bestCheckpoint", "precision", "packing"):
         lines.append(f"| {key} | {_fmt(summary.get(key))} |")
+    for key, value in (summary.get("objectiveMetrics") or {}).items():
+        lines.append(f"| {key} (last training log) | {_fmt(value)} |")
+    for key, value in (eval_report.get("objectiveMetrics") or {}).items():
+        lines.append(f"| {key} (held-out pairs) | {_fmt(value)} |")
+    accuracy = eval_report.get("preferenceAccuracy") or {}
+    for model_name in ("base", "finetuned"):
+        if model_name in accuracy:
+            lines.append(f"| preferenceAccuracy ({model_name}, {accuracy.get('pairs')} held-out pairs) "
+                         f"| {_fmt(accuracy[model_name])} |")
     scores = eval_report.get("scores") or {}
     for model_name, metrics in scores.items():
         for metric, value in metrics.items():

@@ -9,6 +9,7 @@ from finetune_api.models import (
     DatasetMix as MixConfig,
     Dataset as DatasetConfig,
     Dedup as DedupConfig,
+    Dpo as DpoConfig,
     EarlyStopping as EarlyStoppingConfig,
     Method as MethodConfig,
     Quantization as QuantizationConfig,
@@ -16,8 +17,10 @@ from finetune_api.models import (
 )
 from finetune_api.schema import (
     DATASET_FORMATS,
+    DPO_LOSS_TYPES,
     LENGTH_POLICIES,
     METHODS,
+    OBJECTIVES,
     PACKING_MODES,
     PRECISIONS,
     TRAINER_CONFIG_KIND,

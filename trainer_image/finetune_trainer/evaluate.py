@@ -71,7 +71,7 @@ def load_prompts(cfg: TrainerConfig) -> list[dict[str, str]]:
 def format_prompt(cfg: TrainerConfig, tokenizer, prompt: str) -> str:
     """Present a prompt the way the training data presented prompts."""
     fmt = cfg.dataset.format
-    if fmt == "chat" and getattr(tokenizer, "chat_template", None):
+    if fmt in ("chat", "preference") and getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                              add_generation_prompt=True, tokenize=False)
     if fmt == "instruction":
@@ -104,15 +104,27 @@ def generate(model, tokenizer, texts: list[str], max_new_tokens: int) -> list[st
 
 
 def evaluate_run(cfg: TrainerConfig, model, tokenizer, *, eval_metrics: dict[str, float],
-                 base_loader: Callable[[], Any] | None = None) -> dict[str, Any]:
-    """Write eval.json: loss, perplexity, and base vs fine-tuned generations when prompts are set.
+                 base_loader: Callable[[], Any] | None = None,
+                 eval_records: list[dict] | None = None) -> dict[str, Any]:
+    """Write eval.json: loss, perplexity, the objective's own evaluation on the held-out
+    records (DPO: preference accuracy), and base vs fine-tuned generations when prompts are set.
 
     For an adapter model the base is the same model with its adapter disabled; otherwise
     `base_loader` (default: a fresh copy of the base model) provides it.
     """
+    from .objectives import get_objective
+
+    objective = get_objective(cfg.method.objective)
     eval_loss = eval_metrics.get("eval_loss")
-    report: dict[str, Any] = {"evalLoss": eval_loss, "perplexity": perplexity(eval_loss),
+    report: dict[str, Any] = {"evalLoss": eval_loss,
+                              "perplexity": perplexity(eval_loss) if objective.lm_loss else None,
                               "metrics": list(cfg.evaluation.metrics)}
+    base_model = None
+    if base_loader is not None and not hasattr(getattr(model, "module", model), "disable_adapter"):
+        base_model = base_loader()
+        base_loader = (lambda: base_model)
+    report.update(objective.evaluate(
+        cfg, model, tokenizer, eval_records or [], reference=base_model))
     prompts = load_prompts(cfg)
     if prompts:
         texts = [format_prompt(cfg, tokenizer, p["prompt"]) for p in prompts]
@@ -164,31 +176,10 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
     else:
         raise ConfigError(f"no artifacts to evaluate under {artifacts} (adapter/ or merged/)")
     model = model.to(device)
-    eval_metrics = _eval_loss(cfg, model, tokenizer)
-    return evaluate_run(cfg, model, tokenizer, eval_metrics=eval_metrics)
+    from .objectives import get_objective
+    from .prepared import cached_eval_records
 
-
-def _eval_loss(cfg: TrainerConfig, model, tokenizer) -> dict[str, float]:
-    """Eval loss on the prepared eval split, if the run left one in the data cache."""
-    import tempfile
-
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
-    from .train import _read_jsonl, dataset_digest
-
-    eval_file = cfg.paths.data_cache / dataset_digest(cfg) / "eval.jsonl"
-    if not eval_file.is_file():
-        log.info("no prepared eval split at %s; skipping eval loss", eval_file)
-        return {}
-    records = _read_jsonl(eval_file)
-    if not records:
-        return {}
-    dataset = Dataset.from_list(records)
-    with tempfile.TemporaryDirectory() as tmp:
-        args = SFTConfig(output_dir=tmp, per_device_eval_batch_size=cfg.training.per_device_batch_size,
-                         max_length=cfg.training.max_seq_length, report_to="none",
-                         use_cpu=not __import__("torch").cuda.is_available(), disable_tqdm=True)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset,
-                             processing_class=tokenizer)
-        return trainer.evaluate()
+    # Eval loss (and the objective's evaluation) on the prepared eval split, if the run left one.
+    records = cached_eval_records(cfg) or []
+    eval_metrics = get_objective(cfg.method.objective).standalone_eval(cfg, model, tokenizer, records)
+    return evaluate_run(cfg, model, tokenizer, eval_metrics=eval_metrics, eval_records=records)

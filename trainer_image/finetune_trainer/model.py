@@ -124,6 +124,21 @@ def load_tokenizer(cfg: TrainerConfig):
 
 def load_model(cfg: TrainerConfig, precision: Precision):
     """The model ready to hand to the trainer (PEFT-wrapped for lora/qlora)."""
+    model = load_base_model(cfg, precision)
+    if cfg.method.type == "full":
+        return model
+    from peft import get_peft_model
+
+    model = get_peft_model(model, adapter_config(cfg, model))
+    if cfg.training.gradient_checkpointing:
+        model.enable_input_require_grads()
+    check_adapter_model(cfg, model)
+    return model
+
+
+def load_base_model(cfg: TrainerConfig, precision: Precision):
+    """The base model as the method trains it: fp32 for full, the compute dtype for lora,
+    4-bit and prepared for k-bit training for qlora. Not yet wrapped with adapters."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -150,18 +165,23 @@ def load_model(cfg: TrainerConfig, precision: Precision):
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         kwargs["device_map"] = {"": local_rank}
     model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    if method.type == "full":
-        return model
-
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    gc = cfg.training.gradient_checkpointing
     if method.type == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        gc = cfg.training.gradient_checkpointing
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gc,
             gradient_checkpointing_kwargs={"use_reentrant": False} if gc else None)
+    return model
+
+
+def adapter_config(cfg: TrainerConfig, model):
+    """PEFT's LoraConfig for the method's lora section (all-linear as vLLM-readable names)."""
+    from peft import LoraConfig
+
+    method = cfg.method
     targets = method.lora.target_modules
-    lora = LoraConfig(
+    return LoraConfig(
         r=method.lora.r,
         lora_alpha=method.lora.alpha,
         lora_dropout=method.lora.dropout,
@@ -169,18 +189,19 @@ def load_model(cfg: TrainerConfig, precision: Precision):
         bias=method.lora.bias,
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, lora)
-    if gc:
-        model.enable_input_require_grads()
+
+
+def check_adapter_model(cfg: TrainerConfig, model) -> None:
+    """Refuse an adapter vLLM cannot load; log what trains."""
     if getattr(model.peft_config["default"], "modules_to_save", None):
         raise ConfigError("the LoRA config would save whole modules (modules_to_save); vLLM rejects that")
+    lora = model.peft_config["default"]
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA r=%s alpha=%s on %s: %d of %d parameters train (%.2f%%)", lora.r, lora.lora_alpha,
              lora.target_modules, trainable, total, 100.0 * trainable / max(total, 1))
-    if method.lora.r > 16:
+    if cfg.method.lora.r > 16:
         log.warning("LoRA rank %d is above vLLM's default --max-lora-rank 16; serving must raise it",
-                    method.lora.r)
-    return model
+                    cfg.method.lora.r)
 
 
 def linear_layer_names(model) -> list[str]:

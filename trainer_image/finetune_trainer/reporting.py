@@ -68,6 +68,12 @@ class Progress:
     start_step: int = 0
     # The dataset report, as the FineTuneJob status declares it (see dataset_status).
     dataset: dict[str, Any] | None = None
+    # An objective's own latest values, by status.metrics key (DPO: rewardsChosen, ...).
+    objective_metrics: dict[str, float] = field(default_factory=dict)
+    # False when the loss is not a language-model loss (DPO): no perplexity then.
+    lm_loss: bool = True
+    # status.evaluation once the run evaluated (evalLoss, perplexity, preferenceAccuracy, ...).
+    evaluation: dict[str, Any] | None = None
 
     @property
     def percent(self) -> int:
@@ -84,7 +90,7 @@ class Progress:
 
     @property
     def perplexity(self) -> float | None:
-        if self.eval_loss is None:
+        if self.eval_loss is None or not self.lm_loss:
             return None
         return math.exp(self.eval_loss) if self.eval_loss < 50 else float("inf")
 
@@ -95,6 +101,7 @@ class Progress:
             "perplexity": self.perplexity,
             "learningRate": self.learning_rate,
             "tokensPerSecond": self.tokens_per_second,
+            **self.objective_metrics,
         }
         # JSON has no NaN/inf and the schema types these as numbers: leave such values out
         # rather than have the API server reject the whole patch.
@@ -109,7 +116,19 @@ class Progress:
             status["checkpoints"] = {"latest": self.latest_checkpoint, "count": self.checkpoint_count}
         if self.dataset:
             status["dataset"] = self.dataset
+        if self.evaluation:
+            status["evaluation"] = _finite(self.evaluation)
         return {"status": status}
+
+
+def _finite(value: Any) -> Any:
+    """A status value without NaN/inf numbers (the API server would reject the patch)."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()
+                if not (isinstance(v, float) and not math.isfinite(v))}
+    if isinstance(value, float):
+        return round(value, 6)
+    return value
 
 
 # Fields of the dataset report that the FineTuneJob status declares (others would be pruned).
@@ -151,7 +170,15 @@ class Metrics:
             "tokens_per_second": "Training throughput in non-padding tokens per second",
             "epoch": "Epochs done (fractional)",
         }
+        from .objectives import all_metric_specs
+
+        self.objective_gauges = {spec.status_key: spec.gauge for spec in all_metric_specs()}
+        names.update({spec.gauge: spec.help for spec in all_metric_specs()})
         self.gauges = {n: Gauge(f"finetune_trainer_{n}", h, registry=self.registry) for n, h in names.items()}
+        self.preference_accuracy = Gauge(
+            "finetune_trainer_preference_accuracy",
+            "Share of held-out preference pairs whose chosen answer the model finds likelier "
+            "than the rejected one (model: base or finetuned)", ["model"], registry=self.registry)
         self.server = None
         if port is not None:  # 0 picks a free port (tests)
             try:
@@ -169,9 +196,16 @@ class Metrics:
             "tokens_per_second": progress.tokens_per_second,
             "epoch": progress.epoch,
         }
+        for key, value in progress.objective_metrics.items():
+            if key in self.objective_gauges:
+                values[self.objective_gauges[key]] = value
         for name, value in values.items():
             if value is not None:
                 self.gauges[name].set(value)
+        accuracy = (progress.evaluation or {}).get("preferenceAccuracy") or {}
+        for model in ("base", "finetuned"):
+            if accuracy.get(model) is not None:
+                self.preference_accuracy.labels(model=model).set(accuracy[model])
 
     def close(self) -> None:
         if self.server is not None:

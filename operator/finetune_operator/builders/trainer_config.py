@@ -84,6 +84,10 @@ def build_trainer_config(job: FineTuneJob) -> dict:
         # `bits` is always 4 for QLoRA; the trainer's config has no field for it.
         method["quantization"] = {"quantType": q.quant_type, "doubleQuant": q.double_quant,
                                   "computeDtype": q.compute_dtype}
+    if spec.method.objective != "sft":  # sft is the trainer's default: configs stay as they were
+        method["objective"] = spec.method.objective
+        if spec.method.dpo is not None:
+            method["dpo"] = to_dict(spec.method.dpo)
 
     dataset = to_dict(spec.dataset)
     dataset["source"] = resolve_source(job, spec.dataset.source)

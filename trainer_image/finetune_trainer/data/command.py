@@ -53,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-seq-length", type=int, default=TrainingConfig().max_seq_length)
     parser.add_argument("--category-field")
     parser.add_argument("--seed", type=int, default=TrainingConfig().seed)
+    parser.add_argument("--max-prompt-length", type=int,
+                        help="preference pairs: keep the last N tokens of each prompt (DPO)")
+    parser.add_argument("--max-completion-length", type=int,
+                        help="preference pairs: keep the first N tokens of each answer (DPO)")
     parser.add_argument("--tokenizer", help="a hub id or path to count real tokens with "
                                             "(default: a whitespace approximation)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -101,7 +105,9 @@ def validate_cli(argv: list[str]) -> int:
         category_field=args.category_field,
     )
     prepared = inspect_dataset(cfg, seed=args.seed, max_seq_length=args.max_seq_length,
-                               tokenizer=_load_tokenizer(args.tokenizer))
+                               tokenizer=_load_tokenizer(args.tokenizer),
+                               max_prompt_length=args.max_prompt_length,
+                               max_completion_length=args.max_completion_length)
     report = prepared.report
     if args.report:
         write_report(report, args.report)

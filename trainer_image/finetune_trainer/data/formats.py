@@ -4,6 +4,9 @@ instruction -> {"prompt", "completion"} (prompt built with INSTRUCTION_TEMPLATE)
 completion  -> {"prompt", "completion"}
 chat        -> {"messages": [{"role", "content"}, ...]}
 text        -> {"text"}
+preference  -> {"prompt", "chosen", "rejected"} (TRL's DPOTrainer records): strings, or, when
+               the prompt is a list of chat messages (or the record is OpenAI's DPO shape),
+               conversational: prompt a message list, chosen/rejected assistant message lists
 
 A field map renames source keys (top level and inside chat messages) and, for chat,
 role values: {"conversations": "messages", "from": "role", "value": "content",
@@ -31,6 +34,7 @@ OUTPUT_KIND = {
     "completion": "prompt-completion",
     "chat": "messages",
     "text": "text",
+    "preference": "preference",
 }
 
 
@@ -100,27 +104,23 @@ def _text(record: dict) -> tuple[dict, str]:
     return {"text": text}, text
 
 
-def _chat(record: dict, field_map: dict[str, str]) -> tuple[dict, str]:
-    if "messages" not in record:
-        hint = ""
-        if "conversations" in record:
-            hint = " (ShareGPT data? map it: conversations=messages from=role value=content human=user gpt=assistant)"
-        raise RecordError(f'field "messages" is missing (format: chat){hint}')
-    messages = record["messages"]
+def _messages(messages: Any, field_map: dict[str, str], name: str,
+              fmt: str) -> tuple[list[dict], list[str]]:
+    """Validate a list of chat messages (the field `name`); return them and their texts."""
     if not isinstance(messages, list):
-        raise RecordError(f'field "messages" must be a list, got {_type_name(messages)}')
+        raise RecordError(f'field "{name}" must be a list, got {_type_name(messages)}')
     if not messages:
-        raise RecordError('field "messages" is an empty list (format: chat)')
+        raise RecordError(f'field "{name}" is an empty list (format: {fmt})')
     out: list[dict] = []
     texts: list[str] = []
     for i, raw in enumerate(messages):
-        where = f"messages[{i}]"
+        where = f"{name}[{i}]"
         if not isinstance(raw, dict):
             raise RecordError(f"{where} must be an object, got {_type_name(raw)}")
         message = apply_field_map(raw, field_map)
         role = message.get("role")
         if role is None:
-            raise RecordError(f'{where}: field "role" is missing (format: chat)')
+            raise RecordError(f'{where}: field "role" is missing (format: {fmt})')
         if isinstance(role, str):
             role = field_map.get(role, role)
         if role not in CHAT_ROLES:
@@ -132,7 +132,7 @@ def _chat(record: dict, field_map: dict[str, str]) -> tuple[dict, str]:
         if role == "assistant" and message.get("tool_calls") and not content:
             content = ""  # an assistant turn that only calls tools
         elif content is None and "content" not in message:
-            raise RecordError(f'{where}: field "content" is missing (format: chat)')
+            raise RecordError(f'{where}: field "content" is missing (format: {fmt})')
         elif not isinstance(content, str):
             raise RecordError(f"{where}.content must be a string, got {_type_name(content)}")
         elif not content.strip():
@@ -140,6 +140,16 @@ def _chat(record: dict, field_map: dict[str, str]) -> tuple[dict, str]:
         converted = {k: message[k] for k in MESSAGE_KEYS[2:] if message.get(k) is not None}
         out.append({"role": role, "content": content, **converted})
         texts.append(content)
+    return out, texts
+
+
+def _chat(record: dict, field_map: dict[str, str]) -> tuple[dict, str]:
+    if "messages" not in record:
+        hint = ""
+        if "conversations" in record:
+            hint = " (ShareGPT data? map it: conversations=messages from=role value=content human=user gpt=assistant)"
+        raise RecordError(f'field "messages" is missing (format: chat){hint}')
+    out, texts = _messages(record["messages"], field_map, "messages", "chat")
     if out[-1]["role"] != "assistant":
         raise RecordError(
             f"the last message is from {out[-1]['role']!r}, not 'assistant': nothing to learn from"
@@ -148,6 +158,94 @@ def _chat(record: dict, field_map: dict[str, str]) -> tuple[dict, str]:
     if isinstance(record.get("tools"), list):
         converted_record["tools"] = record["tools"]
     return converted_record, "\n".join(texts)
+
+
+def _answer(value: Any, name: str, field_map: dict[str, str]) -> tuple[str | list[dict], str]:
+    """A preference completion: a string, or a list of assistant messages."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise RecordError(f'field "{name}" is an empty string (format: preference)')
+        return value, value
+    if isinstance(value, list):
+        messages, texts = _messages(value, field_map, name, "preference")
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                raise RecordError(f"{name}[{i}].role is {message['role']!r}: the answers of a "
+                                  "preference pair are assistant messages")
+        return messages, "\n".join(texts)
+    if value is None:
+        raise RecordError(f'field "{name}" is missing (format: preference)')
+    raise RecordError(f'field "{name}" must be a string or a list of assistant messages, '
+                      f"got {_type_name(value)}")
+
+
+def _preference(record: dict, field_map: dict[str, str]) -> tuple[dict, str]:
+    """{prompt, chosen, rejected}, or OpenAI's {input: {messages}, preferred_output,
+    non_preferred_output}, as it comes."""
+    openai = "input" in record or "preferred_output" in record or "non_preferred_output" in record
+    if openai:
+        names = ("input.messages", "preferred_output", "non_preferred_output")
+        given = record.get("input")
+        if not isinstance(given, dict):
+            if "input" not in record:
+                raise RecordError('field "input" is missing (format: preference, OpenAI\'s DPO shape)')
+            raise RecordError(f'field "input" must be an object with "messages", got {_type_name(given)}')
+        if "messages" not in given:
+            raise RecordError('field "input.messages" is missing (format: preference)')
+        prompt_value, chosen_value, rejected_value = (
+            given["messages"], record.get("preferred_output"), record.get("non_preferred_output"))
+        tools = given.get("tools")
+    else:
+        names = ("prompt", "chosen", "rejected")
+        if "prompt" not in record:
+            raise RecordError('field "prompt" is missing (format: preference)')
+        prompt_value, chosen_value, rejected_value = (
+            record["prompt"], record.get("chosen"), record.get("rejected"))
+        tools = record.get("tools")
+    if isinstance(prompt_value, str):
+        if not prompt_value.strip():
+            raise RecordError(f'field "{names[0]}" is an empty string (format: preference)')
+        prompt: str | list[dict] = prompt_value
+        prompt_text = prompt_value
+    elif isinstance(prompt_value, list):
+        prompt, texts = _messages(prompt_value, field_map, names[0], "preference")
+        if prompt[-1]["role"] == "assistant":
+            raise RecordError(f"{names[0]}: the last message is from 'assistant'; the prompt ends "
+                              "where the chosen and rejected answers begin")
+        prompt_text = "\n".join(texts)
+    else:
+        raise RecordError(f'field "{names[0]}" must be a string or a list of chat messages, '
+                          f"got {_type_name(prompt_value)}")
+    chosen, chosen_text = _answer(chosen_value, names[1], field_map)
+    rejected, rejected_text = _answer(rejected_value, names[2], field_map)
+    if " ".join(chosen_text.split()) == " ".join(rejected_text.split()):
+        raise RecordError(f'"{names[1]}" and "{names[2]}" are the same answer: nothing to prefer')
+    if isinstance(prompt, str) and isinstance(chosen, str) and isinstance(rejected, str):
+        converted: dict[str, Any] = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    else:
+        converted = conversational_pair({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        if isinstance(tools, list):
+            converted["tools"] = tools
+    # The pair is the unit of duplicate removal: prompt and both answers.
+    return converted, f"{prompt_text}\n{chosen_text}\n{rejected_text}"
+
+
+def conversational_pair(record: dict) -> dict:
+    """A preference record in TRL's conversational shape (strings become messages)."""
+    prompt = record["prompt"]
+    out = dict(record)
+    out["prompt"] = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    for key in ("chosen", "rejected"):
+        if isinstance(record[key], str):
+            out[key] = [{"role": "assistant", "content": record[key]}]
+    return out
+
+
+def unify_preference_records(records: list[dict]) -> list[dict]:
+    """TRL needs one shape per dataset: when any pair is conversational, all become so."""
+    if any(isinstance(r.get("prompt"), list) for r in records):
+        return [conversational_pair(r) for r in records]
+    return records
 
 
 def record_size(record: dict) -> int:
@@ -186,6 +284,8 @@ def convert(raw: Any, fmt: str, field_map: dict[str, str], where: str,
         converted, dedup_text = _chat(record, field_map)
     elif fmt == "text":
         converted, dedup_text = _text(record)
+    elif fmt == "preference":
+        converted, dedup_text = _preference(record, field_map)
     else:
         raise ValueError(f"unknown dataset format {fmt!r}")
     size = record_size(converted)

@@ -34,6 +34,8 @@ class TokenCounter(Protocol):
 
     def cut(self, text: str, tokens: int) -> str: ...
 
+    def cut_start(self, text: str, tokens: int) -> str: ...
+
 
 class WhitespaceCounter:
     approximate = True
@@ -59,6 +61,16 @@ class WhitespaceCounter:
                 break
         return text[:end]
 
+    def cut_start(self, text: str, tokens: int) -> str:
+        """The last `tokens` tokens of `text` (a prompt keeps its end)."""
+        words = int(tokens / APPROX_TOKENS_PER_WORD)
+        while self._tokens(words + 1) <= tokens:
+            words += 1
+        if words <= 0:
+            return ""
+        starts = [m.start() for m in _WORD.finditer(text)]
+        return text if len(starts) <= words else text[starts[-words]:]
+
 
 class TokenizersCounter:
     """A `tokenizers.Tokenizer` (the fast tokenizer library itself)."""
@@ -83,6 +95,12 @@ class TokenizersCounter:
         if len(offsets) <= tokens:
             return text
         return text[:offsets[tokens - 1][1]]
+
+    def cut_start(self, text: str, tokens: int) -> str:
+        if tokens <= 0:
+            return ""
+        offsets = self.tokenizer.encode(text, add_special_tokens=False).offsets
+        return text if len(offsets) <= tokens else text[offsets[-tokens][0]:]
 
 
 class TransformersCounter:
@@ -111,6 +129,17 @@ class TransformersCounter:
             return text if len(offsets) <= tokens else text[:offsets[tokens - 1][1]]
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return text if len(ids) <= tokens else self.tokenizer.decode(ids[:tokens])
+
+    def cut_start(self, text: str, tokens: int) -> str:
+        if tokens <= 0:
+            return ""
+        if getattr(self.tokenizer, "is_fast", False):
+            offsets = self.tokenizer(
+                text, add_special_tokens=False, return_offsets_mapping=True
+            )["offset_mapping"]
+            return text if len(offsets) <= tokens else text[offsets[-tokens][0]:]
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return text if len(ids) <= tokens else self.tokenizer.decode(ids[-tokens:])
 
 
 def make_counter(tokenizer: Any = None) -> TokenCounter:
@@ -178,9 +207,116 @@ def _truncate(record: dict, counts: list[int], counter: TokenCounter,
     return {"text": text} if text.strip() else None
 
 
+def _texts(part: str | list[dict]) -> list[str]:
+    return [part] if isinstance(part, str) else [m["content"] for m in part]
+
+
+def _size(counts: list[int], part: str | list[dict]) -> int:
+    return sum(counts) + (0 if isinstance(part, str) else CHAT_MESSAGE_OVERHEAD * len(part))
+
+
+def _keep_end(part: str | list[dict], counter: TokenCounter, budget: int) -> str | list[dict] | None:
+    """A prompt cut to `budget` tokens, keeping its end: a string loses its beginning; a
+    message list loses its oldest messages after the system message, then the beginning of
+    the oldest message left. None when nothing is left."""
+    if isinstance(part, str):
+        cut = counter.cut_start(part, budget)
+        return cut if cut.strip() else None
+    system = [m for m in part[:1] if m["role"] == "system"]
+    rest = part[len(system):]
+    while True:
+        kept = system + rest
+        size = _size(counter.count(_texts(kept)), kept)
+        if size <= budget:
+            return kept if rest else None
+        if len(rest) > 1:
+            rest = rest[1:]
+            continue
+        if system:  # the system message goes before the question does
+            system = []
+            continue
+        room = budget - CHAT_MESSAGE_OVERHEAD
+        content = counter.cut_start(rest[0]["content"], room) if room > 0 else ""
+        return [{**rest[0], "content": content}] if content.strip() else None
+
+
+def _keep_start(part: str | list[dict], counter: TokenCounter, budget: int) -> str | list[dict] | None:
+    """An answer cut to `budget` tokens, keeping its beginning; None when nothing is left."""
+    if isinstance(part, str):
+        cut = counter.cut(part, budget)
+        return cut if cut.strip() else None
+    kept: list[dict] = []
+    for message, count in zip(part, counter.count(_texts(part))):
+        room = budget - CHAT_MESSAGE_OVERHEAD
+        if count <= room:
+            kept.append(message)
+            budget -= count + CHAT_MESSAGE_OVERHEAD
+            continue
+        content = counter.cut(message["content"], room) if room > 0 else ""
+        if content.strip():
+            kept.append({**message, "content": content})
+        break
+    return kept or None
+
+
+def _pair_length(record: dict, counter: TokenCounter, max_len: int, policy: str,
+                 max_prompt: int | None, max_completion: int | None, result: LengthResult) -> dict | None:
+    """A preference pair with DPO's prompt/completion limits applied, then the length policy
+    (a pair's length: its prompt plus the longer answer). None: the pair is removed."""
+    parts = {k: record[k] for k in ("prompt", "chosen", "rejected")}
+    counts = counter.count([t for k in parts for t in _texts(parts[k])])
+    sizes, at = {}, 0
+    for key, part in parts.items():
+        n = len(_texts(part))
+        sizes[key] = _size(counts[at:at + n], part)
+        at += n
+    changed = False
+    if max_prompt and sizes["prompt"] > max_prompt:
+        parts["prompt"] = _keep_end(parts["prompt"], counter, max_prompt)
+        changed = True
+    if max_completion:
+        for key in ("chosen", "rejected"):
+            if sizes[key] > max_completion:
+                parts[key] = _keep_start(parts[key], counter, max_completion)
+                changed = True
+    if any(part is None for part in parts.values()):
+        result.dropped_no_trainable += 1
+        return None
+    if changed:
+        sizes = {k: _size(counter.count(_texts(v)), v) for k, v in parts.items()}
+    total = sizes["prompt"] + max(sizes["chosen"], sizes["rejected"])
+    if total > max_len:
+        if policy == "drop":
+            result.dropped_too_long += 1
+            return None
+        room = max_len - sizes["prompt"]
+        for key in ("chosen", "rejected"):
+            if sizes[key] > room:
+                parts[key] = _keep_start(parts[key], counter, room) if room > 0 else None
+        if parts["chosen"] is None or parts["rejected"] is None:
+            result.dropped_no_trainable += 1
+            return None
+        sizes = {k: _size(counter.count(_texts(v)), v) for k, v in parts.items()}
+        total = sizes["prompt"] + max(sizes["chosen"], sizes["rejected"])
+        changed = True
+    if changed:
+        result.truncated += 1
+    return {**record, **parts, "_tokens": total}
+
+
 def apply_length_policy(examples: list[Example], counter: TokenCounter, max_len: int,
-                        policy: str) -> LengthResult:
+                        policy: str, *, max_prompt_length: int | None = None,
+                        max_completion_length: int | None = None) -> LengthResult:
     result = LengthResult()
+    if examples and "chosen" in examples[0].record:
+        for example in examples:
+            record = _pair_length(example.record, counter, max_len, policy, max_prompt_length,
+                                  max_completion_length, result)
+            if record is not None:
+                example.tokens = record.pop("_tokens")
+                example.record = record
+                result.kept.append(example)
+        return result
     parts_per_example = [_segments(e.record) for e in examples]
     counts_flat = counter.count([text for parts in parts_per_example for text, _ in parts])
     position = 0

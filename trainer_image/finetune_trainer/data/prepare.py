@@ -12,7 +12,7 @@ from typing import Any
 
 from ..config import DatasetConfig
 from . import dedup
-from .formats import OUTPUT_KIND, Example, RecordError, convert
+from .formats import OUTPUT_KIND, Example, RecordError, convert, unify_preference_records
 from .length import TokenCounter, apply_length_policy, make_counter, percentiles
 from .load import SourceError, is_tabular, read_records
 from .report import DatasetReport, DataValidationError
@@ -30,21 +30,33 @@ class PreparedDataset:
 
 
 def prepare_dataset(cfg: DatasetConfig, *, seed: int, max_seq_length: int, tokenizer: Any = None,
-                    resolve: Callable[[str], str] = lambda s: s) -> PreparedDataset:
-    """The cleaned train/eval records; raises DataValidationError when the data is unusable."""
+                    resolve: Callable[[str], str] = lambda s: s,
+                    max_prompt_length: int | None = None,
+                    max_completion_length: int | None = None) -> PreparedDataset:
+    """The cleaned train/eval records; raises DataValidationError when the data is unusable.
+
+    `max_prompt_length` / `max_completion_length` (preference pairs, DPO) cut prompts to
+    their last and answers to their first so many tokens.
+    """
     prepared = inspect_dataset(cfg, seed=seed, max_seq_length=max_seq_length,
-                               tokenizer=tokenizer, resolve=resolve)
+                               tokenizer=tokenizer, resolve=resolve,
+                               max_prompt_length=max_prompt_length,
+                               max_completion_length=max_completion_length)
     if not prepared.report.usable:
         raise DataValidationError(prepared.report)
     return prepared
 
 
 def inspect_dataset(cfg: DatasetConfig, *, seed: int, max_seq_length: int, tokenizer: Any = None,
-                    resolve: Callable[[str], str] = lambda s: s) -> PreparedDataset:
+                    resolve: Callable[[str], str] = lambda s: s,
+                    max_prompt_length: int | None = None,
+                    max_completion_length: int | None = None) -> PreparedDataset:
     """Like prepare_dataset, but an unusable dataset is only marked so in the report."""
     counter = make_counter(tokenizer)
     report = DatasetReport(token_lengths_approximate=counter.approximate)
-    pipeline = _Pipeline(cfg, report, counter, max_seq_length)
+    pipeline = _Pipeline(cfg, report, counter, max_seq_length,
+                         pair_limits={"max_prompt_length": max_prompt_length,
+                                      "max_completion_length": max_completion_length})
 
     eval_examples: list[Example] = []
     eval_keys: set[bytes] = set()
@@ -81,6 +93,9 @@ def inspect_dataset(cfg: DatasetConfig, *, seed: int, max_seq_length: int, token
 
     train = [e.record for e in train_examples]
     evals = [e.record for e in eval_examples]
+    if cfg.format == "preference":
+        both = unify_preference_records(train + evals)
+        train, evals = both[:len(train)], both[len(train):]
     report.train_examples = len(train)
     report.eval_examples = len(evals)
     report.token_length_percentiles = percentiles(
@@ -136,7 +151,8 @@ def category_balance(examples: list[Example], field_name: str,
 
 class _Pipeline:
     def __init__(self, cfg: DatasetConfig, report: DatasetReport, counter: TokenCounter,
-                 max_seq_length: int) -> None:
+                 max_seq_length: int, pair_limits: dict[str, int | None] | None = None) -> None:
+        self.pair_limits = pair_limits or {}
         self.cfg = cfg
         self.report = report
         self.counter = counter
@@ -210,7 +226,7 @@ class _Pipeline:
                 report.near_duplicates_removed += sum(flags)
             examples = [e for e, dup in zip(examples, flags) if not dup]
         result = apply_length_policy(examples, self.counter, self.max_seq_length,
-                                     cfg.length_policy)
+                                     cfg.length_policy, **self.pair_limits)
         if count:
             report.truncated += result.truncated
             report.dropped_too_long += result.dropped_too_long
