@@ -547,6 +547,12 @@ def _finish(cfg, trainer, tokenizer, data, result, eval_metrics, train_seconds, 
         "evalRecords": len(data.eval),
         "artifacts": {k: str(v) for k, v in artifact_paths.items()},
     }
+    from .plots import write_loss_plot
+
+    plot = write_loss_plot(state.log_history, cfg.paths.artifacts / "loss.png",
+                           f"{cfg.job.namespace}/{cfg.job.name}: {cfg.model.source}")
+    if plot is not None:
+        summary["artifacts"]["lossPlot"] = str(plot)
     artifacts.write_model_card(cfg, summary, eval_report)
     cfg.paths.reports.mkdir(parents=True, exist_ok=True)
     (cfg.paths.reports / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
