@@ -212,6 +212,7 @@ class Demo:
               f"  metrics: operator http://127.0.0.1:{self.metrics_port}/metrics, vLLM {url.removesuffix('/v1')}/metrics,\n"
               f"           trainer http://127.0.0.1:9400/metrics while it trains\n"
               f"{self.artifact_lines()}"
+              f"  MLflow tracking server: {self.cluster.mlflow_url} (set -a; . {self.cluster.mlflow_env_file}; set +a)\n"
               f"  clean up: make demo-down", flush=True)
 
 

@@ -251,6 +251,11 @@ class PathsConfig:
         return Path(self.root) / "reports"
 
     @property
+    def tracking(self) -> Path:
+        """TensorBoard event files, the W&B run folder, the MLflow run id (to resume it)."""
+        return Path(self.root) / "tracking"
+
+    @property
     def data_cache(self) -> Path:
         return Path(self.root) / "data-cache"
 
@@ -274,6 +279,58 @@ class ReportingConfig:
     status_interval: float = 5.0
 
 
+WANDB_MODES = ("auto", "online", "offline")
+
+
+@dataclass
+class MlflowTrackingConfig:
+    """An MLflow tracking server. Credentials come from the environment the operator fills
+    from `spec.tracking.mlflow.secretRef` (MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME
+    and MLFLOW_TRACKING_PASSWORD), never from this file."""
+
+    tracking_uri: str
+    experiment: str | None = None  # default: "<namespace>/<job name>"
+
+    def validate(self, where: str) -> None:
+        if not isinstance(self.tracking_uri, str) or not self.tracking_uri.strip():
+            raise ConfigError(f"{where}.trackingUri: must be a non-empty URI")
+
+
+@dataclass
+class TensorboardTrackingConfig:
+    """TensorBoard event files under `<root>/tensorboard/` on the job volume."""
+
+    enabled: bool = True
+
+
+@dataclass
+class WandbTrackingConfig:
+    """Weights & Biases; the key comes from WANDB_API_KEY (filled from a Secret)."""
+
+    project: str
+    entity: str | None = None
+    # auto: online when a key is set and the server answers, else offline (a run folder on
+    # the job volume that `wandb sync` uploads later).
+    mode: str = "auto"
+    base_url: str | None = None
+
+    def validate(self, where: str) -> None:
+        _one_of(self.mode, WANDB_MODES, f"{where}.mode")
+
+
+@dataclass
+class TrackingConfig:
+    mlflow: MlflowTrackingConfig | None = None
+    tensorboard: TensorboardTrackingConfig | None = None
+    wandb: WandbTrackingConfig | None = None
+    # Upload the adapter (or the merged model's folder) as an artifact of the run.
+    log_adapter: bool = False
+
+    @property
+    def any(self) -> bool:
+        return bool(self.mlflow or (self.tensorboard and self.tensorboard.enabled) or self.wandb)
+
+
 @dataclass
 class TrainerConfig:
     model: ModelConfig
@@ -285,6 +342,7 @@ class TrainerConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     job: JobRef = field(default_factory=JobRef)
     reporting: ReportingConfig = field(default_factory=ReportingConfig)
+    tracking: TrackingConfig | None = None  # spec.tracking; absent: no tracker
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainerConfig":
@@ -322,6 +380,10 @@ _NESTED: dict[tuple[str, str], type] = {
     ("TrainerConfig", "paths"): PathsConfig,
     ("TrainerConfig", "job"): JobRef,
     ("TrainerConfig", "reporting"): ReportingConfig,
+    ("TrainerConfig", "tracking"): TrackingConfig,
+    ("TrackingConfig", "mlflow"): MlflowTrackingConfig,
+    ("TrackingConfig", "tensorboard"): TensorboardTrackingConfig,
+    ("TrackingConfig", "wandb"): WandbTrackingConfig,
     ("MethodConfig", "lora"): LoraConfig,
     ("MethodConfig", "quantization"): QuantizationConfig,
     ("DatasetConfig", "dedup"): DedupConfig,

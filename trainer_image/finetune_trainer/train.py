@@ -374,6 +374,7 @@ def _callbacks(cfg: TrainerConfig, reporter, has_eval: bool, guard: "SignalGuard
             if self.last_time is not None and tokens and now > self.last_time:
                 p.tokens_per_second = round((tokens - self.last_tokens) / (now - self.last_time), 1)
             self.last_time, self.last_tokens = now, tokens
+            reporter.log_step(logs, state.global_step)
             reporter.publish()
 
         def on_train_end(self, args, state, control, **kwargs):
@@ -491,7 +492,14 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
         from .reporting import dataset_status
 
         reporter.progress.dataset = dataset_status(data.report)
+        if cfg.tracking is not None and cfg.tracking.any:
+            from .tracking import Tracking
+
+            reporter.tracking = Tracking(cfg, resume.step if resume else None)
+            reporter.tracking.start(data.digest)
+            reporter.progress.tracking = reporter.tracking.status()
         reporter.publish(force=True)
+    finished = False
     try:
         model = load_model(cfg, precision)
         _install_nan_hook(model)
@@ -511,10 +519,14 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
         _barrier()
         if not is_main:
             return {}
-        return _finish(cfg, trainer, tokenizer, data, result, eval_metrics, train_seconds,
-                       precision, packing, resume, reporter)
+        summary = _finish(cfg, trainer, tokenizer, data, result, eval_metrics, train_seconds,
+                          precision, packing, resume, reporter)
+        finished = True
+        return summary
     finally:
         if reporter is not None:
+            if reporter.tracking is not None and not finished:
+                reporter.tracking.finish([], None, succeeded=False)
             reporter.close()
 
 
@@ -556,7 +568,15 @@ def _finish(cfg, trainer, tokenizer, data, result, eval_metrics, train_seconds, 
     artifacts.write_model_card(cfg, summary, eval_report)
     cfg.paths.reports.mkdir(parents=True, exist_ok=True)
     (cfg.paths.reports / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    if reporter is not None and eval_metrics.get("eval_loss") is not None:
-        reporter.progress.eval_loss = eval_metrics["eval_loss"]
+    if reporter is not None and reporter.tracking is not None:
+        adapter = artifact_paths.get("adapter") or artifact_paths.get("merged")
+        reporter.tracking.finish(
+            [cfg.paths.artifacts / "README.md", cfg.paths.artifacts / "loss.png",
+             cfg.paths.reports / "summary.json", cfg.paths.reports / "eval.json"],
+            Path(adapter) if adapter else None)
+        reporter.progress.tracking = reporter.tracking.status()
+    if reporter is not None and (eval_metrics.get("eval_loss") is not None or reporter.tracking is not None):
+        if eval_metrics.get("eval_loss") is not None:
+            reporter.progress.eval_loss = eval_metrics["eval_loss"]
         reporter.publish(force=True)
     return summary

@@ -324,6 +324,35 @@ class Output:
 
 
 @model
+class MlflowTracking:
+    tracking_uri: str
+    experiment: Optional[str] = None
+    secret_ref: Optional[LocalRef] = None
+
+
+@model
+class TensorboardTracking:
+    enabled: bool = True
+
+
+@model
+class WandbTracking:
+    project: str
+    entity: Optional[str] = None
+    mode: str = "auto"
+    base_url: Optional[str] = None
+    api_key_secret_ref: Optional[SecretKeyRef] = None
+
+
+@model
+class Tracking:
+    mlflow: Optional[MlflowTracking] = None
+    tensorboard: Optional[TensorboardTracking] = None
+    wandb: Optional[WandbTracking] = None
+    log_adapter: bool = False
+
+
+@model
 class Deploy:
     inference_service: Optional[str] = None
     replicas: int = 1
@@ -343,6 +372,7 @@ class FineTuneJobSpec:
     resources: TrainerResources = _default(TrainerResources)
     storage: Storage = _default(Storage)
     output: Output = _default(Output)
+    tracking: Optional[Tracking] = None
     deploy: Optional[Deploy] = None
     suspend: bool = False
     ttl_seconds_after_finished: Optional[int] = None
@@ -419,6 +449,42 @@ class Endpoint:
 
 
 @model
+class MlflowRunStatus:
+    state: Optional[str] = None
+    message: Optional[str] = None
+    tracking_uri: Optional[str] = None
+    experiment: Optional[str] = None
+    run_id: Optional[str] = None
+    run_url: Optional[str] = None
+    adapter_artifact: Optional[str] = None
+
+
+@model
+class TensorboardStatus:
+    state: Optional[str] = None
+    message: Optional[str] = None
+    log_dir: Optional[str] = None
+
+
+@model
+class WandbRunStatus:
+    state: Optional[str] = None
+    message: Optional[str] = None
+    mode: Optional[str] = None
+    project: Optional[str] = None
+    run_dir: Optional[str] = None
+    run_url: Optional[str] = None
+    adapter_artifact: Optional[str] = None
+
+
+@model
+class TrackingStatus:
+    mlflow: Optional[MlflowRunStatus] = None
+    tensorboard: Optional[TensorboardStatus] = None
+    wandb: Optional[WandbRunStatus] = None
+
+
+@model
 class FineTuneJobStatus:
     phase: Optional[str] = None
     conditions: list[Condition] = _default(list)
@@ -435,6 +501,7 @@ class FineTuneJobStatus:
     gpu_hours: Optional[float] = None
     estimated_cost: Optional[str] = None
     trainer_job: Optional[str] = None
+    tracking: Optional[TrackingStatus] = None
     inference_service: Optional[Endpoint] = None
 
 

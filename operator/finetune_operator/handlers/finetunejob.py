@@ -183,10 +183,10 @@ def _patch_status(job: FineTuneJob, status: dict) -> None:
 def _gather_facts(job: FineTuneJob) -> admission.ClusterFacts:
     core, ns = _core(), job.metadata.namespace
     facts = admission.ClusterFacts()
-    for _, ref in admission.secret_refs(job):
+    for secret_name in admission.secret_names(job):
         try:
-            secret = core.read_namespaced_secret(ref.name, ns)
-            facts.secrets[ref.name] = set((secret.data or {}).keys()) | set((secret.string_data or {}).keys())
+            secret = core.read_namespaced_secret(secret_name, ns)
+            facts.secrets[secret_name] = set((secret.data or {}).keys()) | set((secret.string_data or {}).keys())
         except ApiException as e:
             if e.status != 404:
                 raise
