@@ -40,12 +40,18 @@ def prometheus_binaries() -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
+def _kube_version() -> str:
+    versions = dict(line.split("=", 1) for line in (REPO_ROOT / "hack" / "versions.env").read_text().splitlines()
+                    if line and not line.startswith("#"))
+    return versions["KUBERNETES_VERSION"].split()[0]
+
+
 def render_alert_rules(helm: Path, dest: Path, *values: str) -> Path:
     """The chart's PrometheusRule, rendered by helm with `values` (`key=value`), written to
     `dest` as a plain Prometheus rules file (its `spec`)."""
     sets = ["metrics.prometheusRule.enabled=true", "metrics.prometheusRule.force=true", *values]
     cmd = [str(helm), "template", "finetune-operator", str(CHART), "-n", "finetune-system",
-           "--show-only", "templates/prometheusrule.yaml"]
+           "--kube-version", _kube_version(), "--show-only", "templates/prometheusrule.yaml"]
     for s in sets:
         cmd += ["--set", s]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)

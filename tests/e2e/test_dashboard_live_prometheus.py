@@ -165,7 +165,7 @@ def test_dashboard_queries_return_data_from_a_live_prometheus(tmp_path):
         assert check.returncode == 0 and not check.stdout.strip(), check.stdout + check.stderr
 
         wait_for(lambda: prom.query("finetune_operator_reconcile_errors_total > 0")
-                 and prom.query("finetune_operator_gpu_hours_total > 0"), timeout=300,
+                 and prom.query("finetune_operator_gpu_seconds_total > 0"), timeout=300,
                  what="the quota-blocked job's reconcile errors and the kwok GPU job's GPU-hours")
         # Let the last samples age into a full rate window.
         wait_for(lambda: time.time() - start > 120 and prom.query(

@@ -114,7 +114,7 @@ def test_operator_metrics_pass_promtool_check_metrics(promtool):
     metrics.reconcile_duration.observe(0.02)
     metrics.time_to_training_start.observe(12)
     metrics.job_duration.observe(300)
-    metrics.gpu_hours.inc(0.5)
+    metrics.gpu_seconds.inc(1800)
     exposition = generate_latest(metrics.registry)
     for name in metrics.METRIC_NAMES:
         assert name.encode() in exposition
