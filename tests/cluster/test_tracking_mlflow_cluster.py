@@ -81,7 +81,9 @@ def test_a_finetunejob_with_mlflow_tracking_logs_its_run_to_the_dev_clusters_mlf
     assert run.data.tags["finetune.dev/namespace"] == namespace
     loss = client.get_metric_history(run.info.run_id, "loss")
     assert sorted(m.step for m in loss) == LOGGED_STEPS
-    assert {"README.md", "loss.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"README.md", "loss.png"} <= artifacts
+    assert "adapter" not in artifacts  # logAdapter is false by default
 
     assert s["tracking"]["mlflow"]["state"] == "Logging"
     assert s["tracking"]["mlflow"]["runUrl"] == (

@@ -123,6 +123,7 @@ def test_dashboard_queries_return_data_from_a_live_prometheus(tmp_path):
     demo = Demo(tmp_path / "demo", metrics_port=free_port(), liveness_port=free_port(), timeout=900)
     prom = Prometheus(prometheus_binaries(), tmp_path / "prometheus", free_port())
     helm = control_plane_binaries() / "helm"
+    (tmp_path / "prometheus").mkdir()
     rules = render_alert_rules(helm, tmp_path / "prometheus" / "rules.yaml")
     targets = [
         ScrapeTarget("finetune-operator", f"127.0.0.1:{demo.metrics_port}",
@@ -150,6 +151,10 @@ def test_dashboard_queries_return_data_from_a_live_prometheus(tmp_path):
         check = subprocess.run([str(promtool), "check", "metrics"], input=trainer_metrics, capture_output=True)
         assert check.returncode == 0 and not check.stdout.strip(), check.stdout + check.stderr
         demo.watch_training()
+        # The local node shares the host's network: check that port 9400 was our trainer.
+        total = demo.job()["status"]["progress"]["totalSteps"]
+        scraped = prom.query(f'max_over_time(finetune_trainer_total_steps{{finetunejob="{JOB}"}}[30m])')
+        assert scraped and float(scraped[0]["value"][1]) == total, (scraped, total)
         url = demo.wait_serving()
         demo.ask(url)
         # A second round of requests a few scrapes later, so that the vLLM rates cover both.

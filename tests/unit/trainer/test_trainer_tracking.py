@@ -76,7 +76,7 @@ def test_mlflow_tensorboard_and_wandb_record_params_per_step_loss_and_artifacts(
         reporting={"statusPatch": True, "statusInterval": 0, "metricsPort": None},
         tracking={"mlflow": {"trackingUri": mlflow_server, "experiment": "team-a/tracked"},
                   "tensorboard": {"enabled": True},
-                  "wandb": {"project": "finetune-tests", "mode": "auto"},
+                  "wandb": {"project": "finetune-tests", "entity": "finetune-team", "mode": "auto"},
                   "logAdapter": True},
     )
 
@@ -115,6 +115,7 @@ def test_mlflow_tensorboard_and_wandb_record_params_per_step_loss_and_artifacts(
         f"{mlflow_server}/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}")
     assert tracking["tensorboard"] == {"state": "Logging", "logDir": str(root / "tracking" / "tensorboard")}
     assert tracking["wandb"]["mode"] == "offline"  # no WANDB_API_KEY and no network
+    assert tracking["wandb"]["project"] == "finetune-tests"
     assert tracking["wandb"]["state"] == "Logging"
 
     # TensorBoard: event files on the job volume, holding the per-step loss.
@@ -135,6 +136,7 @@ def test_mlflow_tensorboard_and_wandb_record_params_per_step_loss_and_artifacts(
     # Offline, the config and history are records in the .wandb file; saved files are copied.
     records = wandb_file.read_bytes()
     assert b"training.learningRate" in records and summary["datasetHash"].encode() in records
+    assert b"finetune-tests" in records and b"finetune-team" in records  # project and entity
     assert {"README.md", "loss.png"} <= {p.name for p in (run_dirs[0] / "files").iterdir()}
 
     # The loss curve beside the model card, embedded in it.
