@@ -26,7 +26,9 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from .config import TrainerConfig, _to_camel_dict
+from finetune_api.models import to_dict
+
+from .config import TrackingConfig, TrainerConfig
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ def _without_userinfo(uri: str) -> str:
 
 def flatten_params(cfg: TrainerConfig) -> dict[str, str]:
     """The resolved training config as flat `section.field` parameters."""
-    full = _to_camel_dict(cfg)
+    full = to_dict(cfg)
     out: dict[str, str] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -298,6 +300,11 @@ class WandbTracker(_Tracker):
             self.run.finish(exit_code=0 if succeeded else 1)
         except Exception as exc:  # noqa: BLE001
             self.fail("cannot finish the run", exc)
+
+
+def enabled(t: TrackingConfig | None) -> bool:
+    """Whether spec.tracking names any tracker that will run."""
+    return bool(t and (t.mlflow or (t.tensorboard and t.tensorboard.enabled) or t.wandb))
 
 
 class Tracking:

@@ -108,11 +108,11 @@ def _hash_source(digest: "hashlib._Hash", source: str | None) -> None:
 
 def dataset_digest(cfg: TrainerConfig) -> str:
     """Content hash of everything that shapes the prepared dataset."""
-    from .config import _to_camel_dict
+    from finetune_api.models import to_dict
 
     digest = hashlib.sha256()
     digest.update(json.dumps({
-        "dataset": _to_camel_dict(cfg.dataset),
+        "dataset": to_dict(cfg.dataset),
         "seed": cfg.training.seed,
         "maxSeqLength": cfg.training.max_seq_length,
         "model": cfg.model.source,
@@ -492,9 +492,9 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
         from .reporting import dataset_status
 
         reporter.progress.dataset = dataset_status(data.report)
-        if cfg.tracking is not None and cfg.tracking.any:
-            from .tracking import Tracking
+        from .tracking import Tracking, enabled
 
+        if enabled(cfg.tracking):
             reporter.tracking = Tracking(cfg, resume.step if resume else None)
             reporter.tracking.start(data.digest)
             reporter.progress.tracking = reporter.tracking.status()

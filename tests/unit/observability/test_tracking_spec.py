@@ -10,7 +10,7 @@ import datetime as dt
 import json
 
 from finetune_operator.admission import ClusterFacts, check
-from finetune_operator.api.models import FineTuneJob
+from finetune_api.models import FineTuneJob
 from finetune_operator.builders import trainer_config, trainer_job
 from finetune_operator.status import tracking_condition
 
