@@ -174,6 +174,11 @@ class Cluster:
         self._write_kubeconfig()
         deadline = time.monotonic() + timeout
         try:
+            if mlflow_venv is not None:
+                # First, and not waited for here: its database set-up takes tens of seconds
+                # (minutes on a loaded machine). wait_mlflow() is for those who use it.
+                self._launch(self._mlflow_server(mlflow_venv))
+                self._write_mlflow_env()
             self._launch(self._etcd())
             self._wait_http(f"http://127.0.0.1:{self.ports['etcd']}/health", "etcd", deadline)
             self._launch(self._apiserver())
@@ -183,18 +188,20 @@ class Cluster:
             self._launch(self._kwok())
             if self.local_node:
                 self._launch(self._local_node_agent())
-            if mlflow_venv is not None:
-                self._launch(self._mlflow_server(mlflow_venv))
             self._create_nodes_and_storage()
             self._wait_nodes_ready(deadline)
             self._wait_default_serviceaccount(deadline)
-            if mlflow_venv is not None:
-                self._wait_http(f"{self.mlflow_url}/health", "the MLflow tracking server", deadline)
-                self._write_mlflow_env()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def wait_mlflow(self, timeout: float = 600) -> str:
+        """Wait until the MLflow tracking server answers; returns its URL."""
+        if not self.mlflow:
+            raise ClusterError("this cluster was started without an MLflow server (mlflow=False)")
+        self._wait_http(f"{self.mlflow_url}/health", "the MLflow tracking server", time.monotonic() + timeout)
+        return self.mlflow_url
 
     def stop(self) -> None:
         stop_from_pid_file(self.state_dir)

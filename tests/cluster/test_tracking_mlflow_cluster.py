@@ -31,6 +31,7 @@ def mlflow_env(cluster) -> dict[str, str]:
 
 def test_a_finetunejob_with_mlflow_tracking_logs_its_run_to_the_dev_clusters_mlflow(
         cluster, namespace, operator, tiny_model):
+    cluster.wait_mlflow()
     env = mlflow_env(cluster)
     assert env["MLFLOW_TRACKING_URI"] == cluster.mlflow_url
     name = "tracked"
