@@ -139,7 +139,7 @@ def test_dashboard_queries_return_data_from_a_live_prometheus(tmp_path):
         prom.start(scrape_config(targets, interval="2s", rule_files=[str(rules)]))
         start = time.time()
         demo.cluster.bin_dir = control_plane_binaries()
-        demo.cluster.start()
+        demo.cluster.start(timeout=600)
         demo.install_operator()
         extra_jobs(demo)
         demo.prepare_workspace(demo.prepare_model())
