@@ -65,7 +65,7 @@ def run_trainer(config: Path, tmp_path: Path, **env: str) -> subprocess.Complete
     tracking_env = {"WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"), "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
                     "WANDB_DATA_DIR": str(tmp_path / "wandb-data")}
     return subprocess.run(trainer_command(config), env=trainer_env(tmp_path, **tracking_env, **env),
-                          capture_output=True, text=True, timeout=420)
+                          capture_output=True, text=True, timeout=1200)
 
 
 def last_status(patches) -> dict:
