@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml $(wildcard requirements/*.txt)
 
 install: $(STAMP) ## everything the tests and the demo need (idempotent, cached)
 	bash hack/build-control-plane.sh >/dev/null
+	bash hack/build-prometheus.sh >/dev/null
+	bash hack/install-mlflow-server.sh >/dev/null
 
 test: install ## the whole test suite (what CI runs)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -239,6 +239,10 @@ class PathsConfigBehaviour:
     def data_cache(self) -> Path:
         return self._under(layout.DATA_CACHE)
 
+    @property
+    def tracking(self) -> Path:
+        return self._under(layout.TRACKING)
+
     def resolve(self, location: str) -> str:
         """`pvc://<claim>/<path>` and `volume://<path>` name files on the job volume; anything
         else is returned as it is."""

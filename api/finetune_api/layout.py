@@ -7,6 +7,8 @@
 | `artifacts/adapter/`, `artifacts/merged/` | the PEFT adapter; the merged or fully trained model |
 | `reports/dataset.json`, `eval.json`, `summary.json` | reports |
 | `data-cache/<digest>/` | the prepared (validated, cleaned, split) dataset |
+| `artifacts/README.md`, `artifacts/loss.png` | the model card and its loss curve |
+| `tracking/` | spec.tracking: TensorBoard event files, the W&B run folder, the MLflow run id |
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ MERGED = f"{ARTIFACTS}/merged"
 REPORTS = "reports"
 DATA_CACHE = "data-cache"
 HF_CACHE = ".cache/huggingface"
+TRACKING = "tracking"
 
 
 def under(root: str, relative: str) -> str:

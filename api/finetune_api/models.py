@@ -225,6 +225,55 @@ class Output:
 
 
 @dataclass(kw_only=True)
+class LocalRef:
+    """Secret whose keys MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and
+    MLFLOW_TRACKING_PASSWORD, are given to the trainer as environment variables (never
+    written to its config or the status)."""
+
+    name: str
+
+
+@dataclass(kw_only=True)
+class MlflowTracking:
+    """An MLflow tracking server."""
+
+    tracking_uri: str
+    experiment: Optional[str] = None
+    secret_ref: Optional[LocalRef] = None
+
+
+@dataclass(kw_only=True)
+class TensorboardTracking:
+    """TensorBoard event files in tracking/tensorboard/ on the job volume."""
+
+    enabled: bool = True
+
+
+@dataclass(kw_only=True)
+class WandbTracking:
+    """Weights & Biases."""
+
+    project: str
+    entity: Optional[str] = None
+    mode: str = "auto"
+    base_url: Optional[str] = None
+    api_key_secret_ref: Optional[SecretKeyRef] = None
+
+
+@dataclass(kw_only=True)
+class Tracking:
+    """Experiment tracking: the trainer logs the resolved training config as parameters, the
+    dataset hash, the metrics of every logging step, the model card and the loss plot to
+    each tracker named here. A tracker that is down never fails training: it shows as the
+    TrackingAvailable condition."""
+
+    mlflow: Optional[MlflowTracking] = None
+    tensorboard: Optional[TensorboardTracking] = None
+    wandb: Optional[WandbTracking] = None
+    log_adapter: bool = False
+
+
+@dataclass(kw_only=True)
 class VLLM:
     """vLLM server options."""
 
@@ -265,6 +314,7 @@ class FineTuneJobSpec:
     resources: TrainerResources = field(default_factory=TrainerResources)
     storage: Storage = field(default_factory=Storage)
     output: Output = field(default_factory=Output)
+    tracking: Optional[Tracking] = None
     deploy: Optional[Deploy] = None
     suspend: bool = False
     ttl_seconds_after_finished: Optional[int] = None
@@ -272,7 +322,8 @@ class FineTuneJobSpec:
 
 @dataclass(kw_only=True)
 class Condition:
-    """A condition; types used: Admitted, Running, Succeeded, Failed, Suspended."""
+    """A condition; types used: Admitted, Running, Succeeded, Failed, Suspended,
+    TrackingAvailable."""
 
     type: str
     status: str
@@ -380,6 +431,50 @@ class Artifacts:
 
 
 @dataclass(kw_only=True)
+class MlflowRunStatus:
+    """The mlflow run."""
+
+    state: Optional[str] = None
+    message: Optional[str] = None
+    tracking_uri: Optional[str] = None
+    experiment: Optional[str] = None
+    run_id: Optional[str] = None
+    run_url: Optional[str] = None
+    adapter_artifact: Optional[str] = None
+
+
+@dataclass(kw_only=True)
+class TensorboardStatus:
+    """The tensorboard run."""
+
+    state: Optional[str] = None
+    message: Optional[str] = None
+    log_dir: Optional[str] = None
+
+
+@dataclass(kw_only=True)
+class WandbRunStatus:
+    """The wandb run."""
+
+    state: Optional[str] = None
+    message: Optional[str] = None
+    mode: Optional[str] = None
+    project: Optional[str] = None
+    run_dir: Optional[str] = None
+    run_url: Optional[str] = None
+    adapter_artifact: Optional[str] = None
+
+
+@dataclass(kw_only=True)
+class TrackingStatus:
+    """The experiment trackers' runs (spec.tracking), written by the trainer."""
+
+    mlflow: Optional[MlflowRunStatus] = None
+    tensorboard: Optional[TensorboardStatus] = None
+    wandb: Optional[WandbRunStatus] = None
+
+
+@dataclass(kw_only=True)
 class Endpoint:
     """The InferenceService serving the result."""
 
@@ -407,6 +502,7 @@ class FineTuneJobStatus:
     gpu_hours: Optional[float] = None
     estimated_cost: Optional[str] = None
     trainer_job: Optional[str] = None
+    tracking: Optional[TrackingStatus] = None
     inference_service: Optional[Endpoint] = None
 
 
@@ -418,13 +514,6 @@ class FineTuneJob(_runtime.FineTuneJobBehaviour):
     metadata: _runtime.Metadata
     spec: FineTuneJobSpec
     status: FineTuneJobStatus = field(default_factory=FineTuneJobStatus)
-
-
-@dataclass(kw_only=True)
-class LocalRef:
-    """FineTuneJob whose adapter is served (same namespace)."""
-
-    name: str
 
 
 @dataclass(kw_only=True)

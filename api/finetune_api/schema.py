@@ -220,10 +220,10 @@ PHASES = ["Pending", "Validating", "Training", "Evaluating", "Deploying", "Succe
           "Suspended"]
 # Written by finetune_operator.conditions; the Running condition's reason is the job's latest
 # reason (Starting, Preempted, Retrying, ...), which the Reason column shows.
-FINETUNEJOB_CONDITIONS = ["Admitted", "Running", "Succeeded", "Failed", "Suspended"]
+FINETUNEJOB_CONDITIONS = ["Admitted", "Running", "Succeeded", "Failed", "Suspended", "TrackingAvailable"]
 # Spec sections frozen once training started (status.startTime is set).
 IMMUTABLE_SECTIONS = ["model", "method", "dataset", "training", "evaluation", "resources",
-                      "storage", "output"]
+                      "storage", "output", "tracking"]
 
 MODEL = obj("The base model to fine-tune.", {
     "source": location("Where the base model comes from: " + SOURCE_HELP + ".", SOURCE_HELP, MODEL_SOURCE),
@@ -490,6 +490,40 @@ OUTPUT = obj("What the job produces and where it is published.", {
     ]),
 }, default={})
 
+TRACKER_URI = r"^https?://[^\s]+$"
+
+TRACKING = obj("Experiment tracking: the trainer logs the resolved training config as "
+               "parameters, the dataset hash, the metrics of every logging step, the model card "
+               "and the loss plot to each tracker named here. A tracker that is down never fails "
+               "training: it shows as the TrackingAvailable condition.", {
+    "mlflow": obj("An MLflow tracking server.", {
+        "trackingUri": location("The tracking server's URL as pods reach it (http:// or https://).",
+                                "an http:// or https:// URL", TRACKER_URI),
+        "experiment": string("Experiment to log the run to (created when missing); defaults to "
+                             "<namespace>/<name>.", min_length=1, max_length=500),
+        "secretRef": local_ref("Secret whose keys MLFLOW_TRACKING_TOKEN, or "
+                               "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, are given to "
+                               "the trainer as environment variables (never written to its config "
+                               "or the status)."),
+    }, required=["trackingUri"]),
+    "tensorboard": obj("TensorBoard event files in tracking/tensorboard/ on the job volume.", {
+        "enabled": boolean("Write the event files.", default=True),
+    }),
+    "wandb": obj("Weights & Biases.", {
+        "project": string("W&B project.", min_length=1, max_length=128),
+        "entity": string("W&B entity (team or user).", min_length=1, max_length=128),
+        "mode": string("online, offline (a run folder in tracking/wandb/ on the job volume, "
+                       "for `wandb sync`), or auto: online when the API key is set and the W&B "
+                       "server answers, offline otherwise.", default="auto",
+                       enum=["auto", "online", "offline"]),
+        "baseUrl": location("A self-hosted W&B server's URL.", "an http:// or https:// URL", TRACKER_URI),
+        "apiKeySecretRef": secret_key_ref("Secret with the W&B API key (given to the trainer as "
+                                          "WANDB_API_KEY).", default_key="token"),
+    }, required=["project"]),
+    "logAdapter": boolean("Also upload the adapter (or the merged model) as an artifact of the "
+                          "MLflow and W&B runs.", default=False),
+})
+
 VLLM = obj("vLLM server options.", {
     "image": string("vLLM image override.", min_length=1, max_length=512, pattern=r"^[^\s]+$"),
     "servedModelName": string("Name clients use in the OpenAI API (model field); defaults to "
@@ -534,6 +568,7 @@ FINETUNEJOB_SPEC = obj("Desired state of a FineTuneJob. Once training started (s
     "resources": RESOURCES,
     "storage": STORAGE,
     "output": OUTPUT,
+    "tracking": TRACKING,
     "deploy": DEPLOY,
     "suspend": boolean("Stop training (pods deleted, volume and checkpoints kept); setting it back "
                        "to false resumes from the latest checkpoint.", default=False),
@@ -668,6 +703,32 @@ FINETUNEJOB_STATUS = obj("Observed state of a FineTuneJob, written by the operat
     "estimatedCost": string("Estimated cost of the GPU hours, with its currency (e.g. 12.40 USD).",
                             max_length=64),
     "trainerJob": string("Name of the trainer batch/v1 Job.", max_length=SHORT),
+    "tracking": obj("The experiment trackers' runs (spec.tracking), written by the trainer.", {
+        tracker: obj(f"The {tracker} run.", {
+            "state": string("Logging, or Unavailable (the tracker could not be reached or failed; "
+                            "training went on without it).", enum=["Logging", "Unavailable"]),
+            "message": string("Why the tracker is unavailable.", max_length=1024),
+            **fields,
+        }) for tracker, fields in {
+            "mlflow": {
+                "trackingUri": string("The tracking server (without credentials).", max_length=LONG),
+                "experiment": string("The experiment.", max_length=500),
+                "runId": string("The run's id.", max_length=128),
+                "runUrl": string("The run in the MLflow UI.", max_length=LONG),
+                "adapterArtifact": string("Artifact path of the uploaded adapter.", max_length=LONG),
+            },
+            "tensorboard": {
+                "logDir": string("Folder of the event files on the job volume.", max_length=LONG),
+            },
+            "wandb": {
+                "mode": string("online or offline.", enum=["online", "offline"]),
+                "project": string("The W&B project.", max_length=128),
+                "runDir": string("The run folder on the job volume.", max_length=LONG),
+                "runUrl": string("The run on the W&B server (online mode).", max_length=LONG),
+                "adapterArtifact": string("Name of the uploaded adapter artifact.", max_length=LONG),
+            },
+        }.items()
+    }),
     "inferenceService": obj("The InferenceService serving the result.", {
         "name": string("Its name.", max_length=SHORT),
         "url": string("OpenAI-compatible base URL.", max_length=LONG),
@@ -906,6 +967,20 @@ TRAINER_REPORTING = obj("How the trainer reports progress.", {
     "statusInterval": number("Seconds between two status patches.", default=5.0, minimum=0),
 }, default={})
 
+_SPEC_MLFLOW, _SPEC_WANDB = TRACKING["properties"]["mlflow"], TRACKING["properties"]["wandb"]
+TRAINER_TRACKING = obj("spec.tracking without its Secret references: the credentials reach the "
+                       "trainer as the trackers' own environment variables (MLFLOW_TRACKING_TOKEN, "
+                       "MLFLOW_TRACKING_USERNAME/PASSWORD, WANDB_API_KEY).", {
+    "mlflow": obj(_SPEC_MLFLOW["description"], {
+        key: node for key, node in _SPEC_MLFLOW["properties"].items() if key != "secretRef"},
+        required=["trackingUri"]),
+    "tensorboard": TRACKING["properties"]["tensorboard"],
+    "wandb": obj(_SPEC_WANDB["description"], {
+        key: node for key, node in _SPEC_WANDB["properties"].items() if key != "apiKeySecretRef"},
+        required=["project"]),
+    "logAdapter": TRACKING["properties"]["logAdapter"],
+})
+
 TRAINER_CONFIG = obj("The trainer's one input, rendered by the operator from a FineTuneJob.", {
     "job": TRAINER_JOB_REF,
     "model": TRAINER_MODEL,
@@ -916,6 +991,7 @@ TRAINER_CONFIG = obj("The trainer's one input, rendered by the operator from a F
     "output": TRAINER_OUTPUT,
     "paths": TRAINER_PATHS,
     "reporting": TRAINER_REPORTING,
+    "tracking": TRAINER_TRACKING,
 }, required=["model", "dataset"])
 
 
@@ -946,6 +1022,12 @@ PYTHON_CLASSES: dict[str, dict[str, str]] = {
         "spec.output": "Output",
         "spec.output.push": "Push",
         "spec.output.push.tokenSecretRef": "SecretKeyRef",
+        "spec.tracking": "Tracking",
+        "spec.tracking.mlflow": "MlflowTracking",
+        "spec.tracking.mlflow.secretRef": "LocalRef",
+        "spec.tracking.tensorboard": "TensorboardTracking",
+        "spec.tracking.wandb": "WandbTracking",
+        "spec.tracking.wandb.apiKeySecretRef": "SecretKeyRef",
         "spec.deploy": "Deploy",
         "spec.deploy.vllm": "VLLM",
         "status": "FineTuneJobStatus",
@@ -959,6 +1041,10 @@ PYTHON_CLASSES: dict[str, dict[str, str]] = {
         "status.checkpoints": "Checkpoints",
         "status.artifacts": "Artifacts",
         "status.inferenceService": "Endpoint",
+        "status.tracking": "TrackingStatus",
+        "status.tracking.mlflow": "MlflowRunStatus",
+        "status.tracking.tensorboard": "TensorboardStatus",
+        "status.tracking.wandb": "WandbRunStatus",
     },
     "InferenceService": {
         "": "InferenceService",
@@ -980,5 +1066,9 @@ PYTHON_CLASSES: dict[str, dict[str, str]] = {
         "output": "OutputConfig",
         "paths": "PathsConfig",
         "reporting": "ReportingConfig",
+        "tracking": "TrackingConfig",
+        "tracking.mlflow": "MlflowTrackingConfig",
+        "tracking.tensorboard": "TensorboardTracking",
+        "tracking.wandb": "WandbTrackingConfig",
     },
 }

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from finetune_api import _runtime
 from finetune_api._runtime import InvalidResource as ConfigError  # noqa: F401
-from finetune_api.models import Dataset, DatasetMix, Dedup, Dpo, EarlyStopping, EvalPrompt, LoRA, Method, Quantization, Training
+from finetune_api.models import Dataset, DatasetMix, Dedup, Dpo, EarlyStopping, EvalPrompt, LoRA, Method, Quantization, TensorboardTracking, Training
 
 
 @dataclass(kw_only=True)
@@ -71,6 +71,36 @@ class ReportingConfig:
 
 
 @dataclass(kw_only=True)
+class MlflowTrackingConfig:
+    """An MLflow tracking server."""
+
+    tracking_uri: str
+    experiment: Optional[str] = None
+
+
+@dataclass(kw_only=True)
+class WandbTrackingConfig:
+    """Weights & Biases."""
+
+    project: str
+    entity: Optional[str] = None
+    mode: str = "auto"
+    base_url: Optional[str] = None
+
+
+@dataclass(kw_only=True)
+class TrackingConfig:
+    """spec.tracking without its Secret references: the credentials reach the trainer as the
+    trackers' own environment variables (MLFLOW_TRACKING_TOKEN,
+    MLFLOW_TRACKING_USERNAME/PASSWORD, WANDB_API_KEY)."""
+
+    mlflow: Optional[MlflowTrackingConfig] = None
+    tensorboard: Optional[TensorboardTracking] = None
+    wandb: Optional[WandbTrackingConfig] = None
+    log_adapter: bool = False
+
+
+@dataclass(kw_only=True)
 class TrainerConfig(_runtime.TrainerConfigBehaviour):
     """The trainer's one input, rendered by the operator from a FineTuneJob."""
 
@@ -83,3 +113,4 @@ class TrainerConfig(_runtime.TrainerConfigBehaviour):
     output: OutputConfig = field(default_factory=OutputConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     reporting: ReportingConfig = field(default_factory=ReportingConfig)
+    tracking: Optional[TrackingConfig] = None

@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     c = Cluster(args.state_dir).start()
     print(f"cluster is up: export KUBECONFIG={c.kubeconfig}")
+    if c.mlflow:
+        c.wait_mlflow()
+        print(f"MLflow tracking server: {c.mlflow_url} (set -a; . {c.mlflow_env_file}; set +a)")
     print(f"logs: {c.logs}/   stop: make cluster-down")
     return 0
 

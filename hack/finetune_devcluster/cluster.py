@@ -24,6 +24,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "hack" / "build-control-plane.sh"
+MLFLOW_INSTALL_SCRIPT = REPO_ROOT / "hack" / "install-mlflow-server.sh"
 
 GPU_NODES = ("gpu-node-0", "gpu-node-1")
 CPU_NODES = ("cpu-node-0",)
@@ -67,6 +68,27 @@ def control_plane_binaries() -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
+def mlflow_server_venv() -> Path:
+    """Install (or find in the cache) the MLflow tracking server's virtualenv; returns it."""
+    out = subprocess.run(["bash", str(MLFLOW_INSTALL_SCRIPT)], check=False, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise ClusterError(f"installing the MLflow server failed:\n{out.stderr[-4000:]}")
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+# The server runs from its own virtualenv: none of the caller's Python path leaks in.
+MLFLOW_SERVER_ENV = {"PYTHONPATH": ""}
+
+
+def mlflow_server_argv(venv: Path, data: Path, port: int) -> list[str]:
+    """`mlflow server` on 127.0.0.1:`port`: runs in SQLite under `data`, artifacts proxied by
+    the server (clients upload over HTTP) into `data/artifacts`."""
+    (data / "artifacts").mkdir(parents=True, exist_ok=True)
+    return [str(venv / "bin" / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+            "--backend-store-uri", f"sqlite:///{data / 'mlflow.db'}",
+            "--artifacts-destination", str(data / "artifacts"), "--serve-artifacts", "--workers", "1"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -93,10 +115,11 @@ class Cluster:
     """Start with `Cluster(state_dir).start()`; stop with `.stop()` (kills by pid)."""
 
     def __init__(self, state_dir: Path | str | None = None, *, bin_dir: Path | None = None,
-                 local_node: bool = True) -> None:
+                 local_node: bool = True, mlflow: bool = True) -> None:
         self.state_dir = Path(state_dir or REPO_ROOT / ".cluster").resolve()
         self.bin_dir = bin_dir
         self.local_node = local_node
+        self.mlflow = mlflow
         self.components: list[Component] = []
         self.ports: dict[str, int] = {}
 
@@ -125,6 +148,16 @@ class Cluster:
     def server(self) -> str:
         return f"https://127.0.0.1:{self.ports['apiserver']}"
 
+    @property
+    def mlflow_env_file(self) -> Path:
+        return self.state_dir / "mlflow.env"
+
+    @property
+    def mlflow_url(self) -> str:
+        """The MLflow tracking server, from this machine. Pods reach it at the same URL:
+        the local node runs pods on the host's network (MLFLOW_CLUSTER_TRACKING_URI)."""
+        return f"http://127.0.0.1:{self.ports['mlflow']}"
+
     # lifecycle ---------------------------------------------------------------------
     def start(self, timeout: float = 120) -> "Cluster":
         if self.pid_file.exists():
@@ -135,11 +168,17 @@ class Cluster:
         for d in (self.pki, self.logs, self.volumes, self.state_dir / "etcd"):
             d.mkdir(parents=True, exist_ok=True)
         self.ports = {name: free_port() for name in
-                      ("etcd", "etcd-peer", "apiserver", "kcm", "scheduler", "kwok")}
+                      ("etcd", "etcd-peer", "apiserver", "kcm", "scheduler", "kwok", "mlflow")}
+        mlflow_venv = mlflow_server_venv() if self.mlflow else None
         self._write_pki()
         self._write_kubeconfig()
         deadline = time.monotonic() + timeout
         try:
+            if mlflow_venv is not None:
+                # First, and not waited for here: its database set-up takes tens of seconds
+                # (minutes on a loaded machine). wait_mlflow() is for those who use it.
+                self._launch(self._mlflow_server(mlflow_venv))
+                self._write_mlflow_env()
             self._launch(self._etcd())
             self._wait_http(f"http://127.0.0.1:{self.ports['etcd']}/health", "etcd", deadline)
             self._launch(self._apiserver())
@@ -156,6 +195,13 @@ class Cluster:
             self.stop()
             raise
         return self
+
+    def wait_mlflow(self, timeout: float = 600) -> str:
+        """Wait until the MLflow tracking server answers; returns its URL."""
+        if not self.mlflow:
+            raise ClusterError("this cluster was started without an MLflow server (mlflow=False)")
+        self._wait_http(f"{self.mlflow_url}/health", "the MLflow tracking server", time.monotonic() + timeout)
+        return self.mlflow_url
 
     def stop(self) -> None:
         stop_from_pid_file(self.state_dir)
@@ -273,6 +319,19 @@ class Cluster:
         self._wait("the default ServiceAccount",
                    lambda: self.kubectl("get", "sa", "default", "-n", "default", check=False,
                                         timeout=10).returncode == 0, deadline)
+
+    def _mlflow_server(self, venv: Path) -> Component:
+        return Component("mlflow", mlflow_server_argv(venv, self.state_dir / "mlflow", self.ports["mlflow"]),
+                         self.logs / "mlflow.log", env=MLFLOW_SERVER_ENV)
+
+    def _write_mlflow_env(self) -> None:
+        self.mlflow_env_file.write_text(
+            "# The dev cluster's MLflow tracking server. `set -a; . this-file; set +a` exports them.\n"
+            "# MLFLOW_CLUSTER_TRACKING_URI is what a FineTuneJob's spec.tracking.mlflow.trackingUri\n"
+            "# should say; it equals MLFLOW_TRACKING_URI because the local node runs pods on this\n"
+            "# machine's network (loopback).\n"
+            f"MLFLOW_TRACKING_URI={self.mlflow_url}\n"
+            f"MLFLOW_CLUSTER_TRACKING_URI={self.mlflow_url}\n")
 
     def _etcd(self) -> Component:
         p = self.ports

@@ -211,8 +211,21 @@ class Demo:
               f"  kubectl get ftj,ftisvc -n {NAMESPACE}; kubectl describe ftj {JOB} -n {NAMESPACE}\n"
               f"  metrics: operator http://127.0.0.1:{self.metrics_port}/metrics, vLLM {url.removesuffix('/v1')}/metrics,\n"
               f"           trainer http://127.0.0.1:9400/metrics while it trains\n"
+              f"{self.artifact_lines()}"
+              f"  MLflow tracking server: {self.cluster.mlflow_url} (set -a; . {self.cluster.mlflow_env_file}; set +a)\n"
               f"  clean up: make demo-down", flush=True)
 
+
+    def artifact_lines(self) -> str:
+        """The model card and its loss curve on the job's claim (a host folder here)."""
+        try:
+            artifacts = self.claim_path() / "artifacts"
+        except Exception:  # noqa: BLE001 - the endings are a courtesy; never fail the demo on them
+            return ""
+        lines = f"  model card: {artifacts / 'README.md'}\n"
+        if (artifacts / "loss.png").exists():
+            lines += f"  loss curve: {artifacts / 'loss.png'} (train and eval loss, learning rate)\n"
+        return lines
 
     def stop(self) -> None:
         down(self.state_dir, remove=False)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from finetune_api.models import FineTuneJob
 
-from finetune_operator.builders.trainer_config import other_claims
+from finetune_operator.builders.trainer_config import MLFLOW_SECRET_KEYS, other_claims
 
 
 @dataclass
@@ -36,7 +36,19 @@ def secret_refs(job: FineTuneJob) -> list[tuple[str, object]]:
     push = job.spec.output.push
     if push and push.token_secret_ref:
         refs.append(("spec.output.push.tokenSecretRef", push.token_secret_ref))
+    tracking = job.spec.tracking
+    if tracking and tracking.wandb and tracking.wandb.api_key_secret_ref:
+        refs.append(("spec.tracking.wandb.apiKeySecretRef", tracking.wandb.api_key_secret_ref))
     return refs
+
+
+def secret_names(job: FineTuneJob) -> list[str]:
+    """Every Secret the job names (whose keys admission reads)."""
+    names = [ref.name for _, ref in secret_refs(job)]
+    tracking = job.spec.tracking
+    if tracking and tracking.mlflow and tracking.mlflow.secret_ref:
+        names.append(tracking.mlflow.secret_ref.name)
+    return list(dict.fromkeys(names))
 
 
 def claims_to_check(job: FineTuneJob) -> list[tuple[str, str]]:
@@ -60,6 +72,16 @@ def check(job: FineTuneJob, facts: ClusterFacts) -> Problem | None:
             return Problem("SecretKeyNotFound", f"{where}: Secret {ns}/{ref.name} has no key "
                            f"{ref.key!r} (keys: {', '.join(sorted(facts.secrets[ref.name])) or 'none'}); "
                            f"add it and {RETRY_NOTE}", True)
+    tracking = job.spec.tracking
+    if tracking and tracking.mlflow and tracking.mlflow.secret_ref:
+        secret = tracking.mlflow.secret_ref.name
+        if secret not in facts.secrets:
+            return Problem("SecretNotFound", f"spec.tracking.mlflow.secretRef: Secret {ns}/{secret} does not "
+                           f"exist; create it and {RETRY_NOTE}", True)
+        if not set(MLFLOW_SECRET_KEYS) & set(facts.secrets[secret]):
+            return Problem("SecretKeyNotFound", f"spec.tracking.mlflow.secretRef: Secret {ns}/{secret} has "
+                           f"none of the keys {', '.join(MLFLOW_SECRET_KEYS)} (keys: "
+                           f"{', '.join(sorted(facts.secrets[secret])) or 'none'}); add them and {RETRY_NOTE}", True)
     for where, claim in claims_to_check(job):
         if claim not in facts.claims:
             return Problem("ClaimNotFound", f"{where}: PersistentVolumeClaim {ns}/{claim} does not "

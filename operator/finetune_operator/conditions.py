@@ -15,6 +15,8 @@ RUNNING = "Running"
 SUSPENDED = "Suspended"
 SUCCEEDED = "Succeeded"
 FAILED = "Failed"
+# spec.tracking: False while a tracker is unreachable (training goes on without it).
+TRACKING_AVAILABLE = "TrackingAvailable"
 
 TRUE, FALSE = "True", "False"
 

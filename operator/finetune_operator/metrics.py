@@ -16,11 +16,12 @@ RECONCILE_DURATION = f"{PREFIX}_reconcile_duration_seconds"
 RECONCILE_ERRORS = f"{PREFIX}_reconcile_errors_total"
 TIME_TO_TRAINING_START = f"{PREFIX}_time_to_training_start_seconds"
 JOB_DURATION = f"{PREFIX}_job_duration_seconds"
-GPU_HOURS = f"{PREFIX}_gpu_hours_total"
+# In seconds, Prometheus's base unit (promtool check metrics flags "hours"); the dashboard divides.
+GPU_SECONDS = f"{PREFIX}_gpu_seconds_total"
 
 METRIC_NAMES: tuple[str, ...] = (
     JOBS, PHASE_TRANSITIONS, RECONCILE_DURATION, RECONCILE_ERRORS,
-    TIME_TO_TRAINING_START, JOB_DURATION, GPU_HOURS,
+    TIME_TO_TRAINING_START, JOB_DURATION, GPU_SECONDS,
 )
 
 registry = CollectorRegistry()
@@ -45,7 +46,7 @@ job_duration = Histogram(
     JOB_DURATION, "From FineTuneJob creation to Succeeded or Failed.",
     buckets=(30, 60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, float("inf")),
     registry=registry)
-gpu_hours = Counter(_strip_total(GPU_HOURS), "GPU hours consumed by trainer pods.",
+gpu_seconds = Counter(_strip_total(GPU_SECONDS), "GPU seconds consumed by trainer pods.",
                     registry=registry)
 
 

@@ -24,7 +24,7 @@ from finetune_api.models import FineTuneJob
 
 from finetune_operator.builders.placement import GPU_RESOURCE
 from finetune_operator.conditions import (
-    ADMITTED, FAILED, FALSE, RUNNING, SUCCEEDED, SUSPENDED, TRUE, ConditionUpdate, find,
+    ADMITTED, FAILED, FALSE, RUNNING, SUCCEEDED, SUSPENDED, TRACKING_AVAILABLE, TRUE, ConditionUpdate, find,
     now_iso, set_conditions,
 )
 
@@ -354,6 +354,26 @@ def condition_updates(o: Observation) -> list[ConditionUpdate]:
     return updates
 
 
+def tracking_condition(job: FineTuneJob) -> ConditionUpdate | None:
+    """TrackingAvailable from the trackers' states the trainer reports in status.tracking;
+    None until the trainer reported (or when spec.tracking is not set)."""
+    reported = job.status.tracking
+    if job.spec.tracking is None or reported is None:
+        return None
+    trackers = {name: getattr(reported, name) for name in ("mlflow", "tensorboard", "wandb")
+                if getattr(reported, name) is not None}
+    down = {name: t for name, t in trackers.items() if t.state == "Unavailable"}
+    if down:
+        detail = "; ".join(f"{name}: {t.message or 'unavailable'}" for name, t in down.items())
+        return ConditionUpdate(TRACKING_AVAILABLE, FALSE, "TrackerUnavailable",
+                               f"{detail}. Training goes on without it; its metrics are in "
+                               f"status.metrics and the trainer's Prometheus metrics.")
+    if not trackers:
+        return None
+    return ConditionUpdate(TRACKING_AVAILABLE, TRUE, "Logging",
+                           f"logging to {', '.join(sorted(trackers))}")
+
+
 def status_patch(job: FineTuneJob, o: Observation, *, now: dt.datetime, gpu_hour_price: float,
                  existing_conditions: list[dict]) -> dict:
     """The status fields the operator owns (never progress/metrics/checkpoints: the trainer's)."""
@@ -361,7 +381,8 @@ def status_patch(job: FineTuneJob, o: Observation, *, now: dt.datetime, gpu_hour
     status: dict = {
         "phase": o.phase.value,
         "observedGeneration": job.metadata.generation,
-        "conditions": set_conditions(existing_conditions, condition_updates(o),
+        "conditions": set_conditions(existing_conditions,
+                                     condition_updates(o) + [c for c in (tracking_condition(job),) if c],
                                      generation=job.metadata.generation, now=stamp),
         "attempts": o.attempts,
         "restarts": o.restarts,

@@ -185,6 +185,14 @@ INVALID_JOBS = [
     ("deploy-service-name", {"deploy": {"inferenceService": "My_Service"}}, "spec.deploy.inferenceService"),
     ("ttl-negative", {"ttlSecondsAfterFinished": -1}, "spec.ttlSecondsAfterFinished"),
     ("suspend-not-bool", {"suspend": "yes"}, "spec.suspend"),
+    ("tracking-mlflow-uri-missing", {"tracking": {"mlflow": {"experiment": "x"}}},
+     "spec.tracking.mlflow.trackingUri: Required value"),
+    ("tracking-mlflow-uri-scheme", {"tracking": {"mlflow": {"trackingUri": "ftp://mlflow"}}},
+     "spec.tracking.mlflow.trackingUri"),
+    ("tracking-wandb-mode", {"tracking": {"wandb": {"project": "p", "mode": "sometimes"}}},
+     'spec.tracking.wandb.mode: Unsupported value: "sometimes"'),
+    ("tracking-wandb-project-missing", {"tracking": {"wandb": {"mode": "offline"}}},
+     "spec.tracking.wandb.project: Required value"),
 ]
 
 INVALID_SERVICES = [

@@ -155,6 +155,9 @@ def write_model_card(cfg: TrainerConfig, summary: dict[str, Any], eval_report: d
     for model_name, metrics in scores.items():
         for metric, value in metrics.items():
             lines.append(f"| {metric} ({model_name}) | {_fmt(value)} |")
+    if (summary.get("artifacts") or {}).get("lossPlot"):
+        # The plot lies beside this card (artifacts/loss.png), so the link is relative.
+        lines += ["", "## Loss curve", "", "![training and evaluation loss, learning rate](loss.png)"]
     lines += ["", "## Method", "", "```json", json.dumps(method, indent=2, sort_keys=True), "```",
               "", "## Hyperparameters", "", "```json", json.dumps(training, indent=2, sort_keys=True), "```",
               "", "## Library versions", ""]

@@ -165,6 +165,7 @@ def make_callbacks(cfg: TrainerConfig, reporter, has_eval: bool, guard: SignalGu
             if self.last_time is not None and tokens and now > self.last_time:
                 p.tokens_per_second = round((tokens - self.last_tokens) / (now - self.last_time), 1)
             self.last_time, self.last_tokens = now, tokens
+            reporter.log_step(logs, state.global_step)
             reporter.publish()
 
         def on_train_end(self, args, state, control, **kwargs):

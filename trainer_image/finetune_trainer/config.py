@@ -32,8 +32,12 @@ from finetune_api.trainer_config import (
     ModelConfig,
     OutputConfig,
     PathsConfig,
+    MlflowTrackingConfig,
     ReportingConfig,
+    TensorboardTracking as TensorboardTrackingConfig,
+    TrackingConfig,
     TrainerConfig,
+    WandbTrackingConfig,
 )
 
 __all__ = [
@@ -41,5 +45,6 @@ __all__ = [
     "TRAINER_CONFIG_KIND", "ConfigError", "DatasetConfig", "DedupConfig", "EarlyStoppingConfig",
     "EvaluationConfig", "JobRef", "LoraConfig", "MethodConfig", "MixConfig", "ModelConfig",
     "OutputConfig", "PathsConfig", "QuantizationConfig", "ReportingConfig", "TrainerConfig",
-    "TrainingConfig",
+    "TrainingConfig", "TrackingConfig", "MlflowTrackingConfig", "TensorboardTrackingConfig",
+    "WandbTrackingConfig",
 ]

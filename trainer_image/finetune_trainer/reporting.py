@@ -74,6 +74,8 @@ class Progress:
     lm_loss: bool = True
     # status.evaluation once the run evaluated (evalLoss, perplexity, preferenceAccuracy, ...).
     evaluation: dict[str, Any] | None = None
+    # Each tracker's state, run id and URL (tracking.Tracking.status()).
+    tracking: dict[str, Any] | None = None
 
     @property
     def percent(self) -> int:
@@ -118,6 +120,8 @@ class Progress:
             status["dataset"] = self.dataset
         if self.evaluation:
             status["evaluation"] = _finite(self.evaluation)
+        if self.tracking:
+            status["tracking"] = self.tracking
         return {"status": status}
 
 
@@ -325,6 +329,13 @@ class Reporter:
         self.progress = Progress()
         self.metrics = Metrics(reporting.metrics_port if serve_metrics else None)
         self.patcher = StatusPatcher(job, reporting.status_interval) if reporting.status_patch else None
+        self.tracking = None  # tracking.Tracking, set by train.run when spec.tracking is given
+
+    def log_step(self, logs: dict[str, Any], step: int) -> None:
+        """One logging step's metrics to the experiment trackers."""
+        if self.tracking is not None:
+            self.tracking.log(logs, step)
+            self.progress.tracking = self.tracking.status()
 
     def publish(self, *, force: bool = False) -> None:
         self.metrics.update(self.progress)

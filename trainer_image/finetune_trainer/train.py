@@ -125,7 +125,14 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
 
         reporter.progress.dataset = dataset_status(data.report)
         reporter.progress.lm_loss = objective.lm_loss
+        from .tracking import Tracking, enabled
+
+        if enabled(cfg.tracking):
+            reporter.tracking = Tracking(cfg, resume.step if resume else None)
+            reporter.tracking.start(data.digest)
+            reporter.progress.tracking = reporter.tracking.status()
         reporter.publish(force=True)
+    finished = False
     try:
         model = objective.load_model(cfg, precision)
         _install_nan_hook(model)
@@ -146,10 +153,14 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
         _barrier()
         if not is_main:
             return {}
-        return _finish(cfg, objective, trainer, tokenizer, data, result, eval_metrics,
-                       train_seconds, precision, packing, resume, reporter)
+        summary = _finish(cfg, objective, trainer, tokenizer, data, result, eval_metrics,
+                          train_seconds, precision, packing, resume, reporter)
+        finished = True
+        return summary
     finally:
         if reporter is not None:
+            if reporter.tracking is not None and not finished:
+                reporter.tracking.finish([], None, succeeded=False)
             reporter.close()
 
 
@@ -197,10 +208,23 @@ def _finish(cfg, objective, trainer, tokenizer, data, result, eval_metrics, trai
         summary["objectiveMetrics"] = objective_metrics
     if eval_objective:
         eval_report["objectiveMetrics"] = eval_objective
+    from .plots import write_loss_plot
+
+    plot = write_loss_plot(state.log_history, cfg.paths.artifacts / "loss.png",
+                           f"{cfg.job.namespace}/{cfg.job.name}: {cfg.model.source}")
+    if plot is not None:
+        summary["artifacts"]["lossPlot"] = str(plot)
     artifacts.write_model_card(cfg, summary, eval_report)
     cfg.paths.reports.mkdir(parents=True, exist_ok=True)
     (cfg.paths.reports / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     (cfg.paths.reports / "eval.json").write_text(json.dumps(eval_report, indent=2, default=str))
+    if reporter is not None and reporter.tracking is not None:
+        adapter = artifact_paths.get("adapter") or artifact_paths.get("merged")
+        reporter.tracking.finish(
+            [cfg.paths.artifacts / "README.md", cfg.paths.artifacts / "loss.png",
+             cfg.paths.reports / "summary.json", cfg.paths.reports / "eval.json"],
+            Path(adapter) if adapter else None)
+        reporter.progress.tracking = reporter.tracking.status()
     if reporter is not None:
         if eval_metrics.get("eval_loss") is not None:
             reporter.progress.eval_loss = eval_metrics["eval_loss"]

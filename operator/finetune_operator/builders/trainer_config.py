@@ -27,6 +27,9 @@ CONFIG_KEY = "config.json"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
 MODEL_TOKEN_ENV = "HF_TOKEN"
 PUSH_TOKEN_ENV = "PUSH_TOKEN"
+# spec.tracking: the trackers' own variable names (their client libraries read them).
+MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+WANDB_KEY_ENV = "WANDB_API_KEY"
 TRAINER_METRICS_PORT = 9400
 STATUS_INTERVAL_SECONDS = 5.0
 COMPONENT = "trainer"
@@ -117,8 +120,29 @@ def build_trainer_config(job: FineTuneJob) -> dict:
         "reporting": {"statusPatch": True, "metricsPort": TRAINER_METRICS_PORT,
                       "statusInterval": STATUS_INTERVAL_SECONDS},
     }
+    tracking = build_tracking_config(job)
+    if tracking:
+        config["tracking"] = tracking
     TrainerConfig.from_dict(config)  # raises ConfigError naming the field the trainer rejects
     return config
+
+
+def build_tracking_config(job: FineTuneJob) -> dict | None:
+    """spec.tracking for the trainer, without its Secret references (the credentials reach the
+    trainer as environment variables, see trainer_job._env)."""
+    t = job.spec.tracking
+    if t is None or not (t.mlflow or t.tensorboard or t.wandb):
+        return None
+    out: dict = {"logAdapter": t.log_adapter}
+    if t.mlflow:
+        out["mlflow"] = {"trackingUri": t.mlflow.tracking_uri}
+        if t.mlflow.experiment:
+            out["mlflow"]["experiment"] = t.mlflow.experiment
+    if t.tensorboard:
+        out["tensorboard"] = {"enabled": t.tensorboard.enabled}
+    if t.wandb:
+        out["wandb"] = {k: v for k, v in to_dict(t.wandb).items() if k != "apiKeySecretRef"}
+    return out
 
 
 def build_config_map(job: FineTuneJob) -> dict:

@@ -20,7 +20,8 @@ from finetune_operator.builders import object_meta
 from finetune_operator.builders.placement import GPU_RESOURCE, place
 from finetune_operator.builders.storage import WORKSPACE_VOLUME, claim_name
 from finetune_operator.builders.trainer_config import (
-    CONFIG_DIR, CONFIG_PATH, MODEL_TOKEN_ENV, PUSH_TOKEN_ENV, TRAINER_METRICS_PORT, other_claims,
+    CONFIG_DIR, CONFIG_PATH, MLFLOW_SECRET_KEYS, MODEL_TOKEN_ENV, PUSH_TOKEN_ENV, TRAINER_METRICS_PORT,
+    WANDB_KEY_ENV, other_claims,
 )
 from finetune_operator.labels import KUEUE_QUEUE, labels_for
 
@@ -80,6 +81,15 @@ def _env(job: FineTuneJob, image: str) -> list[dict]:
     push = job.spec.output.push
     if push and push.token_secret_ref:
         env.append(_secret_env(PUSH_TOKEN_ENV, push.token_secret_ref))
+    tracking = job.spec.tracking
+    if tracking and tracking.mlflow and tracking.mlflow.secret_ref:
+        # Named keys only (not envFrom): a Secret cannot set other variables such as PATH.
+        # Each is optional: a token, or a username and password.
+        env += [{"name": key, "valueFrom": {"secretKeyRef": {
+            "name": tracking.mlflow.secret_ref.name, "key": key, "optional": True}}}
+            for key in MLFLOW_SECRET_KEYS]
+    if tracking and tracking.wandb and tracking.wandb.api_key_secret_ref:
+        env.append(_secret_env(WANDB_KEY_ENV, tracking.wandb.api_key_secret_ref))
     return env
 
 

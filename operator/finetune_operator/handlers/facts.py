@@ -26,10 +26,10 @@ _node_gpus_guard = threading.Lock()
 def gather(job: FineTuneJob) -> admission.ClusterFacts:
     core, ns = kube.core(), job.metadata.namespace
     facts = admission.ClusterFacts()
-    for _, ref in admission.secret_refs(job):
-        secret = kube.call(core.read_namespaced_secret, ref.name, ns, absent=True)
+    for secret_name in admission.secret_names(job):
+        secret = kube.call(core.read_namespaced_secret, secret_name, ns, absent=True)
         if secret is not None:
-            facts.secrets[ref.name] = set((secret.data or {}).keys()) | set((secret.string_data or {}).keys())
+            facts.secrets[secret_name] = set((secret.data or {}).keys()) | set((secret.string_data or {}).keys())
     for _, claim in admission.claims_to_check(job):
         if kube.call(core.read_namespaced_persistent_volume_claim, claim, ns, absent=True) is not None:
             facts.claims.add(claim)

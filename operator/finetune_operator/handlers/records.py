@@ -52,7 +52,7 @@ def observe(job: FineTuneJob, obs: Observation, obj: dict, now: dt.datetime) -> 
     _publish_counts()
     delta = obs.gpu_hours - (job.status.gpu_hours or 0.0)
     if delta > 0:
-        metrics.gpu_hours.inc(delta)
+        metrics.gpu_seconds.inc(delta * 3600)
     created = parse_time(obj["metadata"].get("creationTimestamp"))
     old = job.status.phase
     if created and obs.phase.running and old in (None, Phase.PENDING.value) and obs.restarts == 0 \
