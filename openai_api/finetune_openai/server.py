@@ -232,8 +232,6 @@ class Api:
         state = openai_status(obj)
         if state not in allowed:
             raise conflict(f"fine-tuning job {job_id} is {state}; it cannot be {verb}")
-        patch = {**patch, "metadata": {**patch.get("metadata", {}),
-                                       "resourceVersion": obj["metadata"]["resourceVersion"]}}
         updated = await self.call(self.kube.patch_job, p.namespace, job_id, patch)
         log.info("namespace %s: fine-tuning job %s %s", p.namespace, job_id, verb)
         return web.json_response(to_job(updated))
