@@ -276,8 +276,9 @@ def openai_status(obj: dict) -> str:
         return phase.lower()
     if annotations.get(A_CANCELLED):
         return "cancelled"
-    if phase == "Suspended" or (obj.get("spec") or {}).get("suspend"):
+    if (obj.get("spec") or {}).get("suspend"):
         return "paused"
+    # phase Suspended with spec.suspend false: resuming, until the operator starts the trainer.
     return {"Validating": "validating_files", "Training": "running", "Evaluating": "running",
             "Deploying": "running"}.get(phase, "queued")
 

@@ -153,6 +153,7 @@ def test_names_fit_kubernetes():
     ("Failed", False, False, "failed"),
     ("Suspended", True, False, "paused"),
     ("Training", True, False, "paused"),
+    ("Suspended", False, False, "queued"),
     ("Suspended", True, True, "cancelled"),
     ("Training", True, True, "cancelled"),
 ])
