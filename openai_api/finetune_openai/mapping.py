@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import hashlib
 import json
 import re
 import secrets
@@ -50,6 +51,11 @@ DPO_SUPPORTED = False  # set once the FineTuneJob API has spec.method.objective 
 
 def new_job_id() -> str:
     return f"ftjob-{secrets.token_hex(12)}"
+
+
+def job_id_for_key(namespace: str, idempotency_key: str) -> str:
+    """The job id a create with this Idempotency-Key gets: a retried request finds its job."""
+    return "ftjob-" + hashlib.sha256(f"{namespace}\0{idempotency_key}".encode()).hexdigest()[:24]
 
 
 def new_file_id() -> str:

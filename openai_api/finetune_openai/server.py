@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from aiohttp import ClientSession, ClientTimeout, web
+from aiohttp import ClientError, ClientSession, ClientTimeout, web
 from kubernetes.client.rest import ApiException
 
 from . import mapping
@@ -201,13 +201,22 @@ class Api:
                 raise bad_request(f"validation_file holds {validation.format} records but training_file "
                                   f"holds {training.format} records", param="validation_file")
         active = [j for j in await self.call(self.kube.list_jobs, p.namespace) if openai_status(j) in ACTIVE_STATES]
-        if len(active) >= self.cfg.max_running_jobs:
+        idempotent_retry = request.headers.get("Idempotency-Key") and any(
+            j["metadata"]["name"] == mapping.job_id_for_key(p.namespace, request.headers["Idempotency-Key"]) for j in active)
+        if len(active) >= self.cfg.max_running_jobs and not idempotent_retry:
             raise too_many(f"namespace {p.namespace} already has {len(active)} fine-tuning jobs queued or "
                            f"running, its limit; wait for one to finish or cancel one", "rate_limit_exceeded")
-        job_id = mapping.new_job_id()
+        # With an Idempotency-Key the id is derived from it, so a retried create finds its job.
+        idempotency_key = request.headers.get("Idempotency-Key")
+        job_id = mapping.job_id_for_key(p.namespace, idempotency_key) if idempotency_key else mapping.new_job_id()
         body = mapping.build_finetunejob(req, job_id=job_id, namespace=p.namespace, model_source=source,
                                          template=self.cfg.job_template, training=training, validation=validation)
-        created = await self.call(self.kube.create_job, p.namespace, body)
+        try:
+            created = await asyncio.to_thread(self.kube.create_job, p.namespace, body)
+        except ApiException as e:
+            if e.status != 409 or not idempotency_key:
+                raise _kube_error(e) from None
+            return web.json_response(to_job(await self.job(p.namespace, job_id)))
         log.info("namespace %s: created fine-tuning job %s (model %s, %s)", p.namespace, job_id, req.model,
                  req.training_file)
         return web.json_response(to_job(created))
@@ -319,7 +328,7 @@ class Api:
         upstream_body = json.dumps({**body, "model": served}).encode()
         try:
             upstream = await self.http.post(target, data=upstream_body, headers={"Content-Type": "application/json"})
-        except OSError as e:
+        except (OSError, ClientError) as e:
             raise ApiError(502, f"the InferenceService serving {model!r} did not answer: {e.__class__.__name__}",
                            code="upstream_unavailable") from None
         async with upstream:

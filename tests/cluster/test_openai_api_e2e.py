@@ -102,9 +102,12 @@ def test_quickstart_uploads_trains_lists_checkpoints_and_chats(cluster, namespac
     assert (uploaded.purpose, uploaded.bytes, uploaded.filename) == ("fine-tune", data.stat().st_size, "pirate.jsonl")
     assert client.files.content(uploaded.id).read() == data.read_bytes()
 
-    job = client.fine_tuning.jobs.create(training_file=uploaded.id, model=BASE_MODEL, suffix="echo",
-                                         seed=3, metadata={"case": "quickstart"})
+    create = dict(training_file=uploaded.id, model=BASE_MODEL, suffix="echo", seed=3, metadata={"case": "quickstart"},
+                  extra_headers={"Idempotency-Key": "quickstart-1"})
+    job = client.fine_tuning.jobs.create(**create)
     assert job.status in ("queued", "validating_files") and job.fine_tuned_model is None
+    assert client.fine_tuning.jobs.create(**create).id == job.id, "a retried create finds its job"
+    assert len(client.fine_tuning.jobs.list().data) == 1
     ftj = get_json(cluster, "ftj", job.id, "-n", namespace)
     assert ftj["spec"]["dataset"]["source"] == f"pvc://openai-files/files/{uploaded.id}.jsonl"
     assert ftj["spec"]["training"]["seed"] == 3

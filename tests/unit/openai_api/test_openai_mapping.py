@@ -132,6 +132,12 @@ def test_a_template_can_name_the_inference_service():
     assert obj["spec"]["deploy"]["inferenceService"] == "shared"
 
 
+def test_an_idempotency_key_gives_one_job_id_per_namespace():
+    a = mapping.job_id_for_key("team-a", "retry-me")
+    assert mapping.JOB_ID.match(a) and a == mapping.job_id_for_key("team-a", "retry-me")
+    assert a != mapping.job_id_for_key("team-b", "retry-me") != mapping.job_id_for_key("team-a", "other")
+
+
 def test_names_fit_kubernetes():
     assert len(mapping.new_job_id()) <= 63 - len("-workspace")
     assert mapping.JOB_ID.match(mapping.new_job_id()) and mapping.FILE_ID.match(mapping.new_file_id())
