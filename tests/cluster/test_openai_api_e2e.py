@@ -59,10 +59,10 @@ def follow(client: OpenAI, job_id: str, until, *, timeout: float, seen: set | No
         job = client.fine_tuning.jobs.retrieve(job_id)
         if seen is not None:
             seen.add(job.status)
-        if job.status == "failed":
-            raise AssertionError(f"the job failed: {job.error}")
-        return until(job) and job
-    return wait_for(check, timeout=timeout, what=f"fine-tuning job {job_id}", interval=1)
+        return (job.status == "failed" or until(job)) and job
+    job = wait_for(check, timeout=timeout, what=f"fine-tuning job {job_id}", interval=1)
+    assert job.status != "failed", f"the job failed: {job.error}"
+    return job
 
 
 def serviceaccount_token(cluster, namespace: str, *, may_use_finetunejobs: bool) -> str:
