@@ -211,7 +211,8 @@ def test_pause_and_resume_keep_checkpoints_and_cancel_stops_the_trainer(cluster,
     cancelled = client.fine_tuning.jobs.cancel(job.id)
     assert cancelled.status == "cancelled" and cancelled.finished_at
     wait_for(lambda: not trainer_pods(cluster, namespace, job.id), timeout=300, what="cancel to stop the trainer")
-    assert get_json(cluster, "ftj", job.id, "-n", namespace)["status"]["phase"] == "Suspended"
+    wait_for(lambda: get_json(cluster, "ftj", job.id, "-n", namespace)["status"]["phase"] == "Suspended",
+             timeout=120, what="the operator to report the cancelled job Suspended")
     assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
     assert client.fine_tuning.jobs.checkpoints.list(job.id).data
     with pytest.raises(openai.ConflictError):
