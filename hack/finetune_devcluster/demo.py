@@ -8,7 +8,10 @@
 4. apply examples/quickstart.yaml; the trainer pod really runs on the local node, and when
    it succeeds the operator creates the InferenceService `quickstart` there (vLLM, CPU);
 5. show progress while it trains, wait for vLLM to serve the adapter, and print the
-   adapter's answers next to the base model's for held-out prompts.
+   adapter's answers next to the base model's for held-out prompts;
+6. start OpenAI's fine-tuning API (`finetune-operator api`, with the chart's ServiceAccount
+   and RBAC for it) for the namespace `demo`, issue an API key, and print the `export` lines
+   with which OpenAI's own fine-tuning quick-start runs against it.
 
 `make demo-down` stops everything it started and removes `.demo/`.
 """
@@ -35,6 +38,20 @@ RELEASE = "finetune-operator"
 JOB = "quickstart"
 CLAIM = "quickstart-workspace"
 VLLM_PORT = 8000
+OPENAI_API_PORT = 8090
+# The jobs the fine-tuning API creates in the demo: short LoRA training and serving on the
+# local node, like examples/quickstart.yaml (openaiApi.jobTemplate in the chart).
+_LOCAL = {"nodeSelector": {"finetune.dev/local-node": "true"},
+          "tolerations": [{"key": "finetune.dev/local-node", "operator": "Exists", "effect": "NoSchedule"}]}
+OPENAI_JOB_TEMPLATE = {
+    "method": {"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["all-linear"]}},
+    "dataset": {"evalFraction": 0.1, "minExamples": 10},
+    "training": {"epochs": 3, "perDeviceBatchSize": 8, "learningRate": 3.0e-3, "warmupSteps": 5,
+                 "maxSeqLength": 256, "precision": "fp32", "loggingSteps": 2, "saveSteps": 20, "evalSteps": 20},
+    "resources": {"gpusPerNode": 0, **_LOCAL},
+    "storage": {"size": "1Gi"},
+    "deploy": {"gpus": 0, **_LOCAL, "vllm": {"maxModelLen": 512, "maxLoraRank": 8, "dtype": "float32"}},
+}
 QUICKSTART = REPO_ROOT / "examples" / "quickstart.yaml"
 DATASET = REPO_ROOT / "examples" / "data" / "quickstart.jsonl"
 
@@ -45,12 +62,14 @@ def say(msg: str) -> None:
 
 class Demo:
     def __init__(self, state_dir: Path = DEMO_DIR, *, timeout: float = 1200, metrics_port: int = 8080,
-                 liveness_port: int = 8081) -> None:
+                 liveness_port: int = 8081, openai_api_port: int = OPENAI_API_PORT) -> None:
         self.state_dir = state_dir
         self.cluster = Cluster(state_dir / "cluster")
         self.timeout = timeout
         self.metrics_port, self.liveness_port = metrics_port, liveness_port
+        self.openai_api_port = openai_api_port
         self.operator: subprocess.Popen | None = None
+        self.model_dir: Path | None = None
 
     # steps -------------------------------------------------------------------------------
     def up(self) -> dict:
@@ -65,7 +84,7 @@ class Demo:
         say(f"starting the local control plane (binaries ready in {build_s:.0f}s)")
         self.cluster.start()
         self.install_operator()
-        model_dir = self.prepare_model()
+        model_dir = self.model_dir = self.prepare_model()
         self.prepare_workspace(model_dir)
         say(f"applying {QUICKSTART.relative_to(REPO_ROOT)}")
         self.kubectl("apply", "-f", str(QUICKSTART))
@@ -215,7 +234,6 @@ class Demo:
               f"  MLflow tracking server: {self.cluster.mlflow_url} (set -a; . {self.cluster.mlflow_env_file}; set +a)\n"
               f"  clean up: make demo-down", flush=True)
 
-
     def artifact_lines(self) -> str:
         """The model card and its loss curve on the job's claim (a host folder here)."""
         try:
@@ -227,11 +245,37 @@ class Demo:
             lines += f"  loss curve: {artifacts / 'loss.png'} (train and eval loss, learning rate)\n"
         return lines
 
+    def start_openai_api(self) -> dict:
+        """Serve OpenAI's fine-tuning API for the namespace `demo`; return the `export` values."""
+        from .openai_local import BASE_MODEL, LocalOpenAIApi
+
+        # On the local node every pod has this machine's network, so one vLLM at a time can
+        # listen on port 8000: the quickstart server is scaled to zero, and the API's jobs are
+        # served by the InferenceService ft-tiny-llama.
+        say("scaling the quickstart InferenceService to zero: the fine-tuning API's jobs use port 8000 next")
+        self.kubectl("patch", "inferenceservice.finetune.dev", JOB, "-n", NAMESPACE, "--type=merge",
+                     "-p", json.dumps({"spec": {"replicas": 0}}))
+        self.kubectl("wait", "-n", NAMESPACE, "--for=delete", "pod", "-l", f"finetune.dev/inferenceservice={JOB}",
+                     "--timeout=120s", check=False)
+        say(f"starting OpenAI's fine-tuning API on port {self.openai_api_port} (log {self.state_dir / 'openai-api.log'})")
+        api = LocalOpenAIApi(self.cluster, self.state_dir, namespace=NAMESPACE, release=RELEASE,
+                             release_namespace=OPERATOR_NAMESPACE, port=self.openai_api_port,
+                             job_template=OPENAI_JOB_TEMPLATE)
+        api.start(self.model_dir or self.prepare_model())
+        exports = {"OPENAI_BASE_URL": api.url, "OPENAI_API_KEY": api.create_key(), "FINETUNE_BASE_MODEL": BASE_MODEL}
+        say("OpenAI's fine-tuning quick-start runs against it with (docs/openai-migration.md):")
+        for name, value in exports.items():
+            print(f"export {name}={value}", flush=True)
+        return exports
+
     def stop(self) -> None:
         down(self.state_dir, remove=False)
 
 
 def down(state_dir: Path = DEMO_DIR, *, remove: bool = True) -> None:
+    from .openai_local import stop_from_pid_file as stop_openai_api
+
+    stop_openai_api(state_dir)
     pid_file = state_dir / "operator.pid"
     if pid_file.exists():
         from .cluster import _kill_group
@@ -253,7 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         down()
         return 0
     down()  # a previous run's leftovers never collide with this one
-    Demo().up()
+    demo = Demo()
+    demo.up()
+    demo.start_openai_api()
     return 0
 
 

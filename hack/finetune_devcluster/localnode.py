@@ -41,7 +41,7 @@ LOCAL_NODE_LABEL = "finetune.dev/local-node"
 PROVISIONED_BY = "pv.kubernetes.io/provisioned-by"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # The source folders of the project's packages (pyproject.toml's packages.find `where`).
-SOURCE_DIRS = ("api", "operator", "trainer_image", "hack")
+SOURCE_DIRS = ("api", "operator", "trainer_image", "openai_api", "hack")
 
 
 def now() -> str:

@@ -1,4 +1,9 @@
-"""`finetune-operator`: run the operator against KUBECONFIG or the in-cluster config."""
+"""`finetune-operator`: run the operator against KUBECONFIG or the in-cluster config.
+
+`finetune-operator api ...` serves OpenAI's fine-tuning API instead (package
+`finetune_openai`, imported only then: it needs the trainer's data validator, so it runs from
+the trainer image).
+"""
 
 from __future__ import annotations
 
@@ -33,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["api"]:
+        from finetune_openai.cli import main as api_main
+
+        return api_main(argv[1:])
     args = build_parser().parse_args(argv)
     settings.current = settings.OperatorConfig(
         namespaces=args.namespaces, metrics_port=args.metrics_port, liveness_port=args.liveness_port,

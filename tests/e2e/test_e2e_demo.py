@@ -9,10 +9,14 @@ gives pods the host's network), so this test cannot run while `make demo` is up.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
 from finetune_devcluster.cluster import free_port
+from finetune_devcluster.cluster import REPO_ROOT
 from finetune_devcluster.demo import JOB, NAMESPACE, Demo
 from tests.fixtures.cluster import wait_for
 
@@ -20,7 +24,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 
 def test_demo_fine_tunes_serves_and_answers_in_the_trained_direction(tmp_path):
-    demo = Demo(tmp_path / "demo", metrics_port=free_port(), liveness_port=free_port(), timeout=900)
+    demo = Demo(tmp_path / "demo", metrics_port=free_port(), liveness_port=free_port(), openai_api_port=free_port(),
+                timeout=900)
     try:
         result = demo.up()
 
@@ -44,5 +49,17 @@ def test_demo_fine_tunes_serves_and_answers_in_the_trained_direction(tmp_path):
         answers = result["answers"]
         assert answers and all(a["fine-tuned"] for a in answers)
         assert any("matey" in a["fine-tuned"].lower() and "matey" not in a["base"].lower() for a in answers), answers
+
+        # Done when: OpenAI's fine-tuning quick-start runs against the demo with only the
+        # printed exports (base URL, key, base model) set.
+        exports = demo.start_openai_api()
+        assert set(exports) == {"OPENAI_BASE_URL", "OPENAI_API_KEY", "FINETUNE_BASE_MODEL"}
+        quickstart = subprocess.run(
+            [sys.executable, str(REPO_ROOT / "examples" / "openai_quickstart.py"),
+             str(REPO_ROOT / "examples" / "data" / "openai-chat.jsonl")],
+            env={**os.environ, **exports}, capture_output=True, text=True, timeout=900)
+        assert quickstart.returncode == 0, quickstart.stdout + quickstart.stderr
+        assert "finished: succeeded ft:tiny-llama:pirate:ftjob-" in quickstart.stdout, quickstart.stdout
+        assert "answer:" in quickstart.stdout and "checkpoint " in quickstart.stdout
     finally:
         demo.stop()

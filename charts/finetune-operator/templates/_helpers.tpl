@@ -81,3 +81,18 @@ serves the API or the user forces it. Call with (dict "root" $ "cfg" .Values.met
 {{- $rules := $root.Files.Get "files/rbac/rules.yaml" | fromYaml }}
 {{- toYaml (index $rules $section) }}
 {{- end }}
+
+{{/* The OpenAI-compatible API's pods (openaiApi): the same labels, another component. */}}
+{{- define "finetune-operator.openaiApiSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "finetune-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: openai-api
+{{- end }}
+
+{{- define "finetune-operator.openaiApiLabels" -}}
+helm.sh/chart: {{ include "finetune-operator.chart" . }}
+{{ include "finetune-operator.openaiApiSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: finetune-operator
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}

@@ -193,7 +193,7 @@ def test_crds_as_templates_are_the_crd_files_with_a_keep_policy(helm, keep):
 
 
 def operator_container(objects: list[dict]) -> dict:
-    return one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    return one(objects, "Deployment", FULLNAME)["spec"]["template"]["spec"]["containers"][0]
 
 
 def test_deployment_runs_one_restricted_replica_with_the_configured_flags(helm):
@@ -322,6 +322,73 @@ def test_readme_rbac_table_lists_exactly_the_granted_verbs():
         group = "" if group == "core" else group
         documented |= {(group, resource, verb.strip(" `")) for verb in verbs.split(",")}
     assert documented == flatten(sum(rules_file().values(), []))
+
+
+# --- the OpenAI-compatible API (openaiApi) -------------------------------------------------------------
+
+OPENAI_API = f"{FULLNAME}-openai-api"
+OPENAI_ON = ["--set", "openaiApi.enabled=true", "--set", "openaiApi.filesClaim=openai-share"]
+
+
+def test_openai_api_is_off_by_default(helm):
+    for obj in render(helm):
+        assert obj["metadata"]["labels"].get("app.kubernetes.io/component") != "openai-api", obj["metadata"]["name"]
+
+
+def test_openai_api_needs_a_files_claim(helm):
+    out = template(helm, "--set", "openaiApi.enabled=true", check=False)
+    assert out.returncode != 0 and "openaiApi.filesClaim" in out.stderr
+
+
+def test_openai_api_has_its_own_least_privilege_identity(helm):
+    objects = render(helm, *OPENAI_ON)
+    cluster_rules = flatten(one(objects, "ClusterRole", OPENAI_API)["rules"])
+    assert cluster_rules == {
+        ("finetune.dev", "finetunejobs", "get"), ("finetune.dev", "finetunejobs", "list"),
+        ("finetune.dev", "finetunejobs", "create"), ("finetune.dev", "finetunejobs", "patch"),
+        ("finetune.dev", "inferenceservices", "get"), ("", "events", "list"),
+        ("authentication.k8s.io", "tokenreviews", "create"), ("authorization.k8s.io", "subjectaccessreviews", "create")}
+    role = one(objects, "Role", OPENAI_API, RELEASE_NAMESPACE)
+    assert flatten(role["rules"]) == {("", "secrets", "get")}, "API keys: get by name in the release namespace only"
+    for kind in ("ClusterRoleBinding", "RoleBinding"):
+        binding = one(objects, kind, OPENAI_API)
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": OPENAI_API, "namespace": RELEASE_NAMESPACE}]
+    pod = one(objects, "Deployment", OPENAI_API)["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == OPENAI_API and pod["securityContext"]["runAsNonRoot"] is True
+    container = pod["containers"][0]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert container["image"].startswith("ghcr.io/finetune-dev/finetune-trainer:"), "the image with the validator"
+    deployment = one(objects, "Deployment", OPENAI_API)
+    selector = one(objects, "Service", OPENAI_API)["spec"]["selector"]
+    assert selector == deployment["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert selector["app.kubernetes.io/component"] == "openai-api"  # the operator's metrics Service skips it
+
+
+def test_openai_api_readme_table_lists_exactly_its_rules(helm):
+    objects = render(helm, *OPENAI_ON)
+    granted = flatten(one(objects, "ClusterRole", OPENAI_API)["rules"] + one(objects, "Role", OPENAI_API)["rules"])
+    documented = set()
+    for resource, group, verbs, *_why in table_rows(readme_section("OpenAI-compatible API")):
+        group = "" if group == "core" else group
+        documented |= {(group, resource.split(" ")[0].strip("`"), verb.strip(" `")) for verb in verbs.split(",")}
+    assert documented == granted
+
+
+@pytest.mark.parametrize("value_set", ["namespaces-monitoring"])
+def test_openai_api_cli_accepts_every_flag_the_chart_passes(helm, value_set):
+    from finetune_openai.cli import _parser
+
+    objects = render(helm, *values_args(value_set))
+    container = one(objects, "Deployment", OPENAI_API)["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["python", "-m", "finetune_openai"]
+    args = _parser().parse_args(container["args"])
+    assert (args.files_claim, args.keys_namespace, args.max_running_jobs) == ("openai-files", RELEASE_NAMESPACE, 2)
+    config = yaml.safe_load(one(objects, "ConfigMap", OPENAI_API)["data"]["models.yaml"])
+    assert config == {"llama-3.1-8b": "meta-llama/Llama-3.1-8B-Instruct"}
+    template = yaml.safe_load(one(objects, "ConfigMap", OPENAI_API)["data"]["job-template.yaml"])
+    assert template["method"] == {"type": "lora", "lora": {"r": 16}}
 
 
 # --- monitoring ------------------------------------------------------------------------------------

@@ -1,0 +1,3 @@
+from finetune_openai.cli import main
+
+raise SystemExit(main())
