@@ -190,7 +190,7 @@ class Cluster:
 
     def stop(self) -> None:
         if self.real_node is not None and self.real_node.bin_dir is not None:
-            self.real_node.stop_pods()
+            self.real_node.stop_pods()  # before containerd goes: its shims outlive it
         stop_from_pid_file(self.state_dir)
         for c in reversed(self.components):
             if c.process and c.process.poll() is None:
@@ -214,13 +214,8 @@ class Cluster:
 
     def _cleanup_real_node_leftovers(self) -> None:
         """A previous run's node under this state dir: its containers and mounts go first."""
-        if (self.state_dir / "node").exists():
-            from .realnode import RealNode, node_binaries
-
-            rn = RealNode(self)
-            rn.bin_dir = node_binaries()
-            rn.stop_pods()
-            rn.cleanup()
+        _stop_real_node(self.state_dir, before=True)
+        _stop_real_node(self.state_dir, before=False)
 
     def __enter__(self) -> "Cluster":
         return self.start()
@@ -528,7 +523,24 @@ def stop_from_pid_file(state_dir: Path) -> list[str]:
     if not pid_file.exists():
         return []
     pids = json.loads(pid_file.read_text() or "{}")
+    _stop_real_node(state_dir, before=True)
     for name, pid in reversed(list(pids.items())):
         _kill_group(pid)
+    _stop_real_node(state_dir, before=False)
     pid_file.unlink(missing_ok=True)
     return list(pids)
+
+
+def _stop_real_node(state_dir: Path, *, before: bool) -> None:
+    """A real node's containers and shims outlive containerd: kill them before it stops
+    (`before`), then unmount what pods left and remove the bridge and iptables chains."""
+    if not (Path(state_dir) / "node" / "containerd").exists():
+        return
+    from .realnode import RealNode, node_binaries
+
+    rn = RealNode(Cluster(state_dir, node="kubelet"))
+    rn.bin_dir = node_binaries()
+    if before:
+        rn.stop_pods()
+    else:
+        rn.cleanup()
