@@ -36,7 +36,8 @@ RUN pip install -c /wheels/constraints.txt /wheels/finetune_operator-*.whl \
  && rm -rf /wheels \
  && python -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) for m in ('torch', 'transformers', 'peft', 'trl')))"
 # A fixed non-root UID that the chart's securityContext (runAsUser 65532) matches.
-RUN groupadd --gid 65532 operator && useradd --uid 65532 --gid 65532 --no-create-home --shell /usr/sbin/nologin operator
+# (Debian bases already have a group named `operator`, GID 37: the user is `finetune`.)
+RUN groupadd --gid 65532 finetune && useradd --uid 65532 --gid 65532 --no-create-home --shell /usr/sbin/nologin finetune
 USER 65532:65532
 WORKDIR /tmp
 # --metrics-port (8080) and --liveness-port (8081)

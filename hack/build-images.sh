@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make images`: builds the project's images with buildah from the repository's
-# Dockerfiles and writes them as docker archives that containerd imports
+# Dockerfiles and writes them as OCI archives that containerd imports
 # (`ctr -n k8s.io images import`), with no registry:
 #
 #   pause     the pod sandbox: FROM scratch + hack/pause (built by hack/build-node.sh)
@@ -69,8 +69,8 @@ debian_base() {
     local t0=$SECONDS
     mmdebstrap --quiet --variant=minbase --include="$pkgs" --aptopt='Acquire::Retries "3"' \
       --customize-hook='chroot "$1" sh -c "rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin"' \
-      "$suite" "$tar.tmp" >&2
-    mv "$tar.tmp" "$tar"
+      "$suite" "$tar.partial.tar" >&2   # mmdebstrap picks the format from the extension
+    mv "$tar.partial.tar" "$tar"
     log "base $h: rootfs $(du -h "$tar" | cut -f1) in $((SECONDS - t0))s"
   fi
   ctx=$(mktemp -d)
@@ -95,7 +95,7 @@ build_pause() {
     buildah commit --quiet "$c" "$ref" >/dev/null
     buildah rm "$c" >/dev/null
     rm -f "$out"/pause-*.tar
-    buildah push --quiet "$ref" "docker-archive:$archive.tmp:$ref" >/dev/null
+    buildah push --quiet "$ref" "oci-archive:$archive.tmp:$ref" >/dev/null
     mv "$archive.tmp" "$archive"
   fi
   echo "pause $ref $archive"
@@ -139,8 +139,11 @@ build_one() {
       --label "dev.finetune.image.inputs=$h" \
       "${args[@]}" -f "$dockerfile" -t "$ref" . >&2)
   rm -f "$out/$name"-*.tar
-  buildah push --quiet "$ref" "docker-archive:$archive.tmp:$ref" >/dev/null
+  # OCI archives with gzip layers: a third of a docker archive's size for the ML images.
+  buildah push --quiet "$ref" "oci-archive:$archive.tmp:$ref" >/dev/null
   mv "$archive.tmp" "$archive"
+  # The archive is the cache: the big images need not stay in buildah's storage too.
+  [ "${FINETUNE_KEEP_BUILDAH_IMAGES:-0}" = 1 ] || buildah rmi "$ref" >/dev/null 2>&1 || true
   log "$name: $(du -h "$archive" | cut -f1) archive in $((SECONDS - t0))s"
   echo "$name $ref $archive"
 }
