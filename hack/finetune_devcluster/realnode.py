@@ -10,8 +10,8 @@ The images pods run are the project's own (`make images`), imported from buildah
 archives into containerd's `k8s.io` namespace: no registry is involved.
 
 One real node per machine at a time: kube-proxy owns the host's KUBE-* iptables chains
-and the kubelet the `/kubepods` cgroups, so a second one refuses to start (a lock file
-names the holder).
+and the kubelet the `/kubepods` cgroups, so a second one refuses to start (a file
+names the holder, `/run/finetune-devcluster-realnode.lock`).
 
 The kubelet runs with `failCgroupV1: false` and the cgroupfs driver: this VM mounts
 cgroup v1 hierarchies and has no systemd.
@@ -19,7 +19,6 @@ cgroup v1 hierarchies and has no systemd.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -69,6 +68,17 @@ def host_ip() -> str:
     return out[out.index("src") + 1]
 
 
+def _live_holder() -> str | None:
+    """The state dir of the real node running on this machine, if its containerd is alive."""
+    try:
+        state_dir = LOCK_FILE.read_text().strip()
+        pid = json.loads((Path(state_dir) / "pids.json").read_text())["containerd"]
+        os.kill(pid, 0)
+        return state_dir
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def _cgroup_v1_missing() -> list[str]:
     root = Path("/sys/fs/cgroup")
     return [c for c in ("cpu", "cpuacct", "cpuset", "memory", "pids") if not (root / c).is_dir()]
@@ -81,7 +91,6 @@ class RealNode:
         self.cluster = cluster
         self.dir = cluster.state_dir / "node"
         self.bin_dir: Path | None = None
-        self._lock_fd: int | None = None
         # A short per-cluster tag: bridge names are at most 15 characters.
         self.tag = hashlib.sha256(str(cluster.state_dir).encode()).hexdigest()[:6]
 
@@ -102,23 +111,17 @@ class RealNode:
             raise RealNodeError("the real node (containerd, kubelet, kube-proxy) must run as root")
         if _cgroup_v1_missing() and not Path("/sys/fs/cgroup/cgroup.controllers").exists():
             raise RealNodeError(f"no cgroup hierarchy for {_cgroup_v1_missing()} under /sys/fs/cgroup")
+        holder = _live_holder()
+        if holder and holder != str(self.cluster.state_dir):
+            raise RealNodeError(f"another real node is running on this machine (state dir {holder}); "
+                                "one at a time: stop it first (make cluster-down / make demo-down)")
         LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = Path(LOCK_FILE).read_text().strip()
-            os.close(fd)
-            raise RealNodeError(f"another real node is running on this machine ({holder}); "
-                                "one at a time: stop it first (make cluster-down / make demo-down)") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"state dir {self.cluster.state_dir}, pid {os.getpid()}\n".encode())
-        self._lock_fd = fd
+        LOCK_FILE.write_text(f"{self.cluster.state_dir}\n")
 
     def release(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if _live_holder() is None and LOCK_FILE.exists() \
+                and LOCK_FILE.read_text().strip() == str(self.cluster.state_dir):
+            LOCK_FILE.unlink(missing_ok=True)
 
     # certificates and configuration ---------------------------------------------------
     def write_files(self, apiserver_ports: dict[str, int]) -> None:
@@ -300,7 +303,7 @@ state = "{d / 'state'}"
 
     def import_images(self, archives: list[Path]) -> None:
         for archive in archives:
-            out = self.ctr("images", "import", "--no-unpack=false", str(archive))
+            out = self.ctr("images", "import", str(archive))
             if out.returncode != 0:
                 raise RealNodeError(f"ctr images import {archive} failed: {out.stderr.strip()}")
 
