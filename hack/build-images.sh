@@ -27,8 +27,8 @@ version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$repo/pyproject.toml" | head -1)
 suite=bookworm
 log() { echo "[build-images] $*" >&2; }
 mkdir -p "$out"
-exec 8>"$out/.lock"
-flock 8
+# One lock per image: a long trainer build does not hold up the operator's.
+lock() { exec 8>"$out/.lock-$1"; flock 8; }
 
 for tool in buildah mmdebstrap; do
   command -v "$tool" >/dev/null && continue
@@ -62,6 +62,8 @@ debian_base() {
   local pkgs=$1 h ref tar ctx
   h=$(printf '%s|%s|%s' "$suite" "$pkgs" "$(grep -h '^URIs\|^# http' /etc/apt/sources.list.d/* 2>/dev/null | sort | tr -d '\n')" | sha256sum | cut -c1-12)
   ref="localhost/finetune/base:$h"
+  exec 7>"$out/.lock-base-$h"
+  flock 7
   if buildah inspect --type image "$ref" >/dev/null 2>&1; then echo "$ref"; return; fi
   tar="$out/base-$h.rootfs.tar"
   if [ ! -s "$tar" ]; then
@@ -83,6 +85,7 @@ debian_base() {
 
 build_pause() {
   local bin h ref archive c
+  lock pause
   bin=$(bash "$here/build-node.sh")
   ref=$(ref pause)
   h=$( { sha256sum "$bin/pause" | cut -d' ' -f1; sha256sum "$here/build-images.sh"; } | sha256sum | cut -c1-12)
@@ -113,6 +116,7 @@ build_one() {
         sha256sum "$here/build-images.sh"
       }) | sha256sum | cut -c1-12)
   archive="$out/$name-$h.tar"
+  lock "$name"
   if [ -s "$archive" ]; then echo "$name $ref $archive"; return; fi
   local t0=$SECONDS
   if [ "$base_mode" = debian ] && [ -n "$pkgs" ]; then

@@ -24,7 +24,8 @@ from finetune_devcluster.cluster import REPO_ROOT, Cluster
 from tests.fixtures.cluster import get_json, wait_for
 
 # No automatic rerun (conftest adds one to cluster tests that carry no `flaky` marker).
-pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.flaky(reruns=0)]
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.flaky(reruns=0),
+              pytest.mark.timeout(2400)]  # the first run builds the images (minutes)
 
 LOCAL = {"nodeSelector": {"finetune.dev/local-node": "true"},
          "tolerations": [{"key": "finetune.dev/local-node", "operator": "Exists", "effect": "NoSchedule"}]}
