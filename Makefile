@@ -48,8 +48,8 @@ demo: install ## the whole pipeline on this machine: fine-tune, serve, answer
 demo-down: ## stop and remove everything the demo started
 	$(PY) -m finetune_devcluster.demo down
 
-generate: ## regenerate CRDs, docs/api.md and golden files from their sources
-	$(PY) -m finetune_operator.api.generate
+generate: ## regenerate CRDs, docs/api.md, the API package's models and trainer config, and golden files
+	$(PY) -m finetune_api.generate
 	UPDATE_GOLDEN=1 $(PY) -m pytest -q -m "not cluster and not slow" tests -k golden
 
 bench: install ## benchmarks; results in bench/results/ and docs/benchmarks.md

@@ -14,12 +14,12 @@ FROM ${BASE_IMAGE} AS build
 WORKDIR /src
 RUN python3 -m venv /opt/build-venv
 ENV PATH=/opt/build-venv/bin:${PATH}
-# Only what the wheel is built from: the operator, and the trainer package for the few
-# plain-Python constants the operator shares with it (exit codes). hack/ is dev tooling.
+# Only what the wheel is built from: the operator and the API package it shares with the
+# trainer (schema, models, trainer config, exit codes). No trainer code; hack/ is dev tooling.
 COPY pyproject.toml README.md ./
 COPY requirements/constraints.txt requirements/constraints.txt
+COPY api/ api/
 COPY operator/ operator/
-COPY trainer_image/finetune_trainer/ trainer_image/finetune_trainer/
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
  && cp requirements/constraints.txt /wheels/constraints.txt
 
@@ -34,7 +34,7 @@ ENV PATH=/opt/venv/bin:${PATH}
 # The project's pins apply to what is installed (kopf, kubernetes, prometheus-client).
 RUN pip install -c /wheels/constraints.txt /wheels/finetune_operator-*.whl \
  && rm -rf /wheels \
- && python -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) for m in ('torch', 'transformers', 'peft', 'trl')))"
+ && python -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) for m in ('torch', 'transformers', 'peft', 'trl', 'finetune_trainer')))"
 # A fixed non-root UID that the chart's securityContext (runAsUser 65532) matches.
 # (Debian bases already have a group named `operator`, GID 37: the user is `finetune`.)
 RUN groupadd --gid 65532 finetune && useradd --uid 65532 --gid 65532 --no-create-home --shell /usr/sbin/nologin finetune

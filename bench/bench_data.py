@@ -24,6 +24,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "trainer_image"))
+sys.path.insert(0, str(ROOT / "api"))
 
 from finetune_trainer.data import validate_cli  # noqa: E402
 

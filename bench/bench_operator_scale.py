@@ -1,6 +1,6 @@
 """The operator at scale: N FineTuneJobs created at once on 200 fake 8-GPU nodes.
 
-    PYTHONPATH=operator:trainer_image:hack:. .venv/bin/python bench/bench_operator_scale.py \
+    PYTHONPATH=api:operator:trainer_image:hack:. .venv/bin/python bench/bench_operator_scale.py \
         [--sizes 100 300 1000] [--baseline-ref COMMIT] [--out bench/results/operator_scale.json]
 
 A fresh local control plane of its own (etcd, kube-apiserver, kube-controller-manager,
@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-for sub in ("hack", "operator", "trainer_image", "."):
+for sub in ("api", "hack", "operator", "trainer_image", "."):
     sys.path.insert(0, str(REPO / sub))
 
 from finetune_devcluster import manifests  # noqa: E402
@@ -260,7 +260,7 @@ class Operator:
         self.metrics_port, self.liveness_port = free_port(), free_port()
         env = {**cluster.env(), "KUBECONFIG": str(kubeconfig)}
         if pythonpath_first:
-            env["PYTHONPATH"] = os.pathsep.join([str(pythonpath_first), str(REPO / "trainer_image")])
+            env["PYTHONPATH"] = os.pathsep.join([str(pythonpath_first), str(REPO / "api"), str(REPO / "trainer_image")])
         self.log = log
         with log.open("ab") as out:
             self.process = subprocess.Popen(

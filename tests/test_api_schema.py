@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune_operator.api import generate, models, schema
+from finetune_api import _runtime, generate, models, schema
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted(p for p in (REPO / "examples").glob("*.yaml") if not p.name.startswith("quickstart"))
@@ -43,7 +43,7 @@ def python_type(node: dict):
 
 
 def field_type(tp):
-    return models._unwrap_optional(tp)
+    return _runtime._unwrap_optional(tp)
 
 
 def is_optional(tp) -> bool:
@@ -105,7 +105,7 @@ def compare(node: dict, cls: type, path: str, problems: list[str]) -> None:
 
 def test_generated_files_are_up_to_date():
     assert generate.main(["--check", "--root", str(REPO)]) == 0, (
-        "run: python -m finetune_operator.api.generate")
+        "run: python -m finetune_api.generate")
 
 
 def test_check_fails_when_a_generated_file_differs(tmp_path, capsys):

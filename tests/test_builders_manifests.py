@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from finetune_operator import names
-from finetune_operator.api.models import FineTuneJob
+from finetune_api.models import FineTuneJob
 from finetune_operator.builders import identity, storage, trainer_config, trainer_job
 
 GOLDEN = Path(__file__).parent / "golden"

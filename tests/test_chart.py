@@ -168,7 +168,7 @@ def test_chart_crds_are_byte_identical_to_the_generated_crds():
     generated = {p.name: p.read_bytes() for p in (REPO_ROOT / "crds").glob("*.yaml")}
     in_chart = {p.name: p.read_bytes() for p in (CHART / "crds").glob("*.yaml")}
     assert generated, "crds/ is empty"
-    assert sorted(in_chart) == sorted(generated), "run: python -m finetune_operator.api.generate"
+    assert sorted(in_chart) == sorted(generated), "run: python -m finetune_api.generate"
     for name in generated:
         assert in_chart[name] == generated[name], f"charts/finetune-operator/crds/{name} is stale: run the generator"
 

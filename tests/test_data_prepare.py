@@ -24,7 +24,7 @@ def write_jsonl(path: Path, records: list) -> Path:
 
 
 def config(path: Path, **overrides) -> DatasetConfig:
-    values = dict(source=str(path), format="instruction", min_examples=1)
+    values = dict(source=str(path), format="instruction", min_examples=1, max_invalid_fraction=0.0)
     values.update(overrides)
     return DatasetConfig(**values)
 
@@ -77,7 +77,7 @@ def test_mix_in_is_appended_to_train_deterministically(tmp_path):
 def test_mix_of_another_record_kind_is_refused(tmp_path):
     main = write_jsonl(tmp_path / "main.jsonl", RECORDS[:20])
     texts = write_jsonl(tmp_path / "texts.jsonl", [{"text": f"t {i}"} for i in range(20)])
-    cfg = config(main, mix=MixConfig(source=str(texts), format="text"))
+    cfg = config(main, mix=MixConfig(source=str(texts), ratio=0.1, format="text"))
 
     with pytest.raises(DataValidationError, match="cannot be mixed"):
         prepare_dataset(cfg, seed=3, max_seq_length=512)

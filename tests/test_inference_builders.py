@@ -182,3 +182,15 @@ def test_restricted_security_context():
 def _flatten(case):
     isvc, jobs = case
     return (isvc, *jobs)
+
+
+def test_the_operators_vllm_image_is_used_unless_the_spec_names_one():
+    plain, _ = parse(inferenceservice("plain"))
+    own, _ = parse(inferenceservice("own", vllm={"image": "example/own:1"}))
+
+    def image(isvc, *default):
+        return inference.build_deployment(isvc, {}, *default)["spec"]["template"]["spec"]["containers"][0]["image"]
+
+    assert image(plain) == inference.DEFAULT_IMAGE
+    assert image(plain, "registry.example/vllm:2") == "registry.example/vllm:2"
+    assert image(own, "registry.example/vllm:2") == "example/own:1"

@@ -14,7 +14,7 @@ import json
 
 import pytest
 
-from finetune_operator.api.models import FineTuneJob, InferenceService
+from finetune_api.models import FineTuneJob, InferenceService
 from finetune_operator.builders import inference, trainer_config, trainer_job
 from tests.fixtures.inference import finetunejob, inferenceservice
 

@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from finetune_operator.api.schema import all_crds
+from finetune_api.schema import all_crds
 from finetune_trainer.data import DatasetReport
 from finetune_trainer.reporting import Progress, dataset_status
 

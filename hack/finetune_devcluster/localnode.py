@@ -39,6 +39,9 @@ from kubernetes.client.rest import ApiException
 log = logging.getLogger("local-node")
 LOCAL_NODE_LABEL = "finetune.dev/local-node"
 PROVISIONED_BY = "pv.kubernetes.io/provisioned-by"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# The source folders of the project's packages (pyproject.toml's packages.find `where`).
+SOURCE_DIRS = ("api", "operator", "trainer_image", "hack")
 
 
 def now() -> str:
@@ -395,7 +398,10 @@ class PodRunner:
         bindir = str(Path(sys.executable).parent)
         env = {"PATH": f"{bindir}:/usr/local/bin:/usr/bin:/bin", "HOME": str(self.dir / "home"),
                "HOSTNAME": self.name, "KUBERNETES_SERVICE_HOST": self.node.api_host,
-               "KUBERNETES_SERVICE_PORT": self.node.api_port, "PYTHONUNBUFFERED": "1"}
+               "KUBERNETES_SERVICE_PORT": self.node.api_port, "PYTHONUNBUFFERED": "1",
+               # What an image ships: this checkout's packages (not whichever checkout the
+               # virtualenv was installed from), as the images put them on PYTHONPATH.
+               "PYTHONPATH": os.pathsep.join(str(REPO_ROOT / d) for d in SOURCE_DIRS)}
         Path(env["HOME"]).mkdir(parents=True, exist_ok=True)
         for src in c.env_from or []:
             data = (self._configmap(src.config_map_ref.name, src.config_map_ref.optional) if src.config_map_ref
@@ -482,7 +488,7 @@ class PodRunner:
         mounts.append({"source": str(term_log),
                        "target": c.termination_message_path or "/dev/termination-log", "readOnly": False})
         spec_file = cdir / "spec.json"
-        keep = sorted({sys.prefix, str(Path(__file__).resolve().parents[2])})
+        keep = sorted({sys.prefix, str(REPO_ROOT)})
         spec_file.write_text(json.dumps({"argv": argv, "env": env, "mounts": mounts, "keep": keep,
                                          "workingDir": c.working_dir}))
         out = open(cdir / f"log-{restarts}.txt", "ab")

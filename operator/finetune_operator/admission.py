@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from finetune_operator.api.models import FineTuneJob
+from finetune_api.models import FineTuneJob
+
 from finetune_operator.builders.trainer_config import other_claims
 
 

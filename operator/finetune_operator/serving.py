@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
-from finetune_operator.api.models import FineTuneJob, InferenceService
+from finetune_api.sources import hub_id
+from finetune_api.models import FineTuneJob, InferenceService
 
 # The pod template annotation that names the served configuration (see builders.inference).
 REVISION_ANNOTATION = "finetune.dev/revision"
@@ -70,15 +71,6 @@ class Problem:
     reason: str
     message: str
     waiting: bool = False
-
-
-def hub_id(source: str) -> Optional[str]:
-    """The Hugging Face id of a model source, or None when it is not a hub source."""
-    if source.startswith("hf://"):
-        return source[len("hf://"):]
-    if "://" in source or source.startswith("/"):
-        return None
-    return source
 
 
 def same_model(a: str, b: str) -> bool:

@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 
 import kopf
 
+from finetune_operator.builders.inference import DEFAULT_IMAGE
+
 GROUP = "finetune.dev"
 FINALIZER = f"{GROUP}/finalizer"
 DEFAULT_TRAINER_IMAGE = "ghcr.io/finetune-dev/finetune-trainer:0.1.0"
-DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.32.0"
+DEFAULT_VLLM_IMAGE = DEFAULT_IMAGE
 
 
 @dataclass

@@ -19,9 +19,9 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from finetune_trainer.exitcodes import PERMANENT
+from finetune_api.exitcodes import PERMANENT
+from finetune_api.models import FineTuneJob
 
-from finetune_operator.api.models import FineTuneJob
 from finetune_operator.conditions import (
     ADMITTED, FAILED, FALSE, RUNNING, SUCCEEDED, SUSPENDED, TRUE, ConditionUpdate, find,
     now_iso, set_conditions,

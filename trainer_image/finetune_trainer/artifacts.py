@@ -16,7 +16,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .config import TrainerConfig, _to_camel_dict
+from finetune_api.models import to_dict
+
+from .config import TrainerConfig
 from .model import VLLM_UNSUPPORTED_LORA_TARGETS
 
 log = logging.getLogger(__name__)
@@ -120,8 +122,8 @@ def _fmt(value: Any) -> str:
 
 def write_model_card(cfg: TrainerConfig, summary: dict[str, Any], eval_report: dict[str, Any]) -> Path:
     """README.md beside the artifacts: what was trained, on what, how, with which result."""
-    training = _to_camel_dict(cfg.training)
-    method = _to_camel_dict(cfg.method)
+    training = to_dict(cfg.training)
+    method = to_dict(cfg.method)
     lines = [
         f"# {cfg.job.name}: fine-tuned {cfg.model.source}",
         "",

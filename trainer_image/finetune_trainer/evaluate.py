@@ -14,6 +14,8 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
+from finetune_api.models import to_dict
+
 from .config import ConfigError, TrainerConfig
 
 log = logging.getLogger(__name__)
@@ -54,7 +56,7 @@ def score(predictions: list[str], references: list[str], metrics: list[str]) -> 
 
 
 def load_prompts(cfg: TrainerConfig) -> list[dict[str, str]]:
-    prompts = [dict(p) for p in cfg.evaluation.prompts]
+    prompts = [to_dict(p) for p in cfg.evaluation.prompts]
     if cfg.evaluation.prompts_source:
         path = Path(cfg.paths.resolve(cfg.evaluation.prompts_source))
         for n, line in enumerate(path.read_text().splitlines(), 1):

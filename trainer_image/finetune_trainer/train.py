@@ -108,11 +108,11 @@ def _hash_source(digest: "hashlib._Hash", source: str | None) -> None:
 
 def dataset_digest(cfg: TrainerConfig) -> str:
     """Content hash of everything that shapes the prepared dataset."""
-    from .config import _to_camel_dict
+    from finetune_api.models import to_dict
 
     digest = hashlib.sha256()
     digest.update(json.dumps({
-        "dataset": _to_camel_dict(cfg.dataset),
+        "dataset": to_dict(cfg.dataset),
         "seed": cfg.training.seed,
         "maxSeqLength": cfg.training.max_seq_length,
         "model": cfg.model.source,

@@ -5,8 +5,9 @@ Nothing here talks to the API server; handlers apply what these return.
 
 from __future__ import annotations
 
-from finetune_operator.api.models import FineTuneJob
-from finetune_operator.api.schema import API_VERSION
+from finetune_api.models import FineTuneJob
+from finetune_api.schema import API_VERSION
+
 from finetune_operator.labels import labels_for
 
 

@@ -3,9 +3,10 @@ only that job's status (progress, metrics, checkpoints). Nothing cluster-wide.""
 
 from __future__ import annotations
 
+from finetune_api.models import FineTuneJob
+from finetune_api.schema import GROUP
+
 from finetune_operator import names
-from finetune_operator.api.models import FineTuneJob
-from finetune_operator.api.schema import GROUP
 from finetune_operator.builders import object_meta
 
 COMPONENT = "trainer"

@@ -34,14 +34,18 @@ import json
 import re
 from typing import Mapping, Optional
 
+from finetune_api.layout import ADAPTER, MERGED
+from finetune_api.models import VLLM, FineTuneJob, InferenceService
+from finetune_api.schema import API_VERSION
+from finetune_api.sources import PVC, hub_id, parse_source
+
 from finetune_operator import serving
-from finetune_operator.api.models import VLLM, FineTuneJob, InferenceService
-from finetune_operator.api.schema import API_VERSION
 from finetune_operator.builders.placement import GPU_RESOURCE as GPU
 from finetune_operator.builders.placement import place
 from finetune_operator.builders.storage import claim_name
 from finetune_operator.labels import APP, COMPONENT, MANAGED_BY, label_value
 
+# The operator's --vllm-image default (settings.OperatorConfig.vllm_image); spec.vllm.image wins.
 DEFAULT_IMAGE = "vllm/vllm-openai:v0.32.0"
 PORT = 8000
 PORT_NAME = "http"
@@ -49,8 +53,8 @@ CONTAINER = "vllm"
 COMPONENT_NAME = "inference"
 INFERENCESERVICE_LABEL = "finetune.dev/inferenceservice"
 REVISION_ANNOTATION = serving.REVISION_ANNOTATION
-ADAPTER_ARTIFACT = "artifacts/adapter"
-MERGED_ARTIFACT = "artifacts/merged"
+ADAPTER_ARTIFACT = ADAPTER
+MERGED_ARTIFACT = MERGED
 HOME = "/home/vllm"
 RUN_AS = 1000
 # Model loading may take long (download, weights, CUDA graphs): 120 x 10 s before liveness.
@@ -114,12 +118,13 @@ class _Layout:
         self._claim(_volume_name(f"ftj-{root.strip('/')}", name), claim_name(job), f"{root}/{name}")
         return f"{root}/{name}/{artifact}"
 
-    def source(self, source: str) -> str:
-        if source.startswith("pvc://"):
-            claim, _, sub = source[len("pvc://"):].partition("/")
+    def source(self, location: str) -> str:
+        source = parse_source(location)
+        if source.scheme == PVC:
+            claim, sub = source.authority, source.path
             self._claim(_volume_name("pvc", claim), claim, f"/mnt/pvc/{claim}")
             return f"/mnt/pvc/{claim}/{sub}".rstrip("/")
-        return serving.hub_id(source) or source
+        return hub_id(location) or location
 
 
 def _resolve(isvc: InferenceService, jobs: Mapping[str, FineTuneJob]) -> tuple[str, list[tuple[str, str]], _Layout]:
@@ -162,7 +167,7 @@ def _command(isvc: InferenceService, model: str, adapters: list[tuple[str, str]]
            "--model", model,
            "--served-model-name", serving.served_model_name(isvc),
            "--port", str(PORT), "--host", "0.0.0.0"]
-    uses_hub = serving.hub_id(spec.model.source) is not None and not spec.merged_model
+    uses_hub = hub_id(spec.model.source) is not None and not spec.merged_model
     if uses_hub and spec.model.revision:
         cmd += ["--revision", spec.model.revision]
     if spec.model.trust_remote_code:
@@ -229,7 +234,7 @@ def _probe(path: str, period: int, failures: int, timeout: int = 5) -> dict:
             "failureThreshold": failures, "timeoutSeconds": timeout}
 
 
-def _pod_spec(isvc: InferenceService, command: list[str], layout: _Layout) -> dict:
+def _pod_spec(isvc: InferenceService, command: list[str], layout: _Layout, default_image: str) -> dict:
     r = isvc.spec.resources
     volumes = [{"name": "home", "emptyDir": {}}]
     mounts = [{"name": "home", "mountPath": HOME}]
@@ -241,7 +246,7 @@ def _pod_spec(isvc: InferenceService, command: list[str], layout: _Layout) -> di
     mounts += [layout.mounts[k] for k in sorted(layout.mounts)]
     container = {
         "name": CONTAINER,
-        "image": (isvc.spec.vllm.image if isvc.spec.vllm and isvc.spec.vllm.image else DEFAULT_IMAGE),
+        "image": (isvc.spec.vllm.image if isvc.spec.vllm and isvc.spec.vllm.image else default_image),
         "command": command,
         "env": _env(isvc),
         "ports": [{"name": PORT_NAME, "containerPort": PORT, "protocol": "TCP"}],
@@ -268,14 +273,16 @@ def _pod_spec(isvc: InferenceService, command: list[str], layout: _Layout) -> di
                  affinity=r.affinity, priority_class_name=r.priority_class_name)
 
 
-def revision(isvc: InferenceService, jobs: Mapping[str, FineTuneJob]) -> str:
+def revision(isvc: InferenceService, jobs: Mapping[str, FineTuneJob],
+             default_image: str = DEFAULT_IMAGE) -> str:
     """Hash of what the pods serve: changes exactly when a rollout is needed."""
-    return _revision(_unrevisioned_pod_spec(isvc, jobs), isvc, jobs)
+    return _revision(_unrevisioned_pod_spec(isvc, jobs, default_image), isvc, jobs)
 
 
-def _unrevisioned_pod_spec(isvc: InferenceService, jobs: Mapping[str, FineTuneJob]) -> dict:
+def _unrevisioned_pod_spec(isvc: InferenceService, jobs: Mapping[str, FineTuneJob],
+                           default_image: str) -> dict:
     model, adapters, layout = _resolve(isvc, jobs)
-    return _pod_spec(isvc, _command(isvc, model, adapters), layout)
+    return _pod_spec(isvc, _command(isvc, model, adapters), layout, default_image)
 
 
 def _revision(pod_spec: dict, isvc: InferenceService, jobs: Mapping[str, FineTuneJob]) -> str:
@@ -289,9 +296,11 @@ def _revision(pod_spec: dict, isvc: InferenceService, jobs: Mapping[str, FineTun
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def build_deployment(isvc: InferenceService, jobs: Mapping[str, FineTuneJob]) -> dict:
-    """The vLLM Deployment; `jobs` holds every FineTuneJob the spec references (checked)."""
-    pod_spec = _unrevisioned_pod_spec(isvc, jobs)
+def build_deployment(isvc: InferenceService, jobs: Mapping[str, FineTuneJob],
+                     default_image: str = DEFAULT_IMAGE) -> dict:
+    """The vLLM Deployment; `jobs` holds every FineTuneJob the spec references (checked).
+    `default_image` is the operator's --vllm-image, used unless spec.vllm.image is set."""
+    pod_spec = _unrevisioned_pod_spec(isvc, jobs, default_image)
     rev = _revision(pod_spec, isvc, jobs)
     spec = {
         "selector": {"matchLabels": selector(isvc)},

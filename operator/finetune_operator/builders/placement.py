@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from finetune_operator.api.models import to_dict
+from finetune_api.models import to_dict
 
 GPU_RESOURCE = "nvidia.com/gpu"
 

@@ -8,11 +8,12 @@ by `existingClaim` is the user's: it is never created, owned or deleted.
 
 from __future__ import annotations
 
+from finetune_api.layout import WORKSPACE
+from finetune_api.models import FineTuneJob
+
 from finetune_operator import names
-from finetune_operator.api.models import FineTuneJob
 from finetune_operator.builders import object_meta, owner_reference
 
-WORKSPACE = "/workspace"
 WORKSPACE_VOLUME = "workspace"
 COMPONENT = "workspace"
 DEFAULT_ACCESS_MODES = ["ReadWriteOnce"]

@@ -12,17 +12,19 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from finetune_trainer.config import TrainerConfig
+from finetune_api.layout import OTHER_CLAIMS_DIR, WORKSPACE
+from finetune_api.models import FineTuneJob, to_dict
+from finetune_api.schema import API_VERSION, TRAINER_CONFIG_KIND
+from finetune_api.sources import PVC, parse_source
+from finetune_api.trainer_config import TrainerConfig
 
 from finetune_operator import names
-from finetune_operator.api.models import FineTuneJob, to_dict
 from finetune_operator.builders import object_meta
-from finetune_operator.builders.storage import WORKSPACE, claim_name
+from finetune_operator.builders.storage import claim_name
 
 CONFIG_DIR = "/etc/finetune"
 CONFIG_KEY = "config.json"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
-OTHER_CLAIMS_DIR = "/mnt/claims"
 MODEL_TOKEN_ENV = "HF_TOKEN"
 PUSH_TOKEN_ENV = "PUSH_TOKEN"
 TRAINER_METRICS_PORT = 9400
@@ -36,18 +38,14 @@ class ClaimMount:
     path: str
 
 
-def _split_pvc(source: str) -> tuple[str, str]:
-    claim, _, rest = source[len("pvc://"):].partition("/")
-    return claim, rest
-
-
 def other_claims(job: FineTuneJob) -> list[ClaimMount]:
     """Claims other than the job volume that pvc:// sources name (mounted read-only)."""
     own = claim_name(job)
     seen: dict[str, ClaimMount] = {}
-    for source in _sources(job):
-        if source.startswith("pvc://"):
-            claim, _ = _split_pvc(source)
+    for location in _sources(job):
+        source = parse_source(location)
+        if source.scheme == PVC:
+            claim = source.authority
             if claim != own and claim not in seen:
                 seen[claim] = ClaimMount(claim, f"{OTHER_CLAIMS_DIR}/{claim}")
     return list(seen.values())
@@ -59,10 +57,11 @@ def _sources(job: FineTuneJob) -> list[str]:
                         d.mix.source if d.mix else None) if s]
 
 
-def resolve_source(job: FineTuneJob, source: str | None) -> str | None:
-    if source is None or not source.startswith("pvc://"):
-        return source
-    claim, rest = _split_pvc(source)
+def resolve_source(job: FineTuneJob, location: str | None) -> str | None:
+    source = parse_source(location) if location is not None else None
+    if source is None or source.scheme != PVC:
+        return location
+    claim, rest = source.authority, source.path
     root = WORKSPACE if claim == claim_name(job) else f"{OTHER_CLAIMS_DIR}/{claim}"
     return f"{root}/{rest}".rstrip("/") if rest else root
 
@@ -100,8 +99,8 @@ def build_trainer_config(job: FineTuneJob) -> dict:
             output["pushTokenEnv"] = PUSH_TOKEN_ENV
 
     config = {
-        "apiVersion": "finetune.dev/v1alpha1",
-        "kind": "TrainerConfig",
+        "apiVersion": API_VERSION,
+        "kind": TRAINER_CONFIG_KIND,
         "job": {"name": job.metadata.name, "namespace": job.metadata.namespace,
                 "uid": job.metadata.uid},
         "model": model,

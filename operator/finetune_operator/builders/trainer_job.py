@@ -10,13 +10,15 @@ is gone, so two trainers never write checkpoints to the volume at the same time.
 
 from __future__ import annotations
 
-from finetune_trainer.exitcodes import PERMANENT
+from finetune_api import layout
+from finetune_api.exitcodes import PERMANENT
+from finetune_api.layout import WORKSPACE
+from finetune_api.models import FineTuneJob
 
 from finetune_operator import names
-from finetune_operator.api.models import FineTuneJob
 from finetune_operator.builders import object_meta
 from finetune_operator.builders.placement import GPU_RESOURCE, place
-from finetune_operator.builders.storage import WORKSPACE, WORKSPACE_VOLUME, claim_name
+from finetune_operator.builders.storage import WORKSPACE_VOLUME, claim_name
 from finetune_operator.builders.trainer_config import (
     CONFIG_DIR, CONFIG_PATH, MODEL_TOKEN_ENV, PUSH_TOKEN_ENV, TRAINER_METRICS_PORT, other_claims,
 )
@@ -69,7 +71,7 @@ def _secret_env(name: str, ref) -> dict:
 
 
 def _env(job: FineTuneJob, image: str) -> list[dict]:
-    env = [{"name": "HF_HOME", "value": f"{WORKSPACE}/.cache/huggingface"},
+    env = [{"name": "HF_HOME", "value": layout.under(WORKSPACE, layout.HF_CACHE)},
            # Recorded in the model card, so an artifact says which trainer made it.
            {"name": "FINETUNE_IMAGE", "value": image},
            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]

@@ -19,9 +19,10 @@ import kopf
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from finetune_api.models import FineTuneJob
+from finetune_api.schema import GROUP, VERSION
+
 from finetune_operator import admission, metrics, names, settings
-from finetune_operator.api.models import FineTuneJob
-from finetune_operator.api.schema import GROUP, VERSION
 from finetune_operator.builders import identity, storage, trainer_config, trainer_job
 from finetune_operator.conditions import ADMITTED, FAILED, FALSE, TRUE, ConditionUpdate, now_iso, set_conditions
 from finetune_operator.handlers import api

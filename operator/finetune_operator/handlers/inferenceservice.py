@@ -25,9 +25,10 @@ import kopf
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from finetune_operator import serving
-from finetune_operator.api.models import FineTuneJob, InferenceService, to_dict
-from finetune_operator.api.schema import GROUP, VERSION
+from finetune_api.models import FineTuneJob, InferenceService, to_dict
+from finetune_api.schema import GROUP, VERSION
+
+from finetune_operator import serving, settings
 from finetune_operator.builders import inference
 from finetune_operator.conditions import FALSE, TRUE, ConditionUpdate, now_iso, set_conditions
 from finetune_operator.handlers import api
@@ -160,7 +161,7 @@ def reconcile(namespace: str, name: str) -> None:
 
 def _apply_children(isvc: InferenceService, jobs: dict[str, FineTuneJob]) -> str:
     ns, name = isvc.metadata.namespace, isvc.metadata.name
-    deployment = inference.build_deployment(isvc, jobs)
+    deployment = inference.build_deployment(isvc, jobs, settings.current.vllm_image)
     _apply(deployment)
     _apply(inference.build_service(isvc))
     if inference.wants_pdb(isvc):

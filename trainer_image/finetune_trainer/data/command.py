@@ -41,8 +41,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="Jaccard similarity of near-duplicates; 0 disables")
     parser.add_argument("--no-exact-dedup", action="store_true")
     parser.add_argument("--min-examples", type=int, default=defaults.min_examples)
-    parser.add_argument("--max-invalid-fraction", type=float,
-                        default=defaults.max_invalid_fraction)
+    parser.add_argument("--max-invalid-fraction", type=float, default=0.0,
+                        help="share of invalid records tolerated (default 0: any invalid "
+                             "record makes the file unusable; a FineTuneJob's "
+                             f"dataset.maxInvalidFraction defaults to {defaults.max_invalid_fraction})")
     parser.add_argument("--split", help="split of a hub dataset (default train)")
     parser.add_argument("--eval-fraction", type=float, default=defaults.eval_fraction)
     parser.add_argument("--eval-source")

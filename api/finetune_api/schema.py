@@ -1,7 +1,9 @@
-"""The one definition of the finetune.dev CRDs.
+"""The one description of the finetune.dev API: every spec section, its defaults, bounds,
+docs and rules, and the trainer's config built from the same sections.
 
-Everything else (crds/*.yaml, the chart's copy, docs/api.md, the typed models'
-defaults) is generated from or checked against the dicts built here.
+`python -m finetune_api.generate` writes from it: crds/*.yaml and the chart's copy,
+docs/api.md, the typed models (`finetune_api/models.py`) and the trainer's config classes
+(`finetune_api/trainer_config.py`). Nothing of those is edited by hand.
 
 The schemas are OpenAPI v3 structural schemas as Kubernetes wants them. Small
 helpers keep them readable: ``string()``, ``integer()``, ``obj()`` ... each take
@@ -11,6 +13,8 @@ the description first and the constraints as keywords.
 from __future__ import annotations
 
 from typing import Any
+
+from finetune_api import layout
 
 GROUP = "finetune.dev"
 VERSION = "v1alpha1"
@@ -37,6 +41,12 @@ MODEL_SOURCE = (
 DATASET_SOURCE = MODEL_SOURCE
 PUSH_URI = r"^(hf://[A-Za-z0-9][-A-Za-z0-9_.]*/[-A-Za-z0-9_.]+|s3://[a-z0-9][-a-z0-9.]{1,61}[a-z0-9](/.*)?)$"
 QUANTITY = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+# Enumerations the trainer's command line and the models use too.
+METHODS = ["full", "lora", "qlora"]
+DATASET_FORMATS = ["instruction", "completion", "chat", "text"]
+LENGTH_POLICIES = ["truncate", "drop"]
+PACKING_MODES = ["auto", "on", "off"]
+PRECISIONS = ["bf16", "fp16", "fp32"]
 SOURCE_HELP = (
     "a Hugging Face id (org/name), hf://org/name, pvc://<claim>/<path>, s3://<bucket>/<key>, "
     "https://<url>, or an absolute path inside the trainer image"
@@ -67,6 +77,7 @@ def string(description: str, *, default: str | None = None, enum: list[str] | No
            max_length: int | None = SHORT, format: str | None = None) -> Schema:
     if enum is not None:
         max_length = None
+        enum = list(enum)  # a copy: a shared list would become a YAML anchor in the CRD
     return _with({"type": "string", "description": description}, default=default, enum=enum,
                  pattern=pattern, min_length=min_length, max_length=max_length, format=format)
 
@@ -239,7 +250,7 @@ QUANTIZATION = obj("4-bit quantization of the frozen base model (method.type qlo
 METHOD = obj("How the model is fine-tuned. When lora (or quantization) is omitted for a method that "
              "uses it, the defaults below apply.", {
     "type": string("full updates every weight; lora trains low-rank adapters; qlora trains adapters "
-                   "on a 4-bit quantized base.", default="lora", enum=["full", "lora", "qlora"]),
+                   "on a 4-bit quantized base.", default="lora", enum=METHODS),
     "lora": LORA,
     "quantization": QUANTIZATION,
 }, default={"type": "lora", "lora": {}}, rules=[
@@ -262,7 +273,7 @@ DATASET = obj("Training data, its format, how it is split and cleaned.", {
                     max_length=128, pattern=r"^[-A-Za-z0-9_.\[\]:%]+$"),
     "format": string("Record shape. instruction: {instruction, input?, output}; completion: "
                      "{prompt, completion}; chat: {messages: [{role, content}]}; text: {text}.",
-                     default="instruction", enum=["instruction", "completion", "chat", "text"]),
+                     default="instruction", enum=DATASET_FORMATS),
     "fieldMap": string_map("Renames source fields to the format's field names, "
                            "e.g. {instruction: question, output: answer}.", max_properties=16),
     "evalFraction": number("Fraction of the cleaned data held out for evaluation (0 disables "
@@ -282,7 +293,7 @@ DATASET = obj("Training data, its format, how it is split and cleaned.", {
                                  "invalid (malformed or missing fields).", default=0.1, minimum=0,
                                  maximum=1),
     "lengthPolicy": string("What happens to examples longer than training.maxSeqLength tokens.",
-                           default="truncate", enum=["truncate", "drop"]),
+                           default="truncate", enum=LENGTH_POLICIES),
     "categoryField": string("Field whose value is reported per category in the dataset report.",
                             min_length=1, max_length=128),
     "mix": obj("General-domain data mixed into the training set (to limit forgetting).", {
@@ -291,7 +302,7 @@ DATASET = obj("Training data, its format, how it is split and cleaned.", {
         "ratio": number("Mixed-in examples per training example.", minimum=0, maximum=10,
                         exclusive_minimum=True),
         "format": string("Record shape of the mixed-in data.", default="instruction",
-                         enum=["instruction", "completion", "chat", "text"]),
+                         enum=DATASET_FORMATS),
     }, required=["source", "ratio"]),
 }, required=["source"])
 
@@ -317,8 +328,8 @@ TRAINING = obj("Hyperparameters of the training loop.", {
                             minimum=16, maximum=131072),
     "packing": string("Pack several short examples into one sequence. auto: on when a "
                       "variable-length attention kernel is available (GPU), off elsewhere.",
-                      default="auto", enum=["auto", "on", "off"]),
-    "precision": string("Training precision.", default="bf16", enum=["bf16", "fp16", "fp32"]),
+                      default="auto", enum=PACKING_MODES),
+    "precision": string("Training precision.", default="bf16", enum=PRECISIONS),
     "optimizer": string("Optimizer (transformers' names).", default="adamw_torch",
                         enum=["adamw_torch", "adamw_torch_fused", "adamw_8bit",
                               "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd"]),
@@ -766,3 +777,126 @@ def inferenceservice_crd() -> dict:
 
 def all_crds() -> list[dict]:
     return [finetunejob_crd(), inferenceservice_crd()]
+
+
+# --- TrainerConfig (no CRD: the file the operator renders for the trainer) -------------------
+# Sections the trainer shares with the spec are the very same nodes (method, dataset, training);
+# the others are the spec's section minus what the trainer must not see (Secret references
+# become names of environment variables) plus the trainer's own sections.
+
+TRAINER_CONFIG_KIND = "TrainerConfig"
+
+TRAINER_MODEL = obj("The base model as the trainer loads it (pvc:// sources already resolved to "
+                    "paths on the pod).", {
+    **{key: node for key, node in MODEL["properties"].items() if key != "tokenSecretRef"},
+    "tokenEnv": string("Environment variable that holds the Hub token (filled from "
+                       "spec.model.tokenSecretRef); never the token itself.", min_length=1,
+                       max_length=128),
+}, required=["source"])
+
+TRAINER_EVALUATION = obj(EVALUATION["description"], {
+    **EVALUATION["properties"],
+    "promptsSource": string("A JSON-lines file of {prompt, reference} records answered next to "
+                            "prompts (a path, or pvc:// / volume:// on the job volume).",
+                            min_length=1, max_length=LONG),
+}, default={})
+
+TRAINER_OUTPUT = obj("What the trainer writes and publishes.", {
+    "merge": OUTPUT["properties"]["merge"],
+    "pushUri": string("Where to publish (spec.output.push.uri).", min_length=1, max_length=LONG),
+    "pushTokenEnv": string("Environment variable that holds the push credentials.",
+                           min_length=1, max_length=128),
+}, default={})
+
+TRAINER_JOB_REF = obj("The FineTuneJob the trainer reports to.", {
+    "name": string("Its name.", default="local", min_length=1),
+    "namespace": string("Its namespace.", default="default", min_length=1),
+    "uid": string("Its uid.", max_length=128),
+}, default={})
+
+TRAINER_PATHS = obj("Where the job volume is mounted (its layout: finetune_api.layout).", {
+    "root": string("Mount path of the job volume.", default=layout.WORKSPACE, min_length=1,
+                   max_length=LONG),
+}, default={})
+
+TRAINER_REPORTING = obj("How the trainer reports progress.", {
+    "statusPatch": boolean("Patch the FineTuneJob's status (needs in-cluster credentials).",
+                           default=False),
+    "metricsPort": integer("Port of the Prometheus /metrics server; unset: no server.",
+                           minimum=1, maximum=65535),
+    "statusInterval": number("Seconds between two status patches.", default=5.0, minimum=0),
+}, default={})
+
+TRAINER_CONFIG = obj("The trainer's one input, rendered by the operator from a FineTuneJob.", {
+    "job": TRAINER_JOB_REF,
+    "model": TRAINER_MODEL,
+    "method": METHOD,
+    "dataset": DATASET,
+    "training": TRAINING,
+    "evaluation": TRAINER_EVALUATION,
+    "output": TRAINER_OUTPUT,
+    "paths": TRAINER_PATHS,
+    "reporting": TRAINER_REPORTING,
+}, required=["model", "dataset"])
+
+
+# --- Python class names ------------------------------------------------------------------------
+# The generator names the dataclass of each object node after this table (one path per node;
+# a node reused elsewhere keeps its name). A new object section needs one line here.
+
+PYTHON_CLASSES: dict[str, dict[str, str]] = {
+    "FineTuneJob": {
+        "": "FineTuneJob",
+        "spec": "FineTuneJobSpec",
+        "spec.model": "Model",
+        "spec.model.tokenSecretRef": "SecretKeyRef",
+        "spec.method": "Method",
+        "spec.method.lora": "LoRA",
+        "spec.method.quantization": "Quantization",
+        "spec.dataset": "Dataset",
+        "spec.dataset.dedup": "Dedup",
+        "spec.dataset.mix": "DatasetMix",
+        "spec.training": "Training",
+        "spec.training.earlyStopping": "EarlyStopping",
+        "spec.evaluation": "Evaluation",
+        "spec.evaluation.prompts[]": "EvalPrompt",
+        "spec.resources": "TrainerResources",
+        "spec.resources.tolerations[]": "Toleration",
+        "spec.storage": "Storage",
+        "spec.output": "Output",
+        "spec.output.push": "Push",
+        "spec.output.push.tokenSecretRef": "SecretKeyRef",
+        "spec.deploy": "Deploy",
+        "spec.deploy.vllm": "VLLM",
+        "status": "FineTuneJobStatus",
+        "status.conditions[]": "Condition",
+        "status.progress": "Progress",
+        "status.metrics": "TrainingMetrics",
+        "status.dataset": "DatasetReport",
+        "status.dataset.tokenLengthPercentiles": "TokenLengthPercentiles",
+        "status.checkpoints": "Checkpoints",
+        "status.artifacts": "Artifacts",
+        "status.inferenceService": "Endpoint",
+    },
+    "InferenceService": {
+        "": "InferenceService",
+        "spec": "InferenceServiceSpec",
+        "spec.adapters[]": "Adapter",
+        "spec.adapters[].fineTuneJobRef": "LocalRef",
+        "spec.mergedModel": "MergedModel",
+        "spec.mergedModel.fineTuneJobRef": "LocalRef",
+        "spec.resources": "ServingResources",
+        "spec.autoscaling": "Autoscaling",
+        "status": "InferenceServiceStatus",
+        "status.conditions[]": "Condition",
+    },
+    "TrainerConfig": {
+        "": "TrainerConfig",
+        "job": "JobRef",
+        "model": "ModelConfig",
+        "evaluation": "EvaluationConfig",
+        "output": "OutputConfig",
+        "paths": "PathsConfig",
+        "reporting": "ReportingConfig",
+    },
+}
