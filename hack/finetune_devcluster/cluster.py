@@ -177,10 +177,15 @@ class Cluster:
             self._launch(self._scheduler())
             self._launch(self._kwok())
             if kubelet:
+                # The kwok nodes and the StorageClass first: the real node's start-up (image
+                # import, kubelet registration) loads a 2-core machine's API server.
+                self._create_nodes_and_storage()
                 self._start_real_node(images, deadline + 600)
-            elif self.local_node:
-                self._launch(self._local_node_agent())
-            self._create_nodes_and_storage()
+                deadline = time.monotonic() + timeout  # the import above took its own time
+            else:
+                if self.local_node:
+                    self._launch(self._local_node_agent())
+                self._create_nodes_and_storage()
             self._wait_nodes_ready(deadline)
             self._wait_default_serviceaccount(deadline)
         except BaseException:
