@@ -347,4 +347,14 @@ state = "{d / 'state'}"
         if self.bin_dir and (self.bin_dir / "kube-proxy").exists():
             subprocess.run([str(self.bin_dir / "kube-proxy"), "--cleanup"], capture_output=True, check=False,
                            timeout=60)
+        # The kubelet's own chains (KUBE-FIREWALL drops non-local traffic to 127.0.0.0/8).
+        for tool in ("iptables", "ip6tables"):
+            run = lambda *args: subprocess.run([tool, *args], capture_output=True, check=False)  # noqa: E731
+            for chain in ("INPUT", "OUTPUT"):
+                run("-D", chain, "-j", "KUBE-FIREWALL")
+            run("-F", "KUBE-FIREWALL")
+            run("-X", "KUBE-FIREWALL")
+            for table in ("filter", "nat", "mangle"):
+                run("-t", table, "-X", "KUBE-KUBELET-CANARY")
+            run("-t", "mangle", "-X", "KUBE-IPTABLES-HINT")
         self.release()

