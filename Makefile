@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements/*.txt | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: help install test test-fast cluster cluster-down demo demo-down generate bench reliability clean
+.PHONY: help install node images test test-fast cluster cluster-down demo demo-down generate bench reliability clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -24,6 +24,12 @@ install: $(STAMP) ## everything the tests and the demo need (idempotent, cached)
 	bash hack/build-control-plane.sh >/dev/null
 	bash hack/build-prometheus.sh >/dev/null
 	bash hack/install-mlflow-server.sh >/dev/null
+
+node: ## the real node's binaries (kubelet, kube-proxy, containerd, CNI; work in progress, see docs/real-node.md)
+	bash hack/build-node.sh >/dev/null
+
+images: ## the operator, trainer, vLLM CPU and pause images (buildah; OCI archives, cached by content)
+	bash hack/build-images.sh
 
 test: install ## the whole test suite (what CI runs)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -5,8 +5,15 @@
 #   docker build -f operator.Dockerfile -t ghcr.io/finetune-dev/finetune-operator:0.1.0 .
 #   kind load docker-image ghcr.io/finetune-dev/finetune-operator:0.1.0    # for kind-config.yaml
 
-FROM python:3.11-slim AS build
+# BASE_IMAGE: any Debian-like image with python3 (3.11) and its venv module. Published
+# builds use the upstream default; `make images` (hack/build-images.sh) swaps in a base
+# made from Debian's packages when no registry is reachable.
+ARG BASE_IMAGE=python:3.11-slim
+
+FROM ${BASE_IMAGE} AS build
 WORKDIR /src
+RUN python3 -m venv /opt/build-venv
+ENV PATH=/opt/build-venv/bin:${PATH}
 # Only what the wheel is built from: the operator and the API package it shares with the
 # trainer (schema, models, trainer config, exit codes). No trainer code; hack/ is dev tooling.
 COPY pyproject.toml README.md ./
@@ -16,18 +23,21 @@ COPY operator/ operator/
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
  && cp requirements/constraints.txt /wheels/constraints.txt
 
-FROM python:3.11-slim
+FROM ${BASE_IMAGE}
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY --from=build /wheels /wheels
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:${PATH}
 # The project's pins apply to what is installed (kopf, kubernetes, prometheus-client).
 RUN pip install -c /wheels/constraints.txt /wheels/finetune_operator-*.whl \
  && rm -rf /wheels \
  && python -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) for m in ('torch', 'transformers', 'peft', 'trl', 'finetune_trainer')))"
 # A fixed non-root UID that the chart's securityContext (runAsUser 65532) matches.
-RUN groupadd --gid 65532 operator && useradd --uid 65532 --gid 65532 --no-create-home --shell /usr/sbin/nologin operator
+# (Debian bases already have a group named `operator`, GID 37: the user is `finetune`.)
+RUN groupadd --gid 65532 finetune && useradd --uid 65532 --gid 65532 --no-create-home --shell /usr/sbin/nologin finetune
 USER 65532:65532
 WORKDIR /tmp
 # --metrics-port (8080) and --liveness-port (8081)

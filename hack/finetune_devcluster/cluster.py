@@ -2,8 +2,10 @@
 
 etcd, kube-apiserver (TLS, RBAC, ServiceAccount tokens), kube-controller-manager,
 kube-scheduler and kwok run as local processes on dynamic ports; kwok fakes a pool of
-GPU and CPU nodes, and the local node agent (`localnode.py`) really runs the pods bound
-to the node named `local`. Everything lives under one state directory (`.cluster/` by
+GPU and CPU nodes, and the pods bound to the node named `local` really run: by default on
+the local node agent (`localnode.py`, a kubelet stand-in), or with `node="kubelet"`
+(`FINETUNE_NODE=kubelet`) on a real node: containerd, runc, a kubelet and kube-proxy
+running the project's own images (`realnode.py`). Everything lives under one state directory (`.cluster/` by
 default): certificates, kubeconfig, logs, pids, etcd data and volumes.
 
 This is development tooling: the operator never imports it.
@@ -33,6 +35,7 @@ GPU_RESOURCE = "nvidia.com/gpu"
 GPU_TAINT_KEY = "nvidia.com/gpu"
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 LOCAL_NODE_LABEL = "finetune.dev/local-node"
+NODE_KINDS = ("local", "kubelet")
 STORAGE_CLASS = "local-hostpath"
 STORAGE_PROVISIONER = "finetune.dev/local-hostpath"
 # kwok's own stage configs (from its module source): node set-up and heartbeats, and the
@@ -115,11 +118,23 @@ class Cluster:
     """Start with `Cluster(state_dir).start()`; stop with `.stop()` (kills by pid)."""
 
     def __init__(self, state_dir: Path | str | None = None, *, bin_dir: Path | None = None,
-                 local_node: bool = True, mlflow: bool = True) -> None:
+                 local_node: bool = True, mlflow: bool = True, node: str | None = None,
+                 images: tuple[str, ...] = ()) -> None:
         self.state_dir = Path(state_dir or REPO_ROOT / ".cluster").resolve()
         self.bin_dir = bin_dir
         self.local_node = local_node
         self.mlflow = mlflow
+        # Who runs the pods bound to `local`: the stand-in agent or a real kubelet.
+        self.node = node or os.environ.get("FINETUNE_NODE", "local")
+        if self.node not in NODE_KINDS:
+            raise ClusterError(f"FINETUNE_NODE={self.node!r}: expected one of {', '.join(NODE_KINDS)}")
+        # Images (`make images` names) imported into the real node's containerd at start.
+        self.images = tuple(images)
+        self.image_refs: dict[str, str] = {}
+        self.real_node = None
+        self.node_name = LOCAL_NODE
+        self.host_ip = "127.0.0.1"
+        self.pod_subnet = ""
         self.components: list[Component] = []
         self.ports: dict[str, int] = {}
 
@@ -146,7 +161,7 @@ class Cluster:
 
     @property
     def server(self) -> str:
-        return f"https://127.0.0.1:{self.ports['apiserver']}"
+        return f"https://{self.host_ip}:{self.ports['apiserver']}"
 
     @property
     def mlflow_env_file(self) -> Path:
@@ -163,12 +178,26 @@ class Cluster:
         if self.pid_file.exists():
             stop_from_pid_file(self.state_dir)
         self.bin_dir = self.bin_dir or control_plane_binaries()
+        kubelet = self.local_node and self.node == "kubelet"
+        if kubelet:
+            from .realnode import RealNode, build_images, host_ip
+
+            self.real_node = RealNode(self)
+            self.real_node.preflight()
+            self.host_ip = host_ip()
+            self.pod_subnet = "10.88.0.0/24"
+            # pause (the sandbox) always; the rest as asked.
+            images = build_images(*dict.fromkeys(("pause",) + self.images))
+            self.image_refs = {name: ref for name, (ref, _) in images.items()}
         if self.state_dir.exists():
+            self._cleanup_real_node_leftovers()
             shutil.rmtree(self.state_dir, ignore_errors=True)
         for d in (self.pki, self.logs, self.volumes, self.state_dir / "etcd"):
             d.mkdir(parents=True, exist_ok=True)
-        self.ports = {name: free_port() for name in
-                      ("etcd", "etcd-peer", "apiserver", "kcm", "scheduler", "kwok", "mlflow")}
+        names = ["etcd", "etcd-peer", "apiserver", "kcm", "scheduler", "kwok", "mlflow"]
+        if kubelet:
+            names += ["kubelet", "kubelet-healthz", "kube-proxy-metrics", "kube-proxy-healthz"]
+        self.ports = {name: free_port() for name in names}
         mlflow_venv = mlflow_server_venv() if self.mlflow else None
         self._write_pki()
         self._write_kubeconfig()
@@ -186,9 +215,16 @@ class Cluster:
             self._launch(self._controller_manager())
             self._launch(self._scheduler())
             self._launch(self._kwok())
-            if self.local_node:
-                self._launch(self._local_node_agent())
-            self._create_nodes_and_storage()
+            if kubelet:
+                # The kwok nodes and the StorageClass first: the real node's start-up (image
+                # import, kubelet registration) loads a 2-core machine's API server.
+                self._create_nodes_and_storage()
+                self._start_real_node(images, deadline + 600)
+                deadline = time.monotonic() + timeout  # the import above took its own time
+            else:
+                if self.local_node:
+                    self._launch(self._local_node_agent())
+                self._create_nodes_and_storage()
             self._wait_nodes_ready(deadline)
             self._wait_default_serviceaccount(deadline)
         except BaseException:
@@ -204,11 +240,33 @@ class Cluster:
         return self.mlflow_url
 
     def stop(self) -> None:
+        if self.real_node is not None and self.real_node.bin_dir is not None:
+            self.real_node.stop_pods()  # before containerd goes: its shims outlive it
         stop_from_pid_file(self.state_dir)
         for c in reversed(self.components):
             if c.process and c.process.poll() is None:
                 _kill_group(c.process.pid)
         self.components.clear()
+        if self.real_node is not None:
+            self.real_node.cleanup()
+
+    def _start_real_node(self, images: dict, deadline: float) -> None:
+        rn = self.real_node
+        rn.write_files(self.ports)
+        containerd, kubelet, proxy = rn.components(Component)
+        self._launch(containerd)
+        rn.wait_containerd(deadline, self._check_alive)
+        # Imported before the kubelet starts: its image GC and the CRI never pull.
+        rn.import_images([archive for _, archive in images.values()])
+        self._launch(kubelet)
+        self._launch(proxy)
+        # The StorageClass's provisioner still comes from the agent, without its node.
+        self._launch(self._local_node_agent(provisioner_only=True))
+
+    def _cleanup_real_node_leftovers(self) -> None:
+        """A previous run's node under this state dir: its containers and mounts go first."""
+        _stop_real_node(self.state_dir, before=True)
+        _stop_real_node(self.state_dir, before=False)
 
     def __enter__(self) -> "Cluster":
         return self.start()
@@ -350,7 +408,14 @@ class Cluster:
         return Component("kube-apiserver", [
             str(self.bin_dir / "kube-apiserver"),
             f"--etcd-servers=http://127.0.0.1:{p['etcd']}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+            # With a real node, pods reach the API server (the `kubernetes` Service's endpoint)
+            # at the host's address, and the API server reaches the kubelet.
+            *(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"] if self.real_node is None else
+              [f"--bind-address={self.host_ip}", f"--advertise-address={self.host_ip}",
+               f"--kubelet-client-certificate={k / 'apiserver-kubelet-client.crt'}",
+               f"--kubelet-client-key={k / 'apiserver-kubelet-client.key'}",
+               "--kubelet-preferred-address-types=InternalIP",
+               "--enable-admission-plugins=NodeRestriction"]),
             f"--secure-port={p['apiserver']}",
             f"--tls-cert-file={k / 'apiserver.crt'}", f"--tls-private-key-file={k / 'apiserver.key'}",
             f"--client-ca-file={k / 'ca.crt'}",
@@ -360,7 +425,8 @@ class Cluster:
             "--requestheader-username-headers=X-Remote-User",
             "--requestheader-group-headers=X-Remote-Group",
             "--requestheader-extra-headers-prefix=X-Remote-Extra-",
-            "--authorization-mode=RBAC",
+            # The Node authorizer gives the real kubelet (system:nodes) its permissions.
+            f"--authorization-mode={'RBAC' if self.real_node is None else 'Node,RBAC'}",
             "--service-cluster-ip-range=10.96.0.0/16",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-account-key-file={k / 'sa.pub'}",
@@ -423,14 +489,15 @@ class Cluster:
             *configs,
         ], self.logs / "kwok.log")
 
-    def _local_node_agent(self) -> Component:
-        return Component("local-node", [
+    def _local_node_agent(self, provisioner_only: bool = False) -> Component:
+        return Component("local-node" if not provisioner_only else "provisioner", [
             sys.executable, "-m", "finetune_devcluster.localnode",
             f"--kubeconfig={self.kubeconfig}", f"--node-name={LOCAL_NODE}",
             f"--state-dir={self.state_dir / 'local-node'}",
             f"--volumes-dir={self.volumes}",
             f"--storage-provisioner={STORAGE_PROVISIONER}",
-        ], self.logs / "local-node.log",
+            *(["--provisioner-only"] if provisioner_only else []),
+        ], self.logs / ("provisioner.log" if provisioner_only else "local-node.log"),
             env={"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT / "hack"),
                                                                os.environ.get("PYTHONPATH")]))})
 
@@ -454,12 +521,16 @@ class Cluster:
         o("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
           "-days", "365", "-subj", "/CN=finetune-devcluster-ca")
         (self.pki / "apiserver.ext").write_text(
-            "subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,"
+            f"subjectAltName=IP:127.0.0.1,IP:10.96.0.1,IP:{self.host_ip},DNS:localhost,DNS:kubernetes,"
             "DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\n"
             "extendedKeyUsage=serverAuth\n")
         self._signed("apiserver", "/CN=kube-apiserver", "apiserver.ext")
         (self.pki / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
         self._signed("admin", "/O=system:masters/CN=admin", "client.ext")
+        if self.real_node is not None:
+            # What the API server presents to the kubelet (logs, exec, port-forward).
+            self._signed("apiserver-kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client",
+                         "client.ext")
         o("genrsa", "-out", "sa.key", "2048")
         o("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub")
 
@@ -516,7 +587,24 @@ def stop_from_pid_file(state_dir: Path) -> list[str]:
     if not pid_file.exists():
         return []
     pids = json.loads(pid_file.read_text() or "{}")
+    _stop_real_node(state_dir, before=True)
     for name, pid in reversed(list(pids.items())):
         _kill_group(pid)
+    _stop_real_node(state_dir, before=False)
     pid_file.unlink(missing_ok=True)
     return list(pids)
+
+
+def _stop_real_node(state_dir: Path, *, before: bool) -> None:
+    """A real node's containers and shims outlive containerd: kill them before it stops
+    (`before`), then unmount what pods left and remove the bridge and iptables chains."""
+    if not (Path(state_dir) / "node" / "containerd").exists():
+        return
+    from .realnode import RealNode, node_binaries
+
+    rn = RealNode(Cluster(state_dir, node="kubelet"))
+    rn.bin_dir = node_binaries()
+    if before:
+        rn.stop_pods()
+    else:
+        rn.cleanup()

@@ -14,6 +14,12 @@
    with which OpenAI's own fine-tuning quick-start runs against it.
 
 `make demo-down` stops everything it started and removes `.demo/`.
+
+With `FINETUNE_NODE=kubelet` the `local` node is a real kubelet with containerd (see
+`realnode.py`): the demo builds the project's images (`make images`), installs the operator
+with its Helm chart as users do (the operator runs from the operator image in a pod), trains
+in the trainer image, serves from the vLLM image, and prints `export INFERENCE_URL=...` for
+the InferenceService's Service, reachable from this machine while the demo runs.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ OPENAI_JOB_TEMPLATE = {
 }
 QUICKSTART = REPO_ROOT / "examples" / "quickstart.yaml"
 DATASET = REPO_ROOT / "examples" / "data" / "quickstart.jsonl"
+IMAGES = ("operator", "trainer", "vllm")  # `make images` names the real node runs
 
 
 def say(msg: str) -> None:
@@ -64,7 +71,8 @@ class Demo:
     def __init__(self, state_dir: Path = DEMO_DIR, *, timeout: float = 1200, metrics_port: int = 8080,
                  liveness_port: int = 8081, openai_api_port: int = OPENAI_API_PORT) -> None:
         self.state_dir = state_dir
-        self.cluster = Cluster(state_dir / "cluster")
+        self.cluster = Cluster(state_dir / "cluster", images=IMAGES)
+        self.real_node = self.cluster.node == "kubelet"
         self.timeout = timeout
         self.metrics_port, self.liveness_port = metrics_port, liveness_port
         self.openai_api_port = openai_api_port
@@ -103,6 +111,8 @@ class Demo:
         return self.cluster.kubectl(*args, **kw)
 
     def install_operator(self) -> None:
+        if self.real_node:
+            return self.install_operator_chart()
         say("installing the CRDs and the chart's ServiceAccount + RBAC")
         self.kubectl("apply", "--server-side", "-f", str(REPO_ROOT / "crds"))
         self.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
@@ -135,6 +145,26 @@ class Demo:
         (self.state_dir / "operator.pid").write_text(str(self.operator.pid))
         say(f"operator running as ServiceAccount {OPERATOR_NAMESPACE}/{sa} (pid {self.operator.pid}, "
             f"log {self.state_dir / 'operator.log'})")
+
+    def install_operator_chart(self) -> None:
+        """The real node: `helm install`, as users do; the operator runs from its image."""
+        refs = self.cluster.image_refs
+        image = lambda name: dict(zip(("repository", "tag"), refs[name].rsplit(":", 1)))  # noqa: E731
+        local = {"nodeSelector": {"finetune.dev/local-node": "true"},
+                 "tolerations": [{"key": "finetune.dev/local-node", "operator": "Exists",
+                                  "effect": "NoSchedule"}]}
+        values = self.state_dir / "operator-values.yaml"
+        values.write_text(yaml.safe_dump({
+            "image": {**image("operator"), "pullPolicy": "Never"},
+            "trainerImage": image("trainer"), "vllmImage": image("vllm"),
+            "metrics": {"port": self.metrics_port}, "health": {"port": self.liveness_port}, **local}))
+        say(f"helm install {RELEASE} charts/finetune-operator (operator image {refs['operator']})")
+        subprocess.run([str(self.cluster.bin_dir / "helm"), "install", RELEASE,
+                        str(REPO_ROOT / "charts" / "finetune-operator"), "--namespace", OPERATOR_NAMESPACE,
+                        "--create-namespace", "-f", str(values), "--wait", "--timeout=300s"],
+                       check=True, env=self.cluster.env())
+        say(f"operator running in a pod on the real node (kubectl logs -n {OPERATOR_NAMESPACE} "
+            f"deploy/{RELEASE})")
 
     def prepare_model(self) -> Path:
         from .tiny_model import build_tiny_model
@@ -197,6 +227,11 @@ class Demo:
                                check=False)
             st = json.loads(out.stdout).get("status", {}) if out.returncode == 0 else {}
             if st.get("phase") == "Ready" and JOB in st.get("servedModels", []):
+                if self.real_node:
+                    # kube-proxy routes the Service's ClusterIP from this machine too.
+                    ip = self.kubectl("get", "service", JOB, "-n", NAMESPACE, "-o",
+                                      "jsonpath={.spec.clusterIP}").stdout.strip()
+                    return f"http://{ip}:{VLLM_PORT}/v1"
                 # The local node gives every pod the address 127.0.0.1.
                 return f"http://127.0.0.1:{VLLM_PORT}/v1"
             if st.get("phase") in ("Failed", "Degraded"):
@@ -226,7 +261,8 @@ class Demo:
 
     def print_endings(self, url: str) -> None:
         say("where to look next")
-        print(f"  export KUBECONFIG={self.cluster.kubeconfig}\n"
+        print(f"  export INFERENCE_URL={url}\n"
+              f"  export KUBECONFIG={self.cluster.kubeconfig}\n"
               f"  kubectl get ftj,ftisvc -n {NAMESPACE}; kubectl describe ftj {JOB} -n {NAMESPACE}\n"
               f"  metrics: operator http://127.0.0.1:{self.metrics_port}/metrics, vLLM {url.removesuffix('/v1')}/metrics,\n"
               f"           trainer http://127.0.0.1:9400/metrics while it trains\n"

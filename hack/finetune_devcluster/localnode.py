@@ -579,13 +579,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--state-dir", required=True, type=Path)
     p.add_argument("--volumes-dir", required=True, type=Path)
     p.add_argument("--storage-provisioner", required=True)
+    p.add_argument("--provisioner-only", action="store_true",
+                   help="serve the StorageClass only; a real kubelet runs the node (realnode.py)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     api = config.new_client_from_config(config_file=args.kubeconfig)
     node = LocalNode(api, args.node_name, args.state_dir, args.volumes_dir, args.storage_provisioner)
-    node.register()
+    loops = [node.provisioner_loop]
+    if not args.provisioner_only:
+        node.register()
+        loops += [node.heartbeat_loop, node.pod_loop]
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-    for target in (node.heartbeat_loop, node.pod_loop, node.provisioner_loop):
+    for target in loops:
         threading.Thread(target=target, name=target.__name__, daemon=True).start()
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
     log.info("stopping: terminating %d pods", len(node.pods))

@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# `make images`: builds the project's images with buildah from the repository's
+# Dockerfiles and writes them as OCI archives that containerd imports
+# (`ctr -n k8s.io images import`), with no registry:
+#
+#   pause     the pod sandbox: FROM scratch + hack/pause (built by hack/build-node.sh)
+#   operator  operator.Dockerfile
+#   trainer   trainer_image/Dockerfile
+#   vllm      serving/vllm-cpu.Dockerfile
+#
+#   bash hack/build-images.sh [NAME...]      (default: all of them)
+#
+# Registries are unreachable here, so every build gets BASE_IMAGE (and the
+# trainer CUDA_IMAGE) swapped for a base made from Debian's packages with
+# mmdebstrap; FINETUNE_IMAGE_BASE=upstream keeps the Dockerfiles' own
+# (digest-pinned) bases instead. Each image is cached by content: a hash of its
+# Dockerfile, its build context's files, its base and this script names the
+# archive ~/.cache/finetune-operator/images/<name>-<hash>.tar, and an archive
+# that exists is not built again. Prints one line per image: NAME REF ARCHIVE.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/.." && pwd)
+cache=${FINETUNE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/finetune-operator}
+out="$cache/images"
+base_mode=${FINETUNE_IMAGE_BASE:-debian}
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$repo/pyproject.toml" | head -1)
+suite=bookworm
+log() { echo "[build-images] $*" >&2; }
+mkdir -p "$out"
+# One lock per image: a long trainer build does not hold up the operator's.
+lock() { exec 8>"$out/.lock-$1"; flock 8; }
+
+for tool in buildah mmdebstrap; do
+  command -v "$tool" >/dev/null && continue
+  log "installing $tool (Debian package)"
+  apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$tool" >&2
+done
+
+# name | Dockerfile | context paths (what the hash covers) | Debian packages of its offline base
+spec() {
+  case "$1" in
+    operator) echo "operator.Dockerfile|operator.Dockerfile operator.Dockerfile.dockerignore pyproject.toml README.md requirements/constraints.txt api operator|python3,python3-venv,ca-certificates" ;;
+    trainer) echo "trainer_image/Dockerfile|trainer_image api requirements/constraints.txt|python3,python3-venv,python3-dev,gcc,libc6-dev,ca-certificates" ;;
+    vllm) echo "serving/vllm-cpu.Dockerfile|serving requirements/vllm-cpu.txt requirements/constraints.txt|python3,python3-venv,python3-dev,gcc,g++,libc6-dev,libnuma1,libgomp1,ca-certificates" ;;
+    *) log "unknown image $1 (pause, operator, trainer, vllm)"; exit 2 ;;
+  esac
+}
+
+# The image references the chart and the dev cluster use.
+ref() {
+  case "$1" in
+    pause) echo "localhost/finetune/pause:local" ;;
+    operator) echo "ghcr.io/finetune-dev/finetune-operator:$version" ;;
+    trainer) echo "ghcr.io/finetune-dev/finetune-trainer:$version" ;;
+    vllm) echo "ghcr.io/finetune-dev/vllm-cpu:$version" ;;
+  esac
+}
+
+# A base image from Debian's packages: mmdebstrap --variant=minbase, imported as
+# FROM scratch + ADD rootfs.tar. Cached by package list; prints its reference.
+debian_base() {
+  local pkgs=$1 h ref tar ctx
+  h=$(printf '%s|%s|%s' "$suite" "$pkgs" "$(grep -h '^URIs\|^# http' /etc/apt/sources.list.d/* 2>/dev/null | sort | tr -d '\n')" | sha256sum | cut -c1-12)
+  ref="localhost/finetune/base:$h"
+  exec 7>"$out/.lock-base-$h"
+  flock 7
+  if buildah inspect --type image "$ref" >/dev/null 2>&1; then echo "$ref"; return; fi
+  tar="$out/base-$h.rootfs.tar"
+  if [ ! -s "$tar" ]; then
+    log "base $h: mmdebstrap --variant=minbase $suite ($pkgs)"
+    local t0=$SECONDS
+    mmdebstrap --quiet --variant=minbase --include="$pkgs" --aptopt='Acquire::Retries "3"' \
+      --customize-hook='chroot "$1" sh -c "rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin"' \
+      "$suite" "$tar.partial.tar" >&2   # mmdebstrap picks the format from the extension
+    mv "$tar.partial.tar" "$tar"
+    log "base $h: rootfs $(du -h "$tar" | cut -f1) in $((SECONDS - t0))s"
+  fi
+  ctx=$(mktemp -d)
+  ln "$tar" "$ctx/rootfs.tar" 2>/dev/null || cp "$tar" "$ctx/rootfs.tar"
+  printf 'FROM scratch\nADD rootfs.tar /\nCMD ["/bin/bash"]\n' > "$ctx/Containerfile"
+  buildah bud --quiet --layers=false -f "$ctx/Containerfile" -t "$ref" "$ctx" >/dev/null
+  rm -rf "$ctx"
+  echo "$ref"
+}
+
+build_pause() {
+  local bin h ref archive c
+  lock pause
+  bin=$(bash "$here/build-node.sh")
+  ref=$(ref pause)
+  h=$( { sha256sum "$bin/pause" | cut -d' ' -f1; sha256sum "$here/build-images.sh"; } | sha256sum | cut -c1-12)
+  archive="$out/pause-$h.tar"
+  if [ ! -s "$archive" ]; then
+    c=$(buildah from scratch)
+    buildah copy --quiet "$c" "$bin/pause" /pause >/dev/null
+    buildah config --entrypoint '["/pause"]' --user 65535:65535 \
+      --label org.opencontainers.image.title=finetune-pause --label "dev.finetune.image.inputs=$h" "$c"
+    buildah commit --quiet "$c" "$ref" >/dev/null
+    buildah rm "$c" >/dev/null
+    rm -f "$out"/pause-*.tar
+    buildah push --quiet "$ref" "oci-archive:$archive.tmp:$ref" >/dev/null
+    mv "$archive.tmp" "$archive"
+  fi
+  echo "pause $ref $archive"
+}
+
+build_one() {
+  local name=$1 s dockerfile paths pkgs h ref archive base="" args=()
+  s=$(spec "$name")
+  IFS='|' read -r dockerfile paths pkgs <<<"$s"
+  ref=$(ref "$name")
+  # The hash covers every tracked or untracked (not ignored) file of the context.
+  h=$( (cd "$repo" && {
+        git ls-files -co --exclude-standard -- $paths | LC_ALL=C sort | xargs -r sha256sum
+        echo "$base_mode $pkgs $suite $ref"
+        sha256sum "$here/build-images.sh"
+      }) | sha256sum | cut -c1-12)
+  archive="$out/$name-$h.tar"
+  lock "$name"
+  if [ -s "$archive" ]; then echo "$name $ref $archive"; return; fi
+  local t0=$SECONDS
+  if [ "$base_mode" = debian ] && [ -n "$pkgs" ]; then
+    base=$(debian_base "$pkgs")
+    args+=(--build-arg "BASE_IMAGE=$base" --build-arg "CUDA_IMAGE=$base")
+  fi
+  # pip inside the build reaches PyPI through this machine's configuration: the
+  # global pip.conf and the CA file PIP_CERT names, mounted read-only.
+  local conf
+  for conf in /etc/pip.conf /etc/xdg/pip/pip.conf; do
+    [ -f "$conf" ] && args+=(--volume "$conf:$conf:ro")
+  done
+  if [ -n "${PIP_CERT:-}" ] && [ -f "$PIP_CERT" ]; then
+    args+=(--volume "$PIP_CERT:$PIP_CERT:ro" --build-arg "PIP_CERT=$PIP_CERT")
+  fi
+  log "$name: building $ref from $dockerfile (${base:-upstream base})"
+  (cd "$repo" && buildah bud --network host --layers \
+      --label "org.opencontainers.image.title=finetune-$name" \
+      --label "org.opencontainers.image.version=$version" \
+      --label "org.opencontainers.image.revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
+      --label "org.opencontainers.image.source=https://github.com/finetune-dev/finetune-operator" \
+      --label "org.opencontainers.image.licenses=Apache-2.0" \
+      --label "org.opencontainers.image.created=$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+      --label "dev.finetune.image.inputs=$h" \
+      "${args[@]}" -f "$dockerfile" -t "$ref" . >&2)
+  rm -f "$out/$name"-*.tar
+  # OCI archives with gzip layers: a third of a docker archive's size for the ML images.
+  buildah push --quiet "$ref" "oci-archive:$archive.tmp:$ref" >/dev/null
+  mv "$archive.tmp" "$archive"
+  # The archive is the cache: the big images need not stay in buildah's storage too.
+  [ "${FINETUNE_KEEP_BUILDAH_IMAGES:-0}" = 1 ] || buildah rmi "$ref" >/dev/null 2>&1 || true
+  log "$name: $(du -h "$archive" | cut -f1) archive in $((SECONDS - t0))s"
+  echo "$name $ref $archive"
+}
+
+names=("$@")
+[ ${#names[@]} -gt 0 ] || names=(pause operator trainer vllm)
+for n in "${names[@]}"; do
+  if [ "$n" = pause ]; then build_pause; else build_one "$n"; fi
+done

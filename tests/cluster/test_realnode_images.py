@@ -1,0 +1,172 @@
+"""The real node (`FINETUNE_NODE=kubelet`): the project's own images run under a kubelet.
+
+containerd, runc, a kubelet and kube-proxy run the pods bound to `local`; the images come
+from `make images` (buildah, Debian bases, no registry) and are imported into containerd.
+These tests check what the stand-in agent could not: the image's entrypoint, user and
+PYTHONPATH, a read-only root, probes, pod IPs, Services and their endpoints, and the
+operator installed with its Helm chart running from the operator image.
+
+They need root, cgroups and iptables (the dev machine and CI have them); one real node
+runs per machine at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finetune_devcluster.cluster import REPO_ROOT, Cluster
+from tests.fixtures.cluster import get_json, wait_for
+
+import os
+
+# Opt-in while the real node is work in progress (pod sandboxes do not start yet, see
+# docs/real-node.md): `make node images` first, then FINETUNE_NODE=kubelet. The default suite
+# would otherwise spend half an hour building node binaries and images to run one test.
+pytestmark = [pytest.mark.cluster, pytest.mark.slow,
+              pytest.mark.timeout(2400),  # the first run builds the images (minutes)
+              pytest.mark.skipif(os.environ.get("FINETUNE_NODE") != "kubelet",
+                                 reason="the real node is opt-in: FINETUNE_NODE=kubelet (docs/real-node.md)")]
+
+LOCAL = {"nodeSelector": {"finetune.dev/local-node": "true"},
+         "tolerations": [{"key": "finetune.dev/local-node", "operator": "Exists", "effect": "NoSchedule"}]}
+RESTRICTED = {"runAsNonRoot": True, "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+              "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+@pytest.fixture(scope="module")
+def real_cluster(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("realnode"), node="kubelet", images=("operator",))
+    c.start(timeout=300)
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def ns(real_cluster: Cluster):
+    import uuid
+
+    name = f"rn-{uuid.uuid4().hex[:6]}"
+    real_cluster.kubectl("create", "namespace", name)
+    # Restricted Pod Security: the pods below must pass it as they are.
+    real_cluster.kubectl("label", "namespace", name, "pod-security.kubernetes.io/enforce=restricted")
+    wait_for(lambda: real_cluster.kubectl("get", "sa", "default", "-n", name, check=False).returncode == 0,
+             timeout=30, what="default ServiceAccount")
+    yield name
+    real_cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def _apply(c: Cluster, ns: str, *docs: dict) -> None:
+    c.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
+                                                              "items": list(docs)}))
+
+
+def _ready(c: Cluster, ns: str, pod: str) -> dict | None:
+    p = get_json(c, "pod", pod, "-n", ns)
+    ok = any(x["type"] == "Ready" and x["status"] == "True" for x in p["status"].get("conditions", []))
+    return p if ok else None
+
+
+# Every pod sandbox fails to start here: Debian bookworm's runc 1.1.5 under containerd
+# 2.2.9's CRI plugin ("runc create failed: unable to start container process: can't get
+# final child's PID from pipe: EOF"); `ctr run` of the same image works. Next step: runc
+# >= 1.2 from its Go module (cgo, libseccomp-dev). Not run until then: they would only wait
+# out their timeouts.
+SANDBOXES_FAIL = pytest.mark.xfail(
+    run=False, reason="pod sandboxes fail under runc 1.1.5 + containerd 2.2 CRI (docs/real-node.md)")
+
+
+def _http(url: str) -> tuple[int, str]:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return r.status, r.read().decode()
+
+
+def test_node_is_a_real_kubelet_with_containerd(real_cluster: Cluster):
+    node = get_json(real_cluster, "node", "local")
+    info = node["status"]["nodeInfo"]
+    assert info["containerRuntimeVersion"].startswith("containerd://2."), info
+    pinned = dict(line.split("=", 1) for line in (REPO_ROOT / "hack" / "versions.env").read_text().splitlines()
+                  if "=" in line and not line.startswith("#"))
+    assert info["kubeletVersion"] == pinned["KUBERNETES_VERSION"], info
+    addresses = {a["type"]: a["address"] for a in node["status"]["addresses"]}
+    assert addresses["InternalIP"] == real_cluster.host_ip != "127.0.0.1"
+
+
+@SANDBOXES_FAIL
+def test_operator_image_pod_gets_its_own_ip_and_a_service(real_cluster: Cluster, ns: str):
+    c = real_cluster
+    image = c.image_refs["operator"]
+    # The image's own Python (its venv first on PATH) serves a directory: read-only root,
+    # the image's non-root user, a readiness probe the kubelet runs against the pod's IP.
+    server = ("import http.server, os, socketserver\n"
+              "open('/scratch/uid', 'w').write(str(os.getuid()))\n"
+              "h = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory='/scratch', **k)\n"
+              "socketserver.TCPServer(('', 8080), h).serve_forever()\n")
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web", "labels": {"app": "web"}},
+           "spec": {**LOCAL, "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "containers": [{
+                        "name": "web", "image": image, "imagePullPolicy": "Never",
+                        "command": ["python", "-c", server],
+                        "securityContext": RESTRICTED,
+                        "ports": [{"containerPort": 8080, "name": "http"}],
+                        "readinessProbe": {"httpGet": {"path": "/uid", "port": "http"}, "periodSeconds": 1},
+                        "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]}],
+                    "volumes": [{"name": "scratch", "emptyDir": {}}]}}
+    svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+           "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": "http"}]}}
+    _apply(c, ns, pod, svc)
+    p = wait_for(lambda: _ready(c, ns, "web"), timeout=120, what="pod web Ready (readiness probe)")
+    ip = p["status"]["podIP"]
+    assert ip.startswith("10.88."), p["status"]
+    assert p["spec"]["nodeName"] == "local"
+    # The host reaches the pod at its own IP; the process ran as the image's user (65532).
+    assert _http(f"http://{ip}:8080/uid") == (200, "65532")
+    # The Service's endpoints are the pod's IP, and kube-proxy routes its ClusterIP.
+    def endpoints():
+        slices = get_json(c, "endpointslices", "-n", ns, "-l", "kubernetes.io/service-name=web")["items"]
+        return [a for s in slices for e in s.get("endpoints") or [] for a in e["addresses"]]
+    assert wait_for(endpoints, timeout=30, what="EndpointSlice of Service web") == [ip]
+    cluster_ip = get_json(c, "service", "web", "-n", ns)["spec"]["clusterIP"]
+    assert wait_for(lambda: _http(f"http://{cluster_ip}/uid"), timeout=30,
+                    what=f"Service web at {cluster_ip}") == (200, "65532")
+    # The root filesystem is read-only; exec goes API server -> kubelet -> containerd.
+    out = c.kubectl("exec", "-n", ns, "web", "--", "python", "-c",
+                    "import os\ntry:\n open('/x','w')\nexcept OSError as e:\n print(e.errno)", check=False)
+    assert out.returncode == 0 and out.stdout.strip() == "30", out  # EROFS
+
+
+@SANDBOXES_FAIL
+def test_operator_runs_from_its_image_installed_by_helm(real_cluster: Cluster, tmp_path: Path):
+    c = real_cluster
+    repo, tag = c.image_refs["operator"].rsplit(":", 1)
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({
+        "image": {"repository": repo, "tag": tag, "pullPolicy": "Never"},
+        "nodeSelector": LOCAL["nodeSelector"], "tolerations": LOCAL["tolerations"]}))
+    c.kubectl("create", "namespace", "finetune-system")
+    out = subprocess.run([str(c.bin_dir / "helm"), "install", "finetune-operator",
+                          str(REPO_ROOT / "charts" / "finetune-operator"), "-n", "finetune-system",
+                          "-f", str(values), "--wait", "--timeout=180s"],
+                         env=c.env(), capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr + c.kubectl("describe", "pods", "-n", "finetune-system").stdout
+    pods = get_json(c, "pods", "-n", "finetune-system", "-l", "app.kubernetes.io/name=finetune-operator")["items"]
+    assert len(pods) == 1
+    p = pods[0]
+    assert p["spec"]["nodeName"] == "local" and p["status"]["podIP"].startswith("10.88.")
+    # It reached the API server through the `kubernetes` Service (kube-proxy) with its
+    # ServiceAccount: kopf logs its start-up and its health endpoint answers the kubelet.
+    logs = wait_for(lambda: (lambda t: t if "Starting" in t or "kopf" in t.lower() else None)(
+        c.kubectl("logs", "-n", "finetune-system", p["metadata"]["name"]).stdout),
+        timeout=60, what="operator logs")
+    assert "Traceback" not in logs, logs
+    status = p["status"]["containerStatuses"][0]
+    assert status["ready"] and status["restartCount"] == 0, status
+    metrics_port = next(port["containerPort"] for port in p["spec"]["containers"][0]["ports"]
+                        if port["name"] == "metrics")
+    code, body = _http(f"http://{p['status']['podIP']}:{metrics_port}/metrics")
+    assert code == 200 and "finetune" in body
