@@ -200,6 +200,9 @@ class Api:
             if validation.format != training.format:
                 raise bad_request(f"validation_file holds {validation.format} records but training_file "
                                   f"holds {training.format} records", param="validation_file")
+        if (training.format == "preference") != (req.method == "dpo"):
+            raise bad_request("preference data (input/preferred_output/non_preferred_output) trains only with "
+                              "method.type dpo, and dpo only on preference data", param="training_file")
         active = [j for j in await self.call(self.kube.list_jobs, p.namespace) if openai_status(j) in ACTIVE_STATES]
         idempotent_retry = request.headers.get("Idempotency-Key") and any(
             j["metadata"]["name"] == mapping.job_id_for_key(p.namespace, request.headers["Idempotency-Key"]) for j in active)

@@ -98,14 +98,12 @@ def test_a_broken_line_is_refused_naming_the_line(tmp_path):
     assert "line 3:" in exc.value.message and "line 1:" not in exc.value.message
 
 
-def test_preference_files_are_refused_until_the_operator_trains_them(tmp_path):
+def test_openai_preference_files_pass_the_trainer_validator_as_is(tmp_path):
     path = write(tmp_path / "dpo.jsonl", [{"input": {"messages": [{"role": "user", "content": "Hi"}]},
                                            "preferred_output": [{"role": "assistant", "content": "Arr"}],
                                            "non_preferred_output": [{"role": "assistant", "content": "Hello"}]}])
     assert detect_format(path) == "preference"
-    with pytest.raises(ApiError) as exc:
-        validate(path, "preference")
-    assert exc.value.status == 400 and "preferred_output" in exc.value.message
+    validate(path, "preference")
 
 
 def test_stored_bytes_are_limited_per_namespace(tmp_path):
