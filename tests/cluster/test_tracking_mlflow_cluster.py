@@ -13,8 +13,8 @@ import pytest
 
 from tests.fixtures.cluster import get_json, wait_for
 from tests.fixtures.ml import learnable_instruction_records, write_jsonl
-from tests.test_operator_lifecycle import apply, status, wait_phase
-from tests.test_operator_realrun import volume_path
+from tests.cluster.test_operator_lifecycle import apply, status, wait_phase
+from tests.e2e.test_operator_realrun import volume_path
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 

@@ -3,7 +3,7 @@ cluster's MLflow server (its own virtualenv, started here without the rest of th
 TensorBoard event files read back with TensorBoard's own reader, and the real wandb package
 in offline mode (no network here; nothing stands in for it). The trainer runs as the pod
 runs it, on the tiny model; its status patches go to the recording stand-in for the API
-server (tests/fixtures/ml.py), as in tests/test_trainer_run.py.
+server (tests/fixtures/ml.py), as in tests/unit/trainer/test_trainer_run.py.
 """
 
 from __future__ import annotations
