@@ -46,7 +46,9 @@ JOB_ID = re.compile(r"^ftjob-[0-9a-f]{24}$")
 FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
 SUFFIX = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 METHODS = ("supervised", "dpo")
-DPO_SUPPORTED = False  # set once the FineTuneJob API has spec.method.objective dpo
+# method dpo maps onto spec.method.objective dpo and spec.method.dpo (beta); its data is the
+# preference format (OpenAI's input/preferred_output/non_preferred_output lines as they are).
+DPO_SUPPORTED = True
 
 
 def new_job_id() -> str:
@@ -244,8 +246,15 @@ def build_finetunejob(req: CreateJob, *, job_id: str, namespace: str, model_sour
     if validation is not None:
         dataset.update(evalSource=validation.source, evalFraction=0.0)
     deploy = {"inferenceService": (template.get("deploy") or {}).get("inferenceService") or server_name(req.model)}
-    spec = deep_merge(template, {"model": {"source": model_source}, "dataset": dataset,
-                                 "training": training_over, "deploy": deploy})
+    over: dict[str, Any] = {"model": {"source": model_source}, "dataset": dataset,
+                            "training": training_over, "deploy": deploy}
+    if req.method == "dpo":
+        over["method"] = {"objective": "dpo"}
+        if hyper.beta != "auto":
+            over["method"]["dpo"] = {"beta": hyper.beta}
+        if (train_template.get("packing") or "auto") == "on":
+            training_over["packing"] = "auto"  # the API refuses packing on with dpo
+    spec = deep_merge(template, over)
     spec.pop("suspend", None)
     annotations = {A_MODEL: req.model, A_TRAINING_FILE: req.training_file,
                    A_HYPERPARAMETERS: json.dumps(hyper.asked(req.method), sort_keys=True),
@@ -321,9 +330,13 @@ def resolved_hyperparameters(obj: dict) -> dict:
     lrm = asked.get("learning_rate_multiplier", "auto")
     if lrm == "auto" and training.get("learningRate") is not None:
         lrm = float(f"{training['learningRate'] / DEFAULT_LEARNING_RATE:.6g}")
-    return {"n_epochs": _int_if_whole(training.get("epochs", asked.get("n_epochs", "auto"))),
-            "batch_size": batch if batch is not None else asked.get("batch_size", "auto"),
-            "learning_rate_multiplier": lrm}
+    resolved = {"n_epochs": _int_if_whole(training.get("epochs", asked.get("n_epochs", "auto"))),
+                "batch_size": batch if batch is not None else asked.get("batch_size", "auto"),
+                "learning_rate_multiplier": lrm}
+    method = (obj.get("spec") or {}).get("method") or {}
+    if method.get("objective") == "dpo":
+        resolved["beta"] = (method.get("dpo") or {}).get("beta", asked.get("beta", "auto"))
+    return resolved
 
 
 def to_job(obj: dict, *, now: Optional[float] = None) -> dict:

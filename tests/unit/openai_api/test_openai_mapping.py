@@ -67,7 +67,7 @@ def test_a_minimal_request_asks_for_auto_hyperparameters():
     ({"validation_file": 3}, "validation_file"),
     ({"frobnicate": True}, "frobnicate"),
     ({"method": {"type": "reinforcement"}}, "method.type"),
-    ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1}}}}, "method.type"),
+    ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 3}}}}, "method.dpo.hyperparameters.beta"),
     ({"hyperparameters": {"beta": 0.1}}, "hyperparameters.beta"),
     ({"hyperparameters": {"n_epochs": 2}, "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3}}}},
      "hyperparameters"),
@@ -105,6 +105,29 @@ def test_hyperparameters_map_onto_spec_training_under_the_template():
     assert meta["annotations"][mapping.A_SUFFIX] == "pirate"
     assert json.loads(meta["annotations"][mapping.A_METADATA]) == {"team": "a"}
     assert template["training"]["maxSteps"] == 10  # the server's template is not changed
+
+
+def test_dpo_maps_onto_the_dpo_objective_with_its_beta():
+    pairs = DataFile("file-" + "d" * 24, "pvc://openai-files/files/file-" + "d" * 24 + ".jsonl", "preference")
+    req = parse_create(body(training_file=pairs.id,
+                            method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 2}}}))
+    obj = build_finetunejob(req, job_id=JOB_ID, namespace="team-a", model_source="pvc://m",
+                            template={"method": {"type": "lora"}, "training": {"packing": "on"}},
+                            training=pairs, validation=None)
+    spec = obj["spec"]
+    assert spec["method"] == {"type": "lora", "objective": "dpo", "dpo": {"beta": 0.2}}
+    assert spec["dataset"]["format"] == "preference"
+    assert spec["training"]["packing"] == "auto" and spec["training"]["epochs"] == 2
+    job = to_job(with_status(obj, {"phase": "Training"}))
+    assert job["method"]["type"] == "dpo" and job["hyperparameters"]["beta"] == 0.2
+
+
+def test_dpo_with_auto_beta_keeps_the_schema_default():
+    pairs = DataFile("file-" + "d" * 24, "pvc://f/p.jsonl", "preference")
+    obj = build_finetunejob(parse_create(body(training_file=pairs.id, method={"type": "dpo"})),
+                            job_id=JOB_ID, namespace="team-a", model_source="pvc://m", template={},
+                            training=pairs, validation=None)
+    assert obj["spec"]["method"] == {"objective": "dpo"}
 
 
 def test_auto_hyperparameters_leave_the_template_alone():
