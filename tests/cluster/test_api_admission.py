@@ -93,8 +93,9 @@ def test_minimal_job_reads_back_with_every_documented_default(crds, namespace):
 
     spec = get(crds, namespace, "ftj", "base")["spec"]
 
-    assert spec["method"] == {"type": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.05,
-                                                       "targetModules": ["all-linear"], "bias": "none"}}
+    assert spec["method"] == {"type": "lora", "objective": "sft",
+                              "lora": {"r": 16, "alpha": 32, "dropout": 0.05,
+                                       "targetModules": ["all-linear"], "bias": "none"}}
     training = spec["training"]
     assert {k: training[k] for k in ("epochs", "perDeviceBatchSize", "learningRate", "maxSeqLength",
                                      "packing", "precision", "saveSteps", "saveTotalLimit", "seed",
