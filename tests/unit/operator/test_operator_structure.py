@@ -76,3 +76,17 @@ def test_one_shortener_keeps_names_within_their_limits_and_stable():
     fitted = names.fit(long, "trainer", limit=52)
     assert len(fitted) <= 52 and fitted.endswith("-trainer") and fitted == names.fit(long, "trainer", limit=52)
     assert names.fit("job", "workspace") == "job-workspace"
+
+
+def test_a_deleted_job_is_released_within_seconds_even_while_its_timer_runs():
+    """kopf keeps the finalizer of an object whose timer is still running in a worker thread
+    and looks again after `background.cancellation_polling` seconds (60 by default): with the
+    default, `kubectl delete ftj` hung for a minute whenever the resync timer was mid-run."""
+    import kopf
+
+    from finetune_operator.settings import configure_kopf
+
+    settings = kopf.OperatorSettings()
+    assert settings.background.cancellation_polling >= 60  # kopf's default, the cause
+    configure_kopf(settings)
+    assert settings.background.cancellation_polling <= 2
