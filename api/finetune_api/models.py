@@ -342,6 +342,7 @@ class Progress:
     epoch: Optional[float] = None
     percent: Optional[int] = None
     eta_seconds: Optional[int] = None
+    tokens_seen: Optional[int] = None
 
 
 @dataclass(kw_only=True)
@@ -412,12 +413,26 @@ class DatasetReport:
 
 
 @dataclass(kw_only=True)
+class KeptCheckpoint:
+    """A complete checkpoint on the volume and the training metrics logged last before it was
+    saved."""
+
+    step: int
+    saved_at: Optional[str] = None
+    train_loss: Optional[float] = None
+    eval_loss: Optional[float] = None
+    mean_token_accuracy: Optional[float] = None
+    eval_mean_token_accuracy: Optional[float] = None
+
+
+@dataclass(kw_only=True)
 class Checkpoints:
     """Checkpoints on the job volume."""
 
     latest: Optional[str] = None
     best: Optional[str] = None
     count: Optional[int] = None
+    kept: list[KeptCheckpoint] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)

@@ -621,6 +621,9 @@ FINETUNEJOB_STATUS = obj("Observed state of a FineTuneJob, written by the operat
         "percent": integer("step / totalSteps in percent.", minimum=0, maximum=100),
         "etaSeconds": integer("Estimated seconds to the end of training.", minimum=0,
                               format="int64"),
+        "tokensSeen": integer("Tokens trained on so far: non-padding input tokens over all GPUs "
+                              "and epochs (a resumed run continues the count).", minimum=0,
+                              format="int64"),
     }),
     "metrics": obj("Latest training metrics.", {
         "trainLoss": number("Training loss (running mean over the logging interval)."),
@@ -688,6 +691,18 @@ FINETUNEJOB_STATUS = obj("Observed state of a FineTuneJob, written by the operat
         "best": string("Path of the best checkpoint by training.metricForBestModel.",
                        max_length=LONG),
         "count": integer("Complete checkpoints on the volume.", minimum=0),
+        "kept": array(obj("A complete checkpoint on the volume and the training metrics logged "
+                          "last before it was saved.", {
+            "step": integer("Optimizer step it was saved at.", minimum=0, format="int64"),
+            "savedAt": timestamp("When it was marked complete."),
+            "trainLoss": number("Training loss logged last before it."),
+            "evalLoss": number("Evaluation loss logged last before it."),
+            "meanTokenAccuracy": number("Share of answer tokens predicted right (training, "
+                                        "logged last before it).", minimum=0, maximum=1),
+            "evalMeanTokenAccuracy": number("The same on the evaluation set.", minimum=0,
+                                            maximum=1),
+        }, required=["step"]), "Every complete checkpoint on the volume, oldest first (the "
+            "newest 100 when more are kept).", max_items=100),
     }),
     "artifacts": obj("Where the results are.", {
         "adapter": string("Path of the adapter on the job volume (LoRA/QLoRA).", max_length=LONG),
@@ -1039,6 +1054,7 @@ PYTHON_CLASSES: dict[str, dict[str, str]] = {
         "status.dataset": "DatasetReport",
         "status.dataset.tokenLengthPercentiles": "TokenLengthPercentiles",
         "status.checkpoints": "Checkpoints",
+        "status.checkpoints.kept[]": "KeptCheckpoint",
         "status.artifacts": "Artifacts",
         "status.inferenceService": "Endpoint",
         "status.tracking": "TrackingStatus",

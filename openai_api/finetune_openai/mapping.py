@@ -369,7 +369,9 @@ def to_job(obj: dict, *, now: Optional[float] = None) -> dict:
         "training_file": annotations.get(A_TRAINING_FILE, ""),
         "validation_file": annotations.get(A_VALIDATION_FILE),
         "result_files": [],
-        "trained_tokens": None,
+        # OpenAI's trained_tokens is null until the job ends: the trainer's count of the
+        # non-padding tokens it trained on (every epoch, over all GPUs).
+        "trained_tokens": (status.get("progress") or {}).get("tokensSeen") if state in TERMINAL else None,
         "seed": (spec.get("training") or {}).get("seed", 42),
         "suffix": suffix,
         "user_provided_suffix": suffix,
@@ -405,32 +407,40 @@ def parse_limit(raw: Optional[str], default: int = 20, maximum: int = 100) -> in
 
 
 CHECKPOINT_STEP = re.compile(r"checkpoint-(\d+)/?$")
+# status.checkpoints.kept[] metrics -> a checkpoint's metrics in OpenAI's names.
+CHECKPOINT_METRICS = (("trainLoss", "train_loss"), ("meanTokenAccuracy", "train_mean_token_accuracy"),
+                      ("evalLoss", "valid_loss"), ("evalMeanTokenAccuracy", "valid_mean_token_accuracy"))
+
+
+def _kept_checkpoints(status: dict) -> list[dict]:
+    """status.checkpoints.kept, or for a status written before the trainer reported it, the
+    latest and best checkpoints (with the latest metrics for the one at the current step)."""
+    checkpoints = status.get("checkpoints") or {}
+    if checkpoints.get("kept"):
+        return checkpoints["kept"]
+    metrics, progress = status.get("metrics") or {}, status.get("progress") or {}
+    steps = {int(m.group(1)) for path in (checkpoints.get("latest"), checkpoints.get("best"))
+             if path and (m := CHECKPOINT_STEP.search(path))}
+    return [{"step": step, **({k: metrics[k] for k in ("trainLoss", "evalLoss") if k in metrics}
+                              if step == progress.get("step") else {})} for step in sorted(steps)]
 
 
 def to_checkpoints(obj: dict) -> list[dict]:
-    """`fine_tuning.job.checkpoint` objects for the complete checkpoints status names, newest first."""
+    """`fine_tuning.job.checkpoint` objects for every complete checkpoint the job keeps, newest first."""
     meta, status = obj.get("metadata") or {}, obj.get("status") or {}
     annotations = meta.get("annotations") or {}
     job_id = meta["name"]
-    model = annotations.get(A_MODEL, "")
-    checkpoints = status.get("checkpoints") or {}
-    metrics = status.get("metrics") or {}
-    progress = status.get("progress") or {}
-    steps = sorted({int(m.group(1)) for path in (checkpoints.get("latest"), checkpoints.get("best"))
-                    if path and (m := CHECKPOINT_STEP.search(path))}, reverse=True)
-    created = unix(status.get("startTime")) or unix(meta.get("creationTimestamp")) or 0
+    model = fine_tuned_model_name(annotations.get(A_MODEL, ""), annotations.get(A_SUFFIX), job_id)
+    started = unix(status.get("startTime")) or unix(meta.get("creationTimestamp")) or 0
     out = []
-    for step in steps:
-        m: dict[str, Any] = {"step": float(step)}
-        if step == progress.get("step"):
-            if "trainLoss" in metrics:
-                m["train_loss"] = metrics["trainLoss"]
-            if "evalLoss" in metrics:
-                m["valid_loss"] = metrics["evalLoss"]
+    for kept in sorted(_kept_checkpoints(status), key=lambda k: k["step"], reverse=True):
+        step = kept["step"]
+        metrics: dict[str, Any] = {"step": float(step)}
+        metrics.update({theirs: kept[ours] for ours, theirs in CHECKPOINT_METRICS if ours in kept})
         out.append({"object": "fine_tuning.job.checkpoint", "id": f"ftckpt-{job_id[6:]}-{step}",
-                    "created_at": created, "fine_tuning_job_id": job_id, "step_number": step,
-                    "fine_tuned_model_checkpoint": f"{fine_tuned_model_name(model, annotations.get(A_SUFFIX), job_id)}:ckpt-step-{step}",
-                    "metrics": m})
+                    "created_at": unix(kept.get("savedAt")) or started, "fine_tuning_job_id": job_id,
+                    "step_number": step, "fine_tuned_model_checkpoint": f"{model}:ckpt-step-{step}",
+                    "metrics": metrics})
     return out
 
 

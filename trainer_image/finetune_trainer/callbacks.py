@@ -129,9 +129,11 @@ def make_callbacks(cfg: TrainerConfig, reporter, has_eval: bool, guard: SignalGu
                                    best=state.best_model_checkpoint)
                 if reporter is not None:
                     reporter.progress.latest_checkpoint = folder.name
+                    reporter.progress.kept_checkpoints = checkpoints.kept_summary(args.output_dir)
                     reporter.progress.checkpoint_count = sum(
                         1 for c in checkpoints.list_checkpoints(args.output_dir)
                         if (c.path / checkpoints.COMPLETE_MARKER).is_file())
+                    reporter.progress.tokens_seen = state.num_input_tokens_seen or 0
                     reporter.publish(force=True)
             barrier()
 
@@ -162,6 +164,7 @@ def make_callbacks(cfg: TrainerConfig, reporter, has_eval: bool, guard: SignalGu
                 if isinstance(value, (int, float)):
                     p.objective_metrics[spec.status_key] = float(value)
             now, tokens = time.monotonic(), state.num_input_tokens_seen
+            p.tokens_seen = tokens or 0
             if self.last_time is not None and tokens and now > self.last_time:
                 p.tokens_per_second = round((tokens - self.last_tokens) / (now - self.last_time), 1)
             self.last_time, self.last_tokens = now, tokens
@@ -170,6 +173,7 @@ def make_callbacks(cfg: TrainerConfig, reporter, has_eval: bool, guard: SignalGu
 
         def on_train_end(self, args, state, control, **kwargs):
             reporter.progress.step = state.global_step
+            reporter.progress.tokens_seen = state.num_input_tokens_seen or 0
             reporter.publish(force=True)
 
     callbacks = [DivergenceGuard(), StopOnSignal(), CheckpointCallback()]

@@ -176,3 +176,37 @@ def rotate(root: str | os.PathLike, *, keep_last: int | None, best: str | os.Pat
         shutil.rmtree(checkpoint.path, ignore_errors=True)
         removed.append(checkpoint.path)
     return removed
+
+
+# Logged values a kept checkpoint reports, by the key its trainer_state.json logs them under.
+SUMMARY_METRICS = {"loss": "trainLoss", "eval_loss": "evalLoss", "mean_token_accuracy": "meanTokenAccuracy",
+                   "eval_mean_token_accuracy": "evalMeanTokenAccuracy"}
+SUMMARY_MAX = 100
+
+
+def kept_summary(root: str | os.PathLike) -> list[dict]:
+    """Every complete checkpoint, oldest first (the newest SUMMARY_MAX), with its step, when it
+    was marked complete and the metrics logged last before it (from its own trainer_state.json,
+    so a restarted pod reports checkpoints an earlier pod saved)."""
+    out = []
+    for checkpoint in list_checkpoints(root)[::-1]:
+        marker = checkpoint.path / COMPLETE_MARKER
+        if len(out) == SUMMARY_MAX or not marker.is_file():
+            continue
+        entry: dict = {"step": checkpoint.step}
+        try:
+            created = json.loads(marker.read_text()).get("createdAt")
+        except (OSError, ValueError, AttributeError):
+            created = None
+        if isinstance(created, (int, float)):
+            entry["savedAt"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created))
+        try:
+            history = json.loads((checkpoint.path / "trainer_state.json").read_text()).get("log_history") or []
+        except (OSError, ValueError, AttributeError):
+            history = []
+        for logged in history:
+            if isinstance(logged, dict) and logged.get("step", 0) <= checkpoint.step:
+                entry.update({ours: float(logged[key]) for key, ours in SUMMARY_METRICS.items()
+                              if isinstance(logged.get(key), (int, float))})
+        out.append(entry)
+    return out[::-1]

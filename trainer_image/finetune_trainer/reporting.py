@@ -62,8 +62,12 @@ class Progress:
     eval_loss: float | None = None
     learning_rate: float | None = None
     tokens_per_second: float | None = None
+    # Non-padding input tokens trained on (the HF Trainer's count, kept across a resume).
+    tokens_seen: int = 0
     latest_checkpoint: str | None = None
     checkpoint_count: int = 0
+    # checkpoints.kept_summary(): every complete checkpoint with its step and metrics.
+    kept_checkpoints: list[dict[str, Any]] = field(default_factory=list)
     started_at: float = field(default_factory=time.monotonic)
     start_step: int = 0
     # The dataset report, as the FineTuneJob status declares it (see dataset_status).
@@ -113,9 +117,12 @@ class Progress:
                     "epoch": round(self.epoch, 4), "percent": self.percent}
         if self.eta_seconds is not None:
             progress["etaSeconds"] = self.eta_seconds
+        if self.tokens_seen:
+            progress["tokensSeen"] = int(self.tokens_seen)
         status: dict[str, Any] = {"progress": progress, "metrics": metrics}
         if self.latest_checkpoint:
-            status["checkpoints"] = {"latest": self.latest_checkpoint, "count": self.checkpoint_count}
+            status["checkpoints"] = {"latest": self.latest_checkpoint, "count": self.checkpoint_count,
+                                     "kept": [_finite(c) for c in self.kept_checkpoints]}
         if self.dataset:
             status["dataset"] = self.dataset
         if self.evaluation:

@@ -228,6 +228,28 @@ def test_checkpoint_names_are_not_servable_model_names():
     assert mapping.job_id_of_model("tiny-llama") is None
 
 
+def test_every_kept_checkpoint_is_listed_with_its_own_metrics_newest_first():
+    kept = [{"step": 4, "savedAt": "2026-11-30T10:01:00Z", "trainLoss": 2.0, "meanTokenAccuracy": 0.25},
+            {"step": 8, "savedAt": "2026-11-30T10:02:00Z", "trainLoss": 1.5, "evalLoss": 1.7,
+             "evalMeanTokenAccuracy": 0.5},
+            {"step": 12, "savedAt": "2026-11-30T10:03:00Z", "trainLoss": 1.0}]
+    status = {"phase": "Training", "startTime": "2026-11-30T10:00:30Z", "progress": {"step": 12},
+              "checkpoints": {"latest": "checkpoint-12", "count": 3, "kept": kept}}
+    cps = to_checkpoints(with_status(finetunejob(body(suffix="s")), status))
+    assert [c["step_number"] for c in cps] == [12, 8, 4]
+    assert cps[1]["metrics"] == {"step": 8.0, "train_loss": 1.5, "valid_loss": 1.7, "valid_mean_token_accuracy": 0.5}
+    assert cps[2]["metrics"] == {"step": 4.0, "train_loss": 2.0, "train_mean_token_accuracy": 0.25}
+    assert cps[2]["created_at"] == mapping.unix("2026-11-30T10:01:00Z")
+    assert cps[0]["id"] != cps[1]["id"] and cps[0]["fine_tuned_model_checkpoint"].endswith(":ckpt-step-12")
+
+
+def test_trained_tokens_is_the_trainers_count_once_the_job_ended():
+    running = {"phase": "Training", "progress": {"step": 6, "tokensSeen": 4000}}
+    assert to_job(with_status(finetunejob(), running))["trained_tokens"] is None
+    done = {"phase": "Succeeded", "completionTime": "2026-11-30T10:10:00Z", "progress": {"step": 12, "tokensSeen": 8123}}
+    assert to_job(with_status(finetunejob(), done))["trained_tokens"] == 8123
+
+
 def test_checkpoints_come_from_status_newest_first():
     status = {"phase": "Training", "startTime": "2026-11-30T10:00:30Z", "progress": {"step": 8},
               "metrics": {"trainLoss": 1.5, "evalLoss": 1.7},

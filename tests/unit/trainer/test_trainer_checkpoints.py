@@ -82,3 +82,23 @@ def test_rotation_leaves_a_checkpoint_being_written(tmp_path):
     checkpoints.rotate(tmp_path, keep_last=1, best=None)
 
     assert [c.step for c in checkpoints.list_checkpoints(tmp_path)] == [4, 6]
+
+
+def test_kept_summary_lists_complete_checkpoints_with_the_metrics_logged_before_each(tmp_path):
+    import json
+
+    history = [{"step": 2, "loss": 2.0, "mean_token_accuracy": 0.25}, {"step": 4, "loss": 1.5},
+               {"step": 4, "eval_loss": 1.75, "eval_mean_token_accuracy": 0.5}, {"step": 6, "loss": 1.0}]
+    for step in (4, 6, 8):
+        folder = make_checkpoint(tmp_path, step, complete=False)
+        (folder / "trainer_state.json").write_text(json.dumps(
+            {"global_step": step, "log_history": [h for h in history if h["step"] <= step]}))
+        if step != 8:
+            checkpoints.mark_complete(folder)
+
+    kept = checkpoints.kept_summary(tmp_path)
+
+    assert [k["step"] for k in kept] == [4, 6], "an incomplete checkpoint is not listed"
+    assert {k: v for k, v in kept[0].items() if k != "savedAt"} == {
+        "step": 4, "trainLoss": 1.5, "evalLoss": 1.75, "meanTokenAccuracy": 0.25, "evalMeanTokenAccuracy": 0.5}
+    assert kept[1]["trainLoss"] == 1.0 and kept[1]["savedAt"].endswith("Z")

@@ -41,7 +41,19 @@ def test_status_patch_has_progress_metrics_and_checkpoints():
     assert status["progress"]["percent"] == 25
     assert status["metrics"]["trainLoss"] == 1.25
     assert status["metrics"]["perplexity"] == pytest.approx(2.718281, rel=1e-5)
-    assert status["checkpoints"] == {"latest": "checkpoint-50", "count": 2}
+    assert status["checkpoints"] == {"latest": "checkpoint-50", "count": 2, "kept": []}
+    assert "tokensSeen" not in status["progress"]
+
+
+def test_status_patch_reports_tokens_seen_and_every_kept_checkpoint():
+    kept = [{"step": 25, "trainLoss": 1.5}, {"step": 50, "trainLoss": float("nan"), "evalLoss": 1.0}]
+    progress = Progress(step=50, total_steps=200, tokens_seen=12345, latest_checkpoint="checkpoint-50",
+                        checkpoint_count=2, kept_checkpoints=kept)
+
+    status = progress.status_patch()["status"]
+
+    assert status["progress"]["tokensSeen"] == 12345
+    assert status["checkpoints"]["kept"] == [{"step": 25, "trainLoss": 1.5}, {"step": 50, "evalLoss": 1.0}]
 
 
 def test_status_patch_is_a_merge_patch_on_the_status_subresource(fake_api):
