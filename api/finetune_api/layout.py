@@ -19,6 +19,8 @@ from pathlib import PurePosixPath
 WORKSPACE = "/workspace"
 # Where claims other than the job volume that pvc:// sources name are mounted, read-only.
 OTHER_CLAIMS_DIR = "/mnt/claims"
+# Where the folder of spec.output.resultsFile on another claim is mounted, writable.
+RESULTS_DIR = "/mnt/results"
 
 DATA = "data"
 CHECKPOINTS = "checkpoints"

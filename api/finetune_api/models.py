@@ -222,6 +222,7 @@ class Output:
 
     merge: bool = False
     push: Optional[Push] = None
+    results_file: Optional[str] = None
 
 
 @dataclass(kw_only=True)

@@ -40,6 +40,8 @@ MODEL_SOURCE = (
 )
 # Datasets may also be a plain http(s) URL and an hf dataset id.
 DATASET_SOURCE = MODEL_SOURCE
+# Folder and file names start with a letter, digit or '_' (no '..', no hidden names).
+RESULTS_FILE = r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/([A-Za-z0-9_][A-Za-z0-9_.-]*/)+[A-Za-z0-9_][A-Za-z0-9_.-]*\.csv$"
 PUSH_URI = r"^(hf://[A-Za-z0-9][-A-Za-z0-9_.]*/[-A-Za-z0-9_.]+|s3://[a-z0-9][-a-z0-9.]{1,61}[a-z0-9](/.*)?)$"
 QUANTITY = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 
@@ -488,6 +490,13 @@ OUTPUT = obj("What the job produces and where it is published.", {
              "spec.output.push.tokenSecretRef is required when pushing to the Hugging Face Hub "
              "(hf://)", field_path=".tokenSecretRef"),
     ]),
+    "resultsFile": location("Where the trainer also writes results.csv, the per-step training "
+                            "history (step, train_loss, train_accuracy, valid_loss, "
+                            "valid_mean_token_accuracy), at each checkpoint and at the end: "
+                            "pvc://<claim>/<folder>/<name>.csv. Another claim than the job's is "
+                            "mounted writable at that folder only. The job volume always gets "
+                            "reports/results.csv.", "pvc://<claim>/<folder>/<name>.csv",
+                            RESULTS_FILE),
 }, default={})
 
 TRACKER_URI = r"^https?://[^\s]+$"
@@ -961,6 +970,8 @@ TRAINER_OUTPUT = obj("What the trainer writes and publishes.", {
     "pushUri": string("Where to publish (spec.output.push.uri).", min_length=1, max_length=LONG),
     "pushTokenEnv": string("Environment variable that holds the push credentials.",
                            min_length=1, max_length=128),
+    "resultsFile": string("Path on the pod where results.csv is also written "
+                          "(spec.output.resultsFile).", min_length=1, max_length=LONG),
 }, default={})
 
 TRAINER_JOB_REF = obj("The FineTuneJob the trainer reports to.", {

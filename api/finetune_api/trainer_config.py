@@ -52,6 +52,7 @@ class OutputConfig:
     merge: bool = False
     push_uri: Optional[str] = None
     push_token_env: Optional[str] = None
+    results_file: Optional[str] = None
 
 
 @dataclass(kw_only=True)

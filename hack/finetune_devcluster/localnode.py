@@ -483,6 +483,9 @@ class PodRunner:
         term_log = cdir / "termination-log"
         term_log.write_text("")
         term_log.chmod(0o666)
+        for m in c.volume_mounts or []:
+            if m.sub_path and not m.read_only:
+                (volumes[m.name] / m.sub_path).mkdir(parents=True, exist_ok=True)  # as a kubelet does
         mounts = [{"source": str(volumes[m.name] / (m.sub_path or "")), "target": m.mount_path,
                    "readOnly": bool(m.read_only)} for m in c.volume_mounts or []]
         mounts.append({"source": str(term_log),
@@ -532,6 +535,8 @@ class PodRunner:
     def _stop_when_asked(self, proc: subprocess.Popen) -> None:
         while proc.poll() is None:
             if self.stop_event.wait(0.5):
+                log.info("%s/%s: stopping pid %d (SIGTERM, then SIGKILL after %ss)", self.ns, self.name,
+                         proc.pid, self.grace)
                 try:
                     os.killpg(proc.pid, signal.SIGTERM)
                 except ProcessLookupError:

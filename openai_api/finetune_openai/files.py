@@ -5,7 +5,8 @@ named `--files-claim` in that namespace (in the dev cluster the claim is bound t
 PersistentVolume whose hostPath is that folder; in a cluster, to that namespace's folder of a
 shared ReadWriteMany share the API mounts). A file is `<ns>/files/<id>.jsonl` beside
 `<ns>/files/<id>.json` (its OpenAI `file` object), so a FineTuneJob reads it as
-`pvc://<claim>/files/<id>.jsonl`.
+`pvc://<claim>/files/<id>.jsonl`. A job's trainer writes its result file to
+`<ns>/results/<job id>/results.csv` (its only writable place on the claim).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import ApiError, bad_request, not_found, too_many
-from .mapping import FILE_ID, DataFile
+from .mapping import FILE_ID, DataFile, result_file_id
 
 FORMAT_KEY = "x_format"  # our record format, kept beside the OpenAI fields
 ERRORS_SHOWN = 5
@@ -98,6 +99,29 @@ class FileStore:
             raise bad_request(f"invalid {param}: {file_id} was uploaded with purpose {record.get('purpose')!r}, "
                               "not 'fine-tune'", param=param, code=f"invalid_{param}")
         return DataFile(file_id, f"pvc://{self.claim}/files/{file_id}.jsonl", record[FORMAT_KEY])
+
+
+    # Result files: results.csv that a job's trainer writes (spec.output.resultsFile) on this
+    # claim at results/<job id>/, read back as a `file` with purpose fine-tune-results.
+    def results_location(self, job_id: str) -> str:
+        return f"pvc://{self.claim}/{RESULTS}/{job_id}/{RESULTS_NAME}"
+
+    def results_path(self, namespace: str, job_id: str) -> Path:
+        return self.root / namespace / RESULTS / job_id / RESULTS_NAME
+
+    def result_record(self, namespace: str, job_id: str) -> Optional[dict]:
+        """The `file` object of a job's results, or None while the trainer has written none."""
+        try:
+            stat = self.results_path(namespace, job_id).stat()
+        except FileNotFoundError:
+            return None
+        return {"object": "file", "id": result_file_id(job_id), "bytes": stat.st_size,
+                "created_at": int(stat.st_mtime), "filename": "step_metrics.csv",
+                "purpose": "fine-tune-results", "status": "processed", "status_details": None,
+                "expires_at": None}
+
+
+RESULTS, RESULTS_NAME = "results", "results.csv"
 
 
 def public(record: dict) -> dict:

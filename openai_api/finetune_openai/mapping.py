@@ -14,6 +14,9 @@ metadata, the hyperparameters as asked, a cancel) is kept in annotations under
 | `hyperparameters.learning_rate_multiplier` | `spec.training.learningRate` = multiplier x the base learning rate |
 | `seed` | `spec.training.seed` |
 | pause / resume / cancel | `spec.suspend` (cancel also sets the annotation `openai.finetune.dev/cancelled`) |
+| `result_files` | `spec.output.resultsFile` (`pvc://<files claim>/results/<id>/results.csv`), read back as a file |
+| `trained_tokens` | `status.progress.tokensSeen` |
+| checkpoints | `status.checkpoints.kept` |
 | `fine_tuned_model` `ft:<model>:<suffix>:<id>` | the adapter `<id>` of the InferenceService in `spec.deploy` |
 """
 
@@ -62,6 +65,12 @@ def job_id_for_key(namespace: str, idempotency_key: str) -> str:
 
 def new_file_id() -> str:
     return f"file-{secrets.token_hex(12)}"
+
+
+def result_file_id(job_id: str) -> str:
+    """The id of a job's result file (its results.csv): derived from the job id, so the API
+    finds the job of a result file without storing anything."""
+    return "file-" + hashlib.sha256(f"results\0{job_id}".encode()).hexdigest()[:24]
 
 
 def unix(timestamp: Optional[str]) -> Optional[int]:
@@ -222,9 +231,11 @@ class DataFile:
 
 
 def build_finetunejob(req: CreateJob, *, job_id: str, namespace: str, model_source: str,
-                      template: dict, training: DataFile, validation: Optional[DataFile]) -> dict:
+                      template: dict, training: DataFile, validation: Optional[DataFile],
+                      results_file: Optional[str] = None) -> dict:
     """The FineTuneJob for a create request. `template` is a partial FineTuneJob spec (placement,
-    method, defaults) under which the request's own fields are laid."""
+    method, defaults) under which the request's own fields are laid. `results_file` (a pvc://
+    location on the files claim) is where the trainer writes the job's result file."""
     template = copy.deepcopy(template or {})
     train_template = template.get("training") or {}
     hyper = req.hyperparameters
@@ -248,6 +259,8 @@ def build_finetunejob(req: CreateJob, *, job_id: str, namespace: str, model_sour
     deploy = {"inferenceService": (template.get("deploy") or {}).get("inferenceService") or server_name(req.model)}
     over: dict[str, Any] = {"model": {"source": model_source}, "dataset": dataset,
                             "training": training_over, "deploy": deploy}
+    if results_file:
+        over["output"] = {"resultsFile": results_file}
     if req.method == "dpo":
         over["method"] = {"objective": "dpo"}
         if hyper.beta != "auto":
@@ -368,7 +381,9 @@ def to_job(obj: dict, *, now: Optional[float] = None) -> dict:
         "method": {"type": method, method: {"hyperparameters": hyper}},
         "training_file": annotations.get(A_TRAINING_FILE, ""),
         "validation_file": annotations.get(A_VALIDATION_FILE),
-        "result_files": [],
+        # The trainer writes results.csv (spec.output.resultsFile) before it exits 0.
+        "result_files": [result_file_id(job_id)] if state == "succeeded" and
+        (spec.get("output") or {}).get("resultsFile") else [],
         # OpenAI's trained_tokens is null until the job ends: the trainer's count of the
         # non-padding tokens it trained on (every epoch, over all GPUs).
         "trained_tokens": (status.get("progress") or {}).get("tokensSeen") if state in TERMINAL else None,

@@ -161,14 +161,36 @@ class Api:
         limit = mapping.parse_limit(request.query.get("limit"), default=10000, maximum=10000)
         return web.json_response(mapping.page(records, after=request.query.get("after"), limit=limit))
 
+    async def _result_file(self, namespace: str, file_id: str) -> Optional[tuple[dict, Path]]:
+        """(file object, path) when file_id is the result file of a job in the namespace."""
+        for obj in await self.call(self.kube.list_jobs, namespace):
+            job_id = obj["metadata"]["name"]
+            if mapping.result_file_id(job_id) == file_id:
+                record = await asyncio.to_thread(self.files.result_record, namespace, job_id)
+                return (record, self.files.results_path(namespace, job_id)) if record else None
+        return None
+
     async def get_file(self, request: web.Request) -> web.Response:
         p = await self.principal(request, "get")
-        return web.json_response(public(await asyncio.to_thread(self.files.get, p.namespace,
-                                                                 request.match_info["file_id"])))
+        file_id = request.match_info["file_id"]
+        try:
+            return web.json_response(public(await asyncio.to_thread(self.files.get, p.namespace, file_id)))
+        except ApiError as e:
+            result = await self._result_file(p.namespace, file_id) if e.status == 404 else None
+            if result is None:
+                raise
+            return web.json_response(result[0])
 
     async def file_content(self, request: web.Request) -> web.StreamResponse:
         p = await self.principal(request, "get")
-        path = await asyncio.to_thread(self.files.content_path, p.namespace, request.match_info["file_id"])
+        file_id = request.match_info["file_id"]
+        try:
+            path = await asyncio.to_thread(self.files.content_path, p.namespace, file_id)
+        except ApiError as e:
+            result = await self._result_file(p.namespace, file_id) if e.status == 404 else None
+            if result is None:
+                raise
+            return web.FileResponse(result[1], headers={"Content-Type": "text/csv"})
         return web.FileResponse(path, headers={"Content-Type": "application/jsonl"})
 
     async def delete_file(self, request: web.Request) -> web.Response:
@@ -213,7 +235,8 @@ class Api:
         idempotency_key = request.headers.get("Idempotency-Key")
         job_id = mapping.job_id_for_key(p.namespace, idempotency_key) if idempotency_key else mapping.new_job_id()
         body = mapping.build_finetunejob(req, job_id=job_id, namespace=p.namespace, model_source=source,
-                                         template=self.cfg.job_template, training=training, validation=validation)
+                                         template=self.cfg.job_template, training=training, validation=validation,
+                                         results_file=self.files.results_location(job_id))
         try:
             created = await asyncio.to_thread(self.kube.create_job, p.namespace, body)
         except ApiException as e:

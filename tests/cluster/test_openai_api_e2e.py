@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from pathlib import Path
 
 import openai
 import pytest
@@ -48,6 +49,12 @@ def openai_api(cluster, crds, namespace, operator, tiny_model, tmp_path, request
     print(f"--- the OpenAI API's log ---\n{api.tail(120)}")  # shown when the test failed
     api.stop()
     cluster.kubectl("delete", "namespace", api.release_namespace, "--wait=false", check=False)
+
+
+def claim_folder(cluster, namespace: str, claim: str) -> Path:
+    """The hostPath folder of the volume bound to a claim (the local node's volumes)."""
+    pvc = get_json(cluster, "pvc", claim, "-n", namespace)
+    return Path(get_json(cluster, "pv", pvc["spec"]["volumeName"])["spec"]["hostPath"]["path"])
 
 
 def client_for(api: LocalOpenAIApi, key: str) -> OpenAI:
@@ -113,10 +120,27 @@ def test_quickstart_uploads_trains_lists_checkpoints_and_chats(cluster, namespac
     assert ftj["spec"]["training"]["seed"] == 3
 
     seen: set[str] = set()
-    done = follow(client, job.id, lambda j: j.status == "succeeded", timeout=900, seen=seen)
+    estimates: list[int] = []
+    done = follow(client, job.id, lambda j: (j.status == "running" and j.estimated_finish and
+                                            estimates.append(j.estimated_finish)) or j.status == "succeeded",
+                  timeout=900, seen=seen)
     assert "running" in seen
     assert done.fine_tuned_model == f"ft:{BASE_MODEL}:echo:{job.id}"
     assert done.finished_at and done.hyperparameters.n_epochs == 1 and done.hyperparameters.batch_size == 4
+    assert done.estimated_finish is None and all(e >= job.created_at for e in estimates)
+    # trained_tokens is the trainer's own count of the tokens it trained on (HF Trainer's
+    # num_input_tokens_seen), the same number as the run's summary on the job volume.
+    summary = json.loads((claim_folder(cluster, namespace, f"{job.id}-workspace") / "reports" / "summary.json").read_text())
+    assert done.trained_tokens == summary["tokensSeen"] > 0
+
+    # The result file: results.csv with one row per logged step, served as a file.
+    assert len(done.result_files) == 1
+    result = client.files.retrieve(done.result_files[0])
+    assert (result.purpose, result.filename) == ("fine-tune-results", "step_metrics.csv")
+    rows = client.files.content(done.result_files[0]).read().decode().splitlines()
+    assert rows[0] == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy"
+    assert [int(r.split(",")[0]) for r in rows[1:]] == [2, 4, 6, 8, 10, 12]
+    assert all(r.split(",")[1] for r in rows[1:]), "every logged step has its training loss"
 
     events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
     assert events[0].created_at >= events[-1].created_at
@@ -125,9 +149,12 @@ def test_quickstart_uploads_trains_lists_checkpoints_and_chats(cluster, namespac
     first_page = client.fine_tuning.jobs.list_events(job.id, limit=2)
     assert len(first_page.data) == 2 and first_page.has_more
 
+    # Every kept checkpoint (saveSteps 6), newest first, with the metrics logged last before it.
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
-    assert checkpoints and checkpoints[0].step_number == 12
+    assert [c.step_number for c in checkpoints] == [12, 6]
     assert checkpoints[0].fine_tuned_model_checkpoint == f"{done.fine_tuned_model}:ckpt-step-12"
+    csv_loss = {int(r.split(",")[0]): float(r.split(",")[1]) for r in rows[1:]}
+    assert [c.metrics.train_loss for c in checkpoints] == pytest.approx([csv_loss[12], csv_loss[6]], rel=1e-4)
 
     assert [j.id for j in client.fine_tuning.jobs.list(metadata={"case": "quickstart"}).data] == [job.id]
     assert client.fine_tuning.jobs.list(metadata={"case": "other"}).data == []

@@ -18,6 +18,7 @@ from typing import Sequence
 
 from . import checkpoints
 from .config import TrainerConfig
+from .results import write_results
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ def make_callbacks(cfg: TrainerConfig, reporter, has_eval: bool, guard: SignalGu
                 checkpoints.mark_complete(folder, step=state.global_step)
                 checkpoints.rotate(args.output_dir, keep_last=cfg.training.save_total_limit,
                                    best=state.best_model_checkpoint)
+                write_results(cfg, state.log_history)
                 if reporter is not None:
                     reporter.progress.latest_checkpoint = folder.name
                     reporter.progress.kept_checkpoints = checkpoints.kept_summary(args.output_dir)

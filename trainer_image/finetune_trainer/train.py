@@ -28,6 +28,7 @@ from .objectives import get_objective
 from .objectives.sft import (build_sft_config, data_kind, make_sft_trainer,
                              template_supports_assistant_mask)
 from .prepared import PreparedData, dataset_digest, prepare_data
+from .results import write_results
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +216,7 @@ def _finish(cfg, objective, trainer, tokenizer, data, result, eval_metrics, trai
     if plot is not None:
         summary["artifacts"]["lossPlot"] = str(plot)
     artifacts.write_model_card(cfg, summary, eval_report)
+    write_results(cfg, state.log_history)
     cfg.paths.reports.mkdir(parents=True, exist_ok=True)
     (cfg.paths.reports / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     (cfg.paths.reports / "eval.json").write_text(json.dumps(eval_report, indent=2, default=str))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from finetune_api.layout import OTHER_CLAIMS_DIR, WORKSPACE
+from finetune_api.layout import OTHER_CLAIMS_DIR, RESULTS_DIR, WORKSPACE
 from finetune_api.models import FineTuneJob, to_dict
 from finetune_api.schema import API_VERSION, TRAINER_CONFIG_KIND, MethodType
 from finetune_api.sources import PVC, parse_source
@@ -52,6 +52,28 @@ def other_claims(job: FineTuneJob) -> list[ClaimMount]:
             if claim != own and claim not in seen:
                 seen[claim] = ClaimMount(claim, f"{OTHER_CLAIMS_DIR}/{claim}")
     return list(seen.values())
+
+
+def results_mount(job: FineTuneJob) -> ClaimMount | None:
+    """spec.output.resultsFile's folder on another claim than the job's: the only place of
+    that claim the trainer may write (mounted with that folder as its subPath)."""
+    location = job.spec.output.results_file
+    if not location:
+        return None
+    source = parse_source(location)
+    if source.authority == claim_name(job):
+        return None
+    return ClaimMount(source.authority, source.path.rsplit("/", 1)[0])
+
+
+def resolve_results_file(job: FineTuneJob) -> str | None:
+    location = job.spec.output.results_file
+    if not location:
+        return None
+    source = parse_source(location)
+    if source.authority == claim_name(job):
+        return f"{WORKSPACE}/{source.path}"
+    return f"{RESULTS_DIR}/{source.path.rsplit('/', 1)[1]}"
 
 
 def _sources(job: FineTuneJob) -> list[str]:
@@ -104,6 +126,8 @@ def build_trainer_config(job: FineTuneJob) -> dict:
         output["pushUri"] = spec.output.push.uri
         if spec.output.push.token_secret_ref:
             output["pushTokenEnv"] = PUSH_TOKEN_ENV
+    if spec.output.results_file:
+        output["resultsFile"] = resolve_results_file(job)
 
     config = {
         "apiVersion": API_VERSION,

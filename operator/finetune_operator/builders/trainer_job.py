@@ -21,7 +21,7 @@ from finetune_operator.builders.placement import GPU_RESOURCE, place
 from finetune_operator.builders.storage import WORKSPACE_VOLUME, claim_name
 from finetune_operator.builders.trainer_config import (
     CONFIG_DIR, CONFIG_PATH, MLFLOW_SECRET_KEYS, MODEL_TOKEN_ENV, PUSH_TOKEN_ENV, TRAINER_METRICS_PORT,
-    WANDB_KEY_ENV, other_claims,
+    WANDB_KEY_ENV, other_claims, results_mount,
 )
 from finetune_operator.labels import KUEUE_QUEUE, labels_for
 
@@ -112,6 +112,10 @@ def _volumes(job: FineTuneJob) -> tuple[list[dict], list[dict]]:
         volumes.append({"name": f"claim-{i}", "persistentVolumeClaim": {
             "claimName": claim.claim, "readOnly": True}})
         mounts.append({"name": f"claim-{i}", "mountPath": claim.path, "readOnly": True})
+    results = results_mount(job)
+    if results is not None:
+        volumes.append({"name": "results", "persistentVolumeClaim": {"claimName": results.claim}})
+        mounts.append({"name": "results", "mountPath": layout.RESULTS_DIR, "subPath": results.path})
     return volumes, mounts
 
 

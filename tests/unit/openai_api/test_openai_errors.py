@@ -149,3 +149,17 @@ def test_a_key_of_another_namespace_cannot_be_pointed_elsewhere():
     with pytest.raises(ApiError) as exc:
         auth.authenticate(f"Bearer {key}x")
     assert exc.value.status == 401
+
+
+def test_a_result_file_is_read_from_its_jobs_folder_on_the_files_claim(tmp_path):
+    from finetune_openai.mapping import result_file_id
+
+    store = FileStore(tmp_path, "openai-files", max_stored_bytes=100, max_file_bytes=100)
+    job_id = "ftjob-" + "e" * 24
+    assert store.results_location(job_id) == f"pvc://openai-files/results/{job_id}/results.csv"
+    assert store.result_record("team-a", job_id) is None, "no file before the trainer wrote one"
+    path = store.results_path("team-a", job_id)
+    path.parent.mkdir(parents=True)
+    path.write_text("step,train_loss\n2,1.5\n")
+    record = store.result_record("team-a", job_id)
+    assert (record["id"], record["purpose"], record["bytes"]) == (result_file_id(job_id), "fine-tune-results", 22)

@@ -250,6 +250,19 @@ def test_trained_tokens_is_the_trainers_count_once_the_job_ended():
     assert to_job(with_status(finetunejob(), done))["trained_tokens"] == 8123
 
 
+def test_a_succeeded_job_names_its_result_file_which_the_trainer_writes_on_the_files_claim():
+    location = "pvc://openai-files/results/" + JOB_ID + "/results.csv"
+    obj = build_finetunejob(parse_create(body()), job_id=JOB_ID, namespace="team-a", model_source="m",
+                            template={}, training=TRAIN, validation=None, results_file=location)
+    assert obj["spec"]["output"] == {"resultsFile": location}
+    running = to_job(with_status(obj, {"phase": "Training"}))
+    assert running["result_files"] == []
+    done = to_job(with_status(obj, {"phase": "Succeeded", "completionTime": "2026-11-30T10:10:00Z"}))
+    assert done["result_files"] == [mapping.result_file_id(JOB_ID)]
+    assert mapping.FILE_ID.match(done["result_files"][0]) and mapping.result_file_id("ftjob-" + "d" * 24) != \
+        done["result_files"][0]
+
+
 def test_checkpoints_come_from_status_newest_first():
     status = {"phase": "Training", "startTime": "2026-11-30T10:00:30Z", "progress": {"step": 8},
               "metrics": {"trainLoss": 1.5, "evalLoss": 1.7},

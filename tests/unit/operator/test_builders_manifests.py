@@ -156,3 +156,25 @@ def test_names_are_deterministic_and_short_enough():
     assert len(names.trainer_job(long)) <= 52
     assert len(names.workspace_claim(long)) <= 63
     assert names.trainer_job("a") == "a-trainer"
+
+
+def test_a_results_file_on_another_claim_is_the_only_writable_folder_of_that_claim():
+    spec = {**MULTI, "output": {"resultsFile": "pvc://openai-files/results/ftjob-1/results.csv"},
+            "dataset": {"source": "pvc://openai-files/files/train.jsonl", "format": "chat"}}
+    job = make_job(spec)
+    pod = trainer_job.build_trainer_job(job, IMAGE)["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert volumes["results"]["persistentVolumeClaim"] == {"claimName": "openai-files"}
+    assert mounts["results"] == {"name": "results", "mountPath": "/mnt/results", "subPath": "results/ftjob-1"}
+    data = next(m for m in mounts.values() if m["mountPath"] == "/mnt/claims/openai-files")
+    assert data["readOnly"] is True, "the rest of the claim stays read-only"
+    assert trainer_config.build_trainer_config(job)["output"]["resultsFile"] == "/mnt/results/results.csv"
+
+
+def test_a_results_file_on_the_job_claim_needs_no_other_mount():
+    own = names.workspace_claim("support-bot")
+    job = make_job({**MULTI, "output": {"resultsFile": f"pvc://{own}/exports/results.csv"}})
+    pod = trainer_job.build_trainer_job(job, IMAGE)["spec"]["template"]["spec"]
+    assert "results" not in {v["name"] for v in pod["volumes"]}
+    assert trainer_config.build_trainer_config(job)["output"]["resultsFile"] == "/workspace/exports/results.csv"
