@@ -2,13 +2,15 @@
 
 Started by the local node agent as `unshare -m --propagation private python -m
 finetune_devcluster.podexec SPEC.json`: it bind-mounts the pod's volumes at their
-mountPaths (read-only where asked), then execs the container's argv directly (no shell).
+mountPaths (read-only where asked), then execs the container's argv directly (no shell),
+with no signal blocked or ignored.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -48,7 +50,21 @@ def main(argv: list[str]) -> None:
     command = spec["argv"]
     if not command:
         sys.exit("container has no command: the local node cannot read an image's entrypoint")
+    _reset_signals()
     os.execvpe(command[0], command, spec["env"])
+
+
+def _reset_signals() -> None:
+    """Start the container's process with the signal state a container runtime gives it.
+
+    A signal mask and ignored signals survive exec: the local node blocks SIGTERM and SIGINT
+    (it waits for them with sigwait), and Python ignores SIGPIPE and SIGXFSZ. Left as they are,
+    a pod would never see the SIGTERM of its deletion (the trainer would not checkpoint, and
+    would run on until SIGKILL at the end of its grace period).
+    """
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
 if __name__ == "__main__":

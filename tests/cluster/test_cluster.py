@@ -143,3 +143,39 @@ def test_a_mount_over_the_python_environment_does_not_hide_it(cluster, namespace
                    in ("Succeeded", "Failed") and p, timeout=90, what="the pod to finish")
     term = pod["status"]["containerStatuses"][0]["state"]["terminated"]
     assert term["exitCode"] == 0, term
+
+
+def test_a_deleted_local_pod_gets_sigterm_with_no_signal_blocked(cluster, namespace):
+    """As from a container runtime: the process starts with no signal blocked, and deleting the
+    pod delivers SIGTERM (its handler runs long before the grace period's SIGKILL)."""
+    from pathlib import Path
+
+    _apply(cluster, namespace, {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "vol"},
+                                "spec": {"accessModes": ["ReadWriteOnce"],
+                                         "resources": {"requests": {"storage": "1Gi"}}}})
+    script = ("import pathlib,signal,sys,time\n"
+              "out=pathlib.Path('/data')\n"
+              "blocked=[l.split()[1] for l in open('/proc/self/status') if l.startswith('SigBlk:')][0]\n"
+              "def stop(*_):\n"
+              "    (out/'signal.txt').write_text('SIGTERM'); sys.exit(0)\n"
+              "signal.signal(signal.SIGTERM, stop)\n"
+              "(out/'blocked.txt').write_text(blocked)\n"
+              "while True: time.sleep(0.1)\n")
+    _apply(cluster, namespace, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "stops"}, "spec": {
+        "restartPolicy": "Never", "terminationGracePeriodSeconds": 600,
+        "nodeSelector": {"finetune.dev/local-node": "true"},
+        "tolerations": [{"key": "finetune.dev/local-node", "operator": "Exists"}],
+        "containers": [{"name": "main", "image": "local", "command": ["python", "-c", script],
+                        "volumeMounts": [{"name": "vol", "mountPath": "/data"}]}],
+        "volumes": [{"name": "vol", "persistentVolumeClaim": {"claimName": "vol"}}]}})
+    pv = get_json(cluster, "pv", wait_for(lambda: get_json(cluster, "pvc", "vol", "-n", namespace)["spec"].get(
+        "volumeName"), timeout=60, what="the claim to bind"))
+    folder = Path(pv["spec"]["hostPath"]["path"])
+    wait_for(lambda: (folder / "blocked.txt").exists(), timeout=120, what="the pod to start")
+    assert int((folder / "blocked.txt").read_text(), 16) == 0, "no signal is blocked in a container"
+
+    cluster.kubectl("delete", "pod", "stops", "-n", namespace, "--wait=false")
+
+    # Far below the 600 s grace period: only SIGTERM can have stopped it.
+    wait_for(lambda: (folder / "signal.txt").exists(), timeout=120, what="the pod's SIGTERM handler to run")
+    assert (folder / "signal.txt").read_text() == "SIGTERM"

@@ -18,6 +18,7 @@ from openai import OpenAI
 
 from finetune_devcluster.cluster import free_port
 from finetune_devcluster.openai_local import BASE_MODEL, LocalOpenAIApi
+from finetune_operator.builders.trainer_job import TERMINATION_GRACE_SECONDS
 from tests.fixtures.cluster import get_json, wait_for
 from tests.fixtures.ml import learnable_chat_records, write_jsonl
 
@@ -200,8 +201,6 @@ def trainer_pods(cluster, namespace: str, name: str) -> list[dict]:
     return get_json(cluster, "pods", "-n", namespace, "-l", f"finetune.dev/finetunejob={name}")["items"]
 
 
-@pytest.mark.xfail(strict=False, reason="KNOWN FLAKY, issue #18: passes alone (332 s) but failed after the quick-start "
-                   "test in the full suite on 2026-11-30, cause not found yet; runs and reports, does not gate CI")
 def test_pause_and_resume_keep_checkpoints_and_cancel_stops_the_trainer(cluster, namespace, openai_api, tmp_path):
     # A namespace ServiceAccount's token works like a key (TokenReview + SubjectAccessReview).
     client = client_for(openai_api, serviceaccount_token(cluster, namespace, may_use_finetunejobs=True))
@@ -220,11 +219,15 @@ def test_pause_and_resume_keep_checkpoints_and_cancel_stops_the_trainer(cluster,
     follow(client, job.id, lambda j: client.fine_tuning.jobs.checkpoints.list(j.id).data, timeout=600)
     paused = client.fine_tuning.jobs.pause(job.id)
     assert paused.status == "paused"
-    # The trainer checkpoints on SIGTERM before it exits: minutes on a loaded 2-core machine.
-    wait_for(lambda: not trainer_pods(cluster, namespace, job.id), timeout=300, what="the trainer pod to stop")
+    # The trainer checkpoints on SIGTERM and exits; it must not be left to run on (or to
+    # finish the job) until the SIGKILL at the end of its grace period.
+    wait_for(lambda: not trainer_pods(cluster, namespace, job.id), timeout=TERMINATION_GRACE_SECONDS - 20,
+             what="the trainer to checkpoint and exit on SIGTERM, before its grace period ends")
+    assert get_json(cluster, "ftj", job.id, "-n", namespace)["status"]["phase"] == "Suspended"
     kept = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert kept, "pausing keeps the checkpoints"
     step_at_pause = kept[0].step_number
+    assert step_at_pause < 220, "paused midway"
     with pytest.raises(openai.ConflictError):
         client.fine_tuning.jobs.pause(job.id)
 

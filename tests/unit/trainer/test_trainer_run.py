@@ -98,6 +98,12 @@ def test_lora_lowers_the_loss_and_writes_a_servable_adapter(trainer_config, tmp_
     assert final["progress"]["percent"] == 100.0
     assert {"trainLoss", "evalLoss", "perplexity", "learningRate"} <= set(final["metrics"])
     assert final["checkpoints"]["latest"] == "checkpoint-16"
+    assert final["progress"]["tokensSeen"] == summary(root)["tokensSeen"] > 0
+    on_disk = sorted(int(p.parent.name.split("-")[1]) for p in (root / "checkpoints").glob("checkpoint-*/COMPLETE"))
+    assert [c["step"] for c in final["checkpoints"]["kept"]] == on_disk
+    assert all("trainLoss" in c for c in final["checkpoints"]["kept"])
+    results = (root / "reports" / "results.csv").read_text().splitlines()
+    assert [int(row.split(",")[0]) for row in results[1:]] == list(range(2, 17, 2))
 
     evaluated = subprocess.run(trainer_command(config, "evaluate"), env=trainer_env(tmp_path),
                                capture_output=True, text=True, timeout=240)
