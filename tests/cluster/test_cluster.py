@@ -16,6 +16,21 @@ def _apply(cluster, namespace, obj):
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(obj))
 
 
+def _claim(cluster, namespace, name):
+    _apply(cluster, namespace, {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name},
+                                "spec": {"accessModes": ["ReadWriteOnce"],
+                                         "resources": {"requests": {"storage": "1Gi"}}}})
+
+
+def _local_pod(name: str, container: dict, volumes: list[dict], **spec) -> dict:
+    """A pod for the local node (its selector and toleration), never restarted."""
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": {
+        "restartPolicy": "Never", **spec,
+        "nodeSelector": {"finetune.dev/local-node": "true"},
+        "tolerations": [{"key": "finetune.dev/local-node", "operator": "Exists"}],
+        "containers": [{"name": "main", "image": "local", **container}], "volumes": volumes}}
+
+
 def _gpu_job(name: str, gpus: int) -> dict:
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name},
             "spec": {"backoffLimit": 0, "template": {"spec": {
@@ -93,26 +108,20 @@ def test_local_node_really_runs_a_pod_with_its_volumes_and_reports_exit(cluster,
     """A pod on the local node executes its command here, sees its ConfigMap, Secret and claim."""
     cluster.kubectl("create", "configmap", "cfg", "--from-literal=greeting=hello", "-n", namespace)
     cluster.kubectl("create", "secret", "generic", "tok", "--from-literal=token=s3cret", "-n", namespace)
-    _apply(cluster, namespace, {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "vol"},
-                                "spec": {"accessModes": ["ReadWriteOnce"],
-                                         "resources": {"requests": {"storage": "1Gi"}}}})
+    _claim(cluster, namespace, "vol")
     script = ("import os,pathlib,sys;"
               "g=pathlib.Path('/etc/cfg/greeting').read_text();"
               "t=os.environ['TOKEN'];"
               "pathlib.Path('/data/out.txt').write_text(g+':'+t+':'+os.environ['POD_NS']);"
               "pathlib.Path('/dev/termination-log').write_text('done');"
               "sys.exit(int(sys.argv[1]))")
-    _apply(cluster, namespace, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "runs-here"}, "spec": {
-        "restartPolicy": "Never",
-        "nodeSelector": {"finetune.dev/local-node": "true"},
-        "tolerations": [{"key": "finetune.dev/local-node", "operator": "Exists"}],
-        "containers": [{"name": "main", "image": "local", "command": ["python", "-c", script, "3"],
-                        "env": [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "tok", "key": "token"}}},
-                                {"name": "POD_NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}],
-                        "volumeMounts": [{"name": "cfg", "mountPath": "/etc/cfg", "readOnly": True},
-                                         {"name": "vol", "mountPath": "/data"}]}],
-        "volumes": [{"name": "cfg", "configMap": {"name": "cfg"}},
-                    {"name": "vol", "persistentVolumeClaim": {"claimName": "vol"}}]}})
+    _apply(cluster, namespace, _local_pod(
+        "runs-here", {"command": ["python", "-c", script, "3"],
+                      "env": [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "tok", "key": "token"}}},
+                              {"name": "POD_NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}],
+                      "volumeMounts": [{"name": "cfg", "mountPath": "/etc/cfg", "readOnly": True},
+                                       {"name": "vol", "mountPath": "/data"}]},
+        [{"name": "cfg", "configMap": {"name": "cfg"}}, {"name": "vol", "persistentVolumeClaim": {"claimName": "vol"}}]))
     pod = wait_for(lambda: (p := get_json(cluster, "pod", "runs-here", "-n", namespace))["status"].get("phase")
                    == "Failed" and p, timeout=90, what="the local pod to finish")
     term = pod["status"]["containerStatuses"][0]["state"]["terminated"]
@@ -130,15 +139,11 @@ def test_a_mount_over_the_python_environment_does_not_hide_it(cluster, namespace
     from pathlib import Path
 
     top = "/" + Path(sys.prefix).parts[1]
-    _apply(cluster, namespace, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "covered"}, "spec": {
-        "restartPolicy": "Never",
-        "nodeSelector": {"finetune.dev/local-node": "true"},
-        "tolerations": [{"key": "finetune.dev/local-node", "operator": "Exists"}],
-        "containers": [{"name": "main", "image": "local",
-                        "command": ["python", "-c", "import finetune_trainer.config, pathlib, sys;"
-                                    f"pathlib.Path('{top}/scratch').write_text('ok')"],
-                        "volumeMounts": [{"name": "scratch", "mountPath": top}]}],
-        "volumes": [{"name": "scratch", "emptyDir": {}}]}})
+    _apply(cluster, namespace, _local_pod(
+        "covered", {"command": ["python", "-c", "import finetune_trainer.config, pathlib, sys;"
+                                f"pathlib.Path('{top}/scratch').write_text('ok')"],
+                    "volumeMounts": [{"name": "scratch", "mountPath": top}]},
+        [{"name": "scratch", "emptyDir": {}}]))
     pod = wait_for(lambda: (p := get_json(cluster, "pod", "covered", "-n", namespace))["status"].get("phase")
                    in ("Succeeded", "Failed") and p, timeout=90, what="the pod to finish")
     term = pod["status"]["containerStatuses"][0]["state"]["terminated"]
@@ -150,9 +155,7 @@ def test_a_deleted_local_pod_gets_sigterm_with_no_signal_blocked(cluster, namesp
     pod delivers SIGTERM (its handler runs long before the grace period's SIGKILL)."""
     from pathlib import Path
 
-    _apply(cluster, namespace, {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "vol"},
-                                "spec": {"accessModes": ["ReadWriteOnce"],
-                                         "resources": {"requests": {"storage": "1Gi"}}}})
+    _claim(cluster, namespace, "vol")
     script = ("import pathlib,signal,sys,time\n"
               "out=pathlib.Path('/data')\n"
               "blocked=[l.split()[1] for l in open('/proc/self/status') if l.startswith('SigBlk:')][0]\n"
@@ -161,13 +164,9 @@ def test_a_deleted_local_pod_gets_sigterm_with_no_signal_blocked(cluster, namesp
               "signal.signal(signal.SIGTERM, stop)\n"
               "(out/'blocked.txt').write_text(blocked)\n"
               "while True: time.sleep(0.1)\n")
-    _apply(cluster, namespace, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "stops"}, "spec": {
-        "restartPolicy": "Never", "terminationGracePeriodSeconds": 600,
-        "nodeSelector": {"finetune.dev/local-node": "true"},
-        "tolerations": [{"key": "finetune.dev/local-node", "operator": "Exists"}],
-        "containers": [{"name": "main", "image": "local", "command": ["python", "-c", script],
-                        "volumeMounts": [{"name": "vol", "mountPath": "/data"}]}],
-        "volumes": [{"name": "vol", "persistentVolumeClaim": {"claimName": "vol"}}]}})
+    _apply(cluster, namespace, _local_pod(
+        "stops", {"command": ["python", "-c", script], "volumeMounts": [{"name": "vol", "mountPath": "/data"}]},
+        [{"name": "vol", "persistentVolumeClaim": {"claimName": "vol"}}], terminationGracePeriodSeconds=600))
     pv = get_json(cluster, "pv", wait_for(lambda: get_json(cluster, "pvc", "vol", "-n", namespace)["spec"].get(
         "volumeName"), timeout=60, what="the claim to bind"))
     folder = Path(pv["spec"]["hostPath"]["path"])

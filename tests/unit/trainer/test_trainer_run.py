@@ -103,7 +103,7 @@ def test_lora_lowers_the_loss_and_writes_a_servable_adapter(trainer_config, tmp_
     assert [c["step"] for c in final["checkpoints"]["kept"]] == on_disk
     assert all("trainLoss" in c for c in final["checkpoints"]["kept"])
     results = (root / "reports" / "results.csv").read_text().splitlines()
-    assert [int(row.split(",")[0]) for row in results[1:]] == list(range(2, 17, 2))
+    assert [int(row.split(",")[0]) for row in results[1:]] == [1, *range(2, 17, 2)]  # logging_first_step
 
     evaluated = subprocess.run(trainer_command(config, "evaluate"), env=trainer_env(tmp_path),
                                capture_output=True, text=True, timeout=240)
