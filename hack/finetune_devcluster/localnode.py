@@ -491,7 +491,8 @@ class PodRunner:
         mounts.append({"source": str(term_log),
                        "target": c.termination_message_path or "/dev/termination-log", "readOnly": False})
         spec_file = cdir / "spec.json"
-        keep = sorted({sys.prefix, str(REPO_ROOT)})
+        # The environment by its real path: a checkout's .venv may be a link to it.
+        keep = sorted({os.path.realpath(sys.prefix), str(REPO_ROOT)})
         spec_file.write_text(json.dumps({"argv": argv, "env": env, "mounts": mounts, "keep": keep,
                                          "workingDir": c.working_dir}))
         out = open(cdir / f"log-{restarts}.txt", "ab")

@@ -100,7 +100,6 @@ class FileStore:
                               "not 'fine-tune'", param=param, code=f"invalid_{param}")
         return DataFile(file_id, f"pvc://{self.claim}/files/{file_id}.jsonl", record[FORMAT_KEY])
 
-
     # Result files: results.csv that a job's trainer writes (spec.output.resultsFile) on this
     # claim at results/<job id>/, read back as a `file` with purpose fine-tune-results.
     def results_location(self, job_id: str) -> str:
