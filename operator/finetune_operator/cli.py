@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trainer image when spec.resources.image is unset (default %(default)s)")
     p.add_argument("--vllm-image", default=defaults.vllm_image,
                    help="vLLM image when an InferenceService sets no spec.vllm.image (default %(default)s)")
+    p.add_argument("--capacity-policy", choices=["wait", "fail"], default=defaults.capacity_policy,
+                   help="a GPU request larger than every current node: wait for the cluster to grow "
+                        "(autoscaler, Karpenter, Kueue; default) or fail the job (clusters that cannot grow)")
     p.add_argument("--resync-seconds", type=float, default=defaults.resync_seconds,
                    help=argparse.SUPPRESS)
     le = p.add_argument_group("leader election (several replicas, one active; client-go's semantics)")
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     settings.current = settings.OperatorConfig(
         namespaces=args.namespaces, metrics_port=args.metrics_port, liveness_port=args.liveness_port,
         log_level=args.log_level, gpu_hour_price=args.gpu_hour_price, trainer_image=args.trainer_image,
-        vllm_image=args.vllm_image,
+        vllm_image=args.vllm_image, capacity_policy=args.capacity_policy,
         resync_seconds=args.resync_seconds)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

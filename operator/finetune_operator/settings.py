@@ -28,6 +28,9 @@ class OperatorConfig:
     resync_seconds: float = 10.0
     # A Secret or claim the spec names does not exist yet: check again after this many seconds.
     admission_retry_seconds: float = 10.0
+    # A GPU request larger than every current node: "wait" (create the Job; autoscalers and
+    # Kueue add nodes for pending pods) or "fail" (clusters that cannot grow).
+    capacity_policy: str = "wait"
     # Where the leader-election Lease lives by default (the chart sets POD_NAMESPACE).
     leader_election_namespace: str = ""
 

@@ -417,6 +417,11 @@ def admission_status(job: FineTuneJob, problem, existing_conditions: list[dict],
                 "observedGeneration": generation, "phase": job.status.phase or Phase.PENDING.value}
     updates = [ConditionUpdate(ADMITTED, FALSE, problem.reason, problem.message)]
     phase = Phase.PENDING
+    admitted = find(existing_conditions, ADMITTED) or {}
+    if problem.retryable and job.status.phase == phase.value and (
+            admitted.get("status"), admitted.get("reason"), admitted.get("message")) == (
+            FALSE, problem.reason, problem.message):
+        return None  # still waiting for the same thing: nothing to write, nothing to announce
     if not problem.retryable:
         updates.append(ConditionUpdate(FAILED, TRUE, problem.reason, problem.message))
         phase = Phase.FAILED

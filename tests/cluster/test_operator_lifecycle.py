@@ -103,11 +103,40 @@ def test_children_are_created_and_a_kwok_run_succeeds(cluster, namespace, operat
         or "finetune_operator_phase_transitions_total" in operator.metrics()
 
 
-def test_more_gpus_than_any_node_fails_with_insufficient_capacity(cluster, namespace, operator):
+def events(cluster, namespace, name) -> list[dict]:
+    return get_json(cluster, "events", "-n", namespace, "--field-selector",
+                    f"involvedObject.kind=FineTuneJob,involvedObject.name={name}")["items"]
+
+
+def test_more_gpus_than_any_node_waits_for_the_cluster_to_grow(cluster, namespace, operator):
+    """A pool that scales from zero: the Job and its pod exist (an autoscaler adds nodes only for
+    pending pods), and the job is Pending with the scheduler's own message, never Failed."""
+    apply(cluster, namespace, ftj("huge", resources={"gpusPerNode": 16}))
+    wait_phase(cluster, namespace, "huge", "Pending", reason="Unschedulable")
+
+    def schedulers_gpu_message():  # once the claim is bound, kube-scheduler's "Insufficient nvidia.com/gpu"
+        s = status(cluster, namespace, "huge")
+        running = next((c for c in s.get("conditions", []) if c["type"] == "Running"), {})
+        return s.get("phase") == "Pending" and "nvidia.com/gpu" in running.get("message", "")
+    wait_for(schedulers_gpu_message, timeout=60, what="the scheduler's GPU message in the status")
+    assert len(trainer_jobs(cluster, namespace, "huge")) == 1
+    warned = [e for e in events(cluster, namespace, "huge") if e["reason"] == "WaitingForGPUCapacity"]
+    assert len(warned) == 1 and "largest current node has 8" in warned[0]["message"]
+    # A node with 16 GPUs joins (what cluster-autoscaler or Karpenter would do): the pod runs.
+    cluster.add_kwok_node("gpu-node-big", gpus=16)
+    try:
+        wait_for(lambda: status(cluster, namespace, "huge").get("phase") in ("Validating", "Training", "Succeeded"),
+                 timeout=120, what="the job to start once a node fits")
+    finally:
+        cluster.kubectl("delete", "node", "gpu-node-big", check=False)
+
+
+@pytest.mark.operator_args("--capacity-policy", "fail")
+def test_more_gpus_than_any_node_fails_when_the_cluster_cannot_grow(cluster, namespace, operator):
     apply(cluster, namespace, ftj("huge", resources={"gpusPerNode": 16}))
     s = wait_phase(cluster, namespace, "huge", "Failed", reason="InsufficientGPUCapacity")
     cond = next(c for c in s["conditions"] if c["type"] == "Admitted")
-    assert cond["status"] == "False" and "largest node has 8" in cond["message"]
+    assert cond["status"] == "False" and "largest current node has 8" in cond["message"]
     assert trainer_jobs(cluster, namespace, "huge") == []
     assert cluster.kubectl("get", "pvc", "huge-workspace", "-n", namespace, check=False).returncode != 0
 
@@ -116,11 +145,22 @@ def test_missing_secret_waits_and_creating_it_lets_the_job_start(cluster, namesp
     apply(cluster, namespace, ftj("tok", model={"tokenSecretRef": {"name": "hf"}}, resources={"nodeSelector": NOWHERE}))
     wait_phase(cluster, namespace, "tok", "Pending", reason="SecretNotFound")
     assert trainer_jobs(cluster, namespace, "tok") == []
+    # Waiting is quiet: the operator re-checks on every admission retry, but announces the
+    # problem once (no Warning event and no status write per retry).
+    first = status(cluster, namespace, "tok")
+    wait_for(lambda: _admission_retries(operator) >= 3, timeout=60, what="three admission retries")
+    assert status(cluster, namespace, "tok")["conditions"] == first["conditions"]
+    assert [e["count"] if e.get("count") else 1 for e in events(cluster, namespace, "tok")
+            if e["reason"] == "SecretNotFound"] == [1]
     cluster.kubectl("create", "secret", "generic", "hf", "--from-literal=token=hf_SECRET123", "-n", namespace)
     wait_for(lambda: trainer_jobs(cluster, namespace, "tok"), timeout=60, what="the trainer Job once the Secret exists")
     cm = get_json(cluster, "cm", "tok-trainer-config", "-n", namespace)
     assert "hf_SECRET123" not in cm["data"]["config.json"]
     assert json.loads(cm["data"]["config.json"])["model"]["tokenEnv"] == "HF_TOKEN"
+
+
+def _admission_retries(operator) -> int:
+    return operator.log.read_text().count("does not exist; create it")
 
 
 def test_unschedulable_pod_is_reported_with_the_schedulers_message(cluster, namespace, operator):

@@ -141,8 +141,12 @@ def _patch_status(job: FineTuneJob, status: dict) -> None:
 
 def _admit(job: FineTuneJob, body: dict, obj: dict) -> bool:
     """Write the admission's outcome and say whether the job may go on; raise TemporaryError to
-    be called again when the problem may go away (a missing Secret or claim)."""
-    problem = admission.check(job, facts.gather(job))
+    be called again when the problem may go away (a missing Secret or claim). A status patch
+    and an event only when the outcome changes, not on every retry."""
+    cluster = facts.gather(job)
+    has_trainer = bool(job.status.trainer_job) or _read_trainer_job(job) is not None
+    problem = admission.check(job, cluster, capacity_policy=settings.current.capacity_policy,
+                              has_trainer=has_trainer)
     patch = admission_status(job, problem, (obj.get("status") or {}).get("conditions") or [],
                              now=now_iso())
     if patch is not None:
@@ -150,9 +154,16 @@ def _admit(job: FineTuneJob, body: dict, obj: dict) -> bool:
     if problem is None:
         if patch is not None:
             kopf.info(body, reason="Admitted", message="the spec's references exist; creating the trainer")
+            note = admission.capacity_note(job, cluster)
+            if note and not has_trainer:
+                kopf.warn(body, reason="WaitingForGPUCapacity",
+                          message=f"{note}; creating the trainer Job anyway, so that an autoscaler or "
+                                  "Kueue can add a node for its pod (the status shows the scheduler's "
+                                  "message until one fits)")
         return True
-    records.transition(body, job.status.phase, patch["phase"], problem.reason, problem.message)
-    kopf.warn(body, reason=problem.reason, message=problem.message)
+    if patch is not None:
+        records.transition(body, job.status.phase, patch["phase"], problem.reason, problem.message)
+        kopf.warn(body, reason=problem.reason, message=problem.message)
     if problem.retryable:
         raise kopf.TemporaryError(problem.message, delay=settings.current.admission_retry_seconds)
     return False
