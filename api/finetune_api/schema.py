@@ -957,6 +957,10 @@ TRAINER_JOB_REF = obj("The FineTuneJob the trainer reports to.", {
 TRAINER_PATHS = obj("Where the job volume is mounted (its layout: finetune_api.layout).", {
     "root": string("Mount path of the job volume.", default=layout.WORKSPACE, min_length=1,
                    max_length=LONG),
+    "jobFolder": string("This job's own folder on the volume, relative to root: checkpoints, "
+                        "artifacts, reports, the data cache and tracking files go there ('' is the "
+                        "volume's top, for a claim of the job's own; jobs/<name> on a shared "
+                        "storage.existingClaim).", default="", max_length=LONG),
 }, default={})
 
 TRAINER_REPORTING = obj("How the trainer reports progress.", {

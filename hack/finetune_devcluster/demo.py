@@ -278,7 +278,11 @@ class Demo:
     def artifact_lines(self) -> str:
         """The model card and its loss curve on the job's claim (a host folder here)."""
         try:
-            artifacts = self.claim_path() / "artifacts"
+            from finetune_api.layout import ARTIFACTS, job_folder
+
+            # The quickstart trains on a claim of its own naming (storage.existingClaim): its
+            # outputs are in the job's folder there.
+            artifacts = self.claim_path() / job_folder(JOB, shared_claim=True) / ARTIFACTS
         except Exception:  # noqa: BLE001 - the endings are a courtesy; never fail the demo on them
             return ""
         lines = f"  model card: {artifacts / 'README.md'}\n"
