@@ -703,6 +703,9 @@ FINETUNEJOB_STATUS = obj("Observed state of a FineTuneJob, written by the operat
     "estimatedCost": string("Estimated cost of the GPU hours, with its currency (e.g. 12.40 USD).",
                             max_length=64),
     "trainerJob": string("Name of the trainer batch/v1 Job.", max_length=SHORT),
+    "trainerImage": string("The trainer image the first trainer Job ran, resolved once (spec.resources.image "
+                           "or the operator's --trainer-image); a Job created again (resume, Kueue, a new "
+                           "operator version) runs the same one.", max_length=LONG),
     "tracking": obj("The experiment trackers' runs (spec.tracking), written by the trainer.", {
         tracker: obj(f"The {tracker} run.", {
             "state": string("Logging, or Unavailable (the tracker could not be reached or failed; "

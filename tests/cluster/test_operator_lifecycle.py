@@ -273,3 +273,73 @@ def test_ttl_after_finished_deletes_the_job_and_keeps_a_retained_claim(cluster, 
     events = cluster.kubectl("get", "events", "-n", namespace, "--field-selector",
                              "involvedObject.name=short").stdout
     assert "Expired" in events
+
+
+def test_a_job_recreated_under_the_same_name_never_adopts_the_old_ones_children(cluster, namespace, operator):
+    """#14 item 6: the new job adopted the old one's ServiceAccount, Role, RoleBinding and ConfigMap
+    on 409, and the garbage collector then deleted them under it. A finalizer on the old
+    ConfigMap holds it (as a slow garbage collector would) while the job is re-created."""
+    apply(cluster, namespace, ftj("again", resources={"nodeSelector": NOWHERE}))
+    wait_for(lambda: trainer_jobs(cluster, namespace, "again"), timeout=90, what="the first trainer Job")
+    old_uid = get_json(cluster, "ftj", "again", "-n", namespace)["metadata"]["uid"]
+    cluster.kubectl("patch", "cm", "again-trainer-config", "-n", namespace, "--type=merge",
+                    "-p", json.dumps({"metadata": {"finalizers": ["test.finetune.dev/hold"]}}))
+    cluster.kubectl("delete", "ftj", "again", "-n", namespace, "--wait=true", "--timeout=60s")
+    apply(cluster, namespace, ftj("again", resources={"nodeSelector": NOWHERE}))
+    new_uid = get_json(cluster, "ftj", "again", "-n", namespace)["metadata"]["uid"]
+    assert new_uid != old_uid
+    wait_for(lambda: "still belongs to an earlier FineTuneJob again" in operator.log.read_text(), timeout=60,
+             what="the operator to wait for the old ConfigMap instead of adopting it")
+    assert all(j["metadata"]["ownerReferences"][0]["uid"] != new_uid for j in trainer_jobs(cluster, namespace, "again"))
+    cluster.kubectl("patch", "cm", "again-trainer-config", "-n", namespace, "--type=merge",
+                    "-p", json.dumps({"metadata": {"finalizers": None}}))
+
+    def owned_by_new():
+        jobs = trainer_jobs(cluster, namespace, "again")
+        return jobs and all(j["metadata"]["ownerReferences"][0]["uid"] == new_uid for j in jobs)
+    wait_for(owned_by_new, timeout=90, what="the new job's own trainer Job")
+    for kind, name in (("serviceaccount", "again-trainer"), ("role", "again-trainer"),
+                       ("rolebinding", "again-trainer"), ("configmap", "again-trainer-config")):
+        obj = get_json(cluster, kind, name, "-n", namespace)
+        assert [r["uid"] for r in obj["metadata"]["ownerReferences"]] == [new_uid], (kind, obj["metadata"])
+
+
+def test_deploy_added_to_a_succeeded_job_deploys_it(cluster, namespace, operator):
+    """#14 item 4: spec.deploy added after training did nothing. The InferenceService's pods run
+    on a kwok GPU node (Ready at once; no vLLM runs there)."""
+    apply(cluster, namespace, ftj("late"))
+    wait_phase(cluster, namespace, "late", "Succeeded")
+    cluster.kubectl("patch", "ftj", "late", "-n", namespace, "--type=merge", "-p", json.dumps(
+        {"spec": {"deploy": {"inferenceService": "late-server", "gpus": 1}}}))
+
+    def deployed():
+        s = status(cluster, namespace, "late")
+        return s.get("phase") == "Succeeded" and (s.get("inferenceService") or {}).get("name") == "late-server" and s
+    s = wait_for(deployed, timeout=180, what="the late deploy to be served")
+    isvc = get_json(cluster, "inferenceservice", "late-server", "-n", namespace)
+    assert [a["fineTuneJobRef"]["name"] for a in isvc["spec"]["adapters"]] == ["late"]
+    assert next(c for c in s["conditions"] if c["type"] == "Succeeded")["reason"] == "Deployed"
+    assert len(trainer_jobs(cluster, namespace, "late")) == 1, "deploying never trains again"
+    reasons = {e["reason"] for e in events(cluster, namespace, "late")}
+    assert "Deploying" in reasons
+
+
+def test_a_recreated_trainer_job_runs_the_image_resolved_first(cluster, namespace, operator):
+    """#14 item 8: the trainer image was resolved again whenever the Job was re-created (a job
+    resumed by Kueue could switch trainer versions after an operator upgrade)."""
+    apply(cluster, namespace, ftj("pinned", resources={"nodeSelector": NOWHERE}))
+    (first,) = wait_for(lambda: trainer_jobs(cluster, namespace, "pinned"), timeout=90, what="the trainer Job")
+    wait_for(lambda: status(cluster, namespace, "pinned").get("trainerImage") == "finetune-trainer:test",
+             timeout=60, what="status.trainerImage")
+    operator.extra_args = [*operator.extra_args, "--trainer-image", "finetune-trainer:upgraded"]
+    operator.restart()
+    cluster.kubectl("delete", "job", first["metadata"]["name"], "-n", namespace, "--cascade=foreground",
+                    "--wait=true", "--timeout=60s")
+
+    def recreated():
+        jobs = [j for j in trainer_jobs(cluster, namespace, "pinned")
+                if j["metadata"]["uid"] != first["metadata"]["uid"]]
+        return jobs and jobs[0]
+    again = wait_for(recreated, timeout=90, what="the trainer Job created again")
+    assert again["spec"]["template"]["spec"]["containers"][0]["image"] == "finetune-trainer:test"
+    assert status(cluster, namespace, "pinned")["trainerImage"] == "finetune-trainer:test"
