@@ -239,3 +239,53 @@ def _with_job(spec: dict, job: FineTuneJob, target: str) -> dict:
         adapters.append(entry)
     spec["adapters"] = adapters
     return spec
+
+
+def served_by(job: FineTuneJob, api_client: Optional[client.ApiClient] = None) -> Optional[str]:
+    """The InferenceService that spec.deploy put this job in, if it still serves it."""
+    if job.spec.deploy is None:
+        return None
+    target = job.spec.deploy.inference_service or job.metadata.name
+    current = kube.read_own(PLURAL, job.metadata.namespace, target, api_client)
+    if current is None:
+        return None
+    spec = current.get("spec") or {}
+    refs = [(a.get("fineTuneJobRef") or {}).get("name") for a in spec.get("adapters") or []]
+    refs.append(((spec.get("mergedModel") or {}).get("fineTuneJobRef") or {}).get("name"))
+    return target if job.metadata.name in refs else None
+
+
+def withdraw_finetunejob(job: FineTuneJob, api_client: Optional[client.ApiClient] = None,
+                         attempts: int = 5) -> Optional[str]:
+    """Take away what spec.deploy added, as the job goes: its adapter entry (the other
+    adapters keep serving), or the whole InferenceService when this job created it and
+    nothing else is left in it. Returns what was done, or None."""
+    target = served_by(job, api_client)
+    if target is None:
+        return None
+    ns, custom = job.metadata.namespace, kube.custom(api_client)
+    for _ in range(attempts):
+        current = kube.read_own(PLURAL, ns, target, api_client)
+        if current is None:
+            return None
+        spec = dict(current["spec"])
+        adapters = [a for a in spec.get("adapters") or []
+                    if (a.get("fineTuneJobRef") or {}).get("name") != job.metadata.name]
+        merged = ((spec.get("mergedModel") or {}).get("fineTuneJobRef") or {}).get("name") == job.metadata.name
+        created_here = (current["metadata"].get("annotations") or {}).get(
+            f"{GROUP}/created-by-finetunejob") == job.metadata.name
+        if created_here and not adapters and (merged or not spec.get("mergedModel")):
+            kube.delete(custom.delete_namespaced_custom_object, GROUP, VERSION, ns, PLURAL, target)
+            return f"deleted InferenceService {target}, which served only this job"
+        if merged:
+            spec.pop("mergedModel", None)
+        if adapters:
+            spec["adapters"] = adapters
+        else:
+            spec.pop("adapters", None)
+        body = {"apiVersion": current["apiVersion"], "kind": current["kind"],
+                "metadata": current["metadata"], "spec": spec}
+        if kube.call(custom.replace_namespaced_custom_object, GROUP, VERSION, ns, PLURAL, target, body,
+                     conflict=True) is not None:
+            return f"removed this job's {'model' if merged else 'adapter'} from InferenceService {target}"
+    raise DeployConflict(f"InferenceService {ns}/{target} kept changing; gave up after {attempts} attempts")
