@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from typing import Optional
 
 from kubernetes import client
@@ -25,7 +26,7 @@ from kubernetes import client
 from finetune_api.models import FineTuneJob, InferenceService, to_dict
 from finetune_api.schema import GROUP, VERSION
 
-from finetune_operator import kube, settings
+from finetune_operator import kube, metrics, settings
 from finetune_operator.conditions import now_iso
 from finetune_operator.labels import APP, MANAGED_BY
 from finetune_operator.locks import KeyedLocks
@@ -111,11 +112,47 @@ def _write_status(obj: dict, isvc: InferenceService, problems, current, pods, re
     kube.patch_status(PLURAL, isvc.metadata.namespace, isvc.metadata.name, changed)
 
 
+# A failed reconciliation is retried with exponential backoff (kopf does not retry event
+# handlers, and no other event may come): RETRY_BASE, 2x, 4x, ... up to RETRY_MAX seconds.
+RETRY_BASE, RETRY_MAX = 2.0, 60.0
+_retries: dict[tuple[str, str], tuple[int, threading.Timer | None]] = {}
+_retries_lock = threading.Lock()
+
+
 def reconcile_logged(namespace: str, name: str) -> None:
-    """For event handlers: kopf does not retry them; the next event of the object or its
-    children is the retry."""
-    with kube.logged(log, f"{namespace}/{name}: reconciling"):
+    """For event handlers: a failure is logged, counted and retried with backoff until a
+    reconciliation succeeds."""
+    try:
         reconcile(namespace, name)
+    except Exception as exc:  # noqa: BLE001 - any failure is retried, none is dropped
+        metrics.reconcile_errors.inc()
+        delay = _schedule_retry(namespace, name)
+        log.warning("%s/%s: reconciling failed (retrying in %.0f s): %s", namespace, name, delay, exc)
+    else:
+        with _retries_lock:
+            attempt, timer = _retries.pop((namespace, name), (0, None))
+        if timer is not None:
+            timer.cancel()
+
+
+def _schedule_retry(namespace: str, name: str) -> float:
+    key = (namespace, name)
+    with _retries_lock:
+        attempt, timer = _retries.get(key, (0, None))
+        delay = min(RETRY_MAX, RETRY_BASE * (2 ** attempt))
+        if timer is not None and timer.is_alive():
+            return delay  # one pending retry per InferenceService is enough
+
+        def retry() -> None:
+            with _retries_lock:
+                _retries[key] = (attempt + 1, None)
+            reconcile_logged(namespace, name)
+
+        timer = threading.Timer(delay, retry)
+        timer.daemon = True
+        _retries[key] = (attempt, timer)
+        timer.start()
+        return delay
 
 
 # --- what the routes call -----------------------------------------------------------------------
