@@ -292,7 +292,9 @@ class VLLM:
 @dataclass(kw_only=True)
 class Deploy:
     """Serve the result with an InferenceService once training succeeded. Mutable: adding it to
-    a finished job deploys it."""
+    a finished job deploys it. Deleting the job takes away what deploy added (its adapter
+    entry; the InferenceService itself when the job created it and nothing else is left in
+    it)."""
 
     inference_service: Optional[str] = None
     replicas: int = 1
@@ -518,6 +520,7 @@ class FineTuneJobStatus:
     gpu_hours: Optional[float] = None
     estimated_cost: Optional[str] = None
     trainer_job: Optional[str] = None
+    trainer_image: Optional[str] = None
     tracking: Optional[TrackingStatus] = None
     inference_service: Optional[Endpoint] = None
 

@@ -555,7 +555,9 @@ VLLM = obj("vLLM server options.", {
 })
 
 DEPLOY = obj("Serve the result with an InferenceService once training succeeded. Mutable: "
-             "adding it to a finished job deploys it.", {
+             "adding it to a finished job deploys it. Deleting the job takes away what deploy added "
+             "(its adapter entry; the InferenceService itself when the job created it and nothing "
+             "else is left in it).", {
     "inferenceService": name("Name of the InferenceService to create or add the adapter to "
                              "(defaults to the job's name).", label=True),
     "replicas": integer("vLLM replicas.", default=1, minimum=0, maximum=64),
@@ -582,7 +584,9 @@ FINETUNEJOB_SPEC = obj("Desired state of a FineTuneJob. Once training started (s
     "suspend": boolean("Stop training (pods deleted, volume and checkpoints kept); setting it back "
                        "to false resumes from the latest checkpoint.", default=False),
     "ttlSecondsAfterFinished": integer("Delete the FineTuneJob this many seconds after it "
-                                       "succeeded or failed (kept forever when unset).",
+                                       "succeeded or failed (kept forever when unset). A job that an "
+                                       "InferenceService serves is kept until it no longer does "
+                                       "(event KeptWhileServed).",
                                        minimum=0, format="int64"),
 }, required=["model", "dataset"], rules=[
     rule("self.method.type != 'qlora' || self.resources.gpusPerNode >= 1",
@@ -727,6 +731,9 @@ FINETUNEJOB_STATUS = obj("Observed state of a FineTuneJob, written by the operat
     "estimatedCost": string("Estimated cost of the GPU hours, with its currency (e.g. 12.40 USD).",
                             max_length=64),
     "trainerJob": string("Name of the trainer batch/v1 Job.", max_length=SHORT),
+    "trainerImage": string("The trainer image the first trainer Job ran, resolved once (spec.resources.image "
+                           "or the operator's --trainer-image); a Job created again (resume, Kueue, a new "
+                           "operator version) runs the same one.", max_length=LONG),
     "tracking": obj("The experiment trackers' runs (spec.tracking), written by the trainer.", {
         tracker: obj(f"The {tracker} run.", {
             "state": string("Logging, or Unavailable (the tracker could not be reached or failed; "
@@ -983,6 +990,10 @@ TRAINER_JOB_REF = obj("The FineTuneJob the trainer reports to.", {
 TRAINER_PATHS = obj("Where the job volume is mounted (its layout: finetune_api.layout).", {
     "root": string("Mount path of the job volume.", default=layout.WORKSPACE, min_length=1,
                    max_length=LONG),
+    "jobFolder": string("This job's own folder on the volume, relative to root: checkpoints, "
+                        "artifacts, reports, the data cache and tracking files go there ('' is the "
+                        "volume's top, for a claim of the job's own; jobs/<name> on a shared "
+                        "storage.existingClaim).", default="", max_length=LONG),
 }, default={})
 
 TRAINER_REPORTING = obj("How the trainer reports progress.", {
