@@ -15,6 +15,7 @@ import sys
 
 import pytest
 
+from finetune_api.layout import job_folder
 from finetune_devcluster.cluster import free_port
 from finetune_devcluster.cluster import REPO_ROOT
 from finetune_devcluster.demo import JOB, NAMESPACE, Demo
@@ -37,7 +38,7 @@ def test_demo_fine_tunes_serves_and_answers_in_the_trained_direction(tmp_path):
         assert status["inferenceService"]["name"] == JOB
         assert "Deployed" in {c["reason"] for c in status["conditions"]}
 
-        artifacts = demo.claim_path() / "artifacts"
+        artifacts = demo.claim_path() / job_folder(JOB, shared_claim=True) / "artifacts"  # the demo's claim is shared
         assert (artifacts / "adapter" / "adapter_config.json").is_file()
         assert any((artifacts / "adapter").glob("adapter_model.*"))
 
