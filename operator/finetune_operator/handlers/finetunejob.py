@@ -24,7 +24,7 @@ from finetune_operator import admission, kube, metrics, names, settings
 from finetune_operator.builders import identity, storage, trainer_config, trainer_job
 from finetune_operator.conditions import now_iso
 from finetune_operator.handlers import facts, records
-from finetune_operator.labels import FINETUNEJOB
+from finetune_operator.labels import FINETUNEJOB, FINETUNEJOB_NAME_ANNOTATION
 from finetune_operator.locks import KeyedLocks
 from finetune_operator.status import (
     GPU_SECONDS_ANNOTATION, Observation, Phase, admission_status, deployment_failed,
@@ -378,7 +378,8 @@ def on_trainer_job_event(body: dict) -> None:
 
 
 def on_trainer_pod_event(body: dict) -> None:
-    owner = (body["metadata"].get("labels") or {}).get(FINETUNEJOB)
+    meta = body["metadata"]
+    owner = (meta.get("annotations") or {}).get(FINETUNEJOB_NAME_ANNOTATION) or (meta.get("labels") or {}).get(FINETUNEJOB)
     if owner:
         # the FineTuneJob may be gone already: nothing left to refresh
         kube.call(refresh_status, body["metadata"]["namespace"], owner, absent=True)
