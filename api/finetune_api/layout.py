@@ -9,10 +9,12 @@
 | `data-cache/<digest>/` | the prepared (validated, cleaned, split) dataset |
 | `artifacts/README.md`, `artifacts/loss.png` | the model card and its loss curve |
 | `tracking/` | spec.tracking: TensorBoard event files, the W&B run folder, the MLflow run id |
+| `sources/<digest>/<name>` | an s3:// or https:// source as downloaded (`manifest.json` beside it once complete) |
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import PurePosixPath
 
 # Where the job volume is mounted in trainer pods.
@@ -29,8 +31,21 @@ REPORTS = "reports"
 DATA_CACHE = "data-cache"
 HF_CACHE = ".cache/huggingface"
 TRACKING = "tracking"
+SOURCES = "sources"
 
 
 def under(root: str, relative: str) -> str:
     """`relative` (a folder of this layout, or a path on the volume) under a mount point."""
     return str(PurePosixPath(root) / relative) if relative else str(PurePosixPath(root))
+
+
+def remote_source_dir(location: str) -> str:
+    """The folder (relative to the volume) an s3:// or https:// source is downloaded into."""
+    return f"{SOURCES}/{hashlib.sha256(location.encode()).hexdigest()[:16]}"
+
+
+def remote_source(location: str) -> str:
+    """Where a downloaded s3:// or https:// source is on the volume: a file, or a folder when
+    the location names a prefix (`s3://bucket/models/tiny/`). Named after its last segment."""
+    name = location.split("?", 1)[0].split("://", 1)[-1].rstrip("/").rsplit("/", 1)[-1] or "source"
+    return f"{remote_source_dir(location)}/{name}"

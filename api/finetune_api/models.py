@@ -274,6 +274,16 @@ class Tracking:
 
 
 @dataclass(kw_only=True)
+class ObjectStorage:
+    """Credentials for every s3:// location of the job: model and dataset sources,
+    dataset.evalSource, dataset.mix.source and output.push. Works with any S3-compatible
+    store (AWS S3, MinIO, Ceph RGW, R2). Without it s3:// requests are sent unsigned (public
+    buckets)."""
+
+    secret_ref: LocalRef
+
+
+@dataclass(kw_only=True)
 class VLLM:
     """vLLM server options."""
 
@@ -315,6 +325,7 @@ class FineTuneJobSpec:
     storage: Storage = field(default_factory=Storage)
     output: Output = field(default_factory=Output)
     tracking: Optional[Tracking] = None
+    object_storage: Optional[ObjectStorage] = None
     deploy: Optional[Deploy] = None
     suspend: bool = False
     ttl_seconds_after_finished: Optional[int] = None
@@ -323,7 +334,7 @@ class FineTuneJobSpec:
 @dataclass(kw_only=True)
 class Condition:
     """A condition; types used: Admitted, Running, Succeeded, Failed, Suspended,
-    TrackingAvailable."""
+    TrackingAvailable, Pushed."""
 
     type: str
     status: str
@@ -428,6 +439,17 @@ class Artifacts:
     merged: Optional[str] = None
     volume: Optional[str] = None
     pushed: Optional[str] = None
+    push_error: Optional[str] = None
+
+
+@dataclass(kw_only=True)
+class SourceDigest:
+    """A remote source the trainer downloaded onto the job volume."""
+
+    location: Optional[str] = None
+    path: Optional[str] = None
+    sha256: Optional[str] = None
+    bytes: Optional[int] = None
 
 
 @dataclass(kw_only=True)
@@ -497,6 +519,7 @@ class FineTuneJobStatus:
     dataset: Optional[DatasetReport] = None
     checkpoints: Optional[Checkpoints] = None
     artifacts: Optional[Artifacts] = None
+    sources: list[SourceDigest] = field(default_factory=list)
     attempts: Optional[int] = None
     restarts: Optional[int] = None
     gpu_hours: Optional[float] = None

@@ -220,7 +220,8 @@ PHASES = ["Pending", "Validating", "Training", "Evaluating", "Deploying", "Succe
           "Suspended"]
 # Written by finetune_operator.conditions; the Running condition's reason is the job's latest
 # reason (Starting, Preempted, Retrying, ...), which the Reason column shows.
-FINETUNEJOB_CONDITIONS = ["Admitted", "Running", "Succeeded", "Failed", "Suspended", "TrackingAvailable"]
+FINETUNEJOB_CONDITIONS = ["Admitted", "Running", "Succeeded", "Failed", "Suspended", "TrackingAvailable",
+                          "Pushed"]
 # Spec sections frozen once training started (status.startTime is set).
 IMMUTABLE_SECTIONS = ["model", "method", "dataset", "training", "evaluation", "resources",
                       "storage", "output", "tracking"]
@@ -484,11 +485,25 @@ OUTPUT = obj("What the job produces and where it is published.", {
                                          default_key="token"),
         "private": boolean("Create the Hub repository as private.", default=True),
     }, required=["uri"], rules=[
+        rule("self.uri.startsWith('s3://')",
+             "spec.output.push.uri: hf:// (Hugging Face Hub) pushes are not supported yet; push to "
+             "s3://<bucket>/<prefix>", field_path=".uri"),
         rule("!self.uri.startsWith('hf://') || has(self.tokenSecretRef)",
              "spec.output.push.tokenSecretRef is required when pushing to the Hugging Face Hub "
              "(hf://)", field_path=".tokenSecretRef"),
     ]),
 }, default={})
+
+OBJECT_STORAGE = obj("Credentials for every s3:// location of the job: model and dataset "
+                     "sources, dataset.evalSource, dataset.mix.source and output.push. Works "
+                     "with any S3-compatible store (AWS S3, MinIO, Ceph RGW, R2). Without it "
+                     "s3:// requests are sent unsigned (public buckets).", {
+    "secretRef": local_ref("Secret with the AWS SDKs' standard keys, given to the trainer as "
+                           "environment variables (never written to its config, the status, "
+                           "events or logs): AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and "
+                           "optionally AWS_SESSION_TOKEN, AWS_REGION and AWS_ENDPOINT_URL (an "
+                           "S3-compatible store's URL as pods reach it)."),
+}, required=["secretRef"])
 
 TRACKER_URI = r"^https?://[^\s]+$"
 
@@ -569,6 +584,7 @@ FINETUNEJOB_SPEC = obj("Desired state of a FineTuneJob. Once training started (s
     "storage": STORAGE,
     "output": OUTPUT,
     "tracking": TRACKING,
+    "objectStorage": OBJECT_STORAGE,
     "deploy": DEPLOY,
     "suspend": boolean("Stop training (pods deleted, volume and checkpoints kept); setting it back "
                        "to false resumes from the latest checkpoint.", default=False),
@@ -695,7 +711,16 @@ FINETUNEJOB_STATUS = obj("Observed state of a FineTuneJob, written by the operat
                          max_length=LONG),
         "volume": string("PersistentVolumeClaim holding the artifacts.", max_length=SHORT),
         "pushed": string("Where the artifacts were published (output.push.uri).", max_length=LONG),
+        "pushError": string("Why publishing to output.push.uri failed after its retries (the job "
+                            "still succeeded; the Pushed condition says it too).", max_length=1024),
     }),
+    "sources": array(obj("A remote source the trainer downloaded onto the job volume.", {
+        "location": string("The source as the spec names it.", max_length=LONG),
+        "path": string("Where it is on the job volume.", max_length=LONG),
+        "sha256": string("sha256 of its bytes (of a folder: of its files' paths and sha256s, "
+                         "sorted).", max_length=64),
+        "bytes": integer("Its size in bytes.", minimum=0, format="int64"),
+    }), "s3:// and https:// sources as downloaded (the model card lists them too).", max_items=8),
     "attempts": integer("Trainer Job attempts (pods started).", minimum=0),
     "restarts": integer("Restarts that resumed from a checkpoint (preemptions, node loss).",
                         minimum=0),
@@ -1028,6 +1053,8 @@ PYTHON_CLASSES: dict[str, dict[str, str]] = {
         "spec.tracking.tensorboard": "TensorboardTracking",
         "spec.tracking.wandb": "WandbTracking",
         "spec.tracking.wandb.apiKeySecretRef": "SecretKeyRef",
+        "spec.objectStorage": "ObjectStorage",
+        "spec.objectStorage.secretRef": "LocalRef",
         "spec.deploy": "Deploy",
         "spec.deploy.vllm": "VLLM",
         "status": "FineTuneJobStatus",
@@ -1040,6 +1067,7 @@ PYTHON_CLASSES: dict[str, dict[str, str]] = {
         "status.dataset.tokenLengthPercentiles": "TokenLengthPercentiles",
         "status.checkpoints": "Checkpoints",
         "status.artifacts": "Artifacts",
+        "status.sources[]": "SourceDigest",
         "status.inferenceService": "Endpoint",
         "status.tracking": "TrackingStatus",
         "status.tracking.mlflow": "MlflowRunStatus",
