@@ -487,7 +487,10 @@ OUTPUT = obj("What the job produces and where it is published.", {
     }, required=["uri"], rules=[
         rule("self.uri.startsWith('s3://')",
              "spec.output.push.uri: hf:// (Hugging Face Hub) pushes are not supported yet; push to "
-             "s3://<bucket>/<prefix>", field_path=".uri"),
+             "s3://<bucket>/<prefix> (credentials from spec.objectStorage.secretRef)", field_path=".uri"),
+        rule("!has(self.tokenSecretRef) || self.uri.startsWith('hf://')",
+             "spec.output.push.tokenSecretRef is for the Hugging Face Hub only; s3:// credentials "
+             "come from spec.objectStorage.secretRef", field_path=".tokenSecretRef"),
         rule("!self.uri.startsWith('hf://') || has(self.tokenSecretRef)",
              "spec.output.push.tokenSecretRef is required when pushing to the Hugging Face Hub "
              "(hf://)", field_path=".tokenSecretRef"),
