@@ -90,6 +90,17 @@ def minio_binary() -> Path:
     return Path(out.stdout.strip().splitlines()[-1]) / "minio"
 
 
+def minio_server(binary: Path, data: Path, address: str, console_address: str,
+                 secret_key: str) -> tuple[list[str], dict[str, str]]:
+    """argv and environment of a single-drive MinIO server on `address` storing into `data`;
+    its root user is S3_ACCESS_KEY / `secret_key` (no web console, no update checks)."""
+    data.mkdir(parents=True, exist_ok=True)
+    return ([str(binary), "server", str(data), "--quiet", "--address", address,
+             "--console-address", console_address],
+            {"MINIO_ROOT_USER": S3_ACCESS_KEY, "MINIO_ROOT_PASSWORD": secret_key,
+             "MINIO_BROWSER": "off", "MINIO_UPDATE": "off", "MINIO_REGION": S3_REGION})
+
+
 # The server runs from its own virtualenv: none of the caller's Python path leaks in.
 MLFLOW_SERVER_ENV = {"PYTHONPATH": ""}
 
@@ -431,14 +442,9 @@ class Cluster:
         import secrets
 
         self.s3_secret_key = secrets.token_hex(20)
-        data = self.state_dir / "s3"
-        data.mkdir(parents=True, exist_ok=True)
-        return Component("s3", [str(binary), "server", str(data), "--quiet",
-                                "--address", f"{self.host_ip}:{self.ports['s3']}",
-                                "--console-address", f"127.0.0.1:{self.ports['s3-console']}"],
-                         self.logs / "minio.log",
-                         env={"MINIO_ROOT_USER": S3_ACCESS_KEY, "MINIO_ROOT_PASSWORD": self.s3_secret_key,
-                              "MINIO_BROWSER": "off", "MINIO_UPDATE": "off", "MINIO_REGION": S3_REGION})
+        argv, env = minio_server(binary, self.state_dir / "s3", f"{self.host_ip}:{self.ports['s3']}",
+                                 f"127.0.0.1:{self.ports['s3-console']}", self.s3_secret_key)
+        return Component("s3", argv, self.logs / "minio.log", env=env)
 
     def _write_s3_env(self) -> None:
         text = ("# The dev cluster's S3-compatible store (MinIO). `set -a; . this-file; set +a` exports\n"
