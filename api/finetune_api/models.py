@@ -93,7 +93,7 @@ class DatasetMix:
 
     source: str
     ratio: float
-    format: str = "instruction"
+    format: Optional[str] = None
 
 
 @dataclass(kw_only=True)

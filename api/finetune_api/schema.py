@@ -250,8 +250,12 @@ LORA = obj("LoRA adapter settings (method.type lora or qlora).", {
                                   max_length=128),
                            "Modules that get adapters; all-linear adapts every linear layer but "
                            "the output head.", default=["all-linear"], min_items=1, max_items=64),
-    "bias": string("Which biases are trained.", default="none", enum=["none", "all", "lora_only"]),
+    "bias": string("Which biases are trained. Only none: vLLM cannot serve adapters with "
+                   "trained biases.", default="none", enum=["none", "all", "lora_only"]),
 }, rules=[
+    rule("!has(self.bias) || self.bias == 'none'",
+         "spec.method.lora.bias: only none is supported (vLLM cannot serve an adapter with trained "
+         "biases)", field_path=".bias"),
     rule("!has(self.targetModules) || !('all-linear' in self.targetModules) || "
          "size(self.targetModules) == 1",
          "spec.method.lora.targetModules: all-linear cannot be combined with other module names",
@@ -344,11 +348,11 @@ DATASET = obj("Training data, its format, how it is split and cleaned.", {
                            DATASET_SOURCE_HELP, DATASET_SOURCE),
         "ratio": number("Mixed-in examples per training example.", minimum=0, maximum=10,
                         exclusive_minimum=True),
-        "format": string("Record shape of the mixed-in data.", default="instruction",
+        "format": string("Record shape of the mixed-in data; dataset.format when unset.",
                          enum=DATASET_FORMATS),
     }, required=["source", "ratio"]),
 }, required=["source"], rules=[
-    rule("!has(self.mix) || !has(self.format) || "
+    rule("!has(self.mix) || !has(self.mix.format) || !has(self.format) || "
          "(self.mix.format == 'preference') == (self.format == 'preference')",
          "spec.dataset.mix.format must be preference exactly when spec.dataset.format is "
          "preference (pairs cannot be mixed with single examples)", field_path=".mix.format"),

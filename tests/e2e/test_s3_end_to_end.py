@@ -55,7 +55,7 @@ def test_s3_dataset_and_model_train_on_the_local_node_and_the_adapter_is_pushed_
             "model": {"source": f"s3://{bucket}/models/tiny/"},
             "method": {"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
             "dataset": {"source": f"s3://{bucket}/datasets/pirate.jsonl", "format": "instruction",
-                        "evalFraction": 0.1, "minExamples": 4, "dedup": {"exact": False, "nearThreshold": 0}},
+                        "evalFraction": 0.1, "minExamples": 4, "dedup": {"exact": False, "nearThreshold": 1}},
             "training": {"epochs": 1, "maxSteps": 8, "perDeviceBatchSize": 4, "learningRate": 3e-3,
                          "lrScheduler": "constant", "maxSeqLength": 64, "precision": "fp32",
                          "loggingSteps": 2, "evalSteps": 4, "saveSteps": 4, "saveTotalLimit": 2,

@@ -54,7 +54,7 @@ def _resources(job: FineTuneJob) -> dict:
     requests: dict[str, str] = {}
     limits: dict[str, str] = {}
     if res.cpu:
-        requests["cpu"] = res.cpu
+        requests["cpu"] = limits["cpu"] = res.cpu
     if res.memory:
         requests["memory"] = limits["memory"] = res.memory
     if res.gpus_per_node > 0:

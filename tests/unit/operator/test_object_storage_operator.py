@@ -55,3 +55,9 @@ def test_a_failed_push_leaves_the_job_succeeded_with_pushed_false_and_the_volume
     assert patch["phase"] == "Succeeded" and conditions["Succeeded"]["status"] == "True"
     assert conditions["Pushed"]["status"] == "False"
     assert patch["artifacts"] == {"volume": "support-bot-workspace"}
+
+
+def test_resources_cpu_is_both_request_and_limit():
+    pod = build_trainer_job(make_job({**SPEC, "resources": {"cpu": "3"}}), image="trainer:1")
+    resources = pod["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert resources["requests"]["cpu"] == resources["limits"]["cpu"] == "3"

@@ -1,0 +1,39 @@
+"""Fields that were accepted and then ignored (issue 17), each with its effect: nearThreshold 1
+turns near-duplicate removal off, a mix without a format uses the dataset's format."""
+
+from __future__ import annotations
+
+import random
+
+from finetune_trainer.config import DedupConfig, MixConfig
+from finetune_trainer.data import prepare_dataset
+from tests.unit.trainer.test_data_clean import random_text, text_config, write_jsonl
+
+
+def near_pair(tmp_path):
+    text = random_text(random.Random(1))
+    words = text.split()
+    words[-1] = "keep"  # Jaccard 37/39 = 0.95 with the original
+    return write_jsonl(tmp_path / "d.jsonl", [{"text": text}, {"text": " ".join(words)}])
+
+
+def test_near_threshold_one_disables_near_dedup(tmp_path):
+    source = near_pair(tmp_path)
+    on = prepare_dataset(text_config(source, dedup=DedupConfig(exact=True, near_threshold=0.9)),
+                         seed=0, max_seq_length=4096)
+    off = prepare_dataset(text_config(source, dedup=DedupConfig(exact=True, near_threshold=1)),
+                          seed=0, max_seq_length=4096)
+
+    assert on.report.near_duplicates_removed == 1
+    assert off.report.near_duplicates_removed == 0 and len(off.train) == 2
+
+
+def test_a_mix_without_format_takes_the_datasets_format(tmp_path):
+    main = write_jsonl(tmp_path / "main.jsonl", [{"text": f"main text number {i}"} for i in range(20)])
+    general = write_jsonl(tmp_path / "general.jsonl", [{"text": f"general text {i}"} for i in range(20)])
+
+    prepared = prepare_dataset(text_config(main, mix=MixConfig(source=str(general), ratio=0.5)),
+                               seed=0, max_seq_length=512)
+
+    assert prepared.report.mix_examples == 10
+    assert sum(r["text"].startswith("general") for r in prepared.train) == 10
