@@ -118,7 +118,7 @@ def test_bad_credentials_fail_with_the_stores_code_and_never_the_secret(store, t
     with pytest.raises(ConfigError) as err:
         fetch("s3://data/sets/train.jsonl", tmp_path, s3=lambda: bad)
 
-    assert "403" in str(err.value) and "SignatureDoesNotMatch" in str(err.value)
+    assert "HTTP 403" in str(err.value) and "s3://data/sets/train.jsonl" in str(err.value)
     assert wrong not in str(err.value) and store["secret"] not in str(err.value)
 
 

@@ -30,6 +30,8 @@ EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 PART_SIZE = 16 * 1024 * 1024
 CHUNK = 1024 * 1024
 TIMEOUT = 60
+HINTS = {403: "access denied: check the credentials in spec.objectStorage.secretRef and the bucket's policy",
+         404: "not found"}
 
 
 class ObjectStoreError(RuntimeError):
@@ -147,6 +149,9 @@ class S3Client:
                 code, message = root.findtext("Code") or "", root.findtext("Message") or ""
             except ElementTree.ParseError:
                 pass
+            # HEAD answers carry no body: some stores name the error in a header.
+            code = code or exc.headers.get("x-minio-error-code", "") or exc.headers.get("x-amz-error-code", "")
+            message = message or exc.headers.get("x-minio-error-desc", "").strip('"') or HINTS.get(exc.code, "")
             raise ObjectStoreError(f"{method} {where}: HTTP {exc.code} {code}: {message}".rstrip(": "),
                                    exc.code, code) from None
         except (urllib.error.URLError, OSError) as exc:
