@@ -381,6 +381,35 @@ class PreferenceAccuracy:
 
 
 @dataclass(kw_only=True)
+class MetricScores:
+    """Scores of the base model."""
+
+    bleu: Optional[float] = None
+    rouge1: Optional[float] = None
+    rouge2: Optional[float] = None
+    rouge_l: Optional[float] = None
+    exact_match: Optional[float] = None
+
+
+@dataclass(kw_only=True)
+class GenerationScores:
+    """evaluation.metrics on the prompts with a reference, per model."""
+
+    base: Optional[MetricScores] = None
+    finetuned: Optional[MetricScores] = None
+
+
+@dataclass(kw_only=True)
+class EvalAnswer:
+    """One evaluation prompt answered by both models (each text cut to 500 characters)."""
+
+    prompt: Optional[str] = None
+    reference: Optional[str] = None
+    base: Optional[str] = None
+    finetuned: Optional[str] = None
+
+
+@dataclass(kw_only=True)
 class EvaluationResults:
     """Results of the evaluation after training."""
 
@@ -388,6 +417,8 @@ class EvaluationResults:
     perplexity: Optional[float] = None
     preference_accuracy: Optional[PreferenceAccuracy] = None
     reward_accuracy: Optional[float] = None
+    scores: Optional[GenerationScores] = None
+    answers: list[EvalAnswer] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)

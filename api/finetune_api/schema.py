@@ -671,6 +671,20 @@ FINETUNEJOB_STATUS = obj("Observed state of a FineTuneJob, written by the operat
         "rewardAccuracy": number("DPO: share of held-out pairs whose chosen answer has the higher "
                                  "implicit reward (fine-tuned against the reference).", minimum=0,
                                  maximum=1),
+        "scores": obj("evaluation.metrics on the prompts with a reference, per model.", {
+            model: obj(f"Scores of the {model} model.", {
+                metric: number(f"{metric} (sacrebleu's BLEU 0-100; ROUGE F1 and exact match 0-1).",
+                               minimum=0)
+                for metric in ("bleu", "rouge1", "rouge2", "rougeL", "exactMatch")})
+            for model in ("base", "finetuned")}),
+        "answers": array(obj("One evaluation prompt answered by both models (each text cut to "
+                             "500 characters).", {
+            "prompt": string("The prompt.", max_length=500),
+            "reference": string("The expected answer, when given.", max_length=500),
+            "base": string("The base model's answer.", max_length=500),
+            "finetuned": string("The fine-tuned model's answer.", max_length=500),
+        }), "Base and fine-tuned answers to evaluation.prompts (the first 20; all of them are in "
+            "reports/eval.json).", max_items=20),
     }),
     "dataset": obj("Report of the validation and cleaning step.", {
         "examplesRead": integer("Records read from the sources.", minimum=0, format="int64"),
@@ -1070,6 +1084,10 @@ PYTHON_CLASSES: dict[str, dict[str, str]] = {
         "status.metrics": "TrainingMetrics",
         "status.evaluation": "EvaluationResults",
         "status.evaluation.preferenceAccuracy": "PreferenceAccuracy",
+        "status.evaluation.scores": "GenerationScores",
+        "status.evaluation.scores.base": "MetricScores",
+        "status.evaluation.scores.finetuned": "MetricScores",
+        "status.evaluation.answers[]": "EvalAnswer",
         "status.dataset": "DatasetReport",
         "status.dataset.tokenLengthPercentiles": "TokenLengthPercentiles",
         "status.checkpoints": "Checkpoints",

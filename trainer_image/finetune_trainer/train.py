@@ -248,6 +248,12 @@ def _finish(cfg, objective, trainer, tokenizer, data, result, eval_metrics, trai
     return summary
 
 
+# status.evaluation keeps the first answers, each cut short (the API server stores the object).
+STATUS_SCORES = ("bleu", "rouge1", "rouge2", "rougeL", "exactMatch")
+ANSWER_CHARS = 500
+MAX_STATUS_ANSWERS = 20
+
+
 def artifacts_status(artifact_paths: dict[str, Any]) -> dict[str, str]:
     """status.artifacts: the adapter and merged model's paths on the job volume."""
     return {k: str(v) for k, v in artifact_paths.items() if k in ("adapter", "merged")}
@@ -264,4 +270,13 @@ def evaluation_status(eval_report: dict[str, Any]) -> dict[str, Any]:
         out["preferenceAccuracy"] = {k: v for k, v in accuracy.items() if v is not None}
     if eval_report.get("objectiveMetrics", {}).get("rewardsAccuracy") is not None:
         out["rewardAccuracy"] = eval_report["objectiveMetrics"]["rewardsAccuracy"]
+    scores = {model: {k: v for k, v in (eval_report.get("scores") or {}).get(model, {}).items()
+                      if k in STATUS_SCORES and isinstance(v, (int, float))}
+              for model in ("base", "finetuned")}
+    if any(scores.values()):
+        out["scores"] = {model: s for model, s in scores.items() if s}
+    answers = eval_report.get("generations") or []
+    if answers:
+        out["answers"] = [{k: str(g[k])[:ANSWER_CHARS] for k in ("prompt", "reference", "base", "finetuned")
+                           if g.get(k) is not None} for g in answers[:MAX_STATUS_ANSWERS]]
     return out

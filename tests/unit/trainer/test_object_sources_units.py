@@ -128,3 +128,18 @@ def test_status_patch_carries_artifacts_best_checkpoint_and_source_digests():
                                      "best": "/workspace/checkpoints/checkpoint-6"}
     assert status["artifacts"]["pushed"] == "s3://out/run-1"
     assert json.dumps(status["sources"])
+
+
+def test_status_evaluation_carries_generation_scores_and_truncated_answers():
+    from finetune_trainer.train import ANSWER_CHARS, evaluation_status
+
+    report = {"evalLoss": 1.5, "perplexity": 4.48,
+              "scores": {"base": {"rouge1": 0.1, "bleu": 2.0}, "finetuned": {"rouge1": 0.6, "bleu": 30.0}},
+              "generations": [{"prompt": "Describe a teapot.", "reference": None, "base": "x" * 2000,
+                               "finetuned": "Arr"}] * 25}
+
+    status = evaluation_status(report)
+
+    assert status["scores"] == {"base": {"rouge1": 0.1, "bleu": 2.0}, "finetuned": {"rouge1": 0.6, "bleu": 30.0}}
+    assert len(status["answers"]) == 20 and len(status["answers"][0]["base"]) == ANSWER_CHARS
+    assert "reference" not in status["answers"][0] and status["answers"][0]["finetuned"] == "Arr"
