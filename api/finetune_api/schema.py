@@ -394,7 +394,10 @@ TRAINING = obj("Hyperparameters of the training loop.", {
     "saveSteps": integer("Optimizer steps between checkpoints.", default=100, minimum=1),
     "saveTotalLimit": integer("Checkpoints kept on the volume (the best one is always kept).",
                               default=3, minimum=1, maximum=100),
-    "metricForBestModel": string("Metric that picks the best checkpoint.", default="eval_loss",
+    "metricForBestModel": string("Metric that picks the best checkpoint: eval_loss or perplexity "
+                                 "(the same order, lower is better). bleu, rouge and exactMatch "
+                                 "are not computed during training and are refused.",
+                                 default="eval_loss",
                                  enum=["eval_loss", "perplexity", "bleu", "rouge", "exactMatch"]),
     "earlyStopping": obj("Stop when the metric for the best model stops improving.", {
         "patience": integer("Evaluations without improvement before stopping.", minimum=1,
@@ -411,6 +414,10 @@ TRAINING = obj("Hyperparameters of the training loop.", {
     rule("!has(self.evalSteps) || self.saveSteps % self.evalSteps == 0",
          "spec.training.saveSteps must be a multiple of spec.training.evalSteps so that the best "
          "checkpoint can be kept", field_path=".saveSteps"),
+    rule("!has(self.metricForBestModel) || self.metricForBestModel in ['eval_loss', 'perplexity']",
+         "spec.training.metricForBestModel: only eval_loss or perplexity can pick the best "
+         "checkpoint (bleu, rouge and exactMatch are computed after training, not at each "
+         "evaluation)", field_path=".metricForBestModel"),
 ])
 
 EVALUATION = obj("Evaluation after training. Loss and perplexity are always computed.", {

@@ -59,6 +59,7 @@ EFFECT_TESTS: dict[str, str] = {
     "spec.training.saveTotalLimit": "unit/trainer/test_trainer_checkpoints.py::test_rotation_keeps_last_k_and_the_best",
     "spec.training.saveSteps": "unit/trainer/test_trainer_run.py::test_killed_run_resumes_from_last_complete_checkpoint",
     "spec.training.earlyStopping.patience": "unit/trainer/test_trainer_setup.py::test_early_stopping_and_guards_are_installed",
+    "spec.training.metricForBestModel": "unit/trainer/test_field_effects.py::test_perplexity_picks_the_best_checkpoint_as_the_lowest_eval_loss",
     "spec.training.seed": "unit/trainer/test_data_prepare.py::test_split_is_deterministic_for_a_seed_and_changes_with_it",
     "spec.training.lossSpikeFactor": "unit/trainer/test_trainer_setup.py::test_early_stopping_and_guards_are_installed",
     # resources
@@ -133,7 +134,6 @@ KNOWN_GAPS: dict[str, str] = {f: _AUDIT for f in (
     "spec.tracking.wandb.apiKeySecretRef.key",
 )}
 KNOWN_GAPS.update({
-    "spec.training.metricForBestModel": "only eval_loss works: other names raise a KeyError in transformers (issue 17)",
     "spec.evaluation.metrics": "scored only on prompts with a reference, not on the eval set (issue 17)",
     "spec.output.push.private": "applies to hf:// pushes, which admission refuses for now",
     "spec.deploy.replicas": "ignored when the InferenceService already exists (issue 17)",

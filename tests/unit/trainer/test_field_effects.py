@@ -37,3 +37,19 @@ def test_a_mix_without_format_takes_the_datasets_format(tmp_path):
 
     assert prepared.report.mix_examples == 10
     assert sum(r["text"].startswith("general") for r in prepared.train) == 10
+
+
+def test_perplexity_picks_the_best_checkpoint_as_the_lowest_eval_loss(tmp_path):
+    from finetune_trainer.config import TrainerConfig
+    from finetune_trainer.model import resolve_precision
+    from finetune_trainer.objectives.common import training_kwargs
+
+    def kwargs(metric):
+        cfg = TrainerConfig.from_dict({"model": {"source": "/m"}, "dataset": {"source": "x.jsonl"},
+                                       "training": {"metricForBestModel": metric, "precision": "fp32"},
+                                       "paths": {"root": str(tmp_path)}})
+        return training_kwargs(cfg, resolve_precision("fp32"), has_eval=True)
+
+    for metric in ("perplexity", "eval_loss"):
+        args = kwargs(metric)
+        assert args["metric_for_best_model"] == "eval_loss" and args["greater_is_better"] is False
