@@ -400,6 +400,15 @@ class GenerationScores:
 
 
 @dataclass(kw_only=True)
+class EvalSetScores:
+    """evaluation.metrics on the first eval records that have an answer, per model."""
+
+    examples: Optional[int] = None
+    base: Optional[MetricScores] = None
+    finetuned: Optional[MetricScores] = None
+
+
+@dataclass(kw_only=True)
 class EvalAnswer:
     """One evaluation prompt answered by both models (each text cut to 500 characters)."""
 
@@ -418,6 +427,7 @@ class EvaluationResults:
     preference_accuracy: Optional[PreferenceAccuracy] = None
     reward_accuracy: Optional[float] = None
     scores: Optional[GenerationScores] = None
+    eval_set_scores: Optional[EvalSetScores] = None
     answers: list[EvalAnswer] = field(default_factory=list)
 
 

@@ -422,7 +422,10 @@ TRAINING = obj("Hyperparameters of the training loop.", {
 
 EVALUATION = obj("Evaluation after training. Loss and perplexity are always computed.", {
     "metrics": array(string("An optional metric.", enum=["bleu", "rouge", "exactMatch"]),
-                     "Extra metrics computed on generations for the eval set or prompts.",
+                     "Extra metrics computed on generations of the base and the fine-tuned "
+                     "model: for the first 32 eval records that have an answer "
+                     "(status.evaluation.evalSetScores) and for prompts with a reference "
+                     "(status.evaluation.scores).",
                      default=[], max_items=3, list_type="set"),
     "prompts": array(obj("A held-out prompt.", {
         "prompt": string("The prompt.", min_length=1, max_length=16384),
@@ -636,6 +639,13 @@ FINETUNEJOB_SPEC = obj("Desired state of a FineTuneJob. Once training started (s
          "packed)", field_path=".training.packing"),
 ])
 
+def _model_scores() -> dict[str, Schema]:
+    return {model: obj(f"Scores of the {model} model.", {
+        metric: number(f"{metric} (sacrebleu's BLEU 0-100; ROUGE F1 and exact match 0-1).", minimum=0)
+        for metric in ("bleu", "rouge1", "rouge2", "rougeL", "exactMatch")})
+        for model in ("base", "finetuned")}
+
+
 FINETUNEJOB_STATUS = obj("Observed state of a FineTuneJob, written by the operator and the trainer.", {
     "phase": string("Where the job is in its lifecycle.", enum=PHASES),
     "conditions": conditions(FINETUNEJOB_CONDITIONS),
@@ -678,12 +688,13 @@ FINETUNEJOB_STATUS = obj("Observed state of a FineTuneJob, written by the operat
         "rewardAccuracy": number("DPO: share of held-out pairs whose chosen answer has the higher "
                                  "implicit reward (fine-tuned against the reference).", minimum=0,
                                  maximum=1),
-        "scores": obj("evaluation.metrics on the prompts with a reference, per model.", {
-            model: obj(f"Scores of the {model} model.", {
-                metric: number(f"{metric} (sacrebleu's BLEU 0-100; ROUGE F1 and exact match 0-1).",
-                               minimum=0)
-                for metric in ("bleu", "rouge1", "rouge2", "rougeL", "exactMatch")})
-            for model in ("base", "finetuned")}),
+        "scores": obj("evaluation.metrics on the prompts with a reference, per model.",
+                      _model_scores()),
+        "evalSetScores": obj("evaluation.metrics on the first eval records that have an answer, "
+                             "per model.", {
+            "examples": integer("Eval records scored.", minimum=0),
+            **_model_scores(),
+        }),
         "answers": array(obj("One evaluation prompt answered by both models (each text cut to "
                              "500 characters).", {
             "prompt": string("The prompt.", max_length=500),
@@ -1094,6 +1105,9 @@ PYTHON_CLASSES: dict[str, dict[str, str]] = {
         "status.evaluation.scores": "GenerationScores",
         "status.evaluation.scores.base": "MetricScores",
         "status.evaluation.scores.finetuned": "MetricScores",
+        "status.evaluation.evalSetScores": "EvalSetScores",
+        "status.evaluation.evalSetScores.base": "MetricScores",
+        "status.evaluation.evalSetScores.finetuned": "MetricScores",
         "status.evaluation.answers[]": "EvalAnswer",
         "status.dataset": "DatasetReport",
         "status.dataset.tokenLengthPercentiles": "TokenLengthPercentiles",

@@ -275,6 +275,11 @@ def evaluation_status(eval_report: dict[str, Any]) -> dict[str, Any]:
               for model in ("base", "finetuned")}
     if any(scores.values()):
         out["scores"] = {model: s for model, s in scores.items() if s}
+    eval_set = eval_report.get("evalSetScores") or {}
+    if eval_set.get("examples"):
+        out["evalSetScores"] = {"examples": eval_set["examples"], **{
+            model: {k: v for k, v in eval_set.get(model, {}).items() if k in STATUS_SCORES}
+            for model in ("base", "finetuned")}}
     answers = eval_report.get("generations") or []
     if answers:
         out["answers"] = [{k: str(g[k])[:ANSWER_CHARS] for k in ("prompt", "reference", "base", "finetuned")

@@ -62,6 +62,7 @@ EFFECT_TESTS: dict[str, str] = {
     "spec.training.metricForBestModel": "unit/trainer/test_field_effects.py::test_perplexity_picks_the_best_checkpoint_as_the_lowest_eval_loss",
     "spec.training.seed": "unit/trainer/test_data_prepare.py::test_split_is_deterministic_for_a_seed_and_changes_with_it",
     "spec.training.lossSpikeFactor": "unit/trainer/test_trainer_setup.py::test_early_stopping_and_guards_are_installed",
+    "spec.evaluation.metrics": "unit/trainer/test_field_effects.py::test_evaluation_metrics_score_the_eval_set_not_only_prompts",
     # resources
     "spec.resources.gpusPerNode": "cluster/test_operator_lifecycle.py::test_more_gpus_than_any_node_fails_with_insufficient_capacity",
     "spec.resources.nodes": "unit/operator/test_builders_manifests.py::test_multi_node_trainer_job_is_indexed_with_torchrun_and_queued_for_kueue",
@@ -134,7 +135,6 @@ KNOWN_GAPS: dict[str, str] = {f: _AUDIT for f in (
     "spec.tracking.wandb.apiKeySecretRef.key",
 )}
 KNOWN_GAPS.update({
-    "spec.evaluation.metrics": "scored only on prompts with a reference, not on the eval set (issue 17)",
     "spec.output.push.private": "applies to hf:// pushes, which admission refuses for now",
     "spec.deploy.replicas": "ignored when the InferenceService already exists (issue 17)",
     "spec.deploy.gpus": "ignored when the InferenceService already exists (issue 17)",

@@ -53,3 +53,29 @@ def test_perplexity_picks_the_best_checkpoint_as_the_lowest_eval_loss(tmp_path):
     for metric in ("perplexity", "eval_loss"):
         args = kwargs(metric)
         assert args["metric_for_best_model"] == "eval_loss" and args["greater_is_better"] is False
+
+
+def test_evaluation_metrics_score_the_eval_set_not_only_prompts(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune_trainer.config import TrainerConfig
+    from finetune_trainer.evaluate import evaluate_run
+    from finetune_trainer.train import evaluation_status
+
+    cfg = TrainerConfig.from_dict({
+        "model": {"source": str(tiny_model)}, "dataset": {"source": "x.jsonl", "format": "instruction"},
+        "evaluation": {"metrics": ["exactMatch", "rouge"], "maxNewTokens": 4},
+        "paths": {"root": str(tmp_path)}})
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    records = [{"prompt": f"### Instruction:\nSay {w}\n\n### Response:\n", "completion": w}
+               for w in ("arr", "ahoy", "matey")] + [{"text": "no answer to score"}]
+
+    report = evaluate_run(cfg, model, tokenizer, eval_metrics={"eval_loss": 2.0},
+                          base_loader=lambda: model, eval_records=records)
+
+    scores = report["evalSetScores"]
+    assert scores["examples"] == 3
+    assert set(scores["finetuned"]) == {"exactMatch", "rouge1", "rouge2", "rougeL"} == set(scores["base"])
+    assert "scores" not in report  # no prompts were given
+    assert evaluation_status(report)["evalSetScores"]["examples"] == 3
