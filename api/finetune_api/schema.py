@@ -495,13 +495,11 @@ OUTPUT = obj("What the job produces and where it is published.", {
     "push": obj("Publish the artifacts when training succeeds.", {
         "uri": location("Where to publish: hf://<org>/<repo> (Hugging Face Hub) or s3://<bucket>/<prefix>.",
                         "hf://<org>/<repo> or s3://<bucket>/<prefix>", PUSH_URI),
-        "tokenSecretRef": secret_key_ref("Secret with the Hub token or S3 credentials.",
+        "tokenSecretRef": secret_key_ref("Secret with the Hugging Face Hub token (hf:// only; "
+                                         "s3:// credentials come from spec.objectStorage).",
                                          default_key="token"),
-        "private": boolean("Create the Hub repository as private.", default=True),
+        "private": boolean("Create the Hub repository as private (hf:// only).", default=True),
     }, required=["uri"], rules=[
-        rule("self.uri.startsWith('s3://')",
-             "spec.output.push.uri: hf:// (Hugging Face Hub) pushes are not supported yet; push to "
-             "s3://<bucket>/<prefix> (credentials from spec.objectStorage.secretRef)", field_path=".uri"),
         rule("!has(self.tokenSecretRef) || self.uri.startsWith('hf://')",
              "spec.output.push.tokenSecretRef is for the Hugging Face Hub only; s3:// credentials "
              "come from spec.objectStorage.secretRef", field_path=".tokenSecretRef"),
@@ -1010,6 +1008,8 @@ TRAINER_OUTPUT = obj("What the trainer writes and publishes.", {
     "pushUri": string("Where to publish (spec.output.push.uri).", min_length=1, max_length=LONG),
     "pushTokenEnv": string("Environment variable that holds the push credentials.",
                            min_length=1, max_length=128),
+    "pushPrivate": boolean("Create a Hub repository as private (spec.output.push.private).",
+                           default=True),
 }, default={})
 
 TRAINER_JOB_REF = obj("The FineTuneJob the trainer reports to.", {

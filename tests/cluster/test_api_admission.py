@@ -182,8 +182,6 @@ INVALID_JOBS = [
      "spec.output.merge is only allowed with spec.method.type lora or qlora"),
     ("push-hub-without-token", {"output": {"push": {"uri": "hf://org/repo"}}},
      "spec.output.push.tokenSecretRef is required"),
-    ("push-hub-not-supported", {"output": {"push": {"uri": "hf://org/repo", "tokenSecretRef": {"name": "t"}}}},
-     "spec.output.push.uri: hf:// (Hugging Face Hub) pushes are not supported yet"),
     ("push-s3-with-token", {"output": {"push": {"uri": "s3://bucket/x", "tokenSecretRef": {"name": "t"}}}},
      "s3:// credentials come from spec.objectStorage.secretRef"),
     ("metric-for-best-model-rouge", {"training": {"metricForBestModel": "rouge"}},

@@ -106,6 +106,8 @@ def build_trainer_config(job: FineTuneJob) -> dict:
     output: dict = {"merge": spec.output.merge}
     if spec.output.push:
         output["pushUri"] = spec.output.push.uri
+        if spec.output.push.uri.startswith("hf://"):
+            output["pushPrivate"] = spec.output.push.private
         if spec.output.push.token_secret_ref:
             output["pushTokenEnv"] = PUSH_TOKEN_ENV
 

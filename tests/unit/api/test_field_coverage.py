@@ -76,6 +76,9 @@ EFFECT_TESTS: dict[str, str] = {
     # output, object storage
     "spec.output.merge": "unit/trainer/test_trainer_run.py::test_full_fine_tuning_lowers_the_loss_and_writes_a_merged_model",
     "spec.output.push.uri": "e2e/test_s3_end_to_end.py::test_s3_dataset_and_model_train_on_the_local_node_and_the_adapter_is_pushed_back",
+    "spec.output.push.private": "unit/trainer/test_hub_push.py::test_a_public_repo_when_asked",
+    "spec.output.push.tokenSecretRef.name": "unit/trainer/test_hub_push.py::test_push_to_the_hub_creates_a_private_repo_and_commits_card_and_adapter",
+    "spec.output.push.tokenSecretRef.key": "unit/trainer/test_hub_push.py::test_push_to_the_hub_creates_a_private_repo_and_commits_card_and_adapter",
     "spec.objectStorage.secretRef.name": "e2e/test_s3_end_to_end.py::test_s3_dataset_and_model_train_on_the_local_node_and_the_adapter_is_pushed_back",
     # tracking
     "spec.tracking.mlflow.trackingUri": "cluster/test_tracking_mlflow_cluster.py::test_a_finetunejob_with_mlflow_tracking_logs_its_run_to_the_dev_clusters_mlflow",
@@ -106,8 +109,6 @@ INFERENCE_EFFECT_TESTS: dict[str, str] = {
 # field -> (kind, the id of a refused case in tests/cluster/test_api_admission.py)
 REFUSED: dict[str, str] = {
     "spec.method.lora.bias": "lora-bias",
-    "spec.output.push.tokenSecretRef.name": "push-s3-with-token",
-    "spec.output.push.tokenSecretRef.key": "push-s3-with-token",
 }
 
 _AUDIT = "not yet tied to a test of its effect"
@@ -135,7 +136,6 @@ KNOWN_GAPS: dict[str, str] = {f: _AUDIT for f in (
     "spec.tracking.wandb.apiKeySecretRef.key",
 )}
 KNOWN_GAPS.update({
-    "spec.output.push.private": "applies to hf:// pushes, which admission refuses for now",
     "spec.deploy.replicas": "ignored when the InferenceService already exists (issue 17)",
     "spec.deploy.gpus": "ignored when the InferenceService already exists (issue 17)",
     "spec.deploy.nodeSelector": "ignored when the InferenceService already exists (issue 17)",
