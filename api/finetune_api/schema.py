@@ -894,7 +894,9 @@ INFERENCESERVICE_SPEC = obj("Desired state of an InferenceService: a vLLM OpenAI
     }, default={}),
     "vllm": VLLM,
     "autoscaling": obj("Scale on vllm:num_requests_waiting (needs KEDA or prometheus-adapter).", {
-        "minReplicas": integer("Fewest replicas.", default=1, minimum=0, maximum=64),
+        "minReplicas": integer("Fewest replicas. 0 (scale to zero) needs KEDA; with the HPA "
+                               "(no KEDA) the floor is 1, as autoscaling/v2 refuses 0.",
+                               default=1, minimum=0, maximum=64),
         "maxReplicas": integer("Most replicas.", minimum=1, maximum=64),
         "targetRequestsWaiting": integer("Waiting requests per replica that trigger scale-out.",
                                          default=4, minimum=1, maximum=10000),
