@@ -219,9 +219,11 @@ class PathsConfigBehaviour:
     """Folders of the job volume (finetune_api.layout) under where it is mounted."""
 
     root: str
+    job_folder: str
 
     def _under(self, relative: str) -> Path:
-        return Path(layout.under(self.root, relative))
+        """A folder of the job's own output (under job_folder)."""
+        return Path(layout.under(layout.under(self.root, self.job_folder), relative))
 
     @property
     def checkpoints(self) -> Path:
@@ -243,13 +245,18 @@ class PathsConfigBehaviour:
     def tracking(self) -> Path:
         return self._under(layout.TRACKING)
 
+    @property
+    def job_root(self) -> Path:
+        """The top of the job's own output (the volume's top on a claim of its own)."""
+        return self._under("")
+
     def resolve(self, location: str) -> str:
         """`pvc://<claim>/<path>` and `volume://<path>` name files on the job volume, and so do
         s3:// and https:// sources once downloaded (layout.remote_source); anything else is
         returned as it is."""
         source = parse_source(location)
         if source.scheme in (PVC, VOLUME):
-            return str(self._under(source.path))
+            return layout.under(self.root, source.path)
         if source.scheme in (S3, HTTPS):
             return str(self._under(layout.remote_source(location)))
         return location

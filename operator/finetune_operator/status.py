@@ -203,6 +203,12 @@ def derive(job: FineTuneJob, trainer_job: dict | None, pods: list[dict], *, now:
         return Observation(phase, reason, message, gpu_seconds, attempts, restarts, first_running)
 
     current = Phase(job.status.phase) if job.status.phase in PHASES else Phase.PENDING
+    if late_deploy(job):
+        return obs(Phase.DEPLOYING, "DeployRequested", "spec.deploy was set after training: deploying the model")
+    if current is Phase.DEPLOYING:
+        # Training is over; only the deployment's observation moves the job on (never back to
+        # training, even when the finished trainer Job is gone).
+        return obs(Phase.DEPLOYING, "TrainingCompleted", "training completed; deploying the model")
     if current.terminal:
         c = find([_cond_dict(c) for c in job.status.conditions], FAILED if current is Phase.FAILED else SUCCEEDED)
         return obs(current, (c or {}).get("reason", current.value), (c or {}).get("message", ""))
@@ -277,6 +283,16 @@ def derive(job: FineTuneJob, trainer_job: dict | None, pods: list[dict], *, now:
         return obs(Phase.EVALUATING, "TrainerFinished",
                    "the trainer finished; waiting for its Job to complete")
     return obs(Phase.PENDING, "Starting", "waiting for the trainer pod to start")
+
+
+def late_deploy(job: FineTuneJob) -> bool:
+    """A Succeeded job whose spec.deploy was added (or changed to another server) after it
+    finished: it deploys now."""
+    if job.status.phase != Phase.SUCCEEDED.value or not job.spec.deploy:
+        return False
+    served_by = job.status.inference_service.name if job.status.inference_service else None
+    wanted = job.spec.deploy.inference_service or job.metadata.name
+    return served_by != wanted
 
 
 def _cond_dict(c) -> dict:
@@ -436,6 +452,11 @@ def admission_status(job: FineTuneJob, problem, existing_conditions: list[dict],
                 "observedGeneration": generation, "phase": job.status.phase or Phase.PENDING.value}
     updates = [ConditionUpdate(ADMITTED, FALSE, problem.reason, problem.message)]
     phase = Phase.PENDING
+    admitted = find(existing_conditions, ADMITTED) or {}
+    if problem.retryable and job.status.phase == phase.value and (
+            admitted.get("status"), admitted.get("reason"), admitted.get("message")) == (
+            FALSE, problem.reason, problem.message):
+        return None  # still waiting for the same thing: nothing to write, nothing to announce
     if not problem.retryable:
         updates.append(ConditionUpdate(FAILED, TRUE, problem.reason, problem.message))
         phase = Phase.FAILED

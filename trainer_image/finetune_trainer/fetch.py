@@ -110,7 +110,8 @@ def _https_download(url: str, dest: Path, context: ssl.SSLContext) -> None:
 
 def fetch(location: str, root: Path, *, s3: Callable[[], S3Client] = S3Client.from_env,
           ssl_context: ssl.SSLContext | None = None) -> dict[str, Any]:
-    """Download one source under the volume `root` (or reuse it); returns its status.sources
+    """Download one source under `root`, the job's own folder on its volume (or reuse it);
+    returns its status.sources
     entry: location, path, sha256, bytes."""
     target = root / layout.remote_source(location)
     folder = target.parent
@@ -159,7 +160,7 @@ def _entry(manifest: dict[str, Any]) -> dict[str, Any]:
 def fetch_sources(cfg: TrainerConfig, *, is_main: bool, wait_timeout: float = 6 * 3600) -> list[dict[str, Any]]:
     """Every remote source of the config, downloaded by the main rank; the other ranks wait for
     its manifests (the job volume is shared)."""
-    root = Path(cfg.paths.root)
+    root = cfg.paths.job_root
     locations = remote_locations(cfg)
     if is_main:
         return [fetch(loc, root) for loc in locations]
