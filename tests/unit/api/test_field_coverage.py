@@ -64,7 +64,7 @@ EFFECT_TESTS: dict[str, str] = {
     "spec.training.lossSpikeFactor": "unit/trainer/test_trainer_setup.py::test_early_stopping_and_guards_are_installed",
     "spec.evaluation.metrics": "unit/trainer/test_field_effects.py::test_evaluation_metrics_score_the_eval_set_not_only_prompts",
     # resources
-    "spec.resources.gpusPerNode": "cluster/test_operator_lifecycle.py::test_more_gpus_than_any_node_fails_with_insufficient_capacity",
+    "spec.resources.gpusPerNode": "cluster/test_operator_lifecycle.py::test_more_gpus_than_any_node_fails_when_the_cluster_cannot_grow",
     "spec.resources.nodes": "unit/operator/test_builders_manifests.py::test_multi_node_trainer_job_is_indexed_with_torchrun_and_queued_for_kueue",
     "spec.resources.cpu": "unit/operator/test_object_storage_operator.py::test_resources_cpu_is_both_request_and_limit",
     "spec.resources.queueName": "unit/operator/test_builders_manifests.py::test_multi_node_trainer_job_is_indexed_with_torchrun_and_queued_for_kueue",
