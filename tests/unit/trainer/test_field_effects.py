@@ -79,3 +79,32 @@ def test_evaluation_metrics_score_the_eval_set_not_only_prompts(tiny_model, tmp_
     assert set(scores["finetuned"]) == {"exactMatch", "rouge1", "rouge2", "rougeL"} == set(scores["base"])
     assert "scores" not in report  # no prompts were given
     assert evaluation_status(report)["evalSetScores"]["examples"] == 3
+
+
+def test_training_hyperparameters_reach_the_training_arguments(tmp_path):
+    from finetune_trainer.config import TrainerConfig
+    from finetune_trainer.model import resolve_precision
+    from finetune_trainer.objectives.common import training_kwargs
+
+    cfg = TrainerConfig.from_dict({
+        "model": {"source": "/m"}, "dataset": {"source": "x.jsonl"},
+        "training": {"epochs": 2.5, "perDeviceBatchSize": 3, "gradientAccumulationSteps": 5,
+                     "lrScheduler": "linear", "warmupSteps": 7, "weightDecay": 0.03,
+                     "optimizer": "adamw_torch", "maxGradNorm": 0.7, "gradientCheckpointing": True,
+                     "loggingSteps": 9, "evalSteps": 20, "saveSteps": 40, "precision": "fp32"},
+        "paths": {"root": str(tmp_path)}})
+
+    args = training_kwargs(cfg, resolve_precision("fp32"), has_eval=True)
+
+    assert {k: args[k] for k in ("num_train_epochs", "per_device_train_batch_size",
+                                 "gradient_accumulation_steps", "lr_scheduler_type", "warmup_steps",
+                                 "weight_decay", "optim", "max_grad_norm", "gradient_checkpointing",
+                                 "logging_steps", "eval_steps", "save_steps")} == {
+        "num_train_epochs": 2.5, "per_device_train_batch_size": 3, "gradient_accumulation_steps": 5,
+        "lr_scheduler_type": "linear", "warmup_steps": 7, "weight_decay": 0.03, "optim": "adamw_torch",
+        "max_grad_norm": 0.7, "gradient_checkpointing": True, "logging_steps": 9, "eval_steps": 20,
+        "save_steps": 40}
+    ratio = TrainerConfig.from_dict({"model": {"source": "/m"}, "dataset": {"source": "x.jsonl"},
+                                     "training": {"warmupRatio": 0.1, "precision": "fp32"},
+                                     "paths": {"root": str(tmp_path)}})
+    assert training_kwargs(ratio, resolve_precision("fp32"), has_eval=False)["warmup_steps"] == 0.1
