@@ -64,6 +64,9 @@ EFFECT_TESTS: dict[str, str] = {
     "spec.training.seed": "unit/trainer/test_data_prepare.py::test_split_is_deterministic_for_a_seed_and_changes_with_it",
     "spec.training.lossSpikeFactor": "unit/trainer/test_trainer_setup.py::test_early_stopping_and_guards_are_installed",
     "spec.evaluation.metrics": "unit/trainer/test_field_effects.py::test_evaluation_metrics_score_the_eval_set_not_only_prompts",
+    "spec.evaluation.prompts[].prompt": "unit/trainer/test_field_effects.py::test_evaluation_prompts_are_answered_by_both_models_within_max_new_tokens",
+    "spec.evaluation.prompts[].reference": "unit/trainer/test_field_effects.py::test_evaluation_prompts_are_answered_by_both_models_within_max_new_tokens",
+    "spec.evaluation.maxNewTokens": "unit/trainer/test_field_effects.py::test_evaluation_prompts_are_answered_by_both_models_within_max_new_tokens",
     # resources
     "spec.resources.gpusPerNode": "cluster/test_operator_lifecycle.py::test_more_gpus_than_any_node_fails_when_the_cluster_cannot_grow",
     "spec.resources.nodes": "unit/operator/test_builders_manifests.py::test_multi_node_trainer_job_is_indexed_with_torchrun_and_queued_for_kueue",
@@ -142,8 +145,6 @@ KNOWN_GAPS: dict[str, str] = {f: _AUDIT for f in (
     "spec.dataset.split",
     "spec.training.maxSeqLength",
     "spec.training.earlyStopping.threshold",
-    "spec.evaluation.prompts[].prompt", "spec.evaluation.prompts[].reference",
-    "spec.evaluation.maxNewTokens",
     "spec.resources.tolerations[].tolerationSeconds", "spec.resources.affinity",
     "spec.resources.image",
     "spec.tracking.mlflow.experiment", "spec.tracking.wandb.project", "spec.tracking.wandb.entity",

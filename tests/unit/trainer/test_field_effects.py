@@ -108,3 +108,31 @@ def test_training_hyperparameters_reach_the_training_arguments(tmp_path):
                                      "training": {"warmupRatio": 0.1, "precision": "fp32"},
                                      "paths": {"root": str(tmp_path)}})
     assert training_kwargs(ratio, resolve_precision("fp32"), has_eval=False)["warmup_steps"] == 0.1
+
+
+def test_evaluation_prompts_are_answered_by_both_models_within_max_new_tokens(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune_trainer.config import TrainerConfig
+    from finetune_trainer.evaluate import evaluate_run
+
+    def run(max_new_tokens):
+        cfg = TrainerConfig.from_dict({
+            "model": {"source": str(tiny_model)}, "dataset": {"source": "x.jsonl", "format": "text"},
+            "evaluation": {"metrics": ["exactMatch"], "maxNewTokens": max_new_tokens,
+                           "prompts": [{"prompt": "Describe a teapot.", "reference": "Arr"},
+                                       {"prompt": "Say hi."}]},
+            "paths": {"root": str(tmp_path)}})
+        return evaluate_run(cfg, model, tokenizer, eval_metrics={}, base_loader=lambda: model)
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    short, longer = run(1), run(6)
+
+    assert [g["prompt"] for g in short["generations"]] == ["Describe a teapot.", "Say hi."]
+    assert [g["reference"] for g in short["generations"]] == ["Arr", None]
+    assert set(short["scores"]["finetuned"]) == {"exactMatch"}  # scored on the prompt with a reference
+    for g in short["generations"]:
+        assert len(tokenizer(g["finetuned"], add_special_tokens=False)["input_ids"]) <= 1
+    assert max(len(tokenizer(g["finetuned"], add_special_tokens=False)["input_ids"])
+               for g in longer["generations"]) > 1
