@@ -67,6 +67,10 @@ EFFECT_TESTS: dict[str, str] = {
     "spec.evaluation.prompts[].prompt": "unit/trainer/test_field_effects.py::test_evaluation_prompts_are_answered_by_both_models_within_max_new_tokens",
     "spec.evaluation.prompts[].reference": "unit/trainer/test_field_effects.py::test_evaluation_prompts_are_answered_by_both_models_within_max_new_tokens",
     "spec.evaluation.maxNewTokens": "unit/trainer/test_field_effects.py::test_evaluation_prompts_are_answered_by_both_models_within_max_new_tokens",
+    "spec.model.trustRemoteCode": "unit/trainer/test_field_effects.py::test_lora_alpha_and_dropout_shape_the_adapter_and_early_stopping_takes_its_threshold",
+    "spec.method.lora.alpha": "unit/trainer/test_field_effects.py::test_lora_alpha_and_dropout_shape_the_adapter_and_early_stopping_takes_its_threshold",
+    "spec.method.lora.dropout": "unit/trainer/test_field_effects.py::test_lora_alpha_and_dropout_shape_the_adapter_and_early_stopping_takes_its_threshold",
+    "spec.training.earlyStopping.threshold": "unit/trainer/test_field_effects.py::test_lora_alpha_and_dropout_shape_the_adapter_and_early_stopping_takes_its_threshold",
     # resources
     "spec.resources.gpusPerNode": "cluster/test_operator_lifecycle.py::test_more_gpus_than_any_node_fails_when_the_cluster_cannot_grow",
     "spec.resources.nodes": "unit/operator/test_builders_manifests.py::test_multi_node_trainer_job_is_indexed_with_torchrun_and_queued_for_kueue",
@@ -138,13 +142,10 @@ REFUSED: dict[str, str] = {
 
 _AUDIT = "not yet tied to a test of its effect"
 KNOWN_GAPS: dict[str, str] = {f: _AUDIT for f in (
-    "spec.model.trustRemoteCode",
-    "spec.method.lora.alpha", "spec.method.lora.dropout",
     "spec.method.quantization.bits", "spec.method.quantization.doubleQuant",
     "spec.method.quantization.computeDtype",
     "spec.dataset.split",
     "spec.training.maxSeqLength",
-    "spec.training.earlyStopping.threshold",
     "spec.resources.tolerations[].tolerationSeconds", "spec.resources.affinity",
     "spec.resources.image",
     "spec.tracking.mlflow.experiment", "spec.tracking.wandb.project", "spec.tracking.wandb.entity",

@@ -136,3 +136,24 @@ def test_evaluation_prompts_are_answered_by_both_models_within_max_new_tokens(ti
         assert len(tokenizer(g["finetuned"], add_special_tokens=False)["input_ids"]) <= 1
     assert max(len(tokenizer(g["finetuned"], add_special_tokens=False)["input_ids"])
                for g in longer["generations"]) > 1
+
+
+def test_lora_alpha_and_dropout_shape_the_adapter_and_early_stopping_takes_its_threshold(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM, EarlyStoppingCallback
+
+    from finetune_trainer.config import TrainerConfig
+    from finetune_trainer.model import adapter_config, model_location
+    from finetune_trainer.train import SignalGuard, _callbacks
+
+    cfg = TrainerConfig.from_dict({
+        "model": {"source": str(tiny_model), "trustRemoteCode": True},
+        "method": {"type": "lora", "lora": {"r": 4, "alpha": 24, "dropout": 0.2}},
+        "dataset": {"source": "x.jsonl"},
+        "training": {"earlyStopping": {"patience": 2, "threshold": 0.05}},
+        "paths": {"root": str(tmp_path)}})
+
+    lora = adapter_config(cfg, AutoModelForCausalLM.from_pretrained(tiny_model))
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (4, 24, 0.2)
+    early = [c for c in _callbacks(cfg, None, True, SignalGuard()) if isinstance(c, EarlyStoppingCallback)]
+    assert early[0].early_stopping_threshold == 0.05
+    assert model_location(cfg.model)[1]["trust_remote_code"] is True
