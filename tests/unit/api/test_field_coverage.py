@@ -132,6 +132,21 @@ INFERENCE_EFFECT_TESTS: dict[str, str] = {
     "spec.resources.memory": "unit/operator/test_inference_builders.py::test_cpu_serving_sizes_the_kv_cache_from_memory_and_asks_for_no_gpu",
     "spec.vllm.image": "unit/operator/test_inference_builders.py::test_the_operators_vllm_image_is_used_unless_the_spec_names_one",
     "spec.vllm.maxLoraRank": "unit/operator/test_inference_checks.py::test_rank_above_max_lora_rank_is_refused",
+    "spec.model.tokenSecretRef.name": "unit/operator/test_inference_builders.py::test_rendered_children_match_golden_files",
+    "spec.model.tokenSecretRef.key": "unit/operator/test_inference_builders.py::test_rendered_children_match_golden_files",
+    "spec.adapters[].name": "unit/operator/test_inference_builders.py::test_rendered_children_match_golden_files",
+    "spec.adapters[].path": "unit/operator/test_inference_builders.py::test_rendered_children_match_golden_files",
+    "spec.resources.cpu": "unit/operator/test_inference_builders.py::test_rendered_children_match_golden_files",
+    "spec.resources.nodeSelector": "unit/operator/test_inference_builders.py::test_rendered_children_match_golden_files",
+    "spec.vllm.servedModelName": "unit/operator/test_inference_builders.py::test_rendered_children_match_golden_files",
+    "spec.vllm.maxModelLen": "unit/operator/test_inference_builders.py::test_rendered_children_match_golden_files",
+    "spec.vllm.gpuMemoryUtilization": "unit/operator/test_inference_builders.py::test_rendered_children_match_golden_files",
+    "spec.vllm.tensorParallelSize": "unit/operator/test_inference_builders.py::test_rendered_children_match_golden_files",
+    "spec.vllm.maxLoras": "unit/operator/test_inference_builders.py::test_rendered_children_match_golden_files",
+    "spec.vllm.dtype": "unit/operator/test_inference_builders.py::test_rendered_children_match_golden_files",
+    "spec.autoscaling.maxReplicas": "cluster/test_autoscaling_objects.py::test_the_rendered_hpa_is_accepted_and_kept_by_the_api_server",
+    "spec.autoscaling.targetRequestsWaiting": "cluster/test_autoscaling_objects.py::test_the_rendered_hpa_is_accepted_and_kept_by_the_api_server",
+    "spec.autoscaling.minReplicas": "cluster/test_autoscaling_objects.py::test_min_replicas_zero_renders_a_floor_of_one_because_the_api_server_refuses_zero",
     "spec.vllm.extraArgs": "faults/test_security_shell.py::test_vllm_command_carries_extra_args_as_whole_escaped_elements",
 }
 
@@ -162,18 +177,12 @@ KNOWN_GAPS.update({
                  "tensorParallelSize", "maxLoraRank", "maxLoras", "dtype", "extraArgs")},
 })
 INFERENCE_KNOWN_GAPS: dict[str, str] = {f: _AUDIT for f in (
-    "spec.model.revision", "spec.model.tokenSecretRef.name", "spec.model.tokenSecretRef.key",
-    "spec.model.trustRemoteCode", "spec.adapters[].name", "spec.adapters[].path",
-    "spec.mergedModel.path", "spec.resources.cpu", "spec.resources.nodeSelector",
+    "spec.model.revision", "spec.model.trustRemoteCode", "spec.mergedModel.path",
     "spec.resources.tolerations[].key", "spec.resources.tolerations[].operator",
     "spec.resources.tolerations[].value", "spec.resources.tolerations[].effect",
     "spec.resources.tolerations[].tolerationSeconds", "spec.resources.affinity",
-    "spec.resources.priorityClassName", "spec.vllm.servedModelName", "spec.vllm.maxModelLen",
-    "spec.vllm.gpuMemoryUtilization", "spec.vllm.tensorParallelSize", "spec.vllm.maxLoras",
-    "spec.vllm.dtype", "spec.autoscaling.maxReplicas", "spec.autoscaling.targetRequestsWaiting",
+    "spec.resources.priorityClassName",
 )}
-INFERENCE_KNOWN_GAPS["spec.autoscaling.minReplicas"] = (
-    "0 becomes 1 with the HPA; no HPA or KEDA object was applied to a cluster (issue 17)")
 
 
 def leaf_fields(node: dict, path: str = "spec"):
