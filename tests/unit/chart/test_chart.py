@@ -459,8 +459,11 @@ def test_dashboard_configmap_is_labelled_for_grafana_and_holds_the_dashboard(hel
 def test_alert_rules_cover_the_failure_modes(helm):
     rule = one(render(helm, *values_args("namespaces-monitoring")), "PrometheusRule")
     alerts = {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]}
-    assert sorted(alerts) == sorted(["FineTuneJobFailed", "FineTuneJobStuckPending", "FineTuneJobNoProgress",
-                                     "FineTuneJobLossNaN", "InferenceServiceNotReady", "VLLMQueueBuildingUp"])
+    assert sorted(alerts) == sorted(["FineTuneOperatorDown", "FineTuneJobFailed", "FineTuneJobStuckPending",
+                                     "FineTuneJobNoProgress", "FineTuneJobLossNaN", "InferenceServiceNotReady",
+                                     "VLLMQueueBuildingUp"])
+    # Only the operator being down pages; a user's failed or diverged job does not.
+    assert [a for a, r in alerts.items() if r["labels"]["severity"] == "critical"] == ["FineTuneOperatorDown"]
     assert "20m" in alerts["FineTuneJobNoProgress"]["expr"]  # noProgressMinutes from values
     assert alerts["FineTuneJobStuckPending"]["for"] == "15m"
     for alert in alerts.values():
