@@ -136,6 +136,18 @@ def load_model(cfg: TrainerConfig, precision: Precision):
     return model
 
 
+def varlen_attention() -> str | None:
+    """The variable-length attention kernel packing can use, as transformers names it, or None:
+    flash-attn 2 on a CUDA device when installed."""
+    import importlib.util
+
+    import torch
+
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return None
+
+
 def load_base_model(cfg: TrainerConfig, precision: Precision):
     """The base model as the method trains it: fp32 for full, the compute dtype for lora,
     4-bit and prepared for k-bit training for qlora. Not yet wrapped with adapters."""
@@ -144,6 +156,8 @@ def load_base_model(cfg: TrainerConfig, precision: Precision):
 
     name, kwargs = model_location(cfg.model, cfg.paths.resolve)
     method = cfg.method
+    if cfg.training.packing != "off" and (kernel := varlen_attention()):
+        kwargs["attn_implementation"] = kernel  # what makes packed rows cheap
     if method.type == "full":
         # fp32 master weights; mixed precision autocasts the compute.
         kwargs["dtype"] = torch.float32
