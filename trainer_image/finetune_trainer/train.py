@@ -90,6 +90,9 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
     from .model import check_method_supported, load_tokenizer, resolve_precision
     from .reporting import Reporter
 
+    from .model import check_gpus_usable
+
+    check_gpus_usable()  # before anything is downloaded or loaded
     guard = SignalGuard()
     guard.install()
     check_method_supported(cfg.method)
