@@ -52,6 +52,7 @@ class OutputConfig:
     merge: bool = False
     push_uri: Optional[str] = None
     push_token_env: Optional[str] = None
+    push_private: bool = True
     results_file: Optional[str] = None
 
 

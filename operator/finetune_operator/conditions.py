@@ -17,6 +17,7 @@ SUCCEEDED = "Succeeded"
 FAILED = "Failed"
 # spec.tracking: False while a tracker is unreachable (training goes on without it).
 TRACKING_AVAILABLE = "TrackingAvailable"
+PUSHED = "Pushed"
 
 TRUE, FALSE = "True", "False"
 

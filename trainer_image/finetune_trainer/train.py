@@ -42,15 +42,17 @@ __all__ = [
 ]
 
 
-def choose_packing(mode: str, *, cuda: bool) -> bool:
-    """`auto` packs only where it is faster: with CUDA. On CPU, without variable-length
-    attention kernels, packed rows make attention dearer (measured 0.65-0.73x the
-    throughput of dynamic padding; see bench/bench_trainer.py)."""
+def choose_packing(mode: str, *, cuda: bool, varlen: bool = False) -> bool:
+    """`auto` packs only where it is faster: on CUDA with a variable-length attention kernel
+    (flash-attn; model.varlen_attention). Without one, padding-free packing builds a
+    block-diagonal mask over SDPA: no flash backend, and a (B*L)^2 mask (4.3 GB at batch 8 x
+    8192); on CPU packed rows measured 0.65-0.73x the throughput of dynamic padding
+    (bench/bench_trainer.py). `on` packs anyway."""
     if mode == "on":
         return True
     if mode == "off":
         return False
-    return cuda
+    return cuda and varlen
 
 
 def make_trainer(model, args, tokenizer, train: list[dict], evals: list[dict], callbacks=()):
@@ -89,6 +91,9 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
     from .model import check_method_supported, load_tokenizer, resolve_precision
     from .reporting import Reporter
 
+    from .model import check_gpus_usable
+
+    check_gpus_usable()  # before anything is downloaded or loaded
     guard = SignalGuard()
     guard.install()
     check_method_supported(cfg.method)
@@ -96,7 +101,10 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
     objective.check(cfg)
     precision = resolve_precision(cfg.training.precision)
     cuda = torch.cuda.is_available()
-    packing = choose_packing(cfg.training.packing, cuda=cuda) and objective.name == "sft"
+    from .model import varlen_attention
+
+    packing = choose_packing(cfg.training.packing, cuda=cuda, varlen=varlen_attention() is not None) \
+        and objective.name == "sft"
     rank = int(os.environ.get("RANK", "0"))
     is_main = rank == 0
     log.info("method %s, objective %s, precision %s (asked %s), packing %s (%s), device %s, "
@@ -104,6 +112,9 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
              precision.requested, packing, cfg.training.packing, "cuda" if cuda else "cpu",
              os.environ.get("WORLD_SIZE", "1"))
 
+    from .fetch import fetch_sources
+
+    sources = fetch_sources(cfg, is_main=is_main)  # s3:// and https:// onto the job volume
     tokenizer = load_tokenizer(cfg)
     # Only the first TRL config sets up torch.distributed; it needs the data's kind first,
     # so the kind is read from a cheap probe of the config's format.
@@ -125,6 +136,7 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
         from .reporting import dataset_status
 
         reporter.progress.dataset = dataset_status(data.report)
+        reporter.progress.sources = sources
         reporter.progress.lm_loss = objective.lm_loss
         from .tracking import Tracking, enabled
 
@@ -155,7 +167,7 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
         if not is_main:
             return {}
         summary = _finish(cfg, objective, trainer, tokenizer, data, result, eval_metrics,
-                          train_seconds, precision, packing, resume, reporter)
+                          train_seconds, precision, packing, resume, reporter, sources)
         finished = True
         return summary
     finally:
@@ -166,7 +178,7 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
 
 
 def _finish(cfg, objective, trainer, tokenizer, data, result, eval_metrics, train_seconds,
-            precision, packing, resume, reporter) -> dict[str, Any]:
+            precision, packing, resume, reporter, sources=()) -> dict[str, Any]:
     from . import artifacts, evaluate
 
     model = trainer.model
@@ -196,6 +208,7 @@ def _finish(cfg, objective, trainer, tokenizer, data, result, eval_metrics, trai
         "evalRecords": len(data.eval),
         "objective": objective.name,
         "artifacts": {k: str(v) for k, v in artifact_paths.items()},
+        "sources": list(sources),
     }
     # The objective's own metrics: the last logged training values, and the final evaluation's.
     logged = {}
@@ -217,6 +230,12 @@ def _finish(cfg, objective, trainer, tokenizer, data, result, eval_metrics, trai
         summary["artifacts"]["lossPlot"] = str(plot)
     artifacts.write_model_card(cfg, summary, eval_report)
     write_results(cfg, state.log_history)
+    pushed: dict[str, str] = {}
+    if cfg.output.push_uri:
+        from .push import push
+
+        pushed = push(cfg, artifact_paths)
+        summary["push"] = pushed
     cfg.paths.reports.mkdir(parents=True, exist_ok=True)
     (cfg.paths.reports / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     (cfg.paths.reports / "eval.json").write_text(json.dumps(eval_report, indent=2, default=str))
@@ -232,8 +251,22 @@ def _finish(cfg, objective, trainer, tokenizer, data, result, eval_metrics, trai
             reporter.progress.eval_loss = eval_metrics["eval_loss"]
         reporter.progress.objective_metrics.update(objective_metrics)
         reporter.progress.evaluation = evaluation_status(eval_report)
+        reporter.progress.artifacts = {**artifacts_status(artifact_paths), **pushed}
+        if state.best_model_checkpoint:
+            reporter.progress.best_checkpoint = str(state.best_model_checkpoint)
         reporter.publish(force=True)
     return summary
+
+
+# status.evaluation keeps the first answers, each cut short (the API server stores the object).
+STATUS_SCORES = ("bleu", "rouge1", "rouge2", "rougeL", "exactMatch")
+ANSWER_CHARS = 500
+MAX_STATUS_ANSWERS = 20
+
+
+def artifacts_status(artifact_paths: dict[str, Any]) -> dict[str, str]:
+    """status.artifacts: the adapter and merged model's paths on the job volume."""
+    return {k: str(v) for k, v in artifact_paths.items() if k in ("adapter", "merged")}
 
 
 def evaluation_status(eval_report: dict[str, Any]) -> dict[str, Any]:
@@ -247,4 +280,18 @@ def evaluation_status(eval_report: dict[str, Any]) -> dict[str, Any]:
         out["preferenceAccuracy"] = {k: v for k, v in accuracy.items() if v is not None}
     if eval_report.get("objectiveMetrics", {}).get("rewardsAccuracy") is not None:
         out["rewardAccuracy"] = eval_report["objectiveMetrics"]["rewardsAccuracy"]
+    scores = {model: {k: v for k, v in (eval_report.get("scores") or {}).get(model, {}).items()
+                      if k in STATUS_SCORES and isinstance(v, (int, float))}
+              for model in ("base", "finetuned")}
+    if any(scores.values()):
+        out["scores"] = {model: s for model, s in scores.items() if s}
+    eval_set = eval_report.get("evalSetScores") or {}
+    if eval_set.get("examples"):
+        out["evalSetScores"] = {"examples": eval_set["examples"], **{
+            model: {k: v for k, v in eval_set.get(model, {}).items() if k in STATUS_SCORES}
+            for model in ("base", "finetuned")}}
+    answers = eval_report.get("generations") or []
+    if answers:
+        out["answers"] = [{k: str(g[k])[:ANSWER_CHARS] for k in ("prompt", "reference", "base", "finetuned")
+                           if g.get(k) is not None} for g in answers[:MAX_STATUS_ANSWERS]]
     return out

@@ -20,10 +20,11 @@ from finetune_operator.builders import object_meta
 from finetune_operator.builders.placement import GPU_RESOURCE, place
 from finetune_operator.builders.storage import WORKSPACE_VOLUME, claim_name
 from finetune_operator.builders.trainer_config import (
-    CONFIG_DIR, CONFIG_PATH, MLFLOW_SECRET_KEYS, MODEL_TOKEN_ENV, PUSH_TOKEN_ENV, TRAINER_METRICS_PORT,
-    WANDB_KEY_ENV, other_claims, results_mount,
+    CONFIG_DIR, CONFIG_PATH, MLFLOW_SECRET_KEYS, MODEL_TOKEN_ENV, OBJECT_STORAGE_KEYS,
+    OBJECT_STORAGE_REQUIRED_KEYS, PUSH_TOKEN_ENV, TRAINER_METRICS_PORT, WANDB_KEY_ENV, other_claims,
+    results_mount,
 )
-from finetune_operator.labels import KUEUE_QUEUE, labels_for
+from finetune_operator.labels import FINETUNEJOB_NAME_ANNOTATION, KUEUE_QUEUE, labels_for
 
 COMPONENT = "trainer"
 CONTAINER = "trainer"
@@ -54,7 +55,7 @@ def _resources(job: FineTuneJob) -> dict:
     requests: dict[str, str] = {}
     limits: dict[str, str] = {}
     if res.cpu:
-        requests["cpu"] = res.cpu
+        requests["cpu"] = limits["cpu"] = res.cpu
     if res.memory:
         requests["memory"] = limits["memory"] = res.memory
     if res.gpus_per_node > 0:
@@ -75,7 +76,9 @@ def _env(job: FineTuneJob, image: str) -> list[dict]:
     env = [{"name": "HF_HOME", "value": layout.under(WORKSPACE, layout.HF_CACHE)},
            # Recorded in the model card, so an artifact says which trainer made it.
            {"name": "FINETUNE_IMAGE", "value": image},
-           {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
+           {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+           # The trainer fails fast (GPUUnavailable) when CUDA cannot use the GPUs it was given.
+           {"name": "FINETUNE_GPUS_PER_NODE", "value": str(job.spec.resources.gpus_per_node)}]
     if job.spec.model.token_secret_ref:
         env.append(_secret_env(MODEL_TOKEN_ENV, job.spec.model.token_secret_ref))
     push = job.spec.output.push
@@ -90,6 +93,11 @@ def _env(job: FineTuneJob, image: str) -> list[dict]:
             for key in MLFLOW_SECRET_KEYS]
     if tracking and tracking.wandb and tracking.wandb.api_key_secret_ref:
         env.append(_secret_env(WANDB_KEY_ENV, tracking.wandb.api_key_secret_ref))
+    if job.spec.object_storage:
+        secret = job.spec.object_storage.secret_ref.name
+        env += [{"name": key, "valueFrom": {"secretKeyRef": {
+            "name": secret, "key": key, "optional": key not in OBJECT_STORAGE_REQUIRED_KEYS}}}
+            for key in OBJECT_STORAGE_KEYS]
     return env
 
 
@@ -153,7 +161,8 @@ def build_pod_template(job: FineTuneJob, image: str) -> dict:
           affinity=res.affinity, priority_class_name=res.priority_class_name)
     if res.nodes > 1:
         spec["subdomain"] = names.trainer_service(job.metadata.name)
-    return {"metadata": {"labels": labels_for(job.metadata.name, COMPONENT)}, "spec": spec}
+    return {"metadata": {"labels": labels_for(job.metadata.name, COMPONENT),
+                         "annotations": {FINETUNEJOB_NAME_ANNOTATION: job.metadata.name}}, "spec": spec}
 
 
 def build_trainer_job(job: FineTuneJob, image: str, *, suspend: bool | None = None) -> dict:

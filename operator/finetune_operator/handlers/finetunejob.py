@@ -24,7 +24,7 @@ from finetune_operator import admission, kube, metrics, names, settings
 from finetune_operator.builders import identity, storage, trainer_config, trainer_job
 from finetune_operator.conditions import now_iso
 from finetune_operator.handlers import facts, records
-from finetune_operator.labels import FINETUNEJOB
+from finetune_operator.labels import FINETUNEJOB, FINETUNEJOB_NAME_ANNOTATION
 from finetune_operator.locks import KeyedLocks
 from finetune_operator.status import (
     GPU_SECONDS_ANNOTATION, Observation, Phase, admission_status, deployment_failed,
@@ -137,10 +137,10 @@ def _ensure_trainer_job(job: FineTuneJob, body: dict) -> None:
         current = kube.create(manifest, batch.create_namespaced_job, batch.read_namespaced_job)
         kopf.info(body, reason="TrainerJobCreated", message=f"created trainer Job {manifest['metadata']['name']}")
     image = job.status.trainer_image or current["spec"]["template"]["spec"]["containers"][0]["image"]
-    if not job.status.start_time or job.status.trainer_job != current["metadata"]["name"] \
-            or job.status.trainer_image != image:
-        _patch_status(job, {"startTime": job.status.start_time or current["metadata"]["creationTimestamp"],
-                            "trainerJob": current["metadata"]["name"], "trainerImage": image})
+    if job.status.trainer_job != current["metadata"]["name"] or job.status.trainer_image != image:
+        # startTime comes later, from the Job's own (refresh_status): a Job that Kueue holds
+        # suspended has not started.
+        _patch_status(job, {"trainerJob": current["metadata"]["name"], "trainerImage": image})
     wants = job.spec.suspend
     if queued:
         # Kueue owns the Job's suspend; suspending a queued job deletes its Job instead
@@ -311,6 +311,10 @@ def _refresh_status_locked(namespace: str, name: str) -> None:
             obs = deployment_failed(obs, e)
     status = status_patch(job, obs, now=now, gpu_hour_price=settings.current.gpu_hour_price,
                           existing_conditions=(obj.get("status") or {}).get("conditions") or [])
+    started = ((trainer or {}).get("status") or {}).get("startTime")
+    if started and not job.status.start_time:
+        # The Job controller sets it when the Job first runs unsuspended (not while Kueue queues it).
+        status["startTime"] = parse_time(str(started)).strftime("%Y-%m-%dT%H:%M:%SZ")
     old = obj.get("status") or {}
     changed = {k: v for k, v in status.items() if old.get(k) != v}
     if changed:
@@ -378,7 +382,8 @@ def on_trainer_job_event(body: dict) -> None:
 
 
 def on_trainer_pod_event(body: dict) -> None:
-    owner = (body["metadata"].get("labels") or {}).get(FINETUNEJOB)
+    meta = body["metadata"]
+    owner = (meta.get("annotations") or {}).get(FINETUNEJOB_NAME_ANNOTATION) or (meta.get("labels") or {}).get(FINETUNEJOB)
     if owner:
         # the FineTuneJob may be gone already: nothing left to refresh
         kube.call(refresh_status, body["metadata"]["namespace"], owner, absent=True)
