@@ -126,8 +126,9 @@ class Progress:
             progress["tokensSeen"] = int(self.tokens_seen)
         status: dict[str, Any] = {"progress": progress, "metrics": metrics}
         if self.latest_checkpoint:
-            status["checkpoints"] = {"latest": self.latest_checkpoint, "count": self.checkpoint_count,
-                                     "kept": [_finite(c) for c in self.kept_checkpoints]}
+            status["checkpoints"] = {"latest": self.latest_checkpoint, "count": self.checkpoint_count}
+            if self.kept_checkpoints:
+                status["checkpoints"]["kept"] = [_finite(c) for c in self.kept_checkpoints]
         if self.best_checkpoint:
             status.setdefault("checkpoints", {})["best"] = self.best_checkpoint
         if self.sources:

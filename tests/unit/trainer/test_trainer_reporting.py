@@ -41,7 +41,7 @@ def test_status_patch_has_progress_metrics_and_checkpoints():
     assert status["progress"]["percent"] == 25
     assert status["metrics"]["trainLoss"] == 1.25
     assert status["metrics"]["perplexity"] == pytest.approx(2.718281, rel=1e-5)
-    assert status["checkpoints"] == {"latest": "checkpoint-50", "count": 2, "kept": []}
+    assert status["checkpoints"] == {"latest": "checkpoint-50", "count": 2}
     assert "tokensSeen" not in status["progress"]
 
 
