@@ -21,14 +21,14 @@ from finetune_api.models import FineTuneJob
 from finetune_api.schema import GROUP, VERSION
 
 from finetune_operator import admission, kube, metrics, names, settings
-from finetune_operator.builders import identity, storage, trainer_config, trainer_job
+from finetune_operator.builders import comparison_job, identity, storage, trainer_config, trainer_job
 from finetune_operator.conditions import now_iso
 from finetune_operator.handlers import facts, records
 from finetune_operator.labels import FINETUNEJOB
 from finetune_operator.locks import KeyedLocks
 from finetune_operator.status import (
     GPU_SECONDS_ANNOTATION, Observation, Phase, admission_status, deployment_failed,
-    deployment_observation, derive, parse_time, status_patch,
+    deployment_observation, derive, parse_time, status_patch, trainer_completed,
 )
 
 PLURAL = "finetunejobs"
@@ -86,8 +86,11 @@ def _ensure_service(job: FineTuneJob) -> None:
 
 
 def _read_trainer_job(job: FineTuneJob) -> dict | None:
-    obj = kube.read(kube.batch().read_namespaced_job, names.trainer_job(job.metadata.name),
-                    job.metadata.namespace)
+    return _read_own_job(job, names.trainer_job(job.metadata.name))
+
+
+def _read_own_job(job: FineTuneJob, name: str) -> dict | None:
+    obj = kube.read(kube.batch().read_namespaced_job, name, job.metadata.namespace)
     if obj is None:
         return None
     owners = [r.get("uid") for r in (obj["metadata"].get("ownerReferences") or [])]
@@ -130,6 +133,15 @@ def _ensure_trainer_job(job: FineTuneJob, body: dict) -> None:
         kopf.info(body, reason="Suspending" if wants else "Resuming",
                   message=("suspended the trainer Job; its pods checkpoint on SIGTERM" if wants else
                            "resumed the trainer Job; training continues from the latest checkpoint"))
+
+
+def _ensure_comparison_job(job: FineTuneJob, body: dict) -> None:
+    manifest = comparison_job.build_comparison_job(job, settings.current.vllm_image,
+                                                   settings.current.gpu_hour_price)
+    batch = kube.batch()
+    kube.create(manifest, batch.create_namespaced_job, batch.read_namespaced_job)
+    kopf.info(body, reason="Comparing", message=f"created comparison Job {manifest['metadata']['name']}: "
+              "base vs fine-tuned through vLLM")
 
 
 def _patch_status(job: FineTuneJob, status: dict) -> None:
@@ -248,7 +260,12 @@ def _refresh_status_locked(namespace: str, name: str) -> None:
     trainer = _read_trainer_job(job)
     pods = _trainer_pods(trainer) if trainer else []
     recorded = json.loads(job.metadata.annotations.get(GPU_SECONDS_ANNOTATION) or "{}")
-    obs = derive(job, trainer, pods, now=now, recorded_gpu_seconds=recorded)
+    comparison = None
+    if job.spec.evaluation.comparison.enabled and trainer_completed(trainer):
+        comparison = _read_own_job(job, names.comparison_job(name))
+    obs = derive(job, trainer, pods, now=now, recorded_gpu_seconds=recorded, comparison_job=comparison)
+    if obs.phase is Phase.COMPARING and comparison is None:
+        _ensure_comparison_job(job, obj)
     if obs.phase is Phase.DEPLOYING:
         try:
             obs = _deploy(job, obs)
