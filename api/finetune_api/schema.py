@@ -1007,6 +1007,10 @@ TRAINER_REPORTING = obj("How the trainer reports progress.", {
     "metricsPort": integer("Port of the Prometheus /metrics server; unset: no server.",
                            minimum=1, maximum=65535),
     "statusInterval": number("Seconds between two status patches.", default=5.0, minimum=0),
+    "reviewConfigMap": string("ConfigMap (created by the operator, owned by the job) into which "
+                              "the comparison Job publishes the review page's material "
+                              "(comparison.json, loss.png, dataset.json); unset: not published.",
+                              min_length=1, max_length=SHORT),
 }, default={})
 
 _SPEC_MLFLOW, _SPEC_WANDB = TRACKING["properties"]["mlflow"], TRACKING["properties"]["wandb"]

@@ -69,6 +69,7 @@ class ReportingConfig:
     status_patch: bool = False
     metrics_port: Optional[int] = None
     status_interval: float = 5.0
+    review_config_map: Optional[str] = None
 
 
 @dataclass(kw_only=True)

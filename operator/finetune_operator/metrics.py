@@ -1,4 +1,5 @@
-"""The operator's Prometheus metrics, on their own registry, served on --metrics-port.
+"""The operator's Prometheus metrics, on their own registry, served on --metrics-port
+(by `review_http`, which serves the review pages on the same port).
 
 `METRIC_NAMES` is the one list of what the operator exports (dashboards and alert tests
 import it).
@@ -6,7 +7,7 @@ import it).
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 PREFIX = "finetune_operator"
 
@@ -48,12 +49,6 @@ job_duration = Histogram(
     registry=registry)
 gpu_seconds = Counter(_strip_total(GPU_SECONDS), "GPU seconds consumed by trainer pods.",
                     registry=registry)
-
-
-def serve(port: int) -> None:
-    """Serve /metrics on `port` (0 disables)."""
-    if port:
-        start_http_server(port, registry=registry)
 
 
 def set_job_counts(counts: dict[str, int], phases: tuple[str, ...]) -> None:

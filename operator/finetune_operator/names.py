@@ -63,3 +63,8 @@ def trainer_service(job_name: str) -> str:
 def comparison_job(job_name: str) -> str:
     """The comparison Job (base vs fine-tuned through vLLM), after the trainer Job completed."""
     return fit(job_name, "compare", limit=52)
+
+
+def review_config_map(job_name: str) -> str:
+    """What the comparison Job publishes for the review page (the operator serves it)."""
+    return fit(job_name, "review")

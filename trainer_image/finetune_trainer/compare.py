@@ -431,10 +431,14 @@ def run(cfg: TrainerConfig, *, gpu_hour_price: float = 0.0, gpus: int = 0) -> di
     status = comparison_status(report, str(report_path))
     if report.get("rows"):
         log.info("base vs fine-tuned:\n%s", render_table(report["rows"]))
+    material = review_material(cfg, report)
+    write_review_page(cfg, status, material)
     if cfg.reporting.status_patch:
         from .reporting import StatusPatcher
 
         StatusPatcher(cfg.job, 0).patch({"status": {"comparison": status}})
+        if cfg.reporting.review_config_map:
+            publish_review(cfg, material)
     return {"reason": "Compared" if status["state"] == "Measured" else "ComparisonUnavailable",
             "message": status["message"]}
 
@@ -486,3 +490,65 @@ def comparison_status(report: dict[str, Any], where: str) -> dict[str, Any]:
     if rows:
         status["rows"] = rows
     return status
+
+
+# --- the review page's material -------------------------------------------------------------------
+
+# A ConfigMap holds at most 1 MiB; keep well below it.
+REVIEW_BUDGET = 700_000
+ANSWER_CHARS = 2000
+
+
+def review_material(cfg: TrainerConfig, report: dict[str, Any]) -> dict[str, Any]:
+    """comparison.json (answers shortened to fit a ConfigMap), the dataset report, loss.png."""
+    from finetune_api import review
+
+    shown = {k: v for k, v in report.items() if k != "fingerprint"}
+    text = json.dumps(shown)
+    if len(text) > REVIEW_BUDGET:
+        cut = [{k: (v[:ANSWER_CHARS] + "…" if isinstance(v, str) and len(v) > ANSWER_CHARS else v)
+                for k, v in a.items()} for a in shown.get("answers") or []]
+        while cut and len(json.dumps({**shown, "answers": cut})) > REVIEW_BUDGET:
+            cut.pop()
+        shown = {**shown, "answers": cut, "shortened": True}
+        text = json.dumps(shown)
+    dataset_file = cfg.paths.reports / "dataset.json"
+    plot = cfg.paths.artifacts / "loss.png"
+    material: dict[str, Any] = {review.COMPARISON_KEY: text}
+    if dataset_file.is_file():
+        material[review.DATASET_KEY] = dataset_file.read_text()
+    if plot.is_file() and plot.stat().st_size < REVIEW_BUDGET // 4:
+        material[review.LOSS_PLOT_KEY] = plot.read_bytes()
+    return material
+
+
+def write_review_page(cfg: TrainerConfig, status: dict[str, Any], material: dict[str, Any]) -> Path:
+    """artifacts/report.html, next to the model card (self-contained, without forms)."""
+    from finetune_api import review
+
+    dataset = json.loads(material[review.DATASET_KEY]) if review.DATASET_KEY in material else None
+    job = {"metadata": {"name": cfg.job.name, "namespace": cfg.job.namespace},
+           "spec": {"model": {"source": cfg.model.source}, "method": {"type": cfg.method.type}},
+           "status": {"phase": "Comparing", "comparison": status}}
+    page = review.render(job, json.loads(material[review.COMPARISON_KEY]),
+                         loss_png=material.get(review.LOSS_PLOT_KEY), dataset=dataset)
+    path = cfg.paths.artifacts / review.REPORT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page)
+    return path
+
+
+def publish_review(cfg: TrainerConfig, material: dict[str, Any]) -> bool:
+    """Merge-patch the review ConfigMap the operator created (its Role allows only that one)."""
+    import base64
+
+    from .reporting import StatusPatcher
+
+    class ConfigMapPatcher(StatusPatcher):
+        @property
+        def url_path(self) -> str:
+            return f"/api/v1/namespaces/{self.job.namespace}/configmaps/{cfg.reporting.review_config_map}"
+
+    data = {k: v for k, v in material.items() if isinstance(v, str)}
+    binary = {k: base64.b64encode(v).decode() for k, v in material.items() if isinstance(v, bytes)}
+    return ConfigMapPatcher(cfg.job, 0).patch({"data": data, "binaryData": binary})

@@ -118,7 +118,8 @@ def build_trainer_config(job: FineTuneJob) -> dict:
         "output": output,
         "paths": {"root": WORKSPACE},
         "reporting": {"statusPatch": True, "metricsPort": TRAINER_METRICS_PORT,
-                      "statusInterval": STATUS_INTERVAL_SECONDS},
+                      "statusInterval": STATUS_INTERVAL_SECONDS,
+                      "reviewConfigMap": names.review_config_map(job.metadata.name)},
     }
     tracking = build_tracking_config(job)
     if tracking:

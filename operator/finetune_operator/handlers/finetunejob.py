@@ -21,7 +21,7 @@ from finetune_api.models import FineTuneJob
 from finetune_api.schema import GROUP, VERSION
 
 from finetune_operator import admission, kube, metrics, names, settings
-from finetune_operator.builders import comparison_job, identity, storage, trainer_config, trainer_job
+from finetune_operator.builders import comparison_job, identity, review, storage, trainer_config, trainer_job
 from finetune_operator.conditions import now_iso
 from finetune_operator.handlers import facts, records
 from finetune_operator.labels import FINETUNEJOB
@@ -77,6 +77,12 @@ def _ensure_config(job: FineTuneJob) -> None:
     if current.get("data") != body["data"] and not job.started:
         core.patch_namespaced_config_map(body["metadata"]["name"], job.metadata.namespace,
                                          {"data": body["data"]})
+
+
+def _ensure_review_config_map(job: FineTuneJob) -> None:
+    if job.spec.evaluation.comparison.enabled:
+        core = kube.core()
+        kube.create(review.build_review_config_map(job), core.create_namespaced_config_map)
 
 
 def _ensure_service(job: FineTuneJob) -> None:
@@ -188,6 +194,7 @@ def ensure_children(namespace: str, name: str) -> None:
             _ensure_claim(job)
             _ensure_identity(job)
             _ensure_config(job)
+            _ensure_review_config_map(job)
             _ensure_service(job)
             _ensure_trainer_job(job, obj)
     except (kopf.TemporaryError, kopf.PermanentError):
