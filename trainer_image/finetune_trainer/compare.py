@@ -538,7 +538,7 @@ def write_review_page(cfg: TrainerConfig, status: dict[str, Any], material: dict
     return path
 
 
-def publish_review(cfg: TrainerConfig, material: dict[str, Any]) -> bool:
+def publish_review(cfg: TrainerConfig, material: dict[str, Any], target=None) -> bool:
     """Merge-patch the review ConfigMap the operator created (its Role allows only that one)."""
     import base64
 
@@ -551,4 +551,4 @@ def publish_review(cfg: TrainerConfig, material: dict[str, Any]) -> bool:
 
     data = {k: v for k, v in material.items() if isinstance(v, str)}
     binary = {k: base64.b64encode(v).decode() for k, v in material.items() if isinstance(v, bytes)}
-    return ConfigMapPatcher(cfg.job, 0).patch({"data": data, "binaryData": binary})
+    return ConfigMapPatcher(cfg.job, 0, target).patch({"data": data, "binaryData": binary})
