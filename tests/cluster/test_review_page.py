@@ -55,11 +55,13 @@ def chromium() -> str:
     return found
 
 
-def browse(url: str, *args: str) -> subprocess.CompletedProcess:
-    """Headless Chromium with JavaScript off (the page must read without it)."""
+def browse(url: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
+    """Headless Chromium. Its --dump-dom and --screenshot need the browser's own JavaScript
+    (with --blink-settings=scriptEnabled=false they print and write nothing), so "readable
+    without JavaScript" is checked as: the page has no script and its Content-Security-Policy
+    forbids any."""
     return subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                           "--blink-settings=scriptEnabled=false", "--user-data-dir=" + str(Path("/tmp") /
-                           f"chromium-review-{urllib.parse.quote(url, safe='')[-40:]}"), *args, url],
+                           f"--user-data-dir={profile}", *args, url],
                           capture_output=True, text=True, timeout=120, check=True)
 
 
@@ -150,7 +152,12 @@ def test_the_review_page_shows_both_answers_in_chromium_and_records_verdicts_and
              == "True", timeout=30, what="the Compared condition to follow status.comparison")
 
     url = f"http://127.0.0.1:{operator.metrics_port}/jobs/{namespace}/{name}/report"
-    dom = browse(url, "--dump-dom").stdout
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Security-Policy"].startswith("default-src 'none'")
+    profile = tmp_path / "chromium"
+    dom = browse(url, profile, "--dump-dom").stdout
+    assert "<script" not in dom, "the page reads without JavaScript: it has none"
     parsed = Answers()
     parsed.feed(dom)
     assert len(parsed.items) == len(ANSWERS)
@@ -165,7 +172,7 @@ def test_the_review_page_shows_both_answers_in_chromium_and_records_verdicts_and
 
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     SCREENSHOT.unlink(missing_ok=True)
-    browse(url, f"--screenshot={SCREENSHOT}", "--window-size=1280,2200")
+    browse(url, profile, f"--screenshot={SCREENSHOT}", "--window-size=1280,2200")
     assert SCREENSHOT.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Recording needs a token whose user may update the job.
@@ -188,7 +195,7 @@ def test_the_review_page_shows_both_answers_in_chromium_and_records_verdicts_and
     assert recorded["answers"] == {"0": {"fine-tuned": {"style": "good"}, "base": {"factuality": "bad"}},
                                    "2": {"fine-tuned": {"safety": "good"}}}
     assert recorded["by"] == f"system:serviceaccount:{namespace}:reviewer"
-    assert 'name="fine-tuned-0-style" value="good" checked' in browse(url, "--dump-dom").stdout
+    assert 'name="fine-tuned-0-style" value="good" checked' in browse(url, profile, "--dump-dom").stdout
 
     # The approve button: the annotation the gate waits for.
     approval = f"http://127.0.0.1:{operator.metrics_port}/jobs/{namespace}/{name}/approval"
