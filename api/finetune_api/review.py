@@ -52,12 +52,18 @@ def _e(value: Any) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 
-def _num(value: Any) -> str:
+def format_value(value: Any) -> str:
+    """A table cell as text: 4 significant digits for floats, "-" when absent (the page and
+    the demo's text table)."""
     if value is None:
-        return "–"
+        return "-"
     if isinstance(value, float):
         return f"{value:.4g}"
-    return _e(value)
+    return str(value)
+
+
+def _num(value: Any) -> str:
+    return _e(format_value(value))
 
 
 def comparison_table(rows: list[Mapping[str, Any]]) -> str:

@@ -163,18 +163,12 @@ def render_table(rows: list[dict[str, Any]]) -> str:
                ("bleu", "BLEU"), ("rougeL", "ROUGE-L"), ("evalLoss", "eval loss"),
                ("latencyP50Ms", "p50 ms"), ("latencyP95Ms", "p95 ms"),
                ("outputTokensPerSecond", "tokens/s"), ("costPer1kOutputTokens", "cost/1K tok")]
+    from finetune_api.review import format_value
+
     shown = [(k, title) for k, title in columns if any(k in r for r in rows)]
-    cells = [[title for _, title in shown]] + [[_fmt(r.get(k)) for k, _ in shown] for r in rows]
+    cells = [[title for _, title in shown]] + [[format_value(r.get(k)) for k, _ in shown] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(shown))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
 
 
 def items_for(cfg: TrainerConfig, eval_records: list[dict], *, sample_size: int, seed: int) -> list[Item]:
