@@ -55,7 +55,7 @@ demo-down: ## stop and remove everything the demo started
 
 generate: ## regenerate CRDs, docs/api.md, the API package's models and trainer config, and golden files
 	$(PY) -m finetune_api.generate
-	UPDATE_GOLDEN=1 $(PY) -m pytest -q -m "not cluster and not slow" tests -k golden
+	UPDATE_GOLDEN=1 $(PY) -m pytest -q -m "not cluster and not slow" tests/unit
 
 bench: install ## benchmarks; results in bench/results/ and docs/benchmarks.md
 	$(PY) bench/run_all.py

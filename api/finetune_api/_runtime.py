@@ -219,9 +219,11 @@ class PathsConfigBehaviour:
     """Folders of the job volume (finetune_api.layout) under where it is mounted."""
 
     root: str
+    job_folder: str
 
     def _under(self, relative: str) -> Path:
-        return Path(layout.under(self.root, relative))
+        """A folder of the job's own output (under job_folder)."""
+        return Path(layout.under(layout.under(self.root, self.job_folder), relative))
 
     @property
     def checkpoints(self) -> Path:
@@ -248,7 +250,7 @@ class PathsConfigBehaviour:
         else is returned as it is."""
         source = parse_source(location)
         if source.scheme in (PVC, VOLUME):
-            return str(self._under(source.path))
+            return layout.under(self.root, source.path)
         return location
 
 

@@ -9,6 +9,12 @@
 | `data-cache/<digest>/` | the prepared (validated, cleaned, split) dataset |
 | `artifacts/README.md`, `artifacts/loss.png` | the model card and its loss curve |
 | `tracking/` | spec.tracking: TensorBoard event files, the W&B run folder, the MLflow run id |
+
+Every folder but `data/` and the Hugging Face cache is the job's own output. On a claim the
+job owns (`<name>-workspace`) it sits at the top of the volume; on a claim several jobs may
+share (`spec.storage.existingClaim`) it sits in `jobs/<job name>/` (`job_folder`), so two jobs
+on one claim never see each other's checkpoints or adapters (a job re-created under the same
+name finds its own again, as it does on a retained claim of its own).
 """
 
 from __future__ import annotations
@@ -29,6 +35,14 @@ REPORTS = "reports"
 DATA_CACHE = "data-cache"
 HF_CACHE = ".cache/huggingface"
 TRACKING = "tracking"
+
+
+SHARED_CLAIM_JOBS = "jobs"
+
+
+def job_folder(job_name: str, shared_claim: bool) -> str:
+    """Where a job's outputs live on its volume, relative to the volume's top ("" = the top)."""
+    return f"{SHARED_CLAIM_JOBS}/{job_name}" if shared_claim else ""
 
 
 def under(root: str, relative: str) -> str:

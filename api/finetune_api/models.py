@@ -544,6 +544,7 @@ class FineTuneJobStatus:
     gpu_hours: Optional[float] = None
     estimated_cost: Optional[str] = None
     trainer_job: Optional[str] = None
+    trainer_image: Optional[str] = None
     tracking: Optional[TrackingStatus] = None
     inference_service: Optional[Endpoint] = None
     comparison: Optional[ComparisonResult] = None

@@ -717,6 +717,9 @@ FINETUNEJOB_STATUS = obj("Observed state of a FineTuneJob, written by the operat
     "estimatedCost": string("Estimated cost of the GPU hours, with its currency (e.g. 12.40 USD).",
                             max_length=64),
     "trainerJob": string("Name of the trainer batch/v1 Job.", max_length=SHORT),
+    "trainerImage": string("The trainer image the first trainer Job ran, resolved once (spec.resources.image "
+                           "or the operator's --trainer-image); a Job created again (resume, Kueue, a new "
+                           "operator version) runs the same one.", max_length=LONG),
     "tracking": obj("The experiment trackers' runs (spec.tracking), written by the trainer.", {
         tracker: obj(f"The {tracker} run.", {
             "state": string("Logging, or Unavailable (the tracker could not be reached or failed; "
@@ -999,6 +1002,10 @@ TRAINER_JOB_REF = obj("The FineTuneJob the trainer reports to.", {
 TRAINER_PATHS = obj("Where the job volume is mounted (its layout: finetune_api.layout).", {
     "root": string("Mount path of the job volume.", default=layout.WORKSPACE, min_length=1,
                    max_length=LONG),
+    "jobFolder": string("This job's own folder on the volume, relative to root: checkpoints, "
+                        "artifacts, reports, the data cache and tracking files go there ('' is the "
+                        "volume's top, for a claim of the job's own; jobs/<name> on a shared "
+                        "storage.existingClaim).", default="", max_length=LONG),
 }, default={})
 
 TRAINER_REPORTING = obj("How the trainer reports progress.", {

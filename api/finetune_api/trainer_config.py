@@ -60,6 +60,7 @@ class PathsConfig(_runtime.PathsConfigBehaviour):
     """Where the job volume is mounted (its layout: finetune_api.layout)."""
 
     root: str = "/workspace"
+    job_folder: str = ""
 
 
 @dataclass(kw_only=True)

@@ -512,6 +512,15 @@ class Cluster:
             self.kubectl("patch", "node", node, "--subresource=status", "--type=merge",
                          "-p", json.dumps(manifests.node_status(node, node in GPU_NODES)))
 
+    def add_kwok_node(self, name: str, *, gpus: int) -> None:
+        """One more kwok GPU node, as an autoscaler would add to a pool (tests delete it)."""
+        from . import manifests
+
+        [node] = manifests.nodes((name,), ())
+        self.kubectl("apply", "-f", "-", input=json.dumps(node))
+        self.kubectl("patch", "node", name, "--subresource=status", "--type=merge",
+                     "-p", json.dumps(manifests.node_status(name, True, gpus)))
+
     # certificates ------------------------------------------------------------------
     def _openssl(self, *args: str) -> None:
         subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=self.pki)

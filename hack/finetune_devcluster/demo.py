@@ -125,6 +125,11 @@ class Demo:
         # Everything but the operator's own Deployment: the demo runs the operator as a local
         # process with the chart's ServiceAccount token instead.
         docs = [d for d in yaml.safe_load_all(rendered) if d and d["kind"] != "Deployment"]
+        # ...with the chart's leader-election arguments, so that the chart's Lease RBAC is what
+        # the demo's operator runs with (one replica here: it leads at once).
+        deployment = next(d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "Deployment")
+        leader_args = [a for a in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+                       if a.startswith("--leader-elect")]
         self.kubectl("apply", "-n", OPERATOR_NAMESPACE, "-f", "-",
                      input=json.dumps({"apiVersion": "v1", "kind": "List", "items": docs}))
         sa = next(d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount")
@@ -140,7 +145,7 @@ class Demo:
         log = open(self.state_dir / "operator.log", "ab")
         self.operator = subprocess.Popen(
             [sys.executable, "-m", "finetune_operator", "--metrics-port", str(self.metrics_port),
-             "--liveness-port", str(self.liveness_port)],
+             "--liveness-port", str(self.liveness_port), *leader_args],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             env={**os.environ, "KUBECONFIG": str(kubeconfig)})
         (self.state_dir / "operator.pid").write_text(str(self.operator.pid))
@@ -291,7 +296,11 @@ class Demo:
     def artifact_lines(self) -> str:
         """The model card and its loss curve on the job's claim (a host folder here)."""
         try:
-            artifacts = self.claim_path() / "artifacts"
+            from finetune_api.layout import ARTIFACTS, job_folder
+
+            # The quickstart trains on a claim of its own naming (storage.existingClaim): its
+            # outputs are in the job's folder there.
+            artifacts = self.claim_path() / job_folder(JOB, shared_claim=True) / ARTIFACTS
         except Exception:  # noqa: BLE001 - the endings are a courtesy; never fail the demo on them
             return ""
         lines = f"  model card: {artifacts / 'README.md'}\n"

@@ -1,8 +1,13 @@
 """Checks the schema cannot make: does what the spec names exist in the cluster, and can
-any node ever hold one trainer pod? Pure: the facts are gathered by the handler.
+any node hold one trainer pod? Pure: the facts are gathered by the handler.
 
-A missing Secret, claim or PriorityClass is retried (creating it later lets the job go
-on); a pod larger than the largest node fails the job, since waiting would not help.
+A missing Secret, claim or PriorityClass is retried (creating it later lets the job go on).
+A trainer pod larger than every current node is not a problem by default: GPU pools that
+scale from zero (cluster-autoscaler, Karpenter) or are provisioned through Kueue add nodes only
+for pods that exist and wait, so the Job is created and the job stays Pending with the
+scheduler's message (`capacity_note` says why up front). Failing for good instead is opt-in,
+for clusters that cannot grow (`--capacity-policy fail`). A job that already has a trainer Job
+is never failed by admission.
 """
 
 from __future__ import annotations
@@ -62,7 +67,24 @@ def claims_to_check(job: FineTuneJob) -> list[tuple[str, str]]:
 RETRY_NOTE = "the job starts as soon as it exists (checked again every few seconds)"
 
 
-def check(job: FineTuneJob, facts: ClusterFacts) -> Problem | None:
+CAPACITY_WAIT, CAPACITY_FAIL = "wait", "fail"
+CAPACITY_POLICIES = (CAPACITY_WAIT, CAPACITY_FAIL)
+
+
+def capacity_note(job: FineTuneJob, facts: ClusterFacts) -> str | None:
+    """Why no current node can run a trainer pod, or None when one can (or nobody knows)."""
+    gpus = job.spec.resources.gpus_per_node
+    if gpus <= 0 or facts.node_gpus is None:
+        return None
+    largest = max(facts.node_gpus, default=0)
+    if gpus <= largest:
+        return None
+    return (f"spec.resources.gpusPerNode is {gpus} but the largest current node has {largest} "
+            f"allocatable nvidia.com/gpu")
+
+
+def check(job: FineTuneJob, facts: ClusterFacts, *, capacity_policy: str = CAPACITY_WAIT,
+          has_trainer: bool = False) -> Problem | None:
     ns = job.metadata.namespace
     for where, ref in secret_refs(job):
         if ref.name not in facts.secrets:
@@ -90,12 +112,10 @@ def check(job: FineTuneJob, facts: ClusterFacts) -> Problem | None:
     if pc and facts.priority_classes is not None and pc not in facts.priority_classes:
         return Problem("PriorityClassNotFound", f"spec.resources.priorityClassName: PriorityClass "
                        f"{pc} does not exist; create it and {RETRY_NOTE}", True)
-    gpus = job.spec.resources.gpus_per_node
-    if gpus > 0 and facts.node_gpus is not None:
-        largest = max(facts.node_gpus, default=0)
-        if gpus > largest:
-            return Problem("InsufficientGPUCapacity",
-                           f"spec.resources.gpusPerNode is {gpus} but the largest node has {largest} "
-                           f"allocatable nvidia.com/gpu; no node can ever run a trainer pod. Lower "
-                           f"gpusPerNode (and raise nodes) and create the job again", False)
+    note = capacity_note(job, facts)
+    if note and capacity_policy == CAPACITY_FAIL and not has_trainer:
+        return Problem("InsufficientGPUCapacity",
+                       f"{note}, and this operator runs with --capacity-policy fail (the cluster cannot "
+                       f"grow): no node can run a trainer pod. Lower gpusPerNode (and raise nodes) and "
+                       f"create the job again", False)
     return None

@@ -32,9 +32,69 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trainer image when spec.resources.image is unset (default %(default)s)")
     p.add_argument("--vllm-image", default=defaults.vllm_image,
                    help="vLLM image when an InferenceService sets no spec.vllm.image (default %(default)s)")
+    p.add_argument("--capacity-policy", choices=["wait", "fail"], default=defaults.capacity_policy,
+                   help="a GPU request larger than every current node: wait for the cluster to grow "
+                        "(autoscaler, Karpenter, Kueue; default) or fail the job (clusters that cannot grow)")
     p.add_argument("--resync-seconds", type=float, default=defaults.resync_seconds,
                    help=argparse.SUPPRESS)
+    le = p.add_argument_group("leader election (several replicas, one active; client-go's semantics)")
+    le.add_argument("--leader-elect", action="store_true",
+                    help="run only while holding the Lease `finetune-operator`; stand by otherwise")
+    le.add_argument("--leader-election-namespace", default=defaults.leader_election_namespace,
+                    help="namespace of the Lease (default: $POD_NAMESPACE, required with --leader-elect)")
+    le.add_argument("--leader-election-id", default="finetune-operator", help="name of the Lease (default %(default)s)")
+    le.add_argument("--leader-election-lease-duration", type=float, default=15.0, metavar="SECONDS",
+                    help="how long a standby waits after the last renewal it saw (default %(default)s)")
+    le.add_argument("--leader-election-renew-deadline", type=float, default=10.0, metavar="SECONDS",
+                    help="a leader that could not renew for this long exits (default %(default)s)")
+    le.add_argument("--leader-election-retry-period", type=float, default=2.0, metavar="SECONDS",
+                    help="how often to try to acquire or renew (default %(default)s)")
     return p
+
+
+def _lease_config(p: argparse.ArgumentParser, args: argparse.Namespace):
+    from finetune_operator.leader import LeaseConfig
+
+    if not args.leader_election_namespace:
+        p.error("--leader-elect needs --leader-election-namespace (or $POD_NAMESPACE)")
+    try:
+        return LeaseConfig(namespace=args.leader_election_namespace, name=args.leader_election_id,
+                           lease_duration=args.leader_election_lease_duration,
+                           renew_deadline=args.leader_election_renew_deadline,
+                           retry_period=args.leader_election_retry_period)
+    except ValueError as exc:
+        p.error(str(exc))
+
+
+class _StandbyHealth:
+    """/healthz while this replica stands by (kopf, which serves it when leading, is not running)."""
+
+    def __init__(self, port: int) -> None:
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                ok = self.path.split("?")[0] == "/healthz"
+                body = b'{"standby": true}' if ok else b"not found"
+                self.send_response(200 if ok else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("0.0.0.0", port), Handler) if port else None
+        if self.server:
+            self.server.allow_reuse_address = True
+            threading.Thread(target=self.server.serve_forever, name="standby-health", daemon=True).start()
+
+    def close(self) -> None:
+        if self.server:
+            self.server.shutdown()
+            self.server.server_close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,14 +107,21 @@ def main(argv: list[str] | None = None) -> int:
     settings.current = settings.OperatorConfig(
         namespaces=args.namespaces, metrics_port=args.metrics_port, liveness_port=args.liveness_port,
         log_level=args.log_level, gpu_hour_price=args.gpu_hour_price, trainer_image=args.trainer_image,
-        vllm_image=args.vllm_image,
+        vllm_image=args.vllm_image, capacity_policy=args.capacity_policy,
         resync_seconds=args.resync_seconds)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import kopf
 
     import finetune_operator.main  # noqa: F401 - registers the handlers with the settings above
+    from finetune_operator import metrics
 
+    elector = stop = None
+    if args.leader_elect:
+        elector, stop = _lead_or_wait(_lease_config(build_parser(), args), args)
+        if elector is None:
+            return 0
+    metrics.leader.set(1)
     liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None
     try:
         asyncio.run(kopf.operator(
@@ -62,4 +129,37 @@ def main(argv: list[str] | None = None) -> int:
             liveness_endpoint=liveness, standalone=True))
     except KeyboardInterrupt:
         pass
+    finally:
+        if elector is not None:
+            stop.set()
+            elector.release()
     return 0
+
+
+def _lead_or_wait(config, args: argparse.Namespace):
+    """Stand by (serving /healthz and /metrics) until this replica holds the Lease; then keep
+    renewing it in a thread that ends the process if it is lost. (None, None) when stopped
+    by SIGTERM/SIGINT while standing by."""
+    import signal
+    import threading
+
+    from finetune_operator import kube, metrics, review_http
+    from finetune_operator.leader import LeaderElector, LeaseAPI, exit_when_lost
+
+    review_http.serve(args.metrics_port)
+    metrics.leader.set(0)
+    elector = LeaderElector(config, LeaseAPI(kube.api(), config.namespace, config.name))
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    health = _StandbyHealth(args.liveness_port)
+    try:
+        leading = elector.acquire(stop)
+    finally:
+        health.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not leading:
+        return None, None
+    renewing = threading.Event()
+    exit_when_lost(elector, renewing)
+    return elector, renewing

@@ -19,10 +19,12 @@ TIME_TO_TRAINING_START = f"{PREFIX}_time_to_training_start_seconds"
 JOB_DURATION = f"{PREFIX}_job_duration_seconds"
 # In seconds, Prometheus's base unit (promtool check metrics flags "hours"); the dashboard divides.
 GPU_SECONDS = f"{PREFIX}_gpu_seconds_total"
+# 1 while this replica holds the leader Lease (or runs without leader election), else 0.
+LEADER = f"{PREFIX}_leader"
 
 METRIC_NAMES: tuple[str, ...] = (
     JOBS, PHASE_TRANSITIONS, RECONCILE_DURATION, RECONCILE_ERRORS,
-    TIME_TO_TRAINING_START, JOB_DURATION, GPU_SECONDS,
+    TIME_TO_TRAINING_START, JOB_DURATION, GPU_SECONDS, LEADER,
 )
 
 registry = CollectorRegistry()
@@ -49,6 +51,8 @@ job_duration = Histogram(
     registry=registry)
 gpu_seconds = Counter(_strip_total(GPU_SECONDS), "GPU seconds consumed by trainer pods.",
                     registry=registry)
+leader = Gauge(LEADER, "1 while this replica leads (holds the Lease, or runs without leader election).",
+               registry=registry)
 
 
 def set_job_counts(counts: dict[str, int], phases: tuple[str, ...]) -> None:

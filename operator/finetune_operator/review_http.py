@@ -200,11 +200,17 @@ class Handler(BaseHTTPRequestHandler):
         self._send(HTTPStatus.SEE_OTHER, b"", "text/plain", {"Location": f"/jobs/{namespace}/{name}/report"})
 
 
+_servers: dict[int, ThreadingHTTPServer] = {}
+
+
 def serve(port: int) -> ThreadingHTTPServer | None:
-    """Serve /metrics and the review pages on `port` (0 disables), in a daemon thread."""
+    """Serve /metrics and the review pages on `port` (0 disables), in a daemon thread; a
+    second call for the same port (a standby replica that became leader) does nothing."""
     if not port:
         return None
-    server = ThreadingHTTPServer(("", port), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
-    return server
+    if port not in _servers:
+        server = ThreadingHTTPServer(("", port), Handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+        _servers[port] = server
+    return _servers[port]

@@ -28,6 +28,11 @@ class OperatorConfig:
     resync_seconds: float = 10.0
     # A Secret or claim the spec names does not exist yet: check again after this many seconds.
     admission_retry_seconds: float = 10.0
+    # A GPU request larger than every current node: "wait" (create the Job; autoscalers and
+    # Kueue add nodes for pending pods) or "fail" (clusters that cannot grow).
+    capacity_policy: str = "wait"
+    # Where the leader-election Lease lives by default (the chart sets POD_NAMESPACE).
+    leader_election_namespace: str = ""
 
     @classmethod
     def from_env(cls) -> "OperatorConfig":
@@ -37,6 +42,7 @@ class OperatorConfig:
             vllm_image=os.environ.get("FINETUNE_VLLM_IMAGE", DEFAULT_VLLM_IMAGE),
             gpu_hour_price=float(os.environ.get("FINETUNE_GPU_HOUR_PRICE", "0") or 0),
             resync_seconds=float(os.environ.get("FINETUNE_RESYNC_SECONDS", "10") or 10),
+            leader_election_namespace=os.environ.get("POD_NAMESPACE", ""),
         )
 
 
@@ -65,5 +71,6 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
     # `kubectl delete ftj` hung for a minute now and then (the lifecycle suite's deletion test
     # flaked on it). Look again every second instead.
     settings.background.cancellation_polling = 1.0
-    # One operator per cluster (the chart runs one replica with strategy Recreate).
+    # kopf's own peering is off: with several replicas, only the holder of the leader Lease
+    # runs kopf at all (leader.py, --leader-elect); a standby makes no request but the Lease's.
     settings.peering.standalone = True

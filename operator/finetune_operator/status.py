@@ -218,6 +218,14 @@ def derive(job: FineTuneJob, trainer_job: dict | None, pods: list[dict], *, now:
         return Observation(phase, reason, message, gpu_seconds, attempts, restarts, first_running)
 
     current = Phase(job.status.phase) if job.status.phase in PHASES else Phase.PENDING
+    if late_deploy(job):
+        return obs(Phase.DEPLOYING, "DeployRequested", "spec.deploy was set after training: deploying the model")
+    if current is Phase.DEPLOYING:
+        # Training is over; only the deployment's observation moves the job on (never back to
+        # training, even when the finished trainer Job is gone).
+        return obs(Phase.DEPLOYING, "TrainingCompleted", "training completed; deploying the model")
+    if current in (Phase.COMPARING, Phase.AWAITING_APPROVAL):
+        return _after_training(job, comparison_job, obs)  # the same: never back to training
     if current.terminal:
         c = find([_cond_dict(c) for c in job.status.conditions], FAILED if current is Phase.FAILED else SUCCEEDED)
         return obs(current, (c or {}).get("reason", current.value), (c or {}).get("message", ""))
@@ -362,6 +370,19 @@ def comparison_condition(job: FineTuneJob, comparison_job: dict | None) -> Condi
     return None
 
 
+def late_deploy(job: FineTuneJob) -> bool:
+    """A Succeeded job whose spec.deploy was added (or changed to another server) after it
+    finished: it deploys now."""
+    if job.status.phase != Phase.SUCCEEDED.value or not job.spec.deploy:
+        return False
+    if job.spec.deploy.require_approval and \
+            (job.metadata.annotations.get(APPROVED_ANNOTATION) or "").strip().lower() != "true":
+        return False  # rejected (or never approved): adding deploy does not bypass the gate
+    served_by = job.status.inference_service.name if job.status.inference_service else None
+    wanted = job.spec.deploy.inference_service or job.metadata.name
+    return served_by != wanted
+
+
 def _cond_dict(c) -> dict:
     return {"type": c.type, "status": c.status, "reason": c.reason, "message": c.message,
             "lastTransitionTime": c.last_transition_time}
@@ -501,6 +522,11 @@ def admission_status(job: FineTuneJob, problem, existing_conditions: list[dict],
                 "observedGeneration": generation, "phase": job.status.phase or Phase.PENDING.value}
     updates = [ConditionUpdate(ADMITTED, FALSE, problem.reason, problem.message)]
     phase = Phase.PENDING
+    admitted = find(existing_conditions, ADMITTED) or {}
+    if problem.retryable and job.status.phase == phase.value and (
+            admitted.get("status"), admitted.get("reason"), admitted.get("message")) == (
+            FALSE, problem.reason, problem.message):
+        return None  # still waiting for the same thing: nothing to write, nothing to announce
     if not problem.retryable:
         updates.append(ConditionUpdate(FAILED, TRUE, problem.reason, problem.message))
         phase = Phase.FAILED

@@ -104,11 +104,40 @@ def test_children_are_created_and_a_kwok_run_succeeds(cluster, namespace, operat
         or "finetune_operator_phase_transitions_total" in operator.metrics()
 
 
-def test_more_gpus_than_any_node_fails_with_insufficient_capacity(cluster, namespace, operator):
+def events(cluster, namespace, name) -> list[dict]:
+    return get_json(cluster, "events", "-n", namespace, "--field-selector",
+                    f"involvedObject.kind=FineTuneJob,involvedObject.name={name}")["items"]
+
+
+def test_more_gpus_than_any_node_waits_for_the_cluster_to_grow(cluster, namespace, operator):
+    """A pool that scales from zero: the Job and its pod exist (an autoscaler adds nodes only for
+    pending pods), and the job is Pending with the scheduler's own message, never Failed."""
+    apply(cluster, namespace, ftj("huge", resources={"gpusPerNode": 16}))
+    wait_phase(cluster, namespace, "huge", "Pending", reason="Unschedulable")
+
+    def schedulers_gpu_message():  # once the claim is bound, kube-scheduler's "Insufficient nvidia.com/gpu"
+        s = status(cluster, namespace, "huge")
+        running = next((c for c in s.get("conditions", []) if c["type"] == "Running"), {})
+        return s.get("phase") == "Pending" and "nvidia.com/gpu" in running.get("message", "")
+    wait_for(schedulers_gpu_message, timeout=60, what="the scheduler's GPU message in the status")
+    assert len(trainer_jobs(cluster, namespace, "huge")) == 1
+    warned = [e for e in events(cluster, namespace, "huge") if e["reason"] == "WaitingForGPUCapacity"]
+    assert len(warned) == 1 and "largest current node has 8" in warned[0]["message"]
+    # A node with 16 GPUs joins (what cluster-autoscaler or Karpenter would do): the pod runs.
+    cluster.add_kwok_node("gpu-node-big", gpus=16)
+    try:
+        wait_for(lambda: status(cluster, namespace, "huge").get("phase") in ("Validating", "Training", "Succeeded"),
+                 timeout=120, what="the job to start once a node fits")
+    finally:
+        cluster.kubectl("delete", "node", "gpu-node-big", check=False)
+
+
+@pytest.mark.operator_args("--capacity-policy", "fail")
+def test_more_gpus_than_any_node_fails_when_the_cluster_cannot_grow(cluster, namespace, operator):
     apply(cluster, namespace, ftj("huge", resources={"gpusPerNode": 16}))
     s = wait_phase(cluster, namespace, "huge", "Failed", reason="InsufficientGPUCapacity")
     cond = next(c for c in s["conditions"] if c["type"] == "Admitted")
-    assert cond["status"] == "False" and "largest node has 8" in cond["message"]
+    assert cond["status"] == "False" and "largest current node has 8" in cond["message"]
     assert trainer_jobs(cluster, namespace, "huge") == []
     assert cluster.kubectl("get", "pvc", "huge-workspace", "-n", namespace, check=False).returncode != 0
 
@@ -117,11 +146,22 @@ def test_missing_secret_waits_and_creating_it_lets_the_job_start(cluster, namesp
     apply(cluster, namespace, ftj("tok", model={"tokenSecretRef": {"name": "hf"}}, resources={"nodeSelector": NOWHERE}))
     wait_phase(cluster, namespace, "tok", "Pending", reason="SecretNotFound")
     assert trainer_jobs(cluster, namespace, "tok") == []
+    # Waiting is quiet: the operator re-checks on every admission retry, but announces the
+    # problem once (no Warning event and no status write per retry).
+    first = status(cluster, namespace, "tok")
+    wait_for(lambda: _admission_retries(operator) >= 3, timeout=60, what="three admission retries")
+    assert status(cluster, namespace, "tok")["conditions"] == first["conditions"]
+    assert [e["count"] if e.get("count") else 1 for e in events(cluster, namespace, "tok")
+            if e["reason"] == "SecretNotFound"] == [1]
     cluster.kubectl("create", "secret", "generic", "hf", "--from-literal=token=hf_SECRET123", "-n", namespace)
     wait_for(lambda: trainer_jobs(cluster, namespace, "tok"), timeout=60, what="the trainer Job once the Secret exists")
     cm = get_json(cluster, "cm", "tok-trainer-config", "-n", namespace)
     assert "hf_SECRET123" not in cm["data"]["config.json"]
     assert json.loads(cm["data"]["config.json"])["model"]["tokenEnv"] == "HF_TOKEN"
+
+
+def _admission_retries(operator) -> int:
+    return operator.log.read_text().count("does not exist; create it")
 
 
 def test_unschedulable_pod_is_reported_with_the_schedulers_message(cluster, namespace, operator):
@@ -234,3 +274,73 @@ def test_ttl_after_finished_deletes_the_job_and_keeps_a_retained_claim(cluster, 
     events = cluster.kubectl("get", "events", "-n", namespace, "--field-selector",
                              "involvedObject.name=short").stdout
     assert "Expired" in events
+
+
+def test_a_job_recreated_under_the_same_name_never_adopts_the_old_ones_children(cluster, namespace, operator):
+    """#14 item 6: the new job adopted the old one's ServiceAccount, Role, RoleBinding and ConfigMap
+    on 409, and the garbage collector then deleted them under it. A finalizer on the old
+    ConfigMap holds it (as a slow garbage collector would) while the job is re-created."""
+    apply(cluster, namespace, ftj("again", resources={"nodeSelector": NOWHERE}))
+    wait_for(lambda: trainer_jobs(cluster, namespace, "again"), timeout=90, what="the first trainer Job")
+    old_uid = get_json(cluster, "ftj", "again", "-n", namespace)["metadata"]["uid"]
+    cluster.kubectl("patch", "cm", "again-trainer-config", "-n", namespace, "--type=merge",
+                    "-p", json.dumps({"metadata": {"finalizers": ["test.finetune.dev/hold"]}}))
+    cluster.kubectl("delete", "ftj", "again", "-n", namespace, "--wait=true", "--timeout=60s")
+    apply(cluster, namespace, ftj("again", resources={"nodeSelector": NOWHERE}))
+    new_uid = get_json(cluster, "ftj", "again", "-n", namespace)["metadata"]["uid"]
+    assert new_uid != old_uid
+    wait_for(lambda: "still belongs to an earlier FineTuneJob again" in operator.log.read_text(), timeout=60,
+             what="the operator to wait for the old ConfigMap instead of adopting it")
+    assert all(j["metadata"]["ownerReferences"][0]["uid"] != new_uid for j in trainer_jobs(cluster, namespace, "again"))
+    cluster.kubectl("patch", "cm", "again-trainer-config", "-n", namespace, "--type=merge",
+                    "-p", json.dumps({"metadata": {"finalizers": None}}))
+
+    def owned_by_new():
+        jobs = trainer_jobs(cluster, namespace, "again")
+        return jobs and all(j["metadata"]["ownerReferences"][0]["uid"] == new_uid for j in jobs)
+    wait_for(owned_by_new, timeout=90, what="the new job's own trainer Job")
+    for kind, name in (("serviceaccount", "again-trainer"), ("role", "again-trainer"),
+                       ("rolebinding", "again-trainer"), ("configmap", "again-trainer-config")):
+        obj = get_json(cluster, kind, name, "-n", namespace)
+        assert [r["uid"] for r in obj["metadata"]["ownerReferences"]] == [new_uid], (kind, obj["metadata"])
+
+
+def test_deploy_added_to_a_succeeded_job_deploys_it(cluster, namespace, operator):
+    """#14 item 4: spec.deploy added after training did nothing. The InferenceService's pods run
+    on a kwok GPU node (Ready at once; no vLLM runs there)."""
+    apply(cluster, namespace, ftj("late"))
+    wait_phase(cluster, namespace, "late", "Succeeded")
+    cluster.kubectl("patch", "ftj", "late", "-n", namespace, "--type=merge", "-p", json.dumps(
+        {"spec": {"deploy": {"inferenceService": "late-server", "gpus": 1}}}))
+
+    def deployed():
+        s = status(cluster, namespace, "late")
+        return s.get("phase") == "Succeeded" and (s.get("inferenceService") or {}).get("name") == "late-server" and s
+    s = wait_for(deployed, timeout=180, what="the late deploy to be served")
+    isvc = get_json(cluster, "inferenceservice", "late-server", "-n", namespace)
+    assert [a["fineTuneJobRef"]["name"] for a in isvc["spec"]["adapters"]] == ["late"]
+    assert next(c for c in s["conditions"] if c["type"] == "Succeeded")["reason"] == "Deployed"
+    assert len(trainer_jobs(cluster, namespace, "late")) == 1, "deploying never trains again"
+    reasons = {e["reason"] for e in events(cluster, namespace, "late")}
+    assert "Deploying" in reasons
+
+
+def test_a_recreated_trainer_job_runs_the_image_resolved_first(cluster, namespace, operator):
+    """#14 item 8: the trainer image was resolved again whenever the Job was re-created (a job
+    resumed by Kueue could switch trainer versions after an operator upgrade)."""
+    apply(cluster, namespace, ftj("pinned", resources={"nodeSelector": NOWHERE}))
+    (first,) = wait_for(lambda: trainer_jobs(cluster, namespace, "pinned"), timeout=90, what="the trainer Job")
+    wait_for(lambda: status(cluster, namespace, "pinned").get("trainerImage") == "finetune-trainer:test",
+             timeout=60, what="status.trainerImage")
+    operator.extra_args = [*operator.extra_args, "--trainer-image", "finetune-trainer:upgraded"]
+    operator.restart()
+    cluster.kubectl("delete", "job", first["metadata"]["name"], "-n", namespace, "--cascade=foreground",
+                    "--wait=true", "--timeout=60s")
+
+    def recreated():
+        jobs = [j for j in trainer_jobs(cluster, namespace, "pinned")
+                if j["metadata"]["uid"] != first["metadata"]["uid"]]
+        return jobs and jobs[0]
+    again = wait_for(recreated, timeout=90, what="the trainer Job created again")
+    assert again["spec"]["template"]["spec"]["containers"][0]["image"] == "finetune-trainer:test"
+    assert status(cluster, namespace, "pinned")["trainerImage"] == "finetune-trainer:test"

@@ -45,6 +45,11 @@ DASHBOARD = REPO_ROOT / "charts" / "finetune-operator" / "files" / "dashboard.js
 DOCS_PNG = REPO_ROOT / "docs" / "img" / "dashboard.png"
 TRAINER_METRICS_PORT = 9400
 RATE_INTERVAL = "1m"
+# promtool's lints of vLLM's upstream metric names (not this project's to fix).
+UPSTREAM_VLLM_LINTS = (
+    "metric names should not contain ':'",
+    'vllm:iteration_tokens_total non-counter metrics should not have "_total" suffix',
+)
 
 
 def panel_queries() -> list[tuple[str, str]]:
@@ -120,8 +125,6 @@ def render_png(panels: list[tuple[str, list[tuple[str, list[dict]]]]], path: Pat
     plt.close(fig)
 
 
-@pytest.mark.xfail(strict=False, reason="KNOWN FAILING, issue #20: never completed a green run yet (first failure in "
-                   "the full suite on 2026-11-30 not diagnosed); runs and reports, does not gate CI")
 def test_dashboard_queries_return_data_from_a_live_prometheus(tmp_path):
     # Budgets for a 2-core machine shared with other work (training is CPU-bound here).
     demo = Demo(tmp_path / "demo", metrics_port=free_port(), liveness_port=free_port(), timeout=2400)
@@ -172,10 +175,11 @@ def test_dashboard_queries_return_data_from_a_live_prometheus(tmp_path):
 
         vllm_metrics = urllib.request.urlopen(f"http://127.0.0.1:{VLLM_PORT}/metrics", timeout=10).read()
         check = subprocess.run([str(promtool), "check", "metrics"], input=vllm_metrics, capture_output=True)
-        # vLLM names its metrics `vllm:*` upstream (a recording-rule style promtool lints); that
-        # lint is vLLM's to fix, every other problem in its exposition fails the test.
+        # vLLM's own exposition has upstream naming lints, vLLM's to fix: names `vllm:*` (a
+        # recording-rule style) and one histogram named `..._total`. Exactly those are accepted
+        # (UPSTREAM_VLLM_LINTS); every other problem in its exposition fails the test.
         problems = [line for line in (check.stdout + check.stderr).decode().splitlines()
-                    if line.strip() and "metric names should not contain ':'" not in line]
+                    if line.strip() and not any(lint in line for lint in UPSTREAM_VLLM_LINTS)]
         assert not problems, "\n".join(problems)[-3000:]
         operator_metrics = urllib.request.urlopen(f"http://127.0.0.1:{demo.metrics_port}/metrics", timeout=10).read()
         check = subprocess.run([str(promtool), "check", "metrics"], input=operator_metrics, capture_output=True)

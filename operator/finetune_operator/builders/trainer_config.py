@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from finetune_api.layout import OTHER_CLAIMS_DIR, WORKSPACE
+from finetune_api.layout import OTHER_CLAIMS_DIR, WORKSPACE, job_folder
 from finetune_api.models import FineTuneJob, to_dict
 from finetune_api.schema import API_VERSION, TRAINER_CONFIG_KIND, MethodType
 from finetune_api.sources import PVC, parse_source
@@ -116,7 +116,8 @@ def build_trainer_config(job: FineTuneJob) -> dict:
         "training": to_dict(spec.training),
         "evaluation": to_dict(spec.evaluation),
         "output": output,
-        "paths": {"root": WORKSPACE},
+        "paths": {"root": WORKSPACE,
+                  "jobFolder": job_folder(job.metadata.name, shared_claim=bool(spec.storage.existing_claim))},
         "reporting": {"statusPatch": True, "metricsPort": TRAINER_METRICS_PORT,
                       "statusInterval": STATUS_INTERVAL_SECONDS,
                       "reviewConfigMap": names.review_config_map(job.metadata.name)},

@@ -28,11 +28,12 @@ from finetune_operator.labels import FINETUNEJOB
 from finetune_operator.locks import KeyedLocks
 from finetune_operator.status import (
     GPU_SECONDS_ANNOTATION, Observation, Phase, admission_status, deployment_failed,
-    deployment_observation, derive, parse_time, status_patch, trainer_completed,
+    deployment_observation, derive, late_deploy, parse_time, status_patch, trainer_completed,
 )
 
 PLURAL = "finetunejobs"
 log = logging.getLogger("finetune_operator.finetunejob")
+TRAINED = (Phase.COMPARING.value, Phase.AWAITING_APPROVAL.value, Phase.DEPLOYING.value, Phase.SUCCEEDED.value)
 
 # One reconciliation at a time per FineTuneJob (spec handler, timer and watch events all
 # write status; they must not interleave their read-modify-write of the conditions list).
@@ -61,19 +62,39 @@ def _ensure_claim(job: FineTuneJob) -> None:
             {"metadata": {"ownerReferences": desired or None}}, _content_type=kube.MERGE_PATCH)
 
 
+def _create_owned(job: FineTuneJob, body: dict, create, read) -> dict:
+    """Create a child; on 409 return the one there, but only if this job (its uid) owns it. A
+    child of an earlier FineTuneJob of the same name (deleted, then re-created) is the garbage
+    collector's to delete: adopting it would lose it under the new job, so wait for it to go."""
+    current = kube.create(body, create, read)
+    if current is None:  # deleted between the 409 and the read
+        raise kopf.TemporaryError(f"{body['kind']} {body['metadata']['name']} is being deleted", delay=2)
+    owners = (current.get("metadata") or {}).get("ownerReferences") or []
+    if job.metadata.uid not in [r.get("uid") for r in owners]:
+        previous = [r.get("uid") for r in owners if r.get("kind") == "FineTuneJob"]
+        why = (f"still belongs to an earlier FineTuneJob {job.metadata.name} (uid {previous[0]}); waiting for "
+               "the garbage collector to delete it" if previous else
+               "exists and is not this FineTuneJob's; delete or rename it")
+        raise kopf.TemporaryError(f"{body['kind']} {body['metadata']['name']} {why}", delay=2 if previous else 30)
+    return current
+
+
 def _ensure_identity(job: FineTuneJob) -> None:
     core, rbac = kube.core(), kube.rbac()
-    kube.create(identity.build_service_account(job), core.create_namespaced_service_account)
+    _create_owned(job, identity.build_service_account(job), core.create_namespaced_service_account,
+                  core.read_namespaced_service_account)
     role = identity.build_role(job)
-    if kube.create(role, rbac.create_namespaced_role, rbac.read_namespaced_role)["rules"] != role["rules"]:
+    current = _create_owned(job, role, rbac.create_namespaced_role, rbac.read_namespaced_role)
+    if current["rules"] != role["rules"]:
         rbac.patch_namespaced_role(role["metadata"]["name"], job.metadata.namespace, {"rules": role["rules"]})
-    kube.create(identity.build_role_binding(job), rbac.create_namespaced_role_binding)
+    _create_owned(job, identity.build_role_binding(job), rbac.create_namespaced_role_binding,
+                  rbac.read_namespaced_role_binding)
 
 
 def _ensure_config(job: FineTuneJob) -> None:
     body = trainer_config.build_config_map(job)
     core = kube.core()
-    current = kube.create(body, core.create_namespaced_config_map, core.read_namespaced_config_map)
+    current = _create_owned(job, body, core.create_namespaced_config_map, core.read_namespaced_config_map)
     if current.get("data") != body["data"] and not job.started:
         core.patch_namespaced_config_map(body["metadata"]["name"], job.metadata.namespace,
                                          {"data": body["data"]})
@@ -88,7 +109,7 @@ def _ensure_review_config_map(job: FineTuneJob) -> None:
 def _ensure_service(job: FineTuneJob) -> None:
     body = trainer_job.build_headless_service(job)
     if body is not None:
-        kube.create(body, kube.core().create_namespaced_service)
+        _create_owned(job, body, kube.core().create_namespaced_service, kube.core().read_namespaced_service)
 
 
 def _read_trainer_job(job: FineTuneJob) -> dict | None:
@@ -99,8 +120,11 @@ def _read_own_job(job: FineTuneJob, name: str) -> dict | None:
     obj = kube.read(kube.batch().read_namespaced_job, name, job.metadata.namespace)
     if obj is None:
         return None
-    owners = [r.get("uid") for r in (obj["metadata"].get("ownerReferences") or [])]
-    if job.metadata.uid not in owners:
+    refs = obj["metadata"].get("ownerReferences") or []
+    if job.metadata.uid not in [r.get("uid") for r in refs]:
+        if any(r.get("kind") == "FineTuneJob" for r in refs):
+            raise kopf.TemporaryError(f"Job {obj['metadata']['name']} still belongs to an earlier FineTuneJob "
+                                      f"{job.metadata.name}; waiting for the garbage collector to delete it", delay=2)
         raise kopf.TemporaryError(f"Job {obj['metadata']['name']} exists but belongs to another "
                                   "object; delete it or rename this FineTuneJob", delay=30)
     return obj
@@ -118,12 +142,14 @@ def _ensure_trainer_job(job: FineTuneJob, body: dict) -> None:
     if current is None:
         if job.spec.suspend and (queued or job.status.trainer_job):
             return  # suspended before (re)creation; the Job is created on resume
-        manifest = trainer_job.build_trainer_job(job, settings.current.trainer_image)
+        manifest = trainer_job.build_trainer_job(job, _trainer_image(job))
         current = kube.create(manifest, batch.create_namespaced_job, batch.read_namespaced_job)
         kopf.info(body, reason="TrainerJobCreated", message=f"created trainer Job {manifest['metadata']['name']}")
-    if not job.status.start_time or job.status.trainer_job != current["metadata"]["name"]:
+    image = job.status.trainer_image or current["spec"]["template"]["spec"]["containers"][0]["image"]
+    if not job.status.start_time or job.status.trainer_job != current["metadata"]["name"] \
+            or job.status.trainer_image != image:
         _patch_status(job, {"startTime": job.status.start_time or current["metadata"]["creationTimestamp"],
-                            "trainerJob": current["metadata"]["name"]})
+                            "trainerJob": current["metadata"]["name"], "trainerImage": image})
     wants = job.spec.suspend
     if queued:
         # Kueue owns the Job's suspend; suspending a queued job deletes its Job instead
@@ -150,6 +176,11 @@ def _ensure_comparison_job(job: FineTuneJob, body: dict) -> None:
               "base vs fine-tuned through vLLM")
 
 
+def _trainer_image(job: FineTuneJob) -> str:
+    """The image resolved when the first trainer Job was created; resolved now otherwise."""
+    return job.status.trainer_image or job.spec.resources.image or settings.current.trainer_image
+
+
 def _patch_status(job: FineTuneJob, status: dict) -> None:
     kube.patch_status(PLURAL, job.metadata.namespace, job.metadata.name, status)
 
@@ -159,8 +190,12 @@ def _patch_status(job: FineTuneJob, status: dict) -> None:
 
 def _admit(job: FineTuneJob, body: dict, obj: dict) -> bool:
     """Write the admission's outcome and say whether the job may go on; raise TemporaryError to
-    be called again when the problem may go away (a missing Secret or claim)."""
-    problem = admission.check(job, facts.gather(job))
+    be called again when the problem may go away (a missing Secret or claim). A status patch
+    and an event only when the outcome changes, not on every retry."""
+    cluster = facts.gather(job)
+    has_trainer = bool(job.status.trainer_job) or _read_trainer_job(job) is not None
+    problem = admission.check(job, cluster, capacity_policy=settings.current.capacity_policy,
+                              has_trainer=has_trainer)
     patch = admission_status(job, problem, (obj.get("status") or {}).get("conditions") or [],
                              now=now_iso())
     if patch is not None:
@@ -168,9 +203,16 @@ def _admit(job: FineTuneJob, body: dict, obj: dict) -> bool:
     if problem is None:
         if patch is not None:
             kopf.info(body, reason="Admitted", message="the spec's references exist; creating the trainer")
+            note = admission.capacity_note(job, cluster)
+            if note and not has_trainer:
+                kopf.warn(body, reason="WaitingForGPUCapacity",
+                          message=f"{note}; creating the trainer Job anyway, so that an autoscaler or "
+                                  "Kueue can add a node for its pod (the status shows the scheduler's "
+                                  "message until one fits)")
         return True
-    records.transition(body, job.status.phase, patch["phase"], problem.reason, problem.message)
-    kopf.warn(body, reason=problem.reason, message=problem.message)
+    if patch is not None:
+        records.transition(body, job.status.phase, patch["phase"], problem.reason, problem.message)
+        kopf.warn(body, reason=problem.reason, message=problem.message)
     if problem.retryable:
         raise kopf.TemporaryError(problem.message, delay=settings.current.admission_retry_seconds)
     return False
@@ -187,16 +229,19 @@ def ensure_children(namespace: str, name: str) -> None:
             if obj is None or obj["metadata"].get("deletionTimestamp"):
                 return
             job = FineTuneJob.from_resource(obj)
-            if job.status.phase in (Phase.SUCCEEDED.value, Phase.FAILED.value):
+            if job.status.phase in (Phase.SUCCEEDED.value, Phase.FAILED.value) and not late_deploy(job):
                 return
-            if not _admit(job, obj, obj):
-                return  # failed for good: nothing is created for it
-            _ensure_claim(job)
-            _ensure_identity(job)
-            _ensure_config(job)
-            _ensure_review_config_map(job)
-            _ensure_service(job)
-            _ensure_trainer_job(job, obj)
+            # A trained job (Comparing, AwaitingApproval, Deploying, or Succeeded with a late
+            # spec.deploy) only goes on: refresh_status below; its trainer is never created again.
+            if job.status.phase not in TRAINED:
+                if not _admit(job, obj, obj):
+                    return  # failed for good: nothing is created for it
+                _ensure_claim(job)
+                _ensure_identity(job)
+                _ensure_config(job)
+                _ensure_review_config_map(job)
+                _ensure_service(job)
+                _ensure_trainer_job(job, obj)
     except (kopf.TemporaryError, kopf.PermanentError):
         raise
     except Exception:
@@ -268,7 +313,8 @@ def _refresh_status_locked(namespace: str, name: str) -> None:
     pods = _trainer_pods(trainer) if trainer else []
     recorded = json.loads(job.metadata.annotations.get(GPU_SECONDS_ANNOTATION) or "{}")
     comparison = None
-    if job.spec.evaluation.comparison.enabled and trainer_completed(trainer):
+    if job.spec.evaluation.comparison.enabled and (
+            trainer_completed(trainer) or job.status.phase in (Phase.COMPARING.value, Phase.AWAITING_APPROVAL.value)):
         comparison = _read_own_job(job, names.comparison_job(name))
     obs = derive(job, trainer, pods, now=now, recorded_gpu_seconds=recorded, comparison_job=comparison)
     if obs.phase is Phase.COMPARING and comparison is None:

@@ -5,8 +5,8 @@ Where things are inside the vLLM pod:
 
 | source | mounted at | served from |
 | --- | --- | --- |
-| adapter of FineTuneJob `j` | its claim (`<j>-workspace` or `storage.existingClaim`), read-only, at `/adapters/<j>` | `/adapters/<j>/artifacts/adapter` |
-| merged model of FineTuneJob `j` | its claim, read-only, at `/models/<j>` | `/models/<j>/artifacts/merged` |
+| adapter of FineTuneJob `j` | its claim (`<j>-workspace` or `storage.existingClaim`), read-only, at `/adapters/<j>` | `/adapters/<j>/artifacts/adapter` (`/adapters/<j>/jobs/<j>/artifacts/adapter` on a shared existingClaim) |
+| merged model of FineTuneJob `j` | its claim, read-only, at `/models/<j>` | `/models/<j>/artifacts/merged` (likewise under `jobs/<j>/`) |
 | `pvc://<claim>/<path>` | the claim, read-only, at `/mnt/pvc/<claim>` | `/mnt/pvc/<claim>/<path>` |
 | `org/name`, `hf://org/name` | (downloaded by vLLM into `$HOME/.cache`) | the hub id |
 | `/absolute/path` | (inside the image) | the path |
@@ -28,7 +28,7 @@ import json
 import re
 from typing import Mapping, Optional
 
-from finetune_api.layout import ADAPTER, MERGED
+from finetune_api.layout import ADAPTER, MERGED, job_folder, under
 from finetune_api.models import VLLM, FineTuneJob, InferenceService
 from finetune_api.sources import PVC, hub_id, parse_source
 
@@ -74,7 +74,8 @@ class _Layout:
     def job_artifact(self, job: FineTuneJob, root: str, artifact: str) -> str:
         name = job.metadata.name
         self._claim(_volume_name(f"ftj-{root.strip('/')}", name), claim_name(job), f"{root}/{name}")
-        return f"{root}/{name}/{artifact}"
+        own = job_folder(name, shared_claim=bool(job.spec.storage.existing_claim))
+        return under(f"{root}/{name}", under(own, artifact) if own else artifact)
 
     def source(self, location: str) -> str:
         source = parse_source(location)

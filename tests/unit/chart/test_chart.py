@@ -196,12 +196,11 @@ def operator_container(objects: list[dict]) -> dict:
     return one(objects, "Deployment", FULLNAME)["spec"]["template"]["spec"]["containers"][0]
 
 
-def test_deployment_runs_one_restricted_replica_with_the_configured_flags(helm):
+def test_deployment_runs_restricted_replicas_with_the_configured_flags(helm):
     objects = render(helm, "--set", "watchNamespaces={team-a,team-b}", "--set", "logLevel=debug",
                      "--set", "gpuHourPrice=2.5")
     deployment = one(objects, "Deployment")
-    assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert deployment["spec"]["replicas"] == 2  # one leads, one stands by (leader election)
     container = operator_container(objects)
     args = container["args"]
     for expected in ("--metrics-port=8080", "--liveness-port=8081", "--log-level=debug", "--gpu-hour-price=2.5",
@@ -252,7 +251,9 @@ def flatten(rules: list[dict]) -> set[tuple[str, str, str]]:
 
 def test_watching_every_namespace_grants_the_rules_file_in_one_clusterrole(helm):
     objects = render(helm)
-    assert find(objects, "Role") == [] and find(objects, "RoleBinding") == []
+    # Only the leader-election Role, in the release namespace.
+    assert [r["metadata"]["name"] for r in find(objects, "Role") + find(objects, "RoleBinding")] == [
+        f"{FULLNAME}-leader-election"] * 2
     role = one(objects, "ClusterRole")
     assert flatten(role["rules"]) == flatten(rules_file()["namespaced"] + rules_file()["cluster"])
     binding = one(objects, "ClusterRoleBinding")
@@ -264,23 +265,45 @@ def test_watching_a_namespace_list_grants_a_role_per_namespace_and_only_cluster_
     objects = render(helm, "--set", "watchNamespaces={team-a,team-b}")
     assert flatten(one(objects, "ClusterRole")["rules"]) == flatten(rules_file()["cluster"])
     for namespace in ("team-a", "team-b"):
-        role = one(objects, "Role", namespace=namespace)
+        role = one(objects, "Role", FULLNAME, namespace=namespace)
         assert flatten(role["rules"]) == flatten(rules_file()["namespaced"])
-        binding = one(objects, "RoleBinding", namespace=namespace)
+        binding = one(objects, "RoleBinding", FULLNAME, namespace=namespace)
         assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                                       "name": role["metadata"]["name"]}
         assert binding["subjects"][0]["namespace"] == RELEASE_NAMESPACE
 
 
-def test_peering_rules_only_when_peering_is_enabled(helm):
-    peering = {("kopf.dev", "kopfpeerings"), ("kopf.dev", "clusterkopfpeerings")}
+def test_two_replicas_elect_a_leader_roll_without_downtime_and_keep_one_through_a_drain(helm):
+    objects = render(helm)
+    deployment = one(objects, "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"] == {"type": "RollingUpdate",
+                                              "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    args = operator_container(objects)["args"]
+    assert "--leader-elect" in args and f"--leader-election-namespace={RELEASE_NAMESPACE}" in args
+    assert f"--leader-election-id={FULLNAME}" in args
+    pdb = one(objects, "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    # The Lease: create (cannot be limited by name), get and update of this release's one only.
+    role = one(objects, "Role", namespace=RELEASE_NAMESPACE)
+    assert sorted(flatten(role["rules"])) == [("coordination.k8s.io", "leases", "create"),
+                                              ("coordination.k8s.io", "leases", "get"),
+                                              ("coordination.k8s.io", "leases", "update")]
+    assert [r.get("resourceNames") for r in role["rules"]] == [None, [FULLNAME]]
+    binding = one(objects, "RoleBinding", namespace=RELEASE_NAMESPACE)
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
 
-    def granted(objects):
-        return {(g, r) for o in objects if o["kind"] in ("Role", "ClusterRole") for g, r, _ in flatten(o["rules"])}
-    assert not granted(render(helm)) & peering
-    assert ("kopf.dev", "clusterkopfpeerings") in granted(render(helm, "--set", "peering.enabled=true"))
-    listed = render(helm, "--set", "peering.enabled=true", "--set", "watchNamespaces={team-a}")
-    assert ("kopf.dev", "kopfpeerings") in granted(find(listed, "Role"))
+
+def test_without_leader_election_one_replica_recreated_and_more_are_refused(helm):
+    objects = render(helm, "--set", "leaderElection.enabled=false", "--set", "replicaCount=1")
+    deployment = one(objects, "Deployment")
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert "--leader-elect" not in operator_container(objects)["args"]
+    assert find(objects, "PodDisruptionBudget") == [] and find(objects, "Role") == []
+    r = run_helm(helm, "template", "x", str(CHART), "--kube-version", kube_version(),
+                 "--set", "leaderElection.enabled=false", check=False)
+    assert r.returncode != 0 and "replicaCount > 1 needs leaderElection.enabled" in r.stderr
 
 
 @pytest.mark.parametrize("value_set", VALUE_SETS)
@@ -440,8 +463,11 @@ def test_dashboard_configmap_is_labelled_for_grafana_and_holds_the_dashboard(hel
 def test_alert_rules_cover_the_failure_modes(helm):
     rule = one(render(helm, *values_args("namespaces-monitoring")), "PrometheusRule")
     alerts = {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]}
-    assert sorted(alerts) == sorted(["FineTuneJobFailed", "FineTuneJobStuckPending", "FineTuneJobNoProgress",
-                                     "FineTuneJobLossNaN", "InferenceServiceNotReady", "VLLMQueueBuildingUp"])
+    assert sorted(alerts) == sorted(["FineTuneOperatorDown", "FineTuneJobFailed", "FineTuneJobStuckPending",
+                                     "FineTuneJobNoProgress", "FineTuneJobLossNaN", "InferenceServiceNotReady",
+                                     "VLLMQueueBuildingUp"])
+    # Only the operator being down pages; a user's failed or diverged job does not.
+    assert [a for a, r in alerts.items() if r["labels"]["severity"] == "critical"] == ["FineTuneOperatorDown"]
     assert "20m" in alerts["FineTuneJobNoProgress"]["expr"]  # noProgressMinutes from values
     assert alerts["FineTuneJobStuckPending"]["for"] == "15m"
     for alert in alerts.values():

@@ -91,7 +91,7 @@ def test_alert_unit_tests_pass_under_promtool_test_rules(promtool, rendered_rule
 def test_promtool_test_rules_catches_a_wrong_expectation(promtool, rendered_rules, tmp_path):
     """The harness can fail: a test expecting the wrong severity is reported."""
     case = yaml.safe_load((ALERT_TESTS / "finetunejob-loss-nan.yaml").read_text())
-    case["tests"][0]["alert_rule_test"][1]["exp_alerts"][0]["exp_labels"]["severity"] = "warning"
+    case["tests"][0]["alert_rule_test"][1]["exp_alerts"][0]["exp_labels"]["severity"] = "critical"
     (tmp_path / "wrong.yaml").write_text(yaml.safe_dump(case))
     out = subprocess.run([str(promtool), "test", "rules", "wrong.yaml"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=60)

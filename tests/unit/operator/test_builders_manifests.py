@@ -157,3 +157,26 @@ def test_names_are_deterministic_and_short_enough():
     assert len(names.trainer_job(long)) <= 52
     assert len(names.workspace_claim(long)) <= 63
     assert names.trainer_job("a") == "a-trainer"
+
+
+def test_two_jobs_on_one_existing_claim_never_share_checkpoints_or_artifacts():
+    """#14 item 2: the second job on a shared claim resumed from the first job's checkpoint."""
+    from finetune_api.trainer_config import TrainerConfig
+
+    def config(name: str, claim: str | None) -> TrainerConfig:
+        spec = {"model": {"source": "org/tiny"},
+                "dataset": {"source": "pvc://team-share/data/train.jsonl"},
+                "storage": {"existingClaim": claim} if claim else {}}
+        return TrainerConfig.from_dict(trainer_config.build_trainer_config(make_job(spec, name=name)))
+
+    a, b = config("alpha", "team-share"), config("beta", "team-share")
+    for folder in ("checkpoints", "artifacts", "reports", "data_cache", "tracking"):
+        assert getattr(a.paths, folder) != getattr(b.paths, folder), folder
+    assert str(a.paths.checkpoints) == "/workspace/jobs/alpha/checkpoints"
+    assert str(b.paths.artifacts) == "/workspace/jobs/beta/artifacts"
+    # Data named on the shared claim is read where it is, by both.
+    assert a.dataset.source == b.dataset.source == "/workspace/data/train.jsonl"
+    assert a.paths.resolve("volume://data/x.jsonl") == "/workspace/data/x.jsonl"
+    # A claim of the job's own keeps the volume's top, as before.
+    own = config("gamma", None)
+    assert str(own.paths.checkpoints) == "/workspace/checkpoints"

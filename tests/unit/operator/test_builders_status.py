@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from finetune_operator.admission import ClusterFacts, check
+from finetune_operator.admission import ClusterFacts, capacity_note, check
 from finetune_operator.conditions import ConditionUpdate, set_conditions
 from finetune_operator.status import Phase, derive, status_patch, termination_summary
 from tests.unit.operator.test_builders_manifests import make_job
@@ -203,8 +203,26 @@ def test_admission_problems():
     assert check(j, facts).reason == "PriorityClassNotFound"
     facts.priority_classes = {"high"}
     facts.node_gpus = [8, 8, 0]
-    problem = check(j, facts)
-    assert problem.reason == "InsufficientGPUCapacity" and not problem.retryable
-    assert "largest node has 8" in problem.message
-    facts.node_gpus = [16]
+    # By default a pool that can grow is assumed: no problem, a note for the event.
     assert check(j, facts) is None
+    assert "largest current node has 8" in capacity_note(j, facts)
+    problem = check(j, facts, capacity_policy="fail")
+    assert problem.reason == "InsufficientGPUCapacity" and not problem.retryable
+    assert "largest current node has 8" in problem.message and "--capacity-policy fail" in problem.message
+    # A job whose trainer Job exists (suspend/resume re-runs admission) is never failed by it.
+    assert check(j, facts, capacity_policy="fail", has_trainer=True) is None
+    facts.node_gpus = [16]
+    assert check(j, facts, capacity_policy="fail") is None and capacity_note(j, facts) is None
+
+
+def test_waiting_for_the_same_thing_writes_nothing_new():
+    from finetune_operator.admission import Problem
+    from finetune_operator.status import admission_status
+
+    problem = Problem("SecretNotFound", "spec.model.tokenSecretRef: Secret ns/hf does not exist", True)
+    first = admission_status(job(conditions=[]), problem, [], now="2025-01-01T10:00:00Z")
+    assert first["phase"] == "Pending"
+    again = job(conditions=first["conditions"], phase="Pending")
+    assert admission_status(again, problem, first["conditions"], now="2025-01-01T10:00:10Z") is None
+    other = Problem("ClaimNotFound", "spec.storage.existingClaim: claim ns/c does not exist", True)
+    assert admission_status(again, other, first["conditions"], now="2025-01-01T10:00:20Z") is not None

@@ -84,8 +84,9 @@ def test_command_is_the_openai_server_module_with_every_adapter():
     assert cmd[cmd.index("--served-model-name") + 1] == "qwen-base"
     assert cmd[cmd.index("--port") + 1] == "8000" and cmd[cmd.index("--host") + 1] == "0.0.0.0"
     modules = cmd[cmd.index("--lora-modules") + 1: cmd.index("--max-lora-rank")]
+    # legal-lora's job trained on a shared storage.existingClaim: its outputs are in jobs/<name>/.
     assert modules == ["support-lora=/adapters/support-lora/artifacts/adapter",
-                       "legal-lora=/adapters/legal-lora/artifacts/adapter",
+                       "legal-lora=/adapters/legal-lora/jobs/legal-lora/artifacts/adapter",
                        "faq-v1=/mnt/pvc/adapters/faq-v1"]
     assert cmd[-1] == "--enable-prefix-caching"
 

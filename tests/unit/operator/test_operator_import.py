@@ -14,8 +14,10 @@ def test_importing_the_operator_does_not_import_ml_libraries():
 
 
 def test_metric_names_are_listed_in_one_place():
-    from finetune_operator.metrics import METRIC_NAMES
+    from finetune_operator.metrics import METRIC_NAMES, registry
 
-    assert "finetune_operator_jobs" in METRIC_NAMES
-    assert "finetune_operator_phase_transitions_total" in METRIC_NAMES
-    assert len(METRIC_NAMES) == 7
+    # Every metric the registry exports is listed, and nothing else (counters by their _total name).
+    exported = {m.name + ("_total" if m.type == "counter" else "") for m in registry.collect()}
+    assert exported == set(METRIC_NAMES) and len(METRIC_NAMES) == len(set(METRIC_NAMES))
+    assert {"finetune_operator_jobs", "finetune_operator_phase_transitions_total",
+            "finetune_operator_leader"} <= exported
