@@ -114,3 +114,19 @@ def test_comparison_job_prefers_the_deploy_sections_vllm_image():
     spec = {**SINGLE, "deploy": {"vllm": {"image": "registry.local/vllm:cpu"}}}
     manifest = build_comparison_job(make_job(spec), "vllm/vllm-openai:v0.32.0", 0.0)
     assert manifest["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.local/vllm:cpu"
+
+
+def test_a_comparing_or_waiting_job_is_never_trained_again_when_its_trainer_job_is_gone():
+    o = derive(job(phase="Comparing"), None, [], now=NOW)
+    assert o.phase is Phase.COMPARING
+    o = derive(job(GATED, phase="AwaitingApproval", comparison=MEASURED), None, [], now=NOW)
+    assert o.phase is Phase.AWAITING_APPROVAL
+
+
+def test_a_rejected_job_is_not_deployed_by_a_late_deploy_change():
+    rejected = job({"deploy": {"inferenceService": "other", "requireApproval": True}},
+                   {"finetune.dev/approved": "false"}, phase="Succeeded", comparison=MEASURED)
+    assert derive(rejected, DONE, [], now=NOW).phase is Phase.SUCCEEDED
+    approved = job({"deploy": {"inferenceService": "other", "requireApproval": True}},
+                   {"finetune.dev/approved": "true"}, phase="Succeeded", comparison=MEASURED)
+    assert derive(approved, DONE, [], now=NOW).phase is Phase.DEPLOYING
