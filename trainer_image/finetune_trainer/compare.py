@@ -25,6 +25,7 @@ import math
 import os
 import random
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -209,9 +210,7 @@ def _record_item(record: dict) -> Item | None:
                     shown=str(prompt[-1].get("content", "")) if prompt else "")
     if isinstance(prompt, str) and isinstance(answer, str):
         return Item("sample", prompt=prompt, reference=answer, shown=prompt)
-    if isinstance(record.get("text"), str):
-        return None  # plain text has no answer to compare
-    return None
+    return None  # plain text has no answer to compare
 
 
 # --- the server ---------------------------------------------------------------------------------
@@ -285,13 +284,15 @@ def serving(argv: list[str], port: int, *, cpu: bool = False,
             time.sleep(1)
         yield url
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        # vLLM starts engine processes of its own: stop the whole process group.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         logfile.close()
         with contextlib.suppress(OSError):
             os.unlink(logfile.name)
