@@ -302,7 +302,9 @@ class VLLM:
 @dataclass(kw_only=True)
 class Deploy:
     """Serve the result with an InferenceService once training succeeded. Mutable: adding it to
-    a finished job deploys it."""
+    a finished job deploys it. Deleting the job takes away what deploy added (its adapter
+    entry; the InferenceService itself when the job created it and nothing else is left in
+    it)."""
 
     inference_service: Optional[str] = None
     replicas: int = 1

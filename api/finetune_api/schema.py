@@ -556,7 +556,9 @@ VLLM = obj("vLLM server options.", {
 })
 
 DEPLOY = obj("Serve the result with an InferenceService once training succeeded. Mutable: "
-             "adding it to a finished job deploys it.", {
+             "adding it to a finished job deploys it. Deleting the job takes away what deploy added "
+             "(its adapter entry; the InferenceService itself when the job created it and nothing "
+             "else is left in it).", {
     "inferenceService": name("Name of the InferenceService to create or add the adapter to "
                              "(defaults to the job's name).", label=True),
     "replicas": integer("vLLM replicas.", default=1, minimum=0, maximum=64),
@@ -587,7 +589,9 @@ FINETUNEJOB_SPEC = obj("Desired state of a FineTuneJob. Once training started (s
     "suspend": boolean("Stop training (pods deleted, volume and checkpoints kept); setting it back "
                        "to false resumes from the latest checkpoint.", default=False),
     "ttlSecondsAfterFinished": integer("Delete the FineTuneJob this many seconds after it "
-                                       "succeeded or failed (kept forever when unset).",
+                                       "succeeded or failed (kept forever when unset). A job that an "
+                                       "InferenceService serves is kept until it no longer does "
+                                       "(event KeptWhileServed).",
                                        minimum=0, format="int64"),
 }, required=["model", "dataset"], rules=[
     rule("self.method.type != 'qlora' || self.resources.gpusPerNode >= 1",

@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="port of the /healthz liveness endpoint (0 disables; default %(default)s)")
     p.add_argument("--log-level", default=defaults.log_level,
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="text for people; json (one object per line, with the namespace, name and uid "
+                        "of the object a line is about) for log pipelines (default %(default)s)")
     p.add_argument("--gpu-hour-price", type=float, default=defaults.gpu_hour_price,
                    help="price of one GPU hour, for status.estimatedCost (default %(default)s)")
     p.add_argument("--trainer-image", default=defaults.trainer_image,
@@ -109,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         log_level=args.log_level, gpu_hour_price=args.gpu_hour_price, trainer_image=args.trainer_image,
         vllm_image=args.vllm_image, capacity_policy=args.capacity_policy,
         resync_seconds=args.resync_seconds)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from finetune_operator import logs
+
+    logs.configure(args.log_level, args.log_format)
     import kopf
 
     import finetune_operator.main  # noqa: F401 - registers the handlers with the settings above

@@ -9,6 +9,9 @@ FINETUNEJOB = "finetune.dev/finetunejob"
 COMPONENT = "app.kubernetes.io/component"
 MANAGED_BY = "app.kubernetes.io/managed-by"
 KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+# The FineTuneJob's full name on its trainer pods: the label holds a hashed form past 63
+# characters, which cannot be mapped back.
+FINETUNEJOB_NAME_ANNOTATION = "finetune.dev/finetunejob-name"
 
 
 def labels_for(job_name: str, component: str) -> dict[str, str]:

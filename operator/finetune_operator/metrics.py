@@ -7,6 +7,8 @@ import it).
 
 from __future__ import annotations
 
+import platform
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 PREFIX = "finetune_operator"
@@ -21,10 +23,12 @@ JOB_DURATION = f"{PREFIX}_job_duration_seconds"
 GPU_SECONDS = f"{PREFIX}_gpu_seconds_total"
 # 1 while this replica holds the leader Lease (or runs without leader election), else 0.
 LEADER = f"{PREFIX}_leader"
+# Always 1, with the operator's version and Python's as labels.
+BUILD_INFO = f"{PREFIX}_build_info"
 
 METRIC_NAMES: tuple[str, ...] = (
     JOBS, PHASE_TRANSITIONS, RECONCILE_DURATION, RECONCILE_ERRORS,
-    TIME_TO_TRAINING_START, JOB_DURATION, GPU_SECONDS, LEADER,
+    TIME_TO_TRAINING_START, JOB_DURATION, GPU_SECONDS, LEADER, BUILD_INFO,
 )
 
 registry = CollectorRegistry()
@@ -53,6 +57,20 @@ gpu_seconds = Counter(_strip_total(GPU_SECONDS), "GPU seconds consumed by traine
                     registry=registry)
 leader = Gauge(LEADER, "1 while this replica leads (holds the Lease, or runs without leader election).",
                registry=registry)
+build_info = Gauge(BUILD_INFO, "Always 1; the operator's version and Python's are labels.",
+                   ["version", "python"], registry=registry)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("finetune-operator")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+build_info.labels(version=_version(), python=platform.python_version()).set(1)
 
 
 def set_job_counts(counts: dict[str, int], phases: tuple[str, ...]) -> None:

@@ -344,3 +344,57 @@ def test_a_recreated_trainer_job_runs_the_image_resolved_first(cluster, namespac
     again = wait_for(recreated, timeout=90, what="the trainer Job created again")
     assert again["spec"]["template"]["spec"]["containers"][0]["image"] == "finetune-trainer:test"
     assert status(cluster, namespace, "pinned")["trainerImage"] == "finetune-trainer:test"
+
+
+def _deployed(cluster, namespace, name, server):
+    def done():
+        s = status(cluster, namespace, name)
+        return s.get("phase") == "Succeeded" and (s.get("inferenceService") or {}).get("name") == server and s
+    return wait_for(done, timeout=180, what=f"{name} to be served by {server}")
+
+
+def _isvc(cluster, namespace, name):
+    r = cluster.kubectl("get", "inferenceservice", name, "-n", namespace, "-o", "json", check=False)
+    return json.loads(r.stdout) if r.returncode == 0 else None
+
+
+def test_deleting_a_deployed_job_takes_away_what_its_deploy_added(cluster, namespace, operator):
+    """#14 item 5: a deleted job's adapter entry stayed in a shared InferenceService, which went
+    Ready=False (FineTuneJobNotFound) while it served the other adapters. Pods run on kwok."""
+    deploy = {"inferenceService": "shared", "gpus": 1}
+    apply(cluster, namespace, ftj("first", deploy=deploy))
+    _deployed(cluster, namespace, "first", "shared")
+    apply(cluster, namespace, ftj("second", deploy=deploy))
+    _deployed(cluster, namespace, "second", "shared")
+    assert [a["name"] for a in _isvc(cluster, namespace, "shared")["spec"]["adapters"]] == ["first", "second"]
+
+    cluster.kubectl("delete", "ftj", "second", "-n", namespace, "--wait=true", "--timeout=60s")
+    isvc = _isvc(cluster, namespace, "shared")
+    assert [a["name"] for a in isvc["spec"]["adapters"]] == ["first"]
+
+    def ready_with_first_only():
+        obj = _isvc(cluster, namespace, "shared")
+        st = obj.get("status") or {}
+        return (st.get("observedGeneration") == obj["metadata"]["generation"] and st.get("phase") == "Ready"
+                and "second" not in st.get("servedModels", []) and st)
+    wait_for(ready_with_first_only, timeout=120, what="the shared server Ready with the remaining adapter")
+
+    # The job that created the server and was the last one in it: the server goes with it.
+    cluster.kubectl("delete", "ftj", "first", "-n", namespace, "--wait=true", "--timeout=60s")
+    wait_for(lambda: _isvc(cluster, namespace, "shared") is None, timeout=60, what="the emptied server to go")
+
+
+def test_ttl_after_finished_keeps_a_job_while_it_is_served(cluster, namespace, operator):
+    """#14 item 5: ttlSecondsAfterFinished with deploy deleted the job (and a Delete-policy claim)
+    while its InferenceService served it."""
+    apply(cluster, namespace, ftj("served", deploy={"gpus": 1}, ttlSecondsAfterFinished=1,
+                                  storage={"reclaimPolicy": "Delete"}))
+    _deployed(cluster, namespace, "served", "served")
+    wait_for(lambda: "KeptWhileServed" in {e["reason"] for e in events(cluster, namespace, "served")},
+             timeout=60, what="the KeptWhileServed event")
+    assert status(cluster, namespace, "served")["phase"] == "Succeeded"
+    assert cluster.kubectl("get", "pvc", "served-workspace", "-n", namespace, check=False).returncode == 0
+    # The server lets go: the job expires.
+    cluster.kubectl("delete", "inferenceservice", "served", "-n", namespace, "--wait=true", "--timeout=60s")
+    wait_for(lambda: cluster.kubectl("get", "ftj", "served", "-n", namespace, check=False).returncode != 0,
+             timeout=60, what="the job to expire once nothing serves it")

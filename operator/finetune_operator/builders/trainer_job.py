@@ -23,7 +23,7 @@ from finetune_operator.builders.trainer_config import (
     CONFIG_DIR, CONFIG_PATH, MLFLOW_SECRET_KEYS, MODEL_TOKEN_ENV, PUSH_TOKEN_ENV, TRAINER_METRICS_PORT,
     WANDB_KEY_ENV, other_claims,
 )
-from finetune_operator.labels import KUEUE_QUEUE, labels_for
+from finetune_operator.labels import FINETUNEJOB_NAME_ANNOTATION, KUEUE_QUEUE, labels_for
 
 COMPONENT = "trainer"
 CONTAINER = "trainer"
@@ -149,7 +149,8 @@ def build_pod_template(job: FineTuneJob, image: str) -> dict:
           affinity=res.affinity, priority_class_name=res.priority_class_name)
     if res.nodes > 1:
         spec["subdomain"] = names.trainer_service(job.metadata.name)
-    return {"metadata": {"labels": labels_for(job.metadata.name, COMPONENT)}, "spec": spec}
+    return {"metadata": {"labels": labels_for(job.metadata.name, COMPONENT),
+                         "annotations": {FINETUNEJOB_NAME_ANNOTATION: job.metadata.name}}, "spec": spec}
 
 
 def build_trainer_job(job: FineTuneJob, image: str, *, suspend: bool | None = None) -> dict:

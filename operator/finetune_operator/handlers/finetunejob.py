@@ -24,7 +24,7 @@ from finetune_operator import admission, kube, metrics, names, settings
 from finetune_operator.builders import comparison_job, identity, review, storage, trainer_config, trainer_job
 from finetune_operator.conditions import now_iso
 from finetune_operator.handlers import facts, records
-from finetune_operator.labels import FINETUNEJOB
+from finetune_operator.labels import FINETUNEJOB, FINETUNEJOB_NAME_ANNOTATION
 from finetune_operator.locks import KeyedLocks
 from finetune_operator.status import (
     GPU_SECONDS_ANNOTATION, Observation, Phase, admission_status, deployment_failed,
@@ -32,6 +32,7 @@ from finetune_operator.status import (
 )
 
 PLURAL = "finetunejobs"
+KEPT_ANNOTATION = f"{GROUP}/kept-while-served-by"
 log = logging.getLogger("finetune_operator.finetunejob")
 TRAINED = (Phase.COMPARING.value, Phase.AWAITING_APPROVAL.value, Phase.DEPLOYING.value, Phase.SUCCEEDED.value)
 
@@ -253,8 +254,17 @@ def ensure_children(namespace: str, name: str) -> None:
 
 
 def release(namespace: str, name: str, body: dict) -> None:
-    """Before the job goes: a retained claim keeps no owner reference to it."""
+    """Before the job goes: what spec.deploy added to an InferenceService is taken away (the
+    other adapters there keep serving), and a retained claim keeps no owner reference to it."""
     job = FineTuneJob.from_resource(body)
+    try:
+        from finetune_operator.serving import handlers as serving
+    except ImportError:  # an operator built without the serving controller
+        serving = None
+    if serving is not None:
+        done = serving.withdraw_finetunejob(job, kube.api())
+        if done:
+            kopf.info(body, reason="Undeployed", message=done)
     if job.spec.storage.existing_claim is None and not storage.owns_claim(job):
         core = kube.core()
         claim = storage.claim_name(job)
@@ -353,6 +363,19 @@ def _expire(job: FineTuneJob, obj: dict, now: dt.datetime) -> None:
     finished = parse_time(job.status.completion_time)
     if ttl is None or finished is None or (now - finished).total_seconds() < ttl:
         return
+    from finetune_operator.serving import handlers as serving
+
+    server = serving.served_by(job, kube.api())
+    if server is not None:
+        # Kept while served: the claim may go with the job (reclaimPolicy Delete) and vLLM reads
+        # the adapter from it. It expires once the InferenceService no longer names it.
+        if not job.metadata.annotations.get(KEPT_ANNOTATION):
+            kopf.info(obj, reason="KeptWhileServed", message=f"ttlSecondsAfterFinished has passed, but "
+                      f"InferenceService {server} serves this job: it is kept until it no longer does")
+            kube.custom().patch_namespaced_custom_object(GROUP, VERSION, job.metadata.namespace, PLURAL,
+                                                         job.metadata.name,
+                                                         {"metadata": {"annotations": {KEPT_ANNOTATION: server}}})
+        return
     kopf.info(obj, reason="Expired", message=f"deleting: finished {ttl}s ago (ttlSecondsAfterFinished)")
     kube.delete(kube.custom().delete_namespaced_custom_object, GROUP, VERSION, job.metadata.namespace,
                 PLURAL, job.metadata.name)
@@ -381,7 +404,8 @@ def on_trainer_job_event(body: dict) -> None:
 
 
 def on_trainer_pod_event(body: dict) -> None:
-    owner = (body["metadata"].get("labels") or {}).get(FINETUNEJOB)
+    meta = body["metadata"]
+    owner = (meta.get("annotations") or {}).get(FINETUNEJOB_NAME_ANNOTATION) or (meta.get("labels") or {}).get(FINETUNEJOB)
     if owner:
         # the FineTuneJob may be gone already: nothing left to refresh
         kube.call(refresh_status, body["metadata"]["namespace"], owner, absent=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from typing import Optional
 
 from kubernetes import client
@@ -25,7 +26,7 @@ from kubernetes import client
 from finetune_api.models import FineTuneJob, InferenceService, to_dict
 from finetune_api.schema import GROUP, VERSION
 
-from finetune_operator import kube, settings
+from finetune_operator import kube, metrics, settings
 from finetune_operator.conditions import now_iso
 from finetune_operator.labels import APP, MANAGED_BY
 from finetune_operator.locks import KeyedLocks
@@ -111,11 +112,47 @@ def _write_status(obj: dict, isvc: InferenceService, problems, current, pods, re
     kube.patch_status(PLURAL, isvc.metadata.namespace, isvc.metadata.name, changed)
 
 
+# A failed reconciliation is retried with exponential backoff (kopf does not retry event
+# handlers, and no other event may come): RETRY_BASE, 2x, 4x, ... up to RETRY_MAX seconds.
+RETRY_BASE, RETRY_MAX = 2.0, 60.0
+_retries: dict[tuple[str, str], tuple[int, threading.Timer | None]] = {}
+_retries_lock = threading.Lock()
+
+
 def reconcile_logged(namespace: str, name: str) -> None:
-    """For event handlers: kopf does not retry them; the next event of the object or its
-    children is the retry."""
-    with kube.logged(log, f"{namespace}/{name}: reconciling"):
+    """For event handlers: a failure is logged, counted and retried with backoff until a
+    reconciliation succeeds."""
+    try:
         reconcile(namespace, name)
+    except Exception as exc:  # noqa: BLE001 - any failure is retried, none is dropped
+        metrics.reconcile_errors.inc()
+        delay = _schedule_retry(namespace, name)
+        log.warning("%s/%s: reconciling failed (retrying in %.0f s): %s", namespace, name, delay, exc)
+    else:
+        with _retries_lock:
+            attempt, timer = _retries.pop((namespace, name), (0, None))
+        if timer is not None:
+            timer.cancel()
+
+
+def _schedule_retry(namespace: str, name: str) -> float:
+    key = (namespace, name)
+    with _retries_lock:
+        attempt, timer = _retries.get(key, (0, None))
+        delay = min(RETRY_MAX, RETRY_BASE * (2 ** attempt))
+        if timer is not None and timer.is_alive():
+            return delay  # one pending retry per InferenceService is enough
+
+        def retry() -> None:
+            with _retries_lock:
+                _retries[key] = (attempt + 1, None)
+            reconcile_logged(namespace, name)
+
+        timer = threading.Timer(delay, retry)
+        timer.daemon = True
+        _retries[key] = (attempt, timer)
+        timer.start()
+        return delay
 
 
 # --- what the routes call -----------------------------------------------------------------------
@@ -239,3 +276,53 @@ def _with_job(spec: dict, job: FineTuneJob, target: str) -> dict:
         adapters.append(entry)
     spec["adapters"] = adapters
     return spec
+
+
+def served_by(job: FineTuneJob, api_client: Optional[client.ApiClient] = None) -> Optional[str]:
+    """The InferenceService that spec.deploy put this job in, if it still serves it."""
+    if job.spec.deploy is None:
+        return None
+    target = job.spec.deploy.inference_service or job.metadata.name
+    current = kube.read_own(PLURAL, job.metadata.namespace, target, api_client)
+    if current is None:
+        return None
+    spec = current.get("spec") or {}
+    refs = [(a.get("fineTuneJobRef") or {}).get("name") for a in spec.get("adapters") or []]
+    refs.append(((spec.get("mergedModel") or {}).get("fineTuneJobRef") or {}).get("name"))
+    return target if job.metadata.name in refs else None
+
+
+def withdraw_finetunejob(job: FineTuneJob, api_client: Optional[client.ApiClient] = None,
+                         attempts: int = 5) -> Optional[str]:
+    """Take away what spec.deploy added, as the job goes: its adapter entry (the other
+    adapters keep serving), or the whole InferenceService when this job created it and
+    nothing else is left in it. Returns what was done, or None."""
+    target = served_by(job, api_client)
+    if target is None:
+        return None
+    ns, custom = job.metadata.namespace, kube.custom(api_client)
+    for _ in range(attempts):
+        current = kube.read_own(PLURAL, ns, target, api_client)
+        if current is None:
+            return None
+        spec = dict(current["spec"])
+        adapters = [a for a in spec.get("adapters") or []
+                    if (a.get("fineTuneJobRef") or {}).get("name") != job.metadata.name]
+        merged = ((spec.get("mergedModel") or {}).get("fineTuneJobRef") or {}).get("name") == job.metadata.name
+        created_here = (current["metadata"].get("annotations") or {}).get(
+            f"{GROUP}/created-by-finetunejob") == job.metadata.name
+        if created_here and not adapters and (merged or not spec.get("mergedModel")):
+            kube.delete(custom.delete_namespaced_custom_object, GROUP, VERSION, ns, PLURAL, target)
+            return f"deleted InferenceService {target}, which served only this job"
+        if merged:
+            spec.pop("mergedModel", None)
+        if adapters:
+            spec["adapters"] = adapters
+        else:
+            spec.pop("adapters", None)
+        body = {"apiVersion": current["apiVersion"], "kind": current["kind"],
+                "metadata": current["metadata"], "spec": spec}
+        if kube.call(custom.replace_namespaced_custom_object, GROUP, VERSION, ns, PLURAL, target, body,
+                     conflict=True) is not None:
+            return f"removed this job's {'model' if merged else 'adapter'} from InferenceService {target}"
+    raise DeployConflict(f"InferenceService {ns}/{target} kept changing; gave up after {attempts} attempts")

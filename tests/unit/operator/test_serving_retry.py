@@ -1,0 +1,43 @@
+"""#14 item 8: an InferenceService reconciliation that failed was logged and dropped (kopf does
+not retry event handlers). It is retried with backoff until one succeeds."""
+
+from __future__ import annotations
+
+import threading
+
+from finetune_operator import metrics
+from finetune_operator.serving import handlers
+
+
+def test_a_failed_reconcile_is_retried_with_backoff_until_it_succeeds(monkeypatch):
+    calls: list[float] = []
+    done = threading.Event()
+
+    def flaky(namespace, name):
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("API server away")
+        done.set()
+
+    monkeypatch.setattr(handlers, "reconcile", flaky)
+    monkeypatch.setattr(handlers, "RETRY_BASE", 0.05)
+    errors = metrics.reconcile_errors._value.get()
+    handlers.reconcile_logged("ns", "srv")
+    assert done.wait(10), "the retries never succeeded"
+    assert len(calls) == 3 and metrics.reconcile_errors._value.get() == errors + 2
+    assert ("ns", "srv") not in handlers._retries  # nothing left pending after a success
+
+
+def test_events_during_a_pending_retry_do_not_stack_more_retries(monkeypatch):
+    calls = []
+    monkeypatch.setattr(handlers, "reconcile", lambda ns, n: calls.append(1) or (_ for _ in ()).throw(OSError("x")))
+    monkeypatch.setattr(handlers, "RETRY_BASE", 30.0)
+    for _ in range(5):
+        handlers.reconcile_logged("ns", "busy")
+    try:
+        assert len(calls) == 5
+        pending = [k for k, (_, t) in handlers._retries.items() if k == ("ns", "busy") and t is not None]
+        assert pending == [("ns", "busy")]
+    finally:
+        _, timer = handlers._retries.pop(("ns", "busy"))
+        timer.cancel()
