@@ -18,7 +18,7 @@ from finetune_api import layout
 from finetune_api.schema import (
     ADAPTER_METHODS, API_VERSION, TRAINER_CONFIG, TRAINER_CONFIG_KIND, MethodType,
 )
-from finetune_api.sources import PVC, VOLUME, parse_source
+from finetune_api.sources import HTTPS, PVC, S3, VOLUME, parse_source
 
 FREE_FORM = dict[str, Any]
 
@@ -245,12 +245,20 @@ class PathsConfigBehaviour:
     def tracking(self) -> Path:
         return self._under(layout.TRACKING)
 
+    @property
+    def job_root(self) -> Path:
+        """The top of the job's own output (the volume's top on a claim of its own)."""
+        return self._under("")
+
     def resolve(self, location: str) -> str:
-        """`pvc://<claim>/<path>` and `volume://<path>` name files on the job volume; anything
-        else is returned as it is."""
+        """`pvc://<claim>/<path>` and `volume://<path>` name files on the job volume, and so do
+        s3:// and https:// sources once downloaded (layout.remote_source); anything else is
+        returned as it is."""
         source = parse_source(location)
         if source.scheme in (PVC, VOLUME):
             return layout.under(self.root, source.path)
+        if source.scheme in (S3, HTTPS):
+            return str(self._under(layout.remote_source(location)))
         return location
 
 

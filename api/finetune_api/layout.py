@@ -9,6 +9,7 @@
 | `data-cache/<digest>/` | the prepared (validated, cleaned, split) dataset |
 | `artifacts/README.md`, `artifacts/loss.png` | the model card and its loss curve |
 | `tracking/` | spec.tracking: TensorBoard event files, the W&B run folder, the MLflow run id |
+| `sources/<digest>/<name>` | an s3:// or https:// source as downloaded (`manifest.json` beside it once complete) |
 
 Every folder but `data/` and the Hugging Face cache is the job's own output. On a claim the
 job owns (`<name>-workspace`) it sits at the top of the volume; on a claim several jobs may
@@ -19,6 +20,7 @@ name finds its own again, as it does on a retained claim of its own).
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import PurePosixPath
 
 # Where the job volume is mounted in trainer pods.
@@ -35,6 +37,7 @@ REPORTS = "reports"
 DATA_CACHE = "data-cache"
 HF_CACHE = ".cache/huggingface"
 TRACKING = "tracking"
+SOURCES = "sources"
 
 
 SHARED_CLAIM_JOBS = "jobs"
@@ -48,3 +51,15 @@ def job_folder(job_name: str, shared_claim: bool) -> str:
 def under(root: str, relative: str) -> str:
     """`relative` (a folder of this layout, or a path on the volume) under a mount point."""
     return str(PurePosixPath(root) / relative) if relative else str(PurePosixPath(root))
+
+
+def remote_source_dir(location: str) -> str:
+    """The folder (relative to the volume) an s3:// or https:// source is downloaded into."""
+    return f"{SOURCES}/{hashlib.sha256(location.encode()).hexdigest()[:16]}"
+
+
+def remote_source(location: str) -> str:
+    """Where a downloaded s3:// or https:// source is on the volume: a file, or a folder when
+    the location names a prefix (`s3://bucket/models/tiny/`). Named after its last segment."""
+    name = location.split("?", 1)[0].split("://", 1)[-1].rstrip("/").rsplit("/", 1)[-1] or "source"
+    return f"{remote_source_dir(location)}/{name}"

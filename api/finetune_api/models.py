@@ -93,7 +93,7 @@ class DatasetMix:
 
     source: str
     ratio: float
-    format: str = "instruction"
+    format: Optional[str] = None
 
 
 @dataclass(kw_only=True)
@@ -285,6 +285,16 @@ class Tracking:
 
 
 @dataclass(kw_only=True)
+class ObjectStorage:
+    """Credentials for every s3:// location of the job: model and dataset sources,
+    dataset.evalSource, dataset.mix.source and output.push. Works with any S3-compatible
+    store (AWS S3, MinIO, Ceph RGW, R2). Without it s3:// requests are sent unsigned (public
+    buckets)."""
+
+    secret_ref: LocalRef
+
+
+@dataclass(kw_only=True)
 class VLLM:
     """vLLM server options."""
 
@@ -329,6 +339,7 @@ class FineTuneJobSpec:
     storage: Storage = field(default_factory=Storage)
     output: Output = field(default_factory=Output)
     tracking: Optional[Tracking] = None
+    object_storage: Optional[ObjectStorage] = None
     deploy: Optional[Deploy] = None
     suspend: bool = False
     ttl_seconds_after_finished: Optional[int] = None
@@ -337,7 +348,7 @@ class FineTuneJobSpec:
 @dataclass(kw_only=True)
 class Condition:
     """A condition; types used: Admitted, Running, Succeeded, Failed, Suspended,
-    TrackingAvailable, Compared, Approved."""
+    TrackingAvailable, Pushed, Compared, Approved."""
 
     type: str
     status: str
@@ -384,6 +395,44 @@ class PreferenceAccuracy:
 
 
 @dataclass(kw_only=True)
+class MetricScores:
+    """Scores of the base model."""
+
+    bleu: Optional[float] = None
+    rouge1: Optional[float] = None
+    rouge2: Optional[float] = None
+    rouge_l: Optional[float] = None
+    exact_match: Optional[float] = None
+
+
+@dataclass(kw_only=True)
+class GenerationScores:
+    """evaluation.metrics on the prompts with a reference, per model."""
+
+    base: Optional[MetricScores] = None
+    finetuned: Optional[MetricScores] = None
+
+
+@dataclass(kw_only=True)
+class EvalSetScores:
+    """evaluation.metrics on the first eval records that have an answer, per model."""
+
+    examples: Optional[int] = None
+    base: Optional[MetricScores] = None
+    finetuned: Optional[MetricScores] = None
+
+
+@dataclass(kw_only=True)
+class EvalAnswer:
+    """One evaluation prompt answered by both models (each text cut to 500 characters)."""
+
+    prompt: Optional[str] = None
+    reference: Optional[str] = None
+    base: Optional[str] = None
+    finetuned: Optional[str] = None
+
+
+@dataclass(kw_only=True)
 class EvaluationResults:
     """Results of the evaluation after training."""
 
@@ -391,6 +440,9 @@ class EvaluationResults:
     perplexity: Optional[float] = None
     preference_accuracy: Optional[PreferenceAccuracy] = None
     reward_accuracy: Optional[float] = None
+    scores: Optional[GenerationScores] = None
+    eval_set_scores: Optional[EvalSetScores] = None
+    answers: list[EvalAnswer] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)
@@ -442,6 +494,17 @@ class Artifacts:
     merged: Optional[str] = None
     volume: Optional[str] = None
     pushed: Optional[str] = None
+    push_error: Optional[str] = None
+
+
+@dataclass(kw_only=True)
+class SourceDigest:
+    """A remote source the trainer downloaded onto the job volume."""
+
+    location: Optional[str] = None
+    path: Optional[str] = None
+    sha256: Optional[str] = None
+    bytes: Optional[int] = None
 
 
 @dataclass(kw_only=True)
@@ -541,6 +604,7 @@ class FineTuneJobStatus:
     dataset: Optional[DatasetReport] = None
     checkpoints: Optional[Checkpoints] = None
     artifacts: Optional[Artifacts] = None
+    sources: list[SourceDigest] = field(default_factory=list)
     attempts: Optional[int] = None
     restarts: Optional[int] = None
     gpu_hours: Optional[float] = None

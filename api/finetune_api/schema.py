@@ -221,7 +221,7 @@ PHASES = ["Pending", "Validating", "Training", "Evaluating", "Comparing", "Await
 # Written by finetune_operator.conditions; the Running condition's reason is the job's latest
 # reason (Starting, Preempted, Retrying, ...), which the Reason column shows.
 FINETUNEJOB_CONDITIONS = ["Admitted", "Running", "Succeeded", "Failed", "Suspended", "TrackingAvailable",
-                          "Compared", "Approved"]
+                          "Pushed", "Compared", "Approved"]
 # Spec sections frozen once training started (status.startTime is set).
 IMMUTABLE_SECTIONS = ["model", "method", "dataset", "training", "evaluation", "resources",
                       "storage", "output", "tracking"]
@@ -250,8 +250,12 @@ LORA = obj("LoRA adapter settings (method.type lora or qlora).", {
                                   max_length=128),
                            "Modules that get adapters; all-linear adapts every linear layer but "
                            "the output head.", default=["all-linear"], min_items=1, max_items=64),
-    "bias": string("Which biases are trained.", default="none", enum=["none", "all", "lora_only"]),
+    "bias": string("Which biases are trained. Only none: vLLM cannot serve adapters with "
+                   "trained biases.", default="none", enum=["none", "all", "lora_only"]),
 }, rules=[
+    rule("!has(self.bias) || self.bias == 'none'",
+         "spec.method.lora.bias: only none is supported (vLLM cannot serve an adapter with trained "
+         "biases)", field_path=".bias"),
     rule("!has(self.targetModules) || !('all-linear' in self.targetModules) || "
          "size(self.targetModules) == 1",
          "spec.method.lora.targetModules: all-linear cannot be combined with other module names",
@@ -344,11 +348,11 @@ DATASET = obj("Training data, its format, how it is split and cleaned.", {
                            DATASET_SOURCE_HELP, DATASET_SOURCE),
         "ratio": number("Mixed-in examples per training example.", minimum=0, maximum=10,
                         exclusive_minimum=True),
-        "format": string("Record shape of the mixed-in data.", default="instruction",
+        "format": string("Record shape of the mixed-in data; dataset.format when unset.",
                          enum=DATASET_FORMATS),
     }, required=["source", "ratio"]),
 }, required=["source"], rules=[
-    rule("!has(self.mix) || !has(self.format) || "
+    rule("!has(self.mix) || !has(self.mix.format) || !has(self.format) || "
          "(self.mix.format == 'preference') == (self.format == 'preference')",
          "spec.dataset.mix.format must be preference exactly when spec.dataset.format is "
          "preference (pairs cannot be mixed with single examples)", field_path=".mix.format"),
@@ -390,7 +394,10 @@ TRAINING = obj("Hyperparameters of the training loop.", {
     "saveSteps": integer("Optimizer steps between checkpoints.", default=100, minimum=1),
     "saveTotalLimit": integer("Checkpoints kept on the volume (the best one is always kept).",
                               default=3, minimum=1, maximum=100),
-    "metricForBestModel": string("Metric that picks the best checkpoint.", default="eval_loss",
+    "metricForBestModel": string("Metric that picks the best checkpoint: eval_loss or perplexity "
+                                 "(the same order, lower is better). bleu, rouge and exactMatch "
+                                 "are not computed during training and are refused.",
+                                 default="eval_loss",
                                  enum=["eval_loss", "perplexity", "bleu", "rouge", "exactMatch"]),
     "earlyStopping": obj("Stop when the metric for the best model stops improving.", {
         "patience": integer("Evaluations without improvement before stopping.", minimum=1,
@@ -407,11 +414,18 @@ TRAINING = obj("Hyperparameters of the training loop.", {
     rule("!has(self.evalSteps) || self.saveSteps % self.evalSteps == 0",
          "spec.training.saveSteps must be a multiple of spec.training.evalSteps so that the best "
          "checkpoint can be kept", field_path=".saveSteps"),
+    rule("!has(self.metricForBestModel) || self.metricForBestModel in ['eval_loss', 'perplexity']",
+         "spec.training.metricForBestModel: only eval_loss or perplexity can pick the best "
+         "checkpoint (bleu, rouge and exactMatch are computed after training, not at each "
+         "evaluation)", field_path=".metricForBestModel"),
 ])
 
 EVALUATION = obj("Evaluation after training. Loss and perplexity are always computed.", {
     "metrics": array(string("An optional metric.", enum=["bleu", "rouge", "exactMatch"]),
-                     "Extra metrics computed on generations for the eval set or prompts.",
+                     "Extra metrics computed on generations of the base and the fine-tuned "
+                     "model: for the first 32 eval records that have an answer "
+                     "(status.evaluation.evalSetScores) and for prompts with a reference "
+                     "(status.evaluation.scores).",
                      default=[], max_items=3, list_type="set"),
     "prompts": array(obj("A held-out prompt.", {
         "prompt": string("The prompt.", min_length=1, max_length=16384),
@@ -490,15 +504,30 @@ OUTPUT = obj("What the job produces and where it is published.", {
     "push": obj("Publish the artifacts when training succeeds.", {
         "uri": location("Where to publish: hf://<org>/<repo> (Hugging Face Hub) or s3://<bucket>/<prefix>.",
                         "hf://<org>/<repo> or s3://<bucket>/<prefix>", PUSH_URI),
-        "tokenSecretRef": secret_key_ref("Secret with the Hub token or S3 credentials.",
+        "tokenSecretRef": secret_key_ref("Secret with the Hugging Face Hub token (hf:// only; "
+                                         "s3:// credentials come from spec.objectStorage).",
                                          default_key="token"),
-        "private": boolean("Create the Hub repository as private.", default=True),
+        "private": boolean("Create the Hub repository as private (hf:// only).", default=True),
     }, required=["uri"], rules=[
+        rule("!has(self.tokenSecretRef) || self.uri.startsWith('hf://')",
+             "spec.output.push.tokenSecretRef is for the Hugging Face Hub only; s3:// credentials "
+             "come from spec.objectStorage.secretRef", field_path=".tokenSecretRef"),
         rule("!self.uri.startsWith('hf://') || has(self.tokenSecretRef)",
              "spec.output.push.tokenSecretRef is required when pushing to the Hugging Face Hub "
              "(hf://)", field_path=".tokenSecretRef"),
     ]),
 }, default={})
+
+OBJECT_STORAGE = obj("Credentials for every s3:// location of the job: model and dataset "
+                     "sources, dataset.evalSource, dataset.mix.source and output.push. Works "
+                     "with any S3-compatible store (AWS S3, MinIO, Ceph RGW, R2). Without it "
+                     "s3:// requests are sent unsigned (public buckets).", {
+    "secretRef": local_ref("Secret with the AWS SDKs' standard keys, given to the trainer as "
+                           "environment variables (never written to its config, the status, "
+                           "events or logs): AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and "
+                           "optionally AWS_SESSION_TOKEN, AWS_REGION and AWS_ENDPOINT_URL (an "
+                           "S3-compatible store's URL as pods reach it)."),
+}, required=["secretRef"])
 
 TRACKER_URI = r"^https?://[^\s]+$"
 
@@ -585,6 +614,7 @@ FINETUNEJOB_SPEC = obj("Desired state of a FineTuneJob. Once training started (s
     "storage": STORAGE,
     "output": OUTPUT,
     "tracking": TRACKING,
+    "objectStorage": OBJECT_STORAGE,
     "deploy": DEPLOY,
     "suspend": boolean("Stop training (pods deleted, volume and checkpoints kept); setting it back "
                        "to false resumes from the latest checkpoint.", default=False),
@@ -623,6 +653,13 @@ FINETUNEJOB_SPEC = obj("Desired state of a FineTuneJob. Once training started (s
          "spec.training.packing on is not allowed with spec.method.objective dpo (pairs are not "
          "packed)", field_path=".training.packing"),
 ])
+
+def _model_scores() -> dict[str, Schema]:
+    return {model: obj(f"Scores of the {model} model.", {
+        metric: number(f"{metric} (sacrebleu's BLEU 0-100; ROUGE F1 and exact match 0-1).", minimum=0)
+        for metric in ("bleu", "rouge1", "rouge2", "rougeL", "exactMatch")})
+        for model in ("base", "finetuned")}
+
 
 FINETUNEJOB_STATUS = obj("Observed state of a FineTuneJob, written by the operator and the trainer.", {
     "phase": string("Where the job is in its lifecycle.", enum=PHASES),
@@ -666,6 +703,21 @@ FINETUNEJOB_STATUS = obj("Observed state of a FineTuneJob, written by the operat
         "rewardAccuracy": number("DPO: share of held-out pairs whose chosen answer has the higher "
                                  "implicit reward (fine-tuned against the reference).", minimum=0,
                                  maximum=1),
+        "scores": obj("evaluation.metrics on the prompts with a reference, per model.",
+                      _model_scores()),
+        "evalSetScores": obj("evaluation.metrics on the first eval records that have an answer, "
+                             "per model.", {
+            "examples": integer("Eval records scored.", minimum=0),
+            **_model_scores(),
+        }),
+        "answers": array(obj("One evaluation prompt answered by both models (each text cut to "
+                             "500 characters).", {
+            "prompt": string("The prompt.", max_length=500),
+            "reference": string("The expected answer, when given.", max_length=500),
+            "base": string("The base model's answer.", max_length=500),
+            "finetuned": string("The fine-tuned model's answer.", max_length=500),
+        }), "Base and fine-tuned answers to evaluation.prompts (the first 20; all of them are in "
+            "reports/eval.json).", max_items=20),
     }),
     "dataset": obj("Report of the validation and cleaning step.", {
         "examplesRead": integer("Records read from the sources.", minimum=0, format="int64"),
@@ -713,7 +765,16 @@ FINETUNEJOB_STATUS = obj("Observed state of a FineTuneJob, written by the operat
                          max_length=LONG),
         "volume": string("PersistentVolumeClaim holding the artifacts.", max_length=SHORT),
         "pushed": string("Where the artifacts were published (output.push.uri).", max_length=LONG),
+        "pushError": string("Why publishing to output.push.uri failed after its retries (the job "
+                            "still succeeded; the Pushed condition says it too).", max_length=1024),
     }),
+    "sources": array(obj("A remote source the trainer downloaded onto the job volume.", {
+        "location": string("The source as the spec names it.", max_length=LONG),
+        "path": string("Where it is on the job volume.", max_length=LONG),
+        "sha256": string("sha256 of its bytes (of a folder: of its files' paths and sha256s, "
+                         "sorted).", max_length=64),
+        "bytes": integer("Its size in bytes.", minimum=0, format="int64"),
+    }), "s3:// and https:// sources as downloaded (the model card lists them too).", max_items=8),
     "attempts": integer("Trainer Job attempts (pods started).", minimum=0),
     "restarts": integer("Restarts that resumed from a checkpoint (preemptions, node loss).",
                         minimum=0),
@@ -881,7 +942,9 @@ INFERENCESERVICE_SPEC = obj("Desired state of an InferenceService: a vLLM OpenAI
     }, default={}),
     "vllm": VLLM,
     "autoscaling": obj("Scale on vllm:num_requests_waiting (needs KEDA or prometheus-adapter).", {
-        "minReplicas": integer("Fewest replicas.", default=1, minimum=0, maximum=64),
+        "minReplicas": integer("Fewest replicas. 0 (scale to zero) needs KEDA; with the HPA "
+                               "(no KEDA) the floor is 1, as autoscaling/v2 refuses 0.",
+                               default=1, minimum=0, maximum=64),
         "maxReplicas": integer("Most replicas.", minimum=1, maximum=64),
         "targetRequestsWaiting": integer("Waiting requests per replica that trigger scale-out.",
                                          default=4, minimum=1, maximum=10000),
@@ -995,6 +1058,8 @@ TRAINER_OUTPUT = obj("What the trainer writes and publishes.", {
     "pushUri": string("Where to publish (spec.output.push.uri).", min_length=1, max_length=LONG),
     "pushTokenEnv": string("Environment variable that holds the push credentials.",
                            min_length=1, max_length=128),
+    "pushPrivate": boolean("Create a Hub repository as private (spec.output.push.private).",
+                           default=True),
 }, default={})
 
 TRAINER_JOB_REF = obj("The FineTuneJob the trainer reports to.", {
@@ -1086,6 +1151,8 @@ PYTHON_CLASSES: dict[str, dict[str, str]] = {
         "spec.tracking.tensorboard": "TensorboardTracking",
         "spec.tracking.wandb": "WandbTracking",
         "spec.tracking.wandb.apiKeySecretRef": "SecretKeyRef",
+        "spec.objectStorage": "ObjectStorage",
+        "spec.objectStorage.secretRef": "LocalRef",
         "spec.deploy": "Deploy",
         "spec.deploy.vllm": "VLLM",
         "status": "FineTuneJobStatus",
@@ -1094,10 +1161,18 @@ PYTHON_CLASSES: dict[str, dict[str, str]] = {
         "status.metrics": "TrainingMetrics",
         "status.evaluation": "EvaluationResults",
         "status.evaluation.preferenceAccuracy": "PreferenceAccuracy",
+        "status.evaluation.scores": "GenerationScores",
+        "status.evaluation.scores.base": "MetricScores",
+        "status.evaluation.scores.finetuned": "MetricScores",
+        "status.evaluation.evalSetScores": "EvalSetScores",
+        "status.evaluation.evalSetScores.base": "MetricScores",
+        "status.evaluation.evalSetScores.finetuned": "MetricScores",
+        "status.evaluation.answers[]": "EvalAnswer",
         "status.dataset": "DatasetReport",
         "status.dataset.tokenLengthPercentiles": "TokenLengthPercentiles",
         "status.checkpoints": "Checkpoints",
         "status.artifacts": "Artifacts",
+        "status.sources[]": "SourceDigest",
         "status.inferenceService": "Endpoint",
         "status.comparison": "ComparisonResult",
         "status.comparison.rows[]": "ComparisonRow",

@@ -53,6 +53,7 @@ class OutputConfig:
     merge: bool = False
     push_uri: Optional[str] = None
     push_token_env: Optional[str] = None
+    push_private: bool = True
 
 
 @dataclass(kw_only=True)

@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     if c.mlflow:
         c.wait_mlflow()
         print(f"MLflow tracking server: {c.mlflow_url} (set -a; . {c.mlflow_env_file}; set +a)")
+    if c.s3:
+        print(f"S3-compatible store (MinIO): {c.s3_url} (set -a; . {c.s3_env_file}; set +a)")
     print(f"logs: {c.logs}/   stop: make cluster-down")
     return 0
 

@@ -27,6 +27,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "hack" / "build-control-plane.sh"
 MLFLOW_INSTALL_SCRIPT = REPO_ROOT / "hack" / "install-mlflow-server.sh"
+MINIO_BUILD_SCRIPT = REPO_ROOT / "hack" / "build-minio.sh"
+S3_ACCESS_KEY = "finetune-dev"
+S3_REGION = "us-east-1"
 
 GPU_NODES = ("gpu-node-0", "gpu-node-1")
 CPU_NODES = ("cpu-node-0",)
@@ -79,6 +82,25 @@ def mlflow_server_venv() -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
+def minio_binary() -> Path:
+    """Build (or find in the cache) the MinIO server; returns the binary."""
+    out = subprocess.run(["bash", str(MINIO_BUILD_SCRIPT)], check=False, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise ClusterError(f"building MinIO failed:\n{out.stderr[-4000:]}")
+    return Path(out.stdout.strip().splitlines()[-1]) / "minio"
+
+
+def minio_server(binary: Path, data: Path, address: str, console_address: str,
+                 secret_key: str) -> tuple[list[str], dict[str, str]]:
+    """argv and environment of a single-drive MinIO server on `address` storing into `data`;
+    its root user is S3_ACCESS_KEY / `secret_key` (no web console, no update checks)."""
+    data.mkdir(parents=True, exist_ok=True)
+    return ([str(binary), "server", str(data), "--quiet", "--address", address,
+             "--console-address", console_address],
+            {"MINIO_ROOT_USER": S3_ACCESS_KEY, "MINIO_ROOT_PASSWORD": secret_key,
+             "MINIO_BROWSER": "off", "MINIO_UPDATE": "off", "MINIO_REGION": S3_REGION})
+
+
 # The server runs from its own virtualenv: none of the caller's Python path leaks in.
 MLFLOW_SERVER_ENV = {"PYTHONPATH": ""}
 
@@ -118,12 +140,14 @@ class Cluster:
     """Start with `Cluster(state_dir).start()`; stop with `.stop()` (kills by pid)."""
 
     def __init__(self, state_dir: Path | str | None = None, *, bin_dir: Path | None = None,
-                 local_node: bool = True, mlflow: bool = True, node: str | None = None,
-                 images: tuple[str, ...] = ()) -> None:
+                 local_node: bool = True, mlflow: bool = True, s3: bool = True,
+                 node: str | None = None, images: tuple[str, ...] = ()) -> None:
         self.state_dir = Path(state_dir or REPO_ROOT / ".cluster").resolve()
         self.bin_dir = bin_dir
         self.local_node = local_node
         self.mlflow = mlflow
+        self.s3 = s3
+        self.s3_secret_key = ""
         # Who runs the pods bound to `local`: the stand-in agent or a real kubelet.
         self.node = node or os.environ.get("FINETUNE_NODE", "local")
         if self.node not in NODE_KINDS:
@@ -173,6 +197,23 @@ class Cluster:
         the local node runs pods on the host's network (MLFLOW_CLUSTER_TRACKING_URI)."""
         return f"http://127.0.0.1:{self.ports['mlflow']}"
 
+    @property
+    def s3_env_file(self) -> Path:
+        return self.state_dir / "s3.env"
+
+    @property
+    def s3_url(self) -> str:
+        """The S3-compatible store (MinIO), from this machine and from pods: the local node runs
+        pods on the host's network; a real node's pods reach the host at its node address,
+        where MinIO listens then."""
+        return f"http://{self.host_ip}:{self.ports['s3']}"
+
+    def s3_env(self) -> dict[str, str]:
+        """The store's endpoint and credentials as the AWS SDKs read them."""
+        return {"AWS_ENDPOINT_URL": self.s3_url, "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
+                "AWS_SECRET_ACCESS_KEY": self.s3_secret_key, "AWS_REGION": S3_REGION,
+                "S3_CLUSTER_ENDPOINT_URL": self.s3_url}
+
     # lifecycle ---------------------------------------------------------------------
     def start(self, timeout: float = 120) -> "Cluster":
         if self.pid_file.exists():
@@ -194,11 +235,12 @@ class Cluster:
             shutil.rmtree(self.state_dir, ignore_errors=True)
         for d in (self.pki, self.logs, self.volumes, self.state_dir / "etcd"):
             d.mkdir(parents=True, exist_ok=True)
-        names = ["etcd", "etcd-peer", "apiserver", "kcm", "scheduler", "kwok", "mlflow"]
+        names = ["etcd", "etcd-peer", "apiserver", "kcm", "scheduler", "kwok", "mlflow", "s3", "s3-console"]
         if kubelet:
             names += ["kubelet", "kubelet-healthz", "kube-proxy-metrics", "kube-proxy-healthz"]
         self.ports = {name: free_port() for name in names}
         mlflow_venv = mlflow_server_venv() if self.mlflow else None
+        minio = minio_binary() if self.s3 else None
         self._write_pki()
         self._write_kubeconfig()
         deadline = time.monotonic() + timeout
@@ -225,6 +267,11 @@ class Cluster:
                 if self.local_node:
                     self._launch(self._local_node_agent())
                 self._create_nodes_and_storage()
+            if minio is not None:
+                # After the nodes: a real node's address (where pods reach the host) exists then.
+                self._launch(self._minio(minio))
+                self._wait_http(f"{self.s3_url}/minio/health/ready", "MinIO", deadline)
+                self._write_s3_env()
             self._wait_nodes_ready(deadline)
             self._wait_default_serviceaccount(deadline)
         except BaseException:
@@ -390,6 +437,22 @@ class Cluster:
             "# machine's network (loopback).\n"
             f"MLFLOW_TRACKING_URI={self.mlflow_url}\n"
             f"MLFLOW_CLUSTER_TRACKING_URI={self.mlflow_url}\n")
+
+    def _minio(self, binary: Path) -> Component:
+        import secrets
+
+        self.s3_secret_key = secrets.token_hex(20)
+        argv, env = minio_server(binary, self.state_dir / "s3", f"{self.host_ip}:{self.ports['s3']}",
+                                 f"127.0.0.1:{self.ports['s3-console']}", self.s3_secret_key)
+        return Component("s3", argv, self.logs / "minio.log", env=env)
+
+    def _write_s3_env(self) -> None:
+        text = ("# The dev cluster's S3-compatible store (MinIO). `set -a; . this-file; set +a` exports\n"
+                "# them. AWS_* are for this machine; S3_CLUSTER_ENDPOINT_URL is the endpoint pods use (the\n"
+                "# AWS_ENDPOINT_URL of a spec.objectStorage Secret).\n"
+                + "".join(f"{k}={v}\n" for k, v in self.s3_env().items()))
+        self.s3_env_file.touch(mode=0o600)
+        self.s3_env_file.write_text(text)
 
     def _etcd(self) -> Component:
         p = self.ports

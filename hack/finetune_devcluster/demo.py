@@ -291,6 +291,7 @@ class Demo:
               f"           trainer http://127.0.0.1:9400/metrics while it trains\n"
               f"{self.artifact_lines()}"
               f"  MLflow tracking server: {self.cluster.mlflow_url} (set -a; . {self.cluster.mlflow_env_file}; set +a)\n"
+              f"  S3-compatible store (MinIO): {self.cluster.s3_url} (set -a; . {self.cluster.s3_env_file}; set +a)\n"
               f"  clean up: make demo-down", flush=True)
 
     def artifact_lines(self) -> str:

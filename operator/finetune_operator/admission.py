@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 
 from finetune_api.models import FineTuneJob
 
-from finetune_operator.builders.trainer_config import MLFLOW_SECRET_KEYS, other_claims
+from finetune_operator.builders.trainer_config import (
+    MLFLOW_SECRET_KEYS, OBJECT_STORAGE_REQUIRED_KEYS, other_claims,
+)
 
 
 @dataclass
@@ -53,6 +55,8 @@ def secret_names(job: FineTuneJob) -> list[str]:
     tracking = job.spec.tracking
     if tracking and tracking.mlflow and tracking.mlflow.secret_ref:
         names.append(tracking.mlflow.secret_ref.name)
+    if job.spec.object_storage:
+        names.append(job.spec.object_storage.secret_ref.name)
     return list(dict.fromkeys(names))
 
 
@@ -104,6 +108,17 @@ def check(job: FineTuneJob, facts: ClusterFacts, *, capacity_policy: str = CAPAC
             return Problem("SecretKeyNotFound", f"spec.tracking.mlflow.secretRef: Secret {ns}/{secret} has "
                            f"none of the keys {', '.join(MLFLOW_SECRET_KEYS)} (keys: "
                            f"{', '.join(sorted(facts.secrets[secret])) or 'none'}); add them and {RETRY_NOTE}", True)
+    storage = job.spec.object_storage
+    if storage:
+        secret = storage.secret_ref.name
+        if secret not in facts.secrets:
+            return Problem("SecretNotFound", f"spec.objectStorage.secretRef: Secret {ns}/{secret} does "
+                           f"not exist; create it and {RETRY_NOTE}", True)
+        missing = [k for k in OBJECT_STORAGE_REQUIRED_KEYS if k not in facts.secrets[secret]]
+        if missing:
+            return Problem("SecretKeyNotFound", f"spec.objectStorage.secretRef: Secret {ns}/{secret} has "
+                           f"no key {', '.join(missing)} (keys: "
+                           f"{', '.join(sorted(facts.secrets[secret])) or 'none'}); add it and {RETRY_NOTE}", True)
     for where, claim in claims_to_check(job):
         if claim not in facts.claims:
             return Problem("ClaimNotFound", f"{where}: PersistentVolumeClaim {ns}/{claim} does not "

@@ -27,8 +27,10 @@ from finetune_api.exitcodes import PERMANENT
 from finetune_api.models import FineTuneJob
 
 from finetune_operator.builders.placement import GPU_RESOURCE
+from finetune_operator.builders.storage import claim_name
 from finetune_operator.conditions import (
-    ADMITTED, APPROVED, COMPARED, FAILED, FALSE, RUNNING, SUCCEEDED, SUSPENDED, TRACKING_AVAILABLE, TRUE,
+    ADMITTED, APPROVED, COMPARED, FAILED, FALSE, PUSHED, RUNNING, SUCCEEDED, SUSPENDED, TRACKING_AVAILABLE,
+    TRUE,
     ConditionUpdate, find, now_iso, set_conditions,
 )
 
@@ -479,6 +481,21 @@ def tracking_condition(job: FineTuneJob) -> ConditionUpdate | None:
                            f"logging to {', '.join(sorted(trackers))}")
 
 
+def push_condition(job: FineTuneJob) -> ConditionUpdate | None:
+    """Pushed from what the trainer reports in status.artifacts (pushed, or pushError once its
+    retries are spent); None until then or without spec.output.push."""
+    artifacts = job.status.artifacts
+    if job.spec.output.push is None or artifacts is None:
+        return None
+    if artifacts.pushed:
+        return ConditionUpdate(PUSHED, TRUE, "Pushed", f"published to {artifacts.pushed}")
+    if artifacts.push_error:
+        return ConditionUpdate(PUSHED, FALSE, "PushFailed",
+                               f"{artifacts.push_error}. The job succeeded; the artifacts are on "
+                               f"the job volume.")
+    return None
+
+
 def status_patch(job: FineTuneJob, o: Observation, *, now: dt.datetime, gpu_hour_price: float,
                  existing_conditions: list[dict]) -> dict:
     """The status fields the operator owns (never progress/metrics/checkpoints: the trainer's)."""
@@ -487,7 +504,8 @@ def status_patch(job: FineTuneJob, o: Observation, *, now: dt.datetime, gpu_hour
         "phase": o.phase.value,
         "observedGeneration": job.metadata.generation,
         "conditions": set_conditions(existing_conditions,
-                                     condition_updates(o) + [c for c in (tracking_condition(job),) if c],
+                                     condition_updates(o) + [c for c in (tracking_condition(job),
+                                                                         push_condition(job)) if c],
                                      generation=job.metadata.generation, now=stamp),
         "attempts": o.attempts,
         "restarts": o.restarts,
@@ -497,6 +515,8 @@ def status_patch(job: FineTuneJob, o: Observation, *, now: dt.datetime, gpu_hour
         status["inferenceService"] = o.endpoint
     if gpu_hour_price:
         status["estimatedCost"] = f"{o.gpu_hours * gpu_hour_price:.2f}"
+    if o.phase is Phase.SUCCEEDED:
+        status["artifacts"] = {"volume": claim_name(job)}
     if o.phase.terminal and not job.status.completion_time:
         status["completionTime"] = stamp
     return status

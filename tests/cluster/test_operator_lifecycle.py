@@ -398,3 +398,19 @@ def test_ttl_after_finished_keeps_a_job_while_it_is_served(cluster, namespace, o
     cluster.kubectl("delete", "inferenceservice", "served", "-n", namespace, "--wait=true", "--timeout=60s")
     wait_for(lambda: cluster.kubectl("get", "ftj", "served", "-n", namespace, check=False).returncode != 0,
              timeout=60, what="the job to expire once nothing serves it")
+
+
+def test_a_job_kueue_still_queues_has_no_start_time(cluster, namespace, operator):
+    """#14 item 8: startTime was set while Kueue still queued the job. No Kueue runs here: the
+    test unsuspends the Job the way Kueue admits a workload."""
+    apply(cluster, namespace, ftj("queued", resources={"queueName": "team-a", "nodeSelector": NOWHERE}))
+    s = wait_phase(cluster, namespace, "queued", "Pending", reason="Queued")
+    assert "startTime" not in s
+    (job,) = trainer_jobs(cluster, namespace, "queued")
+    assert job["spec"]["suspend"] is True
+    cluster.kubectl("patch", "job", job["metadata"]["name"], "-n", namespace, "--type=merge",
+                    "-p", '{"spec":{"suspend":false}}')
+    s = wait_for(lambda: status(cluster, namespace, "queued").get("startTime") and status(cluster, namespace, "queued"),
+                 timeout=60, what="startTime once the Job runs")
+    started = get_json(cluster, "job", job["metadata"]["name"], "-n", namespace)["status"]["startTime"]
+    assert s["startTime"] == started

@@ -161,14 +161,16 @@ def test_operator_and_trainer_service_accounts_hold_only_the_documented_permissi
 
 def test_secret_values_never_leave_the_secret(cluster, namespace, operator):
     """Given a canary token Secret referenced by spec.model.tokenSecretRef and
-    spec.output.push.tokenSecretRef, when a FineTuneJob runs to Succeeded on kwok, then the canary
+    spec.objectStorage.secretRef (for an s3:// push), when a FineTuneJob runs to Succeeded on kwok, then the canary
     appears in no FineTuneJob, Event, ConfigMap, Job, pod (spec or termination message) nor in the
     operator's log, and the trainer container gets it only through secretKeyRef env entries."""
     canary = f"hf_CANARY{uuid.uuid4().hex}"
     cluster.kubectl("create", "secret", "generic", "hub", f"--from-literal=token={canary}",
-                    f"--from-literal=s3={canary}-s3", "-n", namespace)
+                    f"--from-literal=AWS_ACCESS_KEY_ID={canary}-id",
+                    f"--from-literal=AWS_SECRET_ACCESS_KEY={canary}-s3", "-n", namespace)
     apply(cluster, namespace, ftj("leak", model={"tokenSecretRef": {"name": "hub"}},
-                                  output={"push": {"uri": "hf://org/leak", "tokenSecretRef": {"name": "hub"}}}))
+                                  output={"push": {"uri": "s3://bucket/leak"}},
+                                  objectStorage={"secretRef": {"name": "hub"}}))
     wait_for(lambda: status(cluster, namespace, "leak").get("phase") == "Succeeded", timeout=90,
              what="the job to succeed", interval=1)
 
@@ -186,5 +188,6 @@ def test_secret_values_never_leave_the_secret(cluster, namespace, operator):
     env = pod["spec"]["containers"][0]["env"]
     secret_env = [e for e in env if "secretKeyRef" in (e.get("valueFrom") or {})]
     assert {e["valueFrom"]["secretKeyRef"]["name"] for e in secret_env} == {"hub"}
-    assert len(secret_env) == 2 and all("value" not in e for e in secret_env)
+    # HF_TOKEN, and the five AWS variables of spec.objectStorage (three of them optional)
+    assert len(secret_env) == 6 and all("value" not in e for e in secret_env)
     assert not any(v.get("secret") for v in pod["spec"]["volumes"])

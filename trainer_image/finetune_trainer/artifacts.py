@@ -155,6 +155,13 @@ def write_model_card(cfg: TrainerConfig, summary: dict[str, Any], eval_report: d
     for model_name, metrics in scores.items():
         for metric, value in metrics.items():
             lines.append(f"| {metric} ({model_name}) | {_fmt(value)} |")
+    eval_set = eval_report.get("evalSetScores") or {}
+    for model_name in ("base", "finetuned"):
+        for metric, value in (eval_set.get(model_name) or {}).items():
+            lines.append(f"| {metric} ({model_name}, {eval_set.get('examples')} eval records) | {_fmt(value)} |")
+    if summary.get("sources"):
+        lines += ["", "## Sources", "", "| source | sha256 | bytes |", "| --- | --- | --- |"]
+        lines += [f"| `{s['location']}` | `{s['sha256']}` | {s['bytes']} |" for s in summary["sources"]]
     if (summary.get("artifacts") or {}).get("lossPlot"):
         # The plot lies beside this card (artifacts/loss.png), so the link is relative.
         lines += ["", "## Loss curve", "", "![training and evaluation loss, learning rate](loss.png)"]

@@ -46,6 +46,10 @@ def classify(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, ConfigError):
         name = type(exc).__name__
         return exitcodes.PERMANENT, "DataValidationFailed" if name == "DataValidationError" else "InvalidConfig"
+    from .fetch import SourceUnavailable
+
+    if isinstance(exc, SourceUnavailable):
+        return exitcodes.RETRYABLE, "SourceUnavailable"
     if isinstance(exc, TerminationRequested):
         return exitcodes.RETRYABLE, "Terminated"
     if isinstance(exc, KeyboardInterrupt):

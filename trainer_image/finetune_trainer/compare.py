@@ -458,7 +458,8 @@ def _measure_report(cfg: TrainerConfig, adapter: Path | None, merged: Path | Non
         return {"state": "Unavailable", "message": "nothing to ask: no evaluation prompts and no "
                 "eval records with an answer (spec.evaluation.prompts, dataset.evalFraction)", **counts}
     try:
-        runs, served = measure(cfg, items, base=cfg.model.source, adapter=adapter, merged=merged,
+        # pvc://, volume://, and s3:// or https:// once the trainer downloaded them: on the volume.
+        runs, served = measure(cfg, items, base=cfg.paths.resolve(cfg.model.source), adapter=adapter, merged=merged,
                                cpu=gpus == 0)
     except (ServerUnavailable, OSError, urllib.error.URLError, KeyError, ValueError) as exc:
         log.warning("comparison unavailable: %s", exc)

@@ -103,6 +103,35 @@ def generate(model, tokenizer, texts: list[str], max_new_tokens: int) -> list[st
     return outputs
 
 
+# evaluation.metrics on the eval set: generation is slow, so the first records only.
+EVAL_SET_SCORED = 32
+
+
+def eval_set_pairs(cfg: TrainerConfig, tokenizer, records: list[dict]) -> list[tuple[str, str]]:
+    """(prompt as the model saw it, reference answer) of the first eval records that have an
+    answer: prompt/completion records, and chats ending in an assistant turn."""
+    pairs = []
+    for record in records:
+        if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
+            pairs.append((record["prompt"], record["completion"]))
+        elif (messages := record.get("messages")) and messages[-1].get("role") == "assistant" \
+                and getattr(tokenizer, "chat_template", None):
+            prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+            pairs.append((prompt, str(messages[-1].get("content", ""))))
+        if len(pairs) == EVAL_SET_SCORED:
+            break
+    return pairs
+
+
+def _generate_both(model, base_loader, tokenizer, texts: list[str], n: int) -> tuple[list[str], list[str]]:
+    """The fine-tuned and the base model's answers (an adapter model's base: adapter disabled)."""
+    tuned = generate(model, tokenizer, texts, n)
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            return tuned, generate(model, tokenizer, texts, n)
+    return tuned, generate(base_loader(), tokenizer, texts, n)
+
+
 def evaluate_run(cfg: TrainerConfig, model, tokenizer, *, eval_metrics: dict[str, float],
                  base_loader: Callable[[], Any] | None = None,
                  eval_records: list[dict] | None = None) -> dict[str, Any]:
@@ -125,22 +154,24 @@ def evaluate_run(cfg: TrainerConfig, model, tokenizer, *, eval_metrics: dict[str
         base_loader = (lambda: base_model)
     report.update(objective.evaluate(
         cfg, model, tokenizer, eval_records or [], reference=base_model))
+    model = getattr(model, "module", model)
+    n = cfg.evaluation.max_new_tokens
+    if base_loader is None:
+        from .model import load_base_for_inference
+
+        def base_loader():
+            return load_base_for_inference(cfg).to(next(model.parameters()).device)
+    pairs = eval_set_pairs(cfg, tokenizer, eval_records or []) if cfg.evaluation.metrics else []
+    if pairs:
+        tuned, base = _generate_both(model, base_loader, tokenizer, [t for t, _ in pairs], n)
+        refs = [r for _, r in pairs]
+        report["evalSetScores"] = {"examples": len(pairs),
+                                   "base": score(base, refs, cfg.evaluation.metrics),
+                                   "finetuned": score(tuned, refs, cfg.evaluation.metrics)}
     prompts = load_prompts(cfg)
     if prompts:
         texts = [format_prompt(cfg, tokenizer, p["prompt"]) for p in prompts]
-        n = cfg.evaluation.max_new_tokens
-        model = getattr(model, "module", model)
-        tuned = generate(model, tokenizer, texts, n)
-        if hasattr(model, "disable_adapter"):
-            with model.disable_adapter():
-                base = generate(model, tokenizer, texts, n)
-        else:
-            if base_loader is None:
-                from .model import load_base_for_inference
-
-                def base_loader():
-                    return load_base_for_inference(cfg).to(next(model.parameters()).device)
-            base = generate(base_loader(), tokenizer, texts, n)
+        tuned, base = _generate_both(model, base_loader, tokenizer, texts, n)
         with_ref = [i for i, p in enumerate(prompts) if p.get("reference") is not None]
         refs = [prompts[i]["reference"] for i in with_ref]
         report["scores"] = {

@@ -76,6 +76,11 @@ class Progress:
     evaluation: dict[str, Any] | None = None
     # Each tracker's state, run id and URL (tracking.Tracking.status()).
     tracking: dict[str, Any] | None = None
+    # s3:// and https:// sources as downloaded (fetch.fetch_sources): status.sources.
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    # Where the results are once training ended (status.artifacts) and the best checkpoint.
+    artifacts: dict[str, str] | None = None
+    best_checkpoint: str | None = None
 
     @property
     def percent(self) -> int:
@@ -116,6 +121,12 @@ class Progress:
         status: dict[str, Any] = {"progress": progress, "metrics": metrics}
         if self.latest_checkpoint:
             status["checkpoints"] = {"latest": self.latest_checkpoint, "count": self.checkpoint_count}
+        if self.best_checkpoint:
+            status.setdefault("checkpoints", {})["best"] = self.best_checkpoint
+        if self.sources:
+            status["sources"] = self.sources
+        if self.artifacts:
+            status["artifacts"] = self.artifacts
         if self.dataset:
             status["dataset"] = self.dataset
         if self.evaluation:

@@ -103,6 +103,9 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
              precision.requested, packing, cfg.training.packing, "cuda" if cuda else "cpu",
              os.environ.get("WORLD_SIZE", "1"))
 
+    from .fetch import fetch_sources
+
+    sources = fetch_sources(cfg, is_main=is_main)  # s3:// and https:// onto the job volume
     tokenizer = load_tokenizer(cfg)
     # Only the first TRL config sets up torch.distributed; it needs the data's kind first,
     # so the kind is read from a cheap probe of the config's format.
@@ -124,6 +127,7 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
         from .reporting import dataset_status
 
         reporter.progress.dataset = dataset_status(data.report)
+        reporter.progress.sources = sources
         reporter.progress.lm_loss = objective.lm_loss
         from .tracking import Tracking, enabled
 
@@ -154,7 +158,7 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
         if not is_main:
             return {}
         summary = _finish(cfg, objective, trainer, tokenizer, data, result, eval_metrics,
-                          train_seconds, precision, packing, resume, reporter)
+                          train_seconds, precision, packing, resume, reporter, sources)
         finished = True
         return summary
     finally:
@@ -165,7 +169,7 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
 
 
 def _finish(cfg, objective, trainer, tokenizer, data, result, eval_metrics, train_seconds,
-            precision, packing, resume, reporter) -> dict[str, Any]:
+            precision, packing, resume, reporter, sources=()) -> dict[str, Any]:
     from . import artifacts, evaluate
 
     model = trainer.model
@@ -195,6 +199,7 @@ def _finish(cfg, objective, trainer, tokenizer, data, result, eval_metrics, trai
         "evalRecords": len(data.eval),
         "objective": objective.name,
         "artifacts": {k: str(v) for k, v in artifact_paths.items()},
+        "sources": list(sources),
     }
     # The objective's own metrics: the last logged training values, and the final evaluation's.
     logged = {}
@@ -215,6 +220,12 @@ def _finish(cfg, objective, trainer, tokenizer, data, result, eval_metrics, trai
     if plot is not None:
         summary["artifacts"]["lossPlot"] = str(plot)
     artifacts.write_model_card(cfg, summary, eval_report)
+    pushed: dict[str, str] = {}
+    if cfg.output.push_uri:
+        from .push import push
+
+        pushed = push(cfg, artifact_paths)
+        summary["push"] = pushed
     cfg.paths.reports.mkdir(parents=True, exist_ok=True)
     (cfg.paths.reports / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     (cfg.paths.reports / "eval.json").write_text(json.dumps(eval_report, indent=2, default=str))
@@ -230,8 +241,22 @@ def _finish(cfg, objective, trainer, tokenizer, data, result, eval_metrics, trai
             reporter.progress.eval_loss = eval_metrics["eval_loss"]
         reporter.progress.objective_metrics.update(objective_metrics)
         reporter.progress.evaluation = evaluation_status(eval_report)
+        reporter.progress.artifacts = {**artifacts_status(artifact_paths), **pushed}
+        if state.best_model_checkpoint:
+            reporter.progress.best_checkpoint = str(state.best_model_checkpoint)
         reporter.publish(force=True)
     return summary
+
+
+# status.evaluation keeps the first answers, each cut short (the API server stores the object).
+STATUS_SCORES = ("bleu", "rouge1", "rouge2", "rougeL", "exactMatch")
+ANSWER_CHARS = 500
+MAX_STATUS_ANSWERS = 20
+
+
+def artifacts_status(artifact_paths: dict[str, Any]) -> dict[str, str]:
+    """status.artifacts: the adapter and merged model's paths on the job volume."""
+    return {k: str(v) for k, v in artifact_paths.items() if k in ("adapter", "merged")}
 
 
 def evaluation_status(eval_report: dict[str, Any]) -> dict[str, Any]:
@@ -245,4 +270,18 @@ def evaluation_status(eval_report: dict[str, Any]) -> dict[str, Any]:
         out["preferenceAccuracy"] = {k: v for k, v in accuracy.items() if v is not None}
     if eval_report.get("objectiveMetrics", {}).get("rewardsAccuracy") is not None:
         out["rewardAccuracy"] = eval_report["objectiveMetrics"]["rewardsAccuracy"]
+    scores = {model: {k: v for k, v in (eval_report.get("scores") or {}).get(model, {}).items()
+                      if k in STATUS_SCORES and isinstance(v, (int, float))}
+              for model in ("base", "finetuned")}
+    if any(scores.values()):
+        out["scores"] = {model: s for model, s in scores.items() if s}
+    eval_set = eval_report.get("evalSetScores") or {}
+    if eval_set.get("examples"):
+        out["evalSetScores"] = {"examples": eval_set["examples"], **{
+            model: {k: v for k, v in eval_set.get(model, {}).items() if k in STATUS_SCORES}
+            for model in ("base", "finetuned")}}
+    answers = eval_report.get("generations") or []
+    if answers:
+        out["answers"] = [{k: str(g[k])[:ANSWER_CHARS] for k in ("prompt", "reference", "base", "finetuned")
+                           if g.get(k) is not None} for g in answers[:MAX_STATUS_ANSWERS]]
     return out

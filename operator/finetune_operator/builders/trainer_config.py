@@ -30,6 +30,10 @@ PUSH_TOKEN_ENV = "PUSH_TOKEN"
 # spec.tracking: the trackers' own variable names (their client libraries read them).
 MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 WANDB_KEY_ENV = "WANDB_API_KEY"
+# spec.objectStorage: the AWS SDKs' standard variables (the trainer's S3 client reads them).
+OBJECT_STORAGE_REQUIRED_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+OBJECT_STORAGE_KEYS = OBJECT_STORAGE_REQUIRED_KEYS + ("AWS_SESSION_TOKEN", "AWS_REGION",
+                                                      "AWS_ENDPOINT_URL")
 TRAINER_METRICS_PORT = 9400
 STATUS_INTERVAL_SECONDS = 5.0
 COMPONENT = "trainer"
@@ -102,6 +106,8 @@ def build_trainer_config(job: FineTuneJob) -> dict:
     output: dict = {"merge": spec.output.merge}
     if spec.output.push:
         output["pushUri"] = spec.output.push.uri
+        if spec.output.push.uri.startswith("hf://"):
+            output["pushPrivate"] = spec.output.push.private
         if spec.output.push.token_secret_ref:
             output["pushTokenEnv"] = PUSH_TOKEN_ENV
 

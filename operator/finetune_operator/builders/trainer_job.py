@@ -20,8 +20,8 @@ from finetune_operator.builders import object_meta
 from finetune_operator.builders.placement import GPU_RESOURCE, place
 from finetune_operator.builders.storage import WORKSPACE_VOLUME, claim_name
 from finetune_operator.builders.trainer_config import (
-    CONFIG_DIR, CONFIG_PATH, MLFLOW_SECRET_KEYS, MODEL_TOKEN_ENV, PUSH_TOKEN_ENV, TRAINER_METRICS_PORT,
-    WANDB_KEY_ENV, other_claims,
+    CONFIG_DIR, CONFIG_PATH, MLFLOW_SECRET_KEYS, MODEL_TOKEN_ENV, OBJECT_STORAGE_KEYS,
+    OBJECT_STORAGE_REQUIRED_KEYS, PUSH_TOKEN_ENV, TRAINER_METRICS_PORT, WANDB_KEY_ENV, other_claims,
 )
 from finetune_operator.labels import FINETUNEJOB_NAME_ANNOTATION, KUEUE_QUEUE, labels_for
 
@@ -54,7 +54,7 @@ def _resources(job: FineTuneJob) -> dict:
     requests: dict[str, str] = {}
     limits: dict[str, str] = {}
     if res.cpu:
-        requests["cpu"] = res.cpu
+        requests["cpu"] = limits["cpu"] = res.cpu
     if res.memory:
         requests["memory"] = limits["memory"] = res.memory
     if res.gpus_per_node > 0:
@@ -90,6 +90,11 @@ def _env(job: FineTuneJob, image: str) -> list[dict]:
             for key in MLFLOW_SECRET_KEYS]
     if tracking and tracking.wandb and tracking.wandb.api_key_secret_ref:
         env.append(_secret_env(WANDB_KEY_ENV, tracking.wandb.api_key_secret_ref))
+    if job.spec.object_storage:
+        secret = job.spec.object_storage.secret_ref.name
+        env += [{"name": key, "valueFrom": {"secretKeyRef": {
+            "name": secret, "key": key, "optional": key not in OBJECT_STORAGE_REQUIRED_KEYS}}}
+            for key in OBJECT_STORAGE_KEYS]
     return env
 
 

@@ -147,10 +147,10 @@ def _ensure_trainer_job(job: FineTuneJob, body: dict) -> None:
         current = kube.create(manifest, batch.create_namespaced_job, batch.read_namespaced_job)
         kopf.info(body, reason="TrainerJobCreated", message=f"created trainer Job {manifest['metadata']['name']}")
     image = job.status.trainer_image or current["spec"]["template"]["spec"]["containers"][0]["image"]
-    if not job.status.start_time or job.status.trainer_job != current["metadata"]["name"] \
-            or job.status.trainer_image != image:
-        _patch_status(job, {"startTime": job.status.start_time or current["metadata"]["creationTimestamp"],
-                            "trainerJob": current["metadata"]["name"], "trainerImage": image})
+    if job.status.trainer_job != current["metadata"]["name"] or job.status.trainer_image != image:
+        # startTime comes later, from the Job's own (refresh_status): a Job that Kueue holds
+        # suspended has not started.
+        _patch_status(job, {"trainerJob": current["metadata"]["name"], "trainerImage": image})
     wants = job.spec.suspend
     if queued:
         # Kueue owns the Job's suspend; suspending a queued job deletes its Job instead
@@ -337,6 +337,10 @@ def _refresh_status_locked(namespace: str, name: str) -> None:
             obs = deployment_failed(obs, e)
     status = status_patch(job, obs, now=now, gpu_hour_price=settings.current.gpu_hour_price,
                           existing_conditions=(obj.get("status") or {}).get("conditions") or [])
+    started = ((trainer or {}).get("status") or {}).get("startTime")
+    if started and not job.status.start_time:
+        # The Job controller sets it when the Job first runs unsuspended (not while Kueue queues it).
+        status["startTime"] = parse_time(str(started)).strftime("%Y-%m-%dT%H:%M:%SZ")
     old = obj.get("status") or {}
     changed = {k: v for k, v in status.items() if old.get(k) != v}
     if changed:

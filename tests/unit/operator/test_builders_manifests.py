@@ -43,7 +43,8 @@ SINGLE = {
                                    "effect": "NoSchedule"}],
                   "priorityClassName": "training", "activeDeadlineSeconds": 86400},
     "storage": {"size": "100Gi", "storageClassName": "fast", "reclaimPolicy": "Delete"},
-    "output": {"merge": True, "push": {"uri": "hf://org/support-bot", "tokenSecretRef": {"name": "hf-push"}}},
+    "output": {"merge": True, "push": {"uri": "s3://models/support-bot/"}},
+    "objectStorage": {"secretRef": {"name": "s3-credentials"}},
 }
 
 MULTI = {

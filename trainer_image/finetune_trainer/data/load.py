@@ -1,8 +1,9 @@
-"""Read raw records from a local file (JSONL, JSON, CSV, Parquet) or a Hugging Face dataset.
+"""Read raw records from a local file (JSONL, JSON, CSV, Parquet), a folder of such files
+(shards, read in name order) or a Hugging Face dataset.
 
 `read_records` yields `(where, record, error)` triples: `where` names the record the way a
 person finds it in the file ("line 41" in JSONL and CSV, "record 3" in a JSON list, "row 7"
-in Parquet or a hub dataset); exactly one of `record` and `error` is set. Problems with the
+in Parquet or a hub dataset; prefixed with the shard's name in a folder); exactly one of `record` and `error` is set. Problems with the
 source as a whole (missing, empty, binary) raise SourceError.
 """
 
@@ -51,7 +52,8 @@ def read_records(source: str, *, split: str | None = None) -> Iterator[Item]:
     if not path.exists():
         raise SourceError(f"{source}: file not found")
     if path.is_dir():
-        raise SourceError(f"{source}: is a directory; name a .jsonl, .json, .csv or .parquet file")
+        yield from _read_shards(path)
+        return
     file_type = FILE_TYPES.get(path.suffix.lower()) or _sniff(path)
     if path.stat().st_size == 0:
         raise SourceError(f"{source}: file is empty")
@@ -65,6 +67,19 @@ def read_records(source: str, *, split: str | None = None) -> Iterator[Item]:
         yield from _read_json(path)
     else:
         yield from _read_csv(path, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+
+
+def _read_shards(folder: Path) -> Iterator[Item]:
+    """Every data file under `folder` (by the suffixes of FILE_TYPES), in name order; hidden
+    files and other files are skipped."""
+    shards = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in FILE_TYPES
+                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    if not shards:
+        raise SourceError(f"{folder}: folder holds no .jsonl, .json, .csv or .parquet file")
+    for shard in shards:
+        name = shard.relative_to(folder)
+        for where, record, error in read_records(str(shard)):
+            yield f"{name} {where}", record, error
 
 
 def _sniff(path: Path) -> str:

@@ -220,7 +220,7 @@ class _Pipeline:
                 report.duplicates_removed += sum(flags)
             examples = [e for e, dup in zip(examples, flags) if not dup]
             texts = [e.dedup_text for e in examples]
-        if cfg.dedup.near_threshold and cfg.dedup.near_threshold > 0:
+        if cfg.dedup.near_threshold and 0 < cfg.dedup.near_threshold < 1:  # 1: off
             flags = dedup.near_duplicates(texts, cfg.dedup.near_threshold)
             if count:
                 report.near_duplicates_removed += sum(flags)

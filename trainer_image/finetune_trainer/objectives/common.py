@@ -23,7 +23,8 @@ def training_kwargs(cfg: TrainerConfig, precision, *, has_eval: bool) -> dict[st
         eval_steps = math.gcd(eval_steps, t.save_steps)
         log.warning("training.evalSteps %s does not divide saveSteps %s; evaluating every %s steps",
                     t.eval_steps, t.save_steps, eval_steps)
-    metric = t.metric_for_best_model
+    # perplexity = exp(eval_loss): the same checkpoints in the same order, lower is better.
+    metric = "eval_loss" if t.metric_for_best_model == "perplexity" else t.metric_for_best_model
     use_cpu = not torch.cuda.is_available()
     return dict(
         output_dir=str(cfg.paths.checkpoints),
