@@ -378,8 +378,9 @@ TRAINING = obj("Hyperparameters of the training loop.", {
     "weightDecay": number("AdamW weight decay.", default=0.0, minimum=0, maximum=1),
     "maxSeqLength": integer("Maximum tokens per example (see dataset.lengthPolicy).", default=1024,
                             minimum=16, maximum=131072),
-    "packing": string("Pack several short examples into one sequence. auto: on when a "
-                      "variable-length attention kernel is available (GPU), off elsewhere.",
+    "packing": string("Pack several short examples into one sequence. auto: on when a CUDA "
+                      "device and a variable-length attention kernel (flash-attn, which the model "
+                      "is then loaded with) are both there, off elsewhere; on: always.",
                       default="auto", enum=PACKING_MODES),
     "precision": string("Training precision.", default="bf16", enum=PRECISIONS),
     "optimizer": string("Optimizer (transformers' names).", default="adamw_torch",
@@ -407,8 +408,10 @@ TRAINING = obj("Hyperparameters of the training loop.", {
     }, required=["patience"]),
     "seed": integer("Random seed (data shuffling, initialisation of adapters).", default=42,
                     minimum=0, maximum=4294967295),
-    "lossSpikeFactor": number("Fail the run when the training loss exceeds this multiple of its "
-                              "running mean (divergence guard); 0 disables it.", default=0.0,
+    "lossSpikeFactor": number("Fail the run when a logged training loss exceeds this multiple of the "
+                              "median of the last 20 logged losses and is above the first logged "
+                              "loss (divergence guard; a learning run's late, harder batches do not "
+                              "trip it); 0 disables it.", default=0.0,
                               minimum=0),
 }, default={}, rules=[
     rule("!has(self.evalSteps) || self.saveSteps % self.evalSteps == 0",

@@ -33,6 +33,33 @@ class TerminationRequested(RuntimeError):
     """SIGTERM arrived (preemption, suspend, drain): retryable once restarted."""
 
 
+class LossSpikeDetector:
+    """A spike is a logged loss above `factor` x the median of the recent logged losses *and*
+    above the first logged loss. Against the running minimum (as before), a healthy multi-epoch
+    run failed: late in training the loss is tiny and one harder batch is many times it. A run
+    that diverges climbs back above where it started; one that learns does not."""
+
+    WINDOW = 20
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+        self.first: float | None = None
+        self.recent: list[float] = []
+
+    def observe(self, loss: float) -> str | None:
+        """Record `loss`; the reason it is a spike, or None."""
+        reason = None
+        if self.factor and self.first is not None and len(self.recent) >= 3:
+            median = sorted(self.recent)[len(self.recent) // 2]
+            if loss > self.factor * median and loss > self.first:
+                reason = (f"over {self.factor:g}x the median {median:.4g} of the last {len(self.recent)} "
+                          f"logged losses and above the first logged loss {self.first:.4g}")
+        if self.first is None:
+            self.first = loss
+        self.recent = (self.recent + [loss])[-self.WINDOW:]
+        return reason
+
+
 def barrier() -> None:
     import torch.distributed as dist
 
@@ -81,10 +108,10 @@ def make_callbacks(cfg: TrainerConfig, reporter, has_eval: bool, guard: SignalGu
         return state.is_world_process_zero
 
     class DivergenceGuard(TrainerCallback):
-        """Stops on NaN/inf loss or a spike beyond loss_spike_factor x the running minimum."""
+        """Stops on NaN/inf loss or a spike (LossSpikeDetector, loss_spike_factor)."""
 
         def __init__(self):
-            self.running_min = math.inf
+            self.spikes = LossSpikeDetector(cfg.training.loss_spike_factor)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             loss = (logs or {}).get("loss")
@@ -94,13 +121,12 @@ def make_callbacks(cfg: TrainerConfig, reporter, has_eval: bool, guard: SignalGu
                 raise TrainingDiverged(
                     f"training loss became {loss} at step {state.global_step}; lower "
                     f"training.learningRate (now {cfg.training.learning_rate}) or check the data")
-            factor = cfg.training.loss_spike_factor
-            if factor and self.running_min < math.inf and loss > factor * self.running_min:
+            spike = self.spikes.observe(loss)
+            if spike:
                 raise TrainingDiverged(
-                    f"training loss spiked to {loss:.4g} at step {state.global_step}, over "
-                    f"{factor:g}x its minimum {self.running_min:.4g}; lower training.learningRate "
-                    f"(now {cfg.training.learning_rate}) or raise training.lossSpikeFactor")
-            self.running_min = min(self.running_min, loss)
+                    f"training loss spiked to {loss:.4g} at step {state.global_step}, {spike}; lower "
+                    f"training.learningRate (now {cfg.training.learning_rate}) or raise "
+                    "training.lossSpikeFactor")
 
     class StopOnSignal(TrainerCallback):
         """SIGTERM: finish this step, save a checkpoint, stop (all ranks together)."""

@@ -47,7 +47,10 @@ def classify(exc: BaseException) -> tuple[int, str]:
         name = type(exc).__name__
         return exitcodes.PERMANENT, "DataValidationFailed" if name == "DataValidationError" else "InvalidConfig"
     from .fetch import SourceUnavailable
+    from .model import GPUUnavailable
 
+    if isinstance(exc, GPUUnavailable):
+        return exitcodes.PERMANENT, "GPUUnavailable"
     if isinstance(exc, SourceUnavailable):
         return exitcodes.RETRYABLE, "SourceUnavailable"
     if isinstance(exc, TerminationRequested):

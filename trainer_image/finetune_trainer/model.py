@@ -136,6 +136,57 @@ def load_model(cfg: TrainerConfig, precision: Precision):
     return model
 
 
+# How many GPUs the operator gave this pod (spec.resources.gpusPerNode); 0 or unset: CPU.
+ENV_GPUS = "FINETUNE_GPUS_PER_NODE"
+NVIDIA_DRIVER_VERSION = Path("/proc/driver/nvidia/version")
+
+
+class GPUUnavailable(RuntimeError):
+    """GPUs were asked for and CUDA cannot use them (no driver, a driver too old for the CUDA
+    the wheels were built for, devices not visible): training on CPU instead would be silent
+    and hundreds of times slower, and retrying on the same node gives the same result."""
+
+
+def check_gpus_usable() -> None:
+    """Fail fast, with the driver's and CUDA's versions, when the pod was given GPUs that
+    torch cannot use."""
+    wanted = int(os.environ.get(ENV_GPUS, "0") or 0)
+    if wanted <= 0:
+        return
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible >= wanted:
+        return
+    try:
+        driver = NVIDIA_DRIVER_VERSION.read_text().splitlines()[0].strip()
+    except (OSError, IndexError):
+        driver = f"no NVIDIA kernel driver ({NVIDIA_DRIVER_VERSION} is missing)"
+    why = ""
+    if not visible:
+        try:
+            torch.cuda.init()
+        except Exception as exc:  # noqa: BLE001 - its message is the reason, whatever its type
+            why = f"; torch says: {str(exc).strip()[:400]}"
+    raise GPUUnavailable(
+        f"spec.resources.gpusPerNode asks for {wanted} GPU(s) but CUDA sees {visible}: driver: {driver}; "
+        f"torch {torch.__version__} built for CUDA {torch.version.cuda or 'none (a CPU build)'}"
+        f"{why}. Use a node whose NVIDIA driver supports that CUDA version, or a trainer image built "
+        f"for the driver's CUDA")
+
+
+def varlen_attention() -> str | None:
+    """The variable-length attention kernel packing can use, as transformers names it, or None:
+    flash-attn 2 on a CUDA device when installed."""
+    import importlib.util
+
+    import torch
+
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return None
+
+
 def load_base_model(cfg: TrainerConfig, precision: Precision):
     """The base model as the method trains it: fp32 for full, the compute dtype for lora,
     4-bit and prepared for k-bit training for qlora. Not yet wrapped with adapters."""
@@ -144,6 +195,8 @@ def load_base_model(cfg: TrainerConfig, precision: Precision):
 
     name, kwargs = model_location(cfg.model, cfg.paths.resolve)
     method = cfg.method
+    if cfg.training.packing != "off" and (kernel := varlen_attention()):
+        kwargs["attn_implementation"] = kernel  # what makes packed rows cheap
     if method.type == "full":
         # fp32 master weights; mixed precision autocasts the compute.
         kwargs["dtype"] = torch.float32

@@ -41,15 +41,17 @@ __all__ = [
 ]
 
 
-def choose_packing(mode: str, *, cuda: bool) -> bool:
-    """`auto` packs only where it is faster: with CUDA. On CPU, without variable-length
-    attention kernels, packed rows make attention dearer (measured 0.65-0.73x the
-    throughput of dynamic padding; see bench/bench_trainer.py)."""
+def choose_packing(mode: str, *, cuda: bool, varlen: bool = False) -> bool:
+    """`auto` packs only where it is faster: on CUDA with a variable-length attention kernel
+    (flash-attn; model.varlen_attention). Without one, padding-free packing builds a
+    block-diagonal mask over SDPA: no flash backend, and a (B*L)^2 mask (4.3 GB at batch 8 x
+    8192); on CPU packed rows measured 0.65-0.73x the throughput of dynamic padding
+    (bench/bench_trainer.py). `on` packs anyway."""
     if mode == "on":
         return True
     if mode == "off":
         return False
-    return cuda
+    return cuda and varlen
 
 
 def make_trainer(model, args, tokenizer, train: list[dict], evals: list[dict], callbacks=()):
@@ -88,6 +90,9 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
     from .model import check_method_supported, load_tokenizer, resolve_precision
     from .reporting import Reporter
 
+    from .model import check_gpus_usable
+
+    check_gpus_usable()  # before anything is downloaded or loaded
     guard = SignalGuard()
     guard.install()
     check_method_supported(cfg.method)
@@ -95,7 +100,10 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
     objective.check(cfg)
     precision = resolve_precision(cfg.training.precision)
     cuda = torch.cuda.is_available()
-    packing = choose_packing(cfg.training.packing, cuda=cuda) and objective.name == "sft"
+    from .model import varlen_attention
+
+    packing = choose_packing(cfg.training.packing, cuda=cuda, varlen=varlen_attention() is not None) \
+        and objective.name == "sft"
     rank = int(os.environ.get("RANK", "0"))
     is_main = rank == 0
     log.info("method %s, objective %s, precision %s (asked %s), packing %s (%s), device %s, "

@@ -75,7 +75,9 @@ def _env(job: FineTuneJob, image: str) -> list[dict]:
     env = [{"name": "HF_HOME", "value": layout.under(WORKSPACE, layout.HF_CACHE)},
            # Recorded in the model card, so an artifact says which trainer made it.
            {"name": "FINETUNE_IMAGE", "value": image},
-           {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
+           {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+           # The trainer fails fast (GPUUnavailable) when CUDA cannot use the GPUs it was given.
+           {"name": "FINETUNE_GPUS_PER_NODE", "value": str(job.spec.resources.gpus_per_node)}]
     if job.spec.model.token_secret_ref:
         env.append(_secret_env(MODEL_TOKEN_ENV, job.spec.model.token_secret_ref))
     push = job.spec.output.push

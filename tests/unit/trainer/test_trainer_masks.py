@@ -90,7 +90,10 @@ def test_text_trains_every_token_but_padding(tmp_path, tiny_model, model, tokeni
 
 def test_packing_auto_packs_only_with_cuda():
     assert choose_packing("auto", cuda=False) is False
-    assert choose_packing("auto", cuda=True) is True
+    # #16 item 5: CUDA alone is not enough; without a variable-length kernel packing is dearer.
+    assert choose_packing("auto", cuda=True) is False
+    assert choose_packing("auto", cuda=True, varlen=True) is True
+    assert choose_packing("auto", cuda=False, varlen=True) is False
     assert choose_packing("on", cuda=False) is True
     assert choose_packing("off", cuda=True) is False
 
