@@ -25,6 +25,7 @@ install: $(STAMP) ## everything the tests and the demo need (idempotent, cached)
 	bash hack/build-prometheus.sh >/dev/null
 	bash hack/build-minio.sh >/dev/null
 	bash hack/install-mlflow-server.sh >/dev/null
+	bash hack/install-chromium.sh >/dev/null
 
 node: ## the real node's binaries (kubelet, kube-proxy, containerd, CNI; work in progress, see docs/real-node.md)
 	bash hack/build-node.sh >/dev/null

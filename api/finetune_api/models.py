@@ -160,12 +160,23 @@ class EvalPrompt:
 
 
 @dataclass(kw_only=True)
+class Comparison:
+    """After training, the base model and the result are served side by side by one vLLM server
+    (a comparison Job) and asked the prompts and a sample of the eval set: quality, latency
+    and throughput per model in status.comparison, and a review page."""
+
+    enabled: bool = True
+    sample_size: int = 8
+
+
+@dataclass(kw_only=True)
 class Evaluation:
     """Evaluation after training. Loss and perplexity are always computed."""
 
     metrics: list[str] = field(default_factory=list)
     prompts: list[EvalPrompt] = field(default_factory=list)
     max_new_tokens: int = 128
+    comparison: Comparison = field(default_factory=Comparison)
 
 
 @dataclass(kw_only=True)
@@ -312,6 +323,7 @@ class Deploy:
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[Toleration] = field(default_factory=list)
     vllm: Optional[VLLM] = None
+    require_approval: bool = False
 
 
 @dataclass(kw_only=True)
@@ -337,7 +349,7 @@ class FineTuneJobSpec:
 @dataclass(kw_only=True)
 class Condition:
     """A condition; types used: Admitted, Running, Succeeded, Failed, Suspended,
-    TrackingAvailable, Pushed."""
+    TrackingAvailable, Pushed, Compared, Approved."""
 
     type: str
     status: str
@@ -564,6 +576,36 @@ class Endpoint:
 
 
 @dataclass(kw_only=True)
+class ComparisonRow:
+    """One model's row of the table."""
+
+    model: str
+    served_as: Optional[str] = None
+    exact_match: Optional[float] = None
+    pattern_match: Optional[float] = None
+    bleu: Optional[float] = None
+    rouge_l: Optional[float] = None
+    eval_loss: Optional[float] = None
+    latency_p50_ms: Optional[float] = None
+    latency_p95_ms: Optional[float] = None
+    output_tokens_per_second: Optional[float] = None
+    cost_per1k_output_tokens: Optional[str] = None
+
+
+@dataclass(kw_only=True)
+class ComparisonResult:
+    """Base vs fine-tuned, measured through one vLLM server after training
+    (spec.evaluation.comparison), written by the comparison Job."""
+
+    state: Optional[str] = None
+    message: Optional[str] = None
+    prompts: Optional[int] = None
+    samples: Optional[int] = None
+    report: Optional[str] = None
+    rows: list[ComparisonRow] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
 class FineTuneJobStatus:
     """Observed state of a FineTuneJob, written by the operator and the trainer."""
 
@@ -587,6 +629,7 @@ class FineTuneJobStatus:
     trainer_image: Optional[str] = None
     tracking: Optional[TrackingStatus] = None
     inference_service: Optional[Endpoint] = None
+    comparison: Optional[ComparisonResult] = None
 
 
 @dataclass(kw_only=True)

@@ -218,12 +218,12 @@ def conditions(types: list[str]) -> Schema:
 
 # --- FineTuneJob -----------------------------------------------------------------------------
 
-PHASES = ["Pending", "Validating", "Training", "Evaluating", "Deploying", "Succeeded", "Failed",
-          "Suspended"]
+PHASES = ["Pending", "Validating", "Training", "Evaluating", "Comparing", "AwaitingApproval",
+          "Deploying", "Succeeded", "Failed", "Suspended"]
 # Written by finetune_operator.conditions; the Running condition's reason is the job's latest
 # reason (Starting, Preempted, Retrying, ...), which the Reason column shows.
 FINETUNEJOB_CONDITIONS = ["Admitted", "Running", "Succeeded", "Failed", "Suspended", "TrackingAvailable",
-                          "Pushed"]
+                          "Pushed", "Compared", "Approved"]
 # Spec sections frozen once training started (status.startTime is set).
 IMMUTABLE_SECTIONS = ["model", "method", "dataset", "training", "evaluation", "resources",
                       "storage", "output", "tracking"]
@@ -440,6 +440,15 @@ EVALUATION = obj("Evaluation after training. Loss and perplexity are always comp
                              "side-by-side comparison in the evaluation report.", max_items=200),
     "maxNewTokens": integer("Tokens generated per prompt.", default=128, minimum=1,
                             maximum=8192),
+    "comparison": obj("After training, the base model and the result are served side by side by "
+                      "one vLLM server (a comparison Job) and asked the prompts and a sample of "
+                      "the eval set: quality, latency and throughput per model in "
+                      "status.comparison, and a review page.", {
+        "enabled": boolean("Run the comparison (phase Comparing) before the job succeeds or "
+                           "deploys.", default=True),
+        "sampleSize": integer("Records of the eval split asked besides the prompts (0: prompts "
+                              "only).", default=8, minimum=0, maximum=1000),
+    }, default={}),
 }, default={})
 
 TOLERATION = obj("A toleration (core/v1 Toleration).", {
@@ -599,6 +608,10 @@ DEPLOY = obj("Serve the result with an InferenceService once training succeeded.
                                "from training pools)."),
     "tolerations": array(TOLERATION, "Tolerations for the vLLM pods.", max_items=32),
     "vllm": VLLM,
+    "requireApproval": boolean("Wait in phase AwaitingApproval after training (and the "
+                               "comparison) until a person sets the annotation "
+                               "finetune.dev/approved=true (deploy) or =false (the job ends "
+                               "Succeeded, not deployed).", default=False),
 })
 
 FINETUNEJOB_SPEC = obj("Desired state of a FineTuneJob. Once training started (status.startTime "
@@ -828,6 +841,34 @@ FINETUNEJOB_STATUS = obj("Observed state of a FineTuneJob, written by the operat
     "inferenceService": obj("The InferenceService serving the result.", {
         "name": string("Its name.", max_length=SHORT),
         "url": string("OpenAI-compatible base URL.", max_length=LONG),
+    }),
+    "comparison": obj("Base vs fine-tuned, measured through one vLLM server after training "
+                      "(spec.evaluation.comparison), written by the comparison Job.", {
+        "state": string("Measured, or Unavailable (vLLM could not serve; message says why).",
+                        enum=["Measured", "Unavailable"]),
+        "message": string("What was measured, or why nothing was.", max_length=LONG),
+        "prompts": integer("Evaluation prompts asked.", minimum=0),
+        "samples": integer("Eval-set records asked.", minimum=0),
+        "report": string("Where the full report (every answer) is: comparison.json on the job "
+                         "volume.", max_length=LONG),
+        "rows": array(obj("One model's row of the table.", {
+            "model": string("base or fine-tuned.", enum=["base", "fine-tuned"]),
+            "servedAs": string("The model name it was served as.", max_length=SHORT),
+            "exactMatch": number("Share of answers equal to their reference.", minimum=0,
+                                 maximum=1),
+            "patternMatch": number("Share of answers matching their reference (a regex or a "
+                                   "substring).", minimum=0, maximum=1),
+            "bleu": number("Corpus BLEU (0-100).", minimum=0),
+            "rougeL": number("ROUGE-L F1.", minimum=0, maximum=1),
+            "evalLoss": number("Mean token loss of the sampled eval answers (from vLLM's "
+                               "prompt log-probabilities)."),
+            "latencyP50Ms": number("Median request latency in milliseconds.", minimum=0),
+            "latencyP95Ms": number("95th percentile request latency in milliseconds.", minimum=0),
+            "outputTokensPerSecond": number("Output tokens per second of request time.",
+                                            minimum=0),
+            "costPer1kOutputTokens": string("Cost of 1,000 output tokens at the operator's GPU-hour "
+                                            "price (only when a price is set).", max_length=64),
+        }, required=["model"]), "One row per model, base first.", max_items=2),
     }),
 })
 
@@ -1071,6 +1112,10 @@ TRAINER_REPORTING = obj("How the trainer reports progress.", {
     "metricsPort": integer("Port of the Prometheus /metrics server; unset: no server.",
                            minimum=1, maximum=65535),
     "statusInterval": number("Seconds between two status patches.", default=5.0, minimum=0),
+    "reviewConfigMap": string("ConfigMap (created by the operator, owned by the job) into which "
+                              "the comparison Job publishes the review page's material "
+                              "(comparison.json, loss.png, dataset.json); unset: not published.",
+                              min_length=1, max_length=SHORT),
 }, default={})
 
 _SPEC_MLFLOW, _SPEC_WANDB = TRACKING["properties"]["mlflow"], TRACKING["properties"]["wandb"]
@@ -1122,6 +1167,7 @@ PYTHON_CLASSES: dict[str, dict[str, str]] = {
         "spec.training.earlyStopping": "EarlyStopping",
         "spec.evaluation": "Evaluation",
         "spec.evaluation.prompts[]": "EvalPrompt",
+        "spec.evaluation.comparison": "Comparison",
         "spec.resources": "TrainerResources",
         "spec.resources.tolerations[]": "Toleration",
         "spec.storage": "Storage",
@@ -1158,6 +1204,8 @@ PYTHON_CLASSES: dict[str, dict[str, str]] = {
         "status.artifacts": "Artifacts",
         "status.sources[]": "SourceDigest",
         "status.inferenceService": "Endpoint",
+        "status.comparison": "ComparisonResult",
+        "status.comparison.rows[]": "ComparisonRow",
         "status.tracking": "TrackingStatus",
         "status.tracking.mlflow": "MlflowRunStatus",
         "status.tracking.tensorboard": "TensorboardStatus",

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from finetune_api import _runtime
 from finetune_api._runtime import InvalidResource as ConfigError  # noqa: F401
-from finetune_api.models import Dataset, DatasetMix, Dedup, Dpo, EarlyStopping, EvalPrompt, LoRA, Method, Quantization, TensorboardTracking, Training
+from finetune_api.models import Comparison, Dataset, DatasetMix, Dedup, Dpo, EarlyStopping, EvalPrompt, LoRA, Method, Quantization, TensorboardTracking, Training
 
 
 @dataclass(kw_only=True)
@@ -42,6 +42,7 @@ class EvaluationConfig:
     metrics: list[str] = field(default_factory=list)
     prompts: list[EvalPrompt] = field(default_factory=list)
     max_new_tokens: int = 128
+    comparison: Comparison = field(default_factory=Comparison)
     prompts_source: Optional[str] = None
 
 
@@ -71,6 +72,7 @@ class ReportingConfig:
     status_patch: bool = False
     metrics_port: Optional[int] = None
     status_interval: float = 5.0
+    review_config_map: Optional[str] = None
 
 
 @dataclass(kw_only=True)

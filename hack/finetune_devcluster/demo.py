@@ -97,12 +97,13 @@ class Demo:
         say(f"applying {QUICKSTART.relative_to(REPO_ROOT)}")
         self.kubectl("apply", "-f", str(QUICKSTART))
         self.watch_training()
+        comparison = self.print_comparison()
         url = self.wait_serving()
         answers = self.ask(url)
         self.print_endings(url)
         total = time.monotonic() - t0
         say(f"demo finished in {total:.0f}s (of which {build_s:.0f}s building binaries)")
-        return {"answers": answers, "seconds": total, "build_seconds": build_s}
+        return {"answers": answers, "comparison": comparison, "seconds": total, "build_seconds": build_s}
 
     def kube_version(self) -> str:
         return json.loads(self.kubectl("version", "-o", "json").stdout)["serverVersion"]["gitVersion"]
@@ -224,6 +225,23 @@ class Demo:
             time.sleep(2)
         raise SystemExit("timed out waiting for training")
 
+    def print_comparison(self) -> dict:
+        """status.comparison as the table it is, and where the review page is."""
+        from finetune_trainer.compare import render_table
+
+        comparison = self.job().get("status", {}).get("comparison") or {}
+        say("base vs fine-tuned, measured through one vLLM server (status.comparison; "
+            f"kubectl describe ftj {JOB} -n {NAMESPACE}):")
+        if comparison.get("rows"):
+            print("\n".join("  " + line for line in render_table(comparison["rows"]).splitlines()), flush=True)
+        else:
+            print(f"  no table: {comparison.get('state', 'not measured')}: {comparison.get('message', '')}", flush=True)
+        print(f"  review page: {self.report_url()}  (answers side by side, verdicts, approval)", flush=True)
+        return comparison
+
+    def report_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/jobs/{NAMESPACE}/{JOB}/report"
+
     def wait_serving(self) -> str:
         say("waiting for the InferenceService to become Ready (vLLM loads the model, ~1 min)")
         deadline = time.monotonic() + self.timeout
@@ -289,6 +307,9 @@ class Demo:
         lines = f"  model card: {artifacts / 'README.md'}\n"
         if (artifacts / "loss.png").exists():
             lines += f"  loss curve: {artifacts / 'loss.png'} (train and eval loss, learning rate)\n"
+        if (artifacts / "report.html").exists():
+            lines += (f"  review page: {self.report_url()} (served by the operator), "
+                      f"{artifacts / 'report.html'} (on the claim)\n")
         return lines
 
     def start_openai_api(self) -> dict:

@@ -147,10 +147,10 @@ def _lead_or_wait(config, args: argparse.Namespace):
     import signal
     import threading
 
-    from finetune_operator import kube, metrics
+    from finetune_operator import kube, metrics, review_http
     from finetune_operator.leader import LeaderElector, LeaseAPI, exit_when_lost
 
-    metrics.serve(args.metrics_port)
+    review_http.serve(args.metrics_port)
     metrics.leader.set(0)
     elector = LeaderElector(config, LeaseAPI(kube.api(), config.namespace, config.name))
     stop = threading.Event()

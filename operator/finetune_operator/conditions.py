@@ -18,6 +18,10 @@ FAILED = "Failed"
 # spec.tracking: False while a tracker is unreachable (training goes on without it).
 TRACKING_AVAILABLE = "TrackingAvailable"
 PUSHED = "Pushed"
+# spec.evaluation.comparison: True once base vs fine-tuned was measured, False when it could not be.
+COMPARED = "Compared"
+# spec.deploy.requireApproval: False while awaiting a person or after a rejection, True once approved.
+APPROVED = "Approved"
 
 TRUE, FALSE = "True", "False"
 

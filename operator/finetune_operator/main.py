@@ -14,7 +14,7 @@ import kopf
 
 from finetune_api.schema import GROUP, VERSION
 
-from finetune_operator import kube, metrics, settings
+from finetune_operator import kube, review_http, settings
 from finetune_operator.builders.trainer_job import COMPONENT as TRAINER
 from finetune_operator.handlers import finetunejob
 from finetune_operator.labels import APP, COMPONENT, MANAGED_BY
@@ -34,7 +34,7 @@ def configure(settings: kopf.OperatorSettings, **_) -> None:
 
     configure_kopf(settings)
     kube.api()  # fail at startup, not in the first handler, when there are no credentials
-    metrics.serve(current.metrics_port)
+    review_http.serve(current.metrics_port)  # /metrics and the review pages
     log.info("finetune-operator started: trainer image %s, vLLM image %s, metrics port %s, "
              "GPU-hour price %s", current.trainer_image, current.vllm_image,
              current.metrics_port or "off", current.gpu_hour_price)

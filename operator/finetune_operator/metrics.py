@@ -1,4 +1,5 @@
-"""The operator's Prometheus metrics, on their own registry, served on --metrics-port.
+"""The operator's Prometheus metrics, on their own registry, served on --metrics-port
+(by `review_http`, which serves the review pages on the same port).
 
 `METRIC_NAMES` is the one list of what the operator exports (dashboards and alert tests
 import it).
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import platform
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 PREFIX = "finetune_operator"
 
@@ -58,7 +59,6 @@ leader = Gauge(LEADER, "1 while this replica leads (holds the Lease, or runs wit
                registry=registry)
 build_info = Gauge(BUILD_INFO, "Always 1; the operator's version and Python's are labels.",
                    ["version", "python"], registry=registry)
-_served_on: set[int] = set()
 
 
 def _version() -> str:
@@ -71,13 +71,6 @@ def _version() -> str:
 
 
 build_info.labels(version=_version(), python=platform.python_version()).set(1)
-
-
-def serve(port: int) -> None:
-    """Serve /metrics on `port` (0 disables); a second call for the same port does nothing."""
-    if port and port not in _served_on:
-        start_http_server(port, registry=registry)
-        _served_on.add(port)
 
 
 def set_job_counts(counts: dict[str, int], phases: tuple[str, ...]) -> None:

@@ -58,3 +58,13 @@ def trainer_job(job_name: str) -> str:
 def trainer_service(job_name: str) -> str:
     """The headless Service of a multi-node trainer; its name is the pods' subdomain."""
     return trainer_job(job_name)
+
+
+def comparison_job(job_name: str) -> str:
+    """The comparison Job (base vs fine-tuned through vLLM), after the trainer Job completed."""
+    return fit(job_name, "compare", limit=52)
+
+
+def review_config_map(job_name: str) -> str:
+    """What the comparison Job publishes for the review page (the operator serves it)."""
+    return fit(job_name, "review")

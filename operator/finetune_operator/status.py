@@ -4,11 +4,15 @@
 its pods as dicts, the clock and the price in; an `Observation` out. Handlers only fetch
 the inputs and write the result (see `status_patch`): they never decide a phase themselves.
 
-Phases: Pending -> Validating -> Training -> Evaluating -> Deploying -> Succeeded, or
-Failed; Suspended while spec.suspend is true. Validating/Training/Evaluating follow the
-trainer's own progress report: running with no step yet is Validating (the trainer
-validates the data before its first step), steps below the total are Training, the last
-step reached while the pod still runs is Evaluating.
+Phases: Pending -> Validating -> Training -> Evaluating -> Comparing -> [AwaitingApproval]
+-> Deploying -> Succeeded, or Failed; Suspended while spec.suspend is true.
+Validating/Training/Evaluating follow the trainer's own progress report: running with no
+step yet is Validating (the trainer validates the data before its first step), steps below
+the total are Training, the last step reached while the pod still runs is Evaluating.
+Comparing lasts while the comparison Job (spec.evaluation.comparison) runs; a comparison
+that could not be measured is a condition (Compared False), never a failed job.
+AwaitingApproval (spec.deploy.requireApproval) lasts until the annotation
+finetune.dev/approved is true (deploy) or false (Succeeded, not deployed).
 """
 
 from __future__ import annotations
@@ -25,13 +29,20 @@ from finetune_api.models import FineTuneJob
 from finetune_operator.builders.placement import GPU_RESOURCE
 from finetune_operator.builders.storage import claim_name
 from finetune_operator.conditions import (
-    ADMITTED, FAILED, FALSE, PUSHED, RUNNING, SUCCEEDED, SUSPENDED, TRACKING_AVAILABLE, TRUE,
+    ADMITTED, APPROVED, COMPARED, FAILED, FALSE, PUSHED, RUNNING, SUCCEEDED, SUSPENDED, TRACKING_AVAILABLE,
+    TRUE,
     ConditionUpdate, find, now_iso, set_conditions,
 )
 
 IMAGE_PROBLEMS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull",
                   "CreateContainerConfigError", "CreateContainerError")
 GPU_SECONDS_ANNOTATION = "finetune.dev/gpu-seconds"
+# spec.deploy.requireApproval: "true" deploys, "false" ends the job Succeeded, not deployed.
+APPROVED_ANNOTATION = "finetune.dev/approved"
+# Optional: why it was approved or rejected (shown in the Approved condition).
+APPROVAL_REASON_ANNOTATION = "finetune.dev/approval-reason"
+# Where the operator serves a job's review page (on its metrics port).
+REPORT_PATH = "/jobs/{namespace}/{name}/report"
 
 
 class Phase(str, enum.Enum):
@@ -39,6 +50,8 @@ class Phase(str, enum.Enum):
     VALIDATING = "Validating"
     TRAINING = "Training"
     EVALUATING = "Evaluating"
+    COMPARING = "Comparing"
+    AWAITING_APPROVAL = "AwaitingApproval"
     DEPLOYING = "Deploying"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
@@ -50,7 +63,7 @@ class Phase(str, enum.Enum):
 
     @property
     def running(self) -> bool:
-        return self in (Phase.VALIDATING, Phase.TRAINING, Phase.EVALUATING)
+        return self in (Phase.VALIDATING, Phase.TRAINING, Phase.EVALUATING, Phase.COMPARING)
 
 
 PHASES = tuple(p.value for p in Phase)
@@ -68,6 +81,8 @@ class Observation:
     first_running_at: str | None = None
     # {"name", "url"} of the InferenceService serving the result, once deployed.
     endpoint: dict | None = None
+    # Conditions beside Running/Succeeded/Failed/Suspended (Compared, Approved).
+    extra_conditions: list[ConditionUpdate] = field(default_factory=list)
 
     @property
     def gpu_hours(self) -> float:
@@ -186,7 +201,9 @@ def _failure_of(pod: dict) -> tuple[str, str]:
 
 
 def derive(job: FineTuneJob, trainer_job: dict | None, pods: list[dict], *, now: dt.datetime,
-           recorded_gpu_seconds: dict[str, float] | None = None) -> Observation:
+           recorded_gpu_seconds: dict[str, float] | None = None,
+           comparison_job: dict | None = None) -> Observation:
+    """`comparison_job`: the comparison Job once it exists (read only after training)."""
     pods = sorted(pods, key=_created)
     gpu_seconds = dict(recorded_gpu_seconds or {})
     for pod in pods:
@@ -209,6 +226,8 @@ def derive(job: FineTuneJob, trainer_job: dict | None, pods: list[dict], *, now:
         # Training is over; only the deployment's observation moves the job on (never back to
         # training, even when the finished trainer Job is gone).
         return obs(Phase.DEPLOYING, "TrainingCompleted", "training completed; deploying the model")
+    if current in (Phase.COMPARING, Phase.AWAITING_APPROVAL):
+        return _after_training(job, comparison_job, obs)  # the same: never back to training
     if current.terminal:
         c = find([_cond_dict(c) for c in job.status.conditions], FAILED if current is Phase.FAILED else SUCCEEDED)
         return obs(current, (c or {}).get("reason", current.value), (c or {}).get("message", ""))
@@ -226,10 +245,8 @@ def derive(job: FineTuneJob, trainer_job: dict | None, pods: list[dict], *, now:
     failed = _true(trainer_job, "Failed") or _true(trainer_job, "FailureTarget")
     if failed:
         return obs(Phase.FAILED, *_job_failure(failed, pods))
-    if _true(trainer_job, "Complete") or _true(trainer_job, "SuccessCriteriaMet"):
-        if job.spec.deploy:
-            return obs(Phase.DEPLOYING, "TrainingCompleted", "training completed; deploying the model")
-        return obs(Phase.SUCCEEDED, "TrainingCompleted", _completion_message(job))
+    if trainer_completed(trainer_job):
+        return _after_training(job, comparison_job, obs)
 
     job_suspended = bool((trainer_job.get("spec") or {}).get("suspend"))
     live = [p for p in pods if (p.get("status") or {}).get("phase") in (None, "Pending", "Running")
@@ -285,11 +302,84 @@ def derive(job: FineTuneJob, trainer_job: dict | None, pods: list[dict], *, now:
     return obs(Phase.PENDING, "Starting", "waiting for the trainer pod to start")
 
 
+def trainer_completed(trainer_job: dict | None) -> bool:
+    return bool(_true(trainer_job, "Complete") or _true(trainer_job, "SuccessCriteriaMet"))
+
+
+def report_url_path(job: FineTuneJob) -> str:
+    return REPORT_PATH.format(namespace=job.metadata.namespace, name=job.metadata.name)
+
+
+def _after_training(job: FineTuneJob, comparison_job: dict | None, obs) -> Observation:
+    """Comparing, then AwaitingApproval, then Deploying or Succeeded."""
+    extra: list[ConditionUpdate] = []
+    if job.spec.evaluation.comparison.enabled:
+        compared = comparison_condition(job, comparison_job)
+        if compared is None:
+            started = comparison_job is not None
+            return obs(Phase.COMPARING, "Comparing" if started else "StartingComparison",
+                       "training completed; asking the base model and the result the evaluation "
+                       "prompts through one vLLM server (comparison Job)")
+        extra.append(compared)
+    deploy = job.spec.deploy
+    if deploy and deploy.require_approval:
+        verdict = (job.metadata.annotations.get(APPROVED_ANNOTATION) or "").strip().lower()
+        why = job.metadata.annotations.get(APPROVAL_REASON_ANNOTATION) or ""
+        why = f": {why}" if why else ""
+        if verdict == "false":
+            extra.append(ConditionUpdate(APPROVED, FALSE, "Rejected",
+                                         f"rejected ({APPROVED_ANNOTATION}=false){why}; not deployed"))
+            o = obs(Phase.SUCCEEDED, "Rejected", f"{_completion_message(job)}; not deployed: rejected "
+                    f"with {APPROVED_ANNOTATION}=false{why}")
+            o.extra_conditions = extra
+            return o
+        if verdict != "true":
+            where = (f"the review page at {report_url_path(job)} on the operator's HTTP port, "
+                     f"status.comparison (kubectl describe ftj {job.metadata.name})")
+            if job.status.comparison and job.status.comparison.report:
+                where += f", {job.status.comparison.report} on the job volume"
+            message = (f"waiting for a person to review {where}; then kubectl annotate ftj "
+                       f"{job.metadata.name} {APPROVED_ANNOTATION}=true to deploy (or =false)")
+            extra.append(ConditionUpdate(APPROVED, FALSE, "AwaitingApproval", message))
+            o = obs(Phase.AWAITING_APPROVAL, "AwaitingApproval", message)
+            o.extra_conditions = extra
+            return o
+        extra.append(ConditionUpdate(APPROVED, TRUE, "Approved", f"approved ({APPROVED_ANNOTATION}=true){why}"))
+    if deploy:
+        o = obs(Phase.DEPLOYING, "TrainingCompleted", "training completed; deploying the model")
+    else:
+        o = obs(Phase.SUCCEEDED, "TrainingCompleted", _completion_message(job))
+    o.extra_conditions = extra
+    return o
+
+
+def comparison_condition(job: FineTuneJob, comparison_job: dict | None) -> ConditionUpdate | None:
+    """Compared, once the comparison is over: True when measured, False (with why) when vLLM
+    could not serve or the Job failed; None while it runs."""
+    reported = job.status.comparison
+    if reported is not None and reported.state == "Measured":
+        return ConditionUpdate(COMPARED, TRUE, "Measured", reported.message or "measured")
+    if reported is not None and reported.state == "Unavailable":
+        return ConditionUpdate(COMPARED, FALSE, "ComparisonUnavailable", reported.message or "unavailable")
+    failed = _true(comparison_job, "Failed") or _true(comparison_job, "FailureTarget")
+    if failed:
+        return ConditionUpdate(COMPARED, FALSE, "ComparisonFailed",
+                               f"the comparison Job failed ({failed.get('reason', '')}: "
+                               f"{failed.get('message', '')}); the training result is unaffected")
+    if trainer_completed(comparison_job):
+        return ConditionUpdate(COMPARED, FALSE, "NotReported",
+                               "the comparison Job completed without reporting status.comparison")
+    return None
+
+
 def late_deploy(job: FineTuneJob) -> bool:
     """A Succeeded job whose spec.deploy was added (or changed to another server) after it
     finished: it deploys now."""
     if job.status.phase != Phase.SUCCEEDED.value or not job.spec.deploy:
         return False
+    if job.spec.deploy.require_approval and \
+            (job.metadata.annotations.get(APPROVED_ANNOTATION) or "").strip().lower() != "true":
+        return False  # rejected (or never approved): adding deploy does not bypass the gate
     served_by = job.status.inference_service.name if job.status.inference_service else None
     wanted = job.spec.deploy.inference_service or job.metadata.name
     return served_by != wanted
@@ -368,7 +458,7 @@ def condition_updates(o: Observation) -> list[ConditionUpdate]:
         updates.append(ConditionUpdate(SUCCEEDED, TRUE, o.reason, o.message))
     if o.phase is Phase.FAILED:
         updates.append(ConditionUpdate(FAILED, TRUE, o.reason, o.message))
-    return updates
+    return updates + list(o.extra_conditions)
 
 
 def tracking_condition(job: FineTuneJob) -> ConditionUpdate | None:
@@ -471,7 +561,7 @@ def deployment_observation(job: FineTuneJob, obs: Observation, endpoint: dict | 
     the object; `endpoint` its {name, url}) serves it and is Ready, Deploying until then.
     `endpoint` None: this operator runs no InferenceService controller."""
     carry = dict(gpu_seconds=obs.gpu_seconds, attempts=obs.attempts, restarts=obs.restarts,
-                 first_running_at=obs.first_running_at)
+                 first_running_at=obs.first_running_at, extra_conditions=obs.extra_conditions)
     if endpoint is None:
         return Observation(Phase.SUCCEEDED, "TrainingCompleted",
                            "training completed; spec.deploy was not acted on: this operator has no "
@@ -494,4 +584,4 @@ def deployment_failed(obs: Observation, error: Exception) -> Observation:
     """Adding the result to its InferenceService failed: stay Deploying, try again later."""
     return Observation(Phase.DEPLOYING, "DeployFailed", f"adding the adapter to the "
                        f"InferenceService failed: {error}; retrying", obs.gpu_seconds, obs.attempts,
-                       obs.restarts, obs.first_running_at)
+                       obs.restarts, obs.first_running_at, extra_conditions=obs.extra_conditions)

@@ -51,7 +51,8 @@ def wait_phase(cluster, namespace, name, phase, timeout=90, reason=None) -> dict
 
 
 def trainer_jobs(cluster, namespace, name) -> list[dict]:
-    return get_json(cluster, "jobs", "-n", namespace, "-l", f"finetune.dev/finetunejob={name}")["items"]
+    return get_json(cluster, "jobs", "-n", namespace, "-l",
+                    f"finetune.dev/finetunejob={name},app.kubernetes.io/component=trainer")["items"]
 
 
 def trainer_pods(cluster, namespace, name) -> list[dict]:

@@ -53,6 +53,7 @@ def test_a_finetunejob_with_mlflow_tracking_logs_its_run_to_the_dev_clusters_mlf
                           "tolerations": [{"key": "finetune.dev/local-node", "operator": "Exists",
                                            "effect": "NoSchedule"}]},
             "storage": {"size": "1Gi"},
+            "evaluation": {"comparison": {"enabled": False}},  # measured in test_operator_realrun
             "tracking": {"mlflow": {"trackingUri": env["MLFLOW_CLUSTER_TRACKING_URI"],
                                     "experiment": f"{namespace}-experiment",
                                     "secretRef": {"name": "mlflow-creds"}}},

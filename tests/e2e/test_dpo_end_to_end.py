@@ -64,6 +64,7 @@ def test_dpo_job_prefers_the_chosen_style_on_held_out_pairs_and_serves(cluster, 
                          "loggingSteps": 4, "saveSteps": 8, "seed": 0, "gradientCheckpointing": False},
             "resources": {"gpusPerNode": 0, "cpu": "1", "memory": "4Gi", **LOCAL},
             "storage": {"size": "1Gi"},
+            "evaluation": {"comparison": {"enabled": False}},  # measured in test_operator_realrun
             "deploy": {"gpus": 0, **LOCAL,
                        "vllm": {"servedModelName": "tiny-llama", "maxModelLen": 256, "maxLoraRank": 8,
                                 "dtype": "float32"}},

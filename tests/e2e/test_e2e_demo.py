@@ -37,6 +37,9 @@ def test_demo_fine_tunes_serves_and_answers_in_the_trained_direction(tmp_path):
         assert status["dataset"]["trainExamples"] > 0 and status["dataset"]["contentHash"]
         assert status["inferenceService"]["name"] == JOB
         assert "Deployed" in {c["reason"] for c in status["conditions"]}
+        # Issue 22: the table the demo printed is status.comparison, measured through vLLM.
+        assert [r["model"] for r in result["comparison"]["rows"]] == ["base", "fine-tuned"]
+        assert all(r["latencyP50Ms"] > 0 and r["outputTokensPerSecond"] > 0 for r in result["comparison"]["rows"])
 
         artifacts = demo.claim_path() / job_folder(JOB, shared_claim=True) / "artifacts"  # the demo's claim is shared
         assert (artifacts / "adapter" / "adapter_config.json").is_file()

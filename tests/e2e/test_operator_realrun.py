@@ -1,4 +1,6 @@
-"""The real run: the local node executes the trainer command from the operator's Job (issue 5).
+"""The real run: the local node executes the trainer command from the operator's Job (issue 5),
+then the comparison Job's command, which serves the base model and the adapter through the
+real vLLM CPU build and reports status.comparison (issue 22).
 
 The FineTuneJob is created suspended so its volume exists before the dataset is copied
 onto it (through the hostPath of the volume bound to the claim); resuming it lets the local
@@ -46,6 +48,11 @@ def test_the_local_node_trains_the_tiny_model_and_the_job_succeeds(cluster, name
                           "tolerations": [{"key": "finetune.dev/local-node", "operator": "Exists",
                                            "effect": "NoSchedule"}]},
             "storage": {"size": "1Gi"},
+            # Issue 22: the comparison Job serves base and adapter through the real vLLM CPU build.
+            "evaluation": {"maxNewTokens": 8, "metrics": ["exactMatch", "rouge"],
+                           "prompts": [{"prompt": "Repeat the word red 2 times.", "reference": "red red"},
+                                       {"prompt": "Repeat the word sun 1 times.", "reference": "/sun/"}],
+                           "comparison": {"sampleSize": 3}},
         }})
     wait_phase(cluster, namespace, name, "Suspended")
     root = volume_path(cluster, namespace, f"{name}-workspace")
@@ -60,7 +67,7 @@ def test_the_local_node_trains_the_tiny_model_and_the_job_succeeds(cluster, name
         if s.get("phase") == "Failed":
             raise AssertionError(f"the job failed: {json.dumps(s, indent=2)}")
         return s.get("phase") == "Succeeded" and s
-    s = wait_for(done, timeout=600, what="the real training run to succeed", interval=1)
+    s = wait_for(done, timeout=900, what="the real training run and its comparison to succeed", interval=1)
 
     assert s["progress"]["step"] == 12 and s["progress"]["totalSteps"] == 12
     assert "trainLoss" in s["metrics"]
@@ -73,6 +80,27 @@ def test_the_local_node_trains_the_tiny_model_and_the_job_succeeds(cluster, name
     assert {"Validating", "Training", "Succeeded"} <= phases, sorted(phases)
     assert "Training" in seen
     assert (root / "artifacts" / "adapter").is_dir()
-    pod = get_json(cluster, "pods", "-n", namespace, "-l", f"finetune.dev/finetunejob={name}")["items"][0]
+    pod = get_json(cluster, "pods", "-n", namespace, "-l",
+                   f"finetune.dev/finetunejob={name},app.kubernetes.io/component=trainer")["items"][0]
     assert pod["spec"]["nodeName"] == "local"
     assert pod["spec"]["serviceAccountName"] == f"{name}-trainer"
+
+    # The comparison: both rows measured through one real vLLM server, the answers on the volume.
+    assert "Comparing" in seen
+    comparison = s["comparison"]
+    assert comparison["state"] == "Measured", comparison
+    assert (comparison["prompts"], comparison["samples"]) == (2, 3)
+    base, tuned = comparison["rows"]
+    assert (base["model"], tuned["model"]) == ("base", "fine-tuned")
+    for row in (base, tuned):
+        assert row["latencyP50Ms"] > 0 and row["latencyP95Ms"] >= row["latencyP50Ms"]
+        assert row["outputTokensPerSecond"] > 0
+        assert {"exactMatch", "rougeL", "patternMatch", "evalLoss"} <= set(row)
+        assert "costPer1kOutputTokens" not in row  # no GPU-hour price given to this operator
+    assert tuned["evalLoss"] < base["evalLoss"]  # the adapter learnt the echo rule
+    report = json.loads((root / "artifacts" / "comparison.json").read_text())
+    assert len(report["answers"]) == 5 and all("base" in a and "fineTuned" in a for a in report["answers"])
+    compared = next(c for c in s["conditions"] if c["type"] == "Compared")
+    assert (compared["status"], compared["reason"]) == ("True", "Measured")
+    described = cluster.kubectl("describe", "ftj", name, "-n", namespace).stdout
+    assert "Latency P 50 Ms" in described or "latencyP50Ms" in described

@@ -65,6 +65,7 @@ def test_s3_dataset_and_model_train_on_the_local_node_and_the_adapter_is_pushed_
                           "tolerations": [{"key": "finetune.dev/local-node", "operator": "Exists",
                                            "effect": "NoSchedule"}]},
             "storage": {"size": "1Gi"},
+            "evaluation": {"comparison": {"enabled": False}},  # measured in test_operator_realrun
             "output": {"push": {"uri": f"s3://{bucket}/published/{name}"}},
             "objectStorage": {"secretRef": {"name": "s3-credentials"}},
         }})

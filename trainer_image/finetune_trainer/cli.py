@@ -3,6 +3,7 @@
     finetune-trainer train --config /etc/finetune/config.json
     finetune-trainer validate-data ...        (see finetune_trainer.data)
     finetune-trainer evaluate --config /etc/finetune/config.json
+    finetune-trainer compare --config /etc/finetune/config.json [--gpu-hour-price P --gpus N]
 
 Every failure ends with an exit code the Job's podFailurePolicy acts on (42 permanent:
 bad config or data, a diverging run; 43 retryable: anything else, including SIGTERM)
@@ -223,6 +224,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return _guarded(run)
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    def run() -> dict[str, Any]:
+        from .compare import run as compare
+
+        return compare(_load(args.config), gpu_hour_price=args.gpu_hour_price, gpus=args.gpus)
+
+    return _guarded(run)
+
+
 def cmd_validate_data(argv: list[str]) -> int:
     from .data import validate_cli
 
@@ -240,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     evaluate = sub.add_parser("evaluate", help="evaluate the artifacts of a finished run")
     evaluate.add_argument("--config", required=True, help="TrainerConfig JSON/YAML file")
+    compare = sub.add_parser("compare", help="base vs fine-tuned through one vLLM server "
+                             "(quality, latency, tokens/s, cost): comparison.json, status.comparison")
+    compare.add_argument("--config", required=True, help="TrainerConfig JSON/YAML file")
+    compare.add_argument("--gpu-hour-price", type=float, default=0.0,
+                         help="price of one GPU hour; 0: no cost column")
+    compare.add_argument("--gpus", type=int, default=0, help="GPUs the server runs on (0: CPUs, priced as one)")
     return parser
 
 
@@ -251,4 +267,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train":
         return cmd_train(args)
+    if args.command == "compare":
+        return cmd_compare(args)
     return cmd_evaluate(args)

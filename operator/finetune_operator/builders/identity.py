@@ -1,5 +1,6 @@
 """The trainer's identity: a ServiceAccount that may read its own FineTuneJob and patch
-only that job's status (progress, metrics, checkpoints). Nothing cluster-wide."""
+only that job's status (progress, metrics, checkpoints), and the job's review ConfigMap
+(the comparison Job fills it). Nothing cluster-wide."""
 
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ def build_role(job: FineTuneJob) -> dict:
                  "verbs": ["get"]},
                 {"apiGroups": [GROUP], "resources": ["finetunejobs/status"], "resourceNames": own,
                  "verbs": ["get", "patch"]},
+                # The comparison Job publishes the review page's material into this one ConfigMap.
+                {"apiGroups": [""], "resources": ["configmaps"],
+                 "resourceNames": [names.review_config_map(job.metadata.name)], "verbs": ["get", "patch"]},
             ]}
 
 

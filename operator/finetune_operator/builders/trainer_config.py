@@ -149,7 +149,8 @@ def build_trainer_config(job: FineTuneJob) -> dict:
         "paths": {"root": WORKSPACE,
                   "jobFolder": job_folder(job.metadata.name, shared_claim=bool(spec.storage.existing_claim))},
         "reporting": {"statusPatch": True, "metricsPort": TRAINER_METRICS_PORT,
-                      "statusInterval": STATUS_INTERVAL_SECONDS},
+                      "statusInterval": STATUS_INTERVAL_SECONDS,
+                      "reviewConfigMap": names.review_config_map(job.metadata.name)},
     }
     tracking = build_tracking_config(job)
     if tracking:

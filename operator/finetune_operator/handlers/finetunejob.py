@@ -21,19 +21,20 @@ from finetune_api.models import FineTuneJob
 from finetune_api.schema import GROUP, VERSION
 
 from finetune_operator import admission, kube, metrics, names, settings
-from finetune_operator.builders import identity, storage, trainer_config, trainer_job
+from finetune_operator.builders import comparison_job, identity, review, storage, trainer_config, trainer_job
 from finetune_operator.conditions import now_iso
 from finetune_operator.handlers import facts, records
 from finetune_operator.labels import FINETUNEJOB, FINETUNEJOB_NAME_ANNOTATION
 from finetune_operator.locks import KeyedLocks
 from finetune_operator.status import (
     GPU_SECONDS_ANNOTATION, Observation, Phase, admission_status, deployment_failed,
-    deployment_observation, derive, late_deploy, parse_time, status_patch,
+    deployment_observation, derive, late_deploy, parse_time, status_patch, trainer_completed,
 )
 
 PLURAL = "finetunejobs"
 KEPT_ANNOTATION = f"{GROUP}/kept-while-served-by"
 log = logging.getLogger("finetune_operator.finetunejob")
+TRAINED = (Phase.COMPARING.value, Phase.AWAITING_APPROVAL.value, Phase.DEPLOYING.value, Phase.SUCCEEDED.value)
 
 # One reconciliation at a time per FineTuneJob (spec handler, timer and watch events all
 # write status; they must not interleave their read-modify-write of the conditions list).
@@ -100,6 +101,12 @@ def _ensure_config(job: FineTuneJob) -> None:
                                          {"data": body["data"]})
 
 
+def _ensure_review_config_map(job: FineTuneJob) -> None:
+    if job.spec.evaluation.comparison.enabled:
+        core = kube.core()
+        kube.create(review.build_review_config_map(job), core.create_namespaced_config_map)
+
+
 def _ensure_service(job: FineTuneJob) -> None:
     body = trainer_job.build_headless_service(job)
     if body is not None:
@@ -107,8 +114,11 @@ def _ensure_service(job: FineTuneJob) -> None:
 
 
 def _read_trainer_job(job: FineTuneJob) -> dict | None:
-    obj = kube.read(kube.batch().read_namespaced_job, names.trainer_job(job.metadata.name),
-                    job.metadata.namespace)
+    return _read_own_job(job, names.trainer_job(job.metadata.name))
+
+
+def _read_own_job(job: FineTuneJob, name: str) -> dict | None:
+    obj = kube.read(kube.batch().read_namespaced_job, name, job.metadata.namespace)
     if obj is None:
         return None
     refs = obj["metadata"].get("ownerReferences") or []
@@ -156,6 +166,15 @@ def _ensure_trainer_job(job: FineTuneJob, body: dict) -> None:
         kopf.info(body, reason="Suspending" if wants else "Resuming",
                   message=("suspended the trainer Job; its pods checkpoint on SIGTERM" if wants else
                            "resumed the trainer Job; training continues from the latest checkpoint"))
+
+
+def _ensure_comparison_job(job: FineTuneJob, body: dict) -> None:
+    manifest = comparison_job.build_comparison_job(job, settings.current.vllm_image,
+                                                   settings.current.gpu_hour_price)
+    batch = kube.batch()
+    kube.create(manifest, batch.create_namespaced_job, batch.read_namespaced_job)
+    kopf.info(body, reason="Comparing", message=f"created comparison Job {manifest['metadata']['name']}: "
+              "base vs fine-tuned through vLLM")
 
 
 def _trainer_image(job: FineTuneJob) -> str:
@@ -213,14 +232,15 @@ def ensure_children(namespace: str, name: str) -> None:
             job = FineTuneJob.from_resource(obj)
             if job.status.phase in (Phase.SUCCEEDED.value, Phase.FAILED.value) and not late_deploy(job):
                 return
-            # A trained job (Deploying, or Succeeded with a late spec.deploy) only deploys:
-            # refresh_status below; its trainer is never created again.
-            if job.status.phase not in (Phase.SUCCEEDED.value, Phase.DEPLOYING.value):
+            # A trained job (Comparing, AwaitingApproval, Deploying, or Succeeded with a late
+            # spec.deploy) only goes on: refresh_status below; its trainer is never created again.
+            if job.status.phase not in TRAINED:
                 if not _admit(job, obj, obj):
                     return  # failed for good: nothing is created for it
                 _ensure_claim(job)
                 _ensure_identity(job)
                 _ensure_config(job)
+                _ensure_review_config_map(job)
                 _ensure_service(job)
                 _ensure_trainer_job(job, obj)
     except (kopf.TemporaryError, kopf.PermanentError):
@@ -302,7 +322,13 @@ def _refresh_status_locked(namespace: str, name: str) -> None:
     trainer = _read_trainer_job(job)
     pods = _trainer_pods(trainer) if trainer else []
     recorded = json.loads(job.metadata.annotations.get(GPU_SECONDS_ANNOTATION) or "{}")
-    obs = derive(job, trainer, pods, now=now, recorded_gpu_seconds=recorded)
+    comparison = None
+    if job.spec.evaluation.comparison.enabled and (
+            trainer_completed(trainer) or job.status.phase in (Phase.COMPARING.value, Phase.AWAITING_APPROVAL.value)):
+        comparison = _read_own_job(job, names.comparison_job(name))
+    obs = derive(job, trainer, pods, now=now, recorded_gpu_seconds=recorded, comparison_job=comparison)
+    if obs.phase is Phase.COMPARING and comparison is None:
+        _ensure_comparison_job(job, obj)
     if obs.phase is Phase.DEPLOYING:
         try:
             obs = _deploy(job, obs)

@@ -67,6 +67,8 @@ EFFECT_TESTS: dict[str, str] = {
     "spec.evaluation.prompts[].prompt": "unit/trainer/test_field_effects.py::test_evaluation_prompts_are_answered_by_both_models_within_max_new_tokens",
     "spec.evaluation.prompts[].reference": "unit/trainer/test_field_effects.py::test_evaluation_prompts_are_answered_by_both_models_within_max_new_tokens",
     "spec.evaluation.maxNewTokens": "unit/trainer/test_field_effects.py::test_evaluation_prompts_are_answered_by_both_models_within_max_new_tokens",
+    "spec.evaluation.comparison.enabled": "unit/operator/test_comparison_approval.py::test_disabled_comparison_goes_straight_on",
+    "spec.evaluation.comparison.sampleSize": "e2e/test_operator_realrun.py::test_the_local_node_trains_the_tiny_model_and_the_job_succeeds",
     "spec.model.trustRemoteCode": "unit/trainer/test_field_effects.py::test_lora_alpha_and_dropout_shape_the_adapter_and_early_stopping_takes_its_threshold",
     "spec.method.lora.alpha": "unit/trainer/test_field_effects.py::test_lora_alpha_and_dropout_shape_the_adapter_and_early_stopping_takes_its_threshold",
     "spec.method.lora.dropout": "unit/trainer/test_field_effects.py::test_lora_alpha_and_dropout_shape_the_adapter_and_early_stopping_takes_its_threshold",
@@ -121,6 +123,7 @@ EFFECT_TESTS: dict[str, str] = {
     "spec.resources.priorityClassName": "unit/operator/test_builders_manifests.py::test_single_node_trainer_job",
     "spec.storage.size": "unit/operator/test_builders_manifests.py::test_workspace_claim_is_owned_only_with_reclaim_policy_delete",
     "spec.storage.storageClassName": "unit/operator/test_builders_manifests.py::test_workspace_claim_is_owned_only_with_reclaim_policy_delete",
+    "spec.deploy.requireApproval": "cluster/test_approval_gate.py::test_a_gated_job_waits_then_deploys_once_approved",
     "spec.deploy.inferenceService": "unit/operator/test_inference_checks.py::test_a_job_deployed_to_a_server_of_its_own_name_serves_the_base_as_name_base",
 }
 

@@ -80,7 +80,8 @@ def test_identity_grants_only_its_own_job_status():
     objs = [identity.build_service_account(job), identity.build_role(job), identity.build_role_binding(job)]
     assert_json_golden("identity", objs)
     role = objs[1]
-    assert all(rule["resourceNames"] == ["support-bot"] for rule in role["rules"])
+    assert [rule["resourceNames"] for rule in role["rules"]] == [["support-bot"], ["support-bot"],
+                                                                  ["support-bot-review"]]
     verbs = {v for rule in role["rules"] for v in rule["verbs"]}
     assert verbs == {"get", "patch"}
 

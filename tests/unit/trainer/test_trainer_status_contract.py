@@ -63,3 +63,19 @@ def test_status_patch_fits_the_finetunejob_status_schema(step, total, loss):
     p.dataset = dataset_status(report.to_dict())
     body = p.status_patch()
     assert _check(body["status"], _status_schema(), "status") == []
+
+
+def test_comparison_status_fits_the_finetunejob_status_schema():
+    """What `finetune-trainer compare` patches (issue 22), from a table with every column."""
+    from finetune_trainer.compare import Answer, Item, ModelRun, comparison_status, table_rows
+
+    items = [Item("prompt", prompt="p", reference="yes"), Item("sample", prompt="q", reference="/n.?/")]
+    runs = {m: ModelRun([Answer("yes", 0.2, 5), Answer("no", 0.3, 7)], [1.5]) for m in ("base", "fine-tuned")}
+    rows = table_rows(items, runs, {"base": "base", "fine-tuned": "fine-tuned"},
+                      metrics=["bleu", "rouge", "exactMatch"], gpu_hour_price=2.0, gpus=1)
+    report = {"state": "Measured", "message": "m", "prompts": 1, "samples": 1, "rows": rows}
+    status = comparison_status(report, "/workspace/artifacts/comparison.json")
+    assert {"bleu", "rougeL", "exactMatch", "patternMatch", "evalLoss", "costPer1kOutputTokens"} <= set(rows[0])
+    assert _check({"comparison": status}, _status_schema(), "status") == []
+    unavailable = comparison_status({"state": "Unavailable", "message": "no vLLM"}, "x")
+    assert _check({"comparison": unavailable}, _status_schema(), "status") == []

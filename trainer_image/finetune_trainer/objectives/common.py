@@ -67,3 +67,20 @@ def training_kwargs(cfg: TrainerConfig, precision, *, has_eval: bool) -> dict[st
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
+
+
+def records_dataset(records: list[dict]):
+    """A `datasets.Dataset` of `records` with the union of their keys as columns.
+
+    `Dataset.from_list` takes its columns from the first record only: a key that only later
+    records have (a `tools` list, a `system` prompt) was dropped without a word. Records
+    lacking a key get None for it."""
+    from datasets import Dataset
+
+    columns: dict[str, None] = {}
+    for record in records:
+        for key in record:
+            columns.setdefault(key, None)
+    if not records or all(len(r) == len(columns) for r in records):
+        return Dataset.from_list(records)
+    return Dataset.from_list([{key: record.get(key) for key in columns} for record in records])

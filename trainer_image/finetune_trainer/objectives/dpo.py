@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 from ..config import ConfigError, TrainerConfig
 from . import MetricSpec, check_format, register
-from .common import training_kwargs
+from .common import records_dataset, training_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,6 @@ class DPO:
         return load_base_model(cfg, precision)
 
     def make_trainer(self, cfg, model, args, tokenizer, train, evals, callbacks: Sequence = ()):
-        from datasets import Dataset
         from trl import DPOTrainer
 
         from ..model import adapter_config, check_adapter_model, load_base_for_inference
@@ -187,8 +186,8 @@ class DPO:
             model=model,
             ref_model=ref_model,
             args=args,
-            train_dataset=Dataset.from_list(train),
-            eval_dataset=Dataset.from_list(evals) if evals else None,
+            train_dataset=records_dataset(train),
+            eval_dataset=records_dataset(evals) if evals else None,
             processing_class=tokenizer,
             callbacks=list(callbacks),
             peft_config=peft_config,

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 from ..config import TrainerConfig
 from . import MetricSpec, check_format, register
-from .common import training_kwargs
+from .common import records_dataset, training_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +63,13 @@ def build_sft_config(cfg: TrainerConfig, precision, *, has_eval: bool, kind: str
 
 def make_sft_trainer(model, args, tokenizer, train: list[dict], evals: list[dict], callbacks=()):
     """TRL's SFTTrainer over TRL-shaped records (it tokenizes and builds the label masks)."""
-    from datasets import Dataset
     from trl import SFTTrainer
 
     return SFTTrainer(
         model=model,
         args=args,
-        train_dataset=Dataset.from_list(train),
-        eval_dataset=Dataset.from_list(evals) if evals else None,
+        train_dataset=records_dataset(train),
+        eval_dataset=records_dataset(evals) if evals else None,
         processing_class=tokenizer,
         callbacks=list(callbacks),
     )
@@ -112,12 +111,11 @@ class SFT:
     def standalone_eval(self, cfg, model, tokenizer, eval_records) -> dict[str, float]:
         """Eval loss of finished artifacts on the prepared eval split."""
         import torch
-        from datasets import Dataset
         from trl import SFTConfig, SFTTrainer
 
         if not eval_records:
             return {}
-        dataset = Dataset.from_list(eval_records)
+        dataset = records_dataset(eval_records)
         with tempfile.TemporaryDirectory() as tmp:
             args = SFTConfig(output_dir=tmp, per_device_eval_batch_size=cfg.training.per_device_batch_size,
                              max_length=cfg.training.max_seq_length, report_to="none",
