@@ -307,8 +307,10 @@ def openai_status(obj: dict) -> str:
     if (obj.get("spec") or {}).get("suspend"):
         return "paused"
     # phase Suspended with spec.suspend false: resuming, until the operator starts the trainer.
+    # Comparing (base vs fine-tuned) and AwaitingApproval (a person approves the deploy) come
+    # after training and before the job succeeds: still running in OpenAI's terms.
     return {"Validating": "validating_files", "Training": "running", "Evaluating": "running",
-            "Deploying": "running"}.get(phase, "queued")
+            "Comparing": "running", "AwaitingApproval": "running", "Deploying": "running"}.get(phase, "queued")
 
 
 TERMINAL = ("succeeded", "failed", "cancelled")

@@ -178,6 +178,8 @@ def test_names_fit_kubernetes():
     ("Training", False, False, "running"),
     ("Evaluating", False, False, "running"),
     ("Deploying", False, False, "running"),
+    ("Comparing", False, False, "running"),
+    ("AwaitingApproval", False, False, "running"),
     ("Succeeded", False, False, "succeeded"),
     ("Failed", False, False, "failed"),
     ("Suspended", True, False, "paused"),
@@ -308,3 +310,12 @@ def test_list_limits_are_checked():
         with pytest.raises(ApiError) as exc:
             mapping.parse_limit(bad)
         assert exc.value.param == "limit"
+
+
+def test_every_phase_of_the_schema_has_its_openai_status():
+    """A phase added to the FineTuneJob lifecycle must be mapped here, not shown as queued."""
+    from finetune_api.schema import PHASES
+
+    queued = {phase for phase in PHASES
+              if to_job(with_status(finetunejob(), {"phase": phase}))["status"] == "queued"}
+    assert queued == {"Pending", "Suspended"}, "Suspended with spec.suspend false is a resume on its way"
