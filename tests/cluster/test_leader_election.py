@@ -37,7 +37,7 @@ def holder(cluster, namespace: str) -> str:
 
 def trainer_jobs(cluster, namespace: str) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for job in get_json(cluster, "jobs", "-n", namespace)["items"]:
+    for job in get_json(cluster, "jobs", "-n", namespace, "-l", "app.kubernetes.io/component=trainer")["items"]:
         owner = job["metadata"]["labels"].get("finetune.dev/finetunejob", "")
         counts[owner] = counts.get(owner, 0) + 1
     return counts
