@@ -19,6 +19,7 @@ from finetune_api.layout import job_folder
 from finetune_devcluster.cluster import free_port
 from finetune_devcluster.cluster import REPO_ROOT
 from finetune_devcluster.demo import JOB, NAMESPACE, Demo
+from tests.cluster.test_review_page import Answers, browse
 from tests.fixtures.cluster import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
@@ -40,6 +41,14 @@ def test_demo_fine_tunes_serves_and_answers_in_the_trained_direction(tmp_path):
         # Issue 22: the table the demo printed is status.comparison, measured through vLLM.
         assert [r["model"] for r in result["comparison"]["rows"]] == ["base", "fine-tuned"]
         assert all(r["latencyP50Ms"] > 0 and r["outputTokensPerSecond"] > 0 for r in result["comparison"]["rows"])
+        # ...and the demo job's review page, from the operator's port, in headless Chromium:
+        # both answers for every prompt the comparison asked.
+        page = f"http://127.0.0.1:{demo.metrics_port}/jobs/{NAMESPACE}/{JOB}/report"
+        dom = browse(page, tmp_path / "chromium", "--dump-dom").stdout
+        parsed = Answers()
+        parsed.feed(dom)
+        assert parsed.items and all(a.get("base", "").strip() and a.get("fine-tuned", "").strip()
+                                    for a in parsed.items.values()), parsed.items
 
         artifacts = demo.claim_path() / job_folder(JOB, shared_claim=True) / "artifacts"  # the demo's claim is shared
         assert (artifacts / "adapter" / "adapter_config.json").is_file()
