@@ -188,10 +188,15 @@ def test_dashboard_queries_return_data_from_a_live_prometheus(tmp_path):
         wait_for(lambda: prom.query("finetune_operator_reconcile_errors_total > 0")
                  and prom.query("finetune_operator_gpu_seconds_total > 0"), timeout=300,
                  what="the quota-blocked job's reconcile errors and the kwok GPU job's GPU-hours")
-        # Let the last samples age into a full rate window.
+        # Let the server's samples fill a rate window while the last requests are still in it.
+        # On an idle machine everything above takes seconds: the served vLLM had been scraped
+        # three times (4 s) when the range queries ran, and a 5 s step then found no point in
+        # its series (the full suite's failure on 2026-12-01). So: half a rate window of
+        # scrapes of this vLLM (2 s apart), with its token rate still above zero.
         wait_for(lambda: time.time() - start > 120 and prom.query(
-            f"sum(rate(vllm:generation_tokens_total[{RATE_INTERVAL}])) > 0"), timeout=120,
-            what="a rate window over the last requests")
+            f'count_over_time(vllm:generation_tokens_total{{inferenceservice="{JOB}"}}[{RATE_INTERVAL}]) >= 15')
+            and prom.query(f"sum(rate(vllm:generation_tokens_total[{RATE_INTERVAL}])) > 0"), timeout=180,
+            what="half a rate window of vLLM scrapes with its token rate above zero")
         end = time.time()
 
         missing = []
