@@ -400,8 +400,12 @@ def _running_start(pod: dict) -> str | None:
 
 
 def _running_phase(job: FineTuneJob) -> Phase:
+    # The trainer reports totalSteps (forced, not throttled) when training begins, after the
+    # data is validated and the model loaded: Training from then on, not from the first
+    # logged step (a run whose steps all fell between two status writes showed Validating,
+    # then Evaluating).
     p = job.status.progress
-    if p is None or not p.step:
+    if p is None or not (p.step or p.total_steps):
         return Phase.VALIDATING
     if p.total_steps and p.step >= p.total_steps:
         return Phase.EVALUATING

@@ -79,6 +79,10 @@ def test_image_problems_are_reported(reason):
 def test_running_without_progress_is_validating_then_training_then_evaluating():
     running = [pod("p0")]
     assert derive(job(), k8s_job(), running, now=NOW).phase is Phase.VALIDATING
+    # #14 item 3: training has begun once the trainer reports its total (at step 0, forced);
+    # waiting for the first logged step skipped Training for runs shorter than a status write.
+    begun = derive(job(progress={"step": 0, "totalSteps": 10}), k8s_job(), running, now=NOW)
+    assert begun.phase is Phase.TRAINING
     training = job(progress={"step": 5, "totalSteps": 10})
     o = derive(training, k8s_job(), running, now=NOW)
     assert (o.phase, o.message) == (Phase.TRAINING, "step 5/10")
