@@ -36,7 +36,7 @@ def fail_with_bad_data(cluster, namespace: str, pod: dict) -> None:
 
 
 class JobWatcher:
-    """Polls the namespace's Jobs and remembers every uid ever seen per FineTuneJob."""
+    """Polls the namespace's trainer Jobs and remembers every uid ever seen per FineTuneJob."""
 
     def __init__(self, cluster, namespace: str) -> None:
         self.batch = client.BatchV1Api(cluster.api_client())
@@ -48,7 +48,9 @@ class JobWatcher:
     def _run(self) -> None:
         while not self.stop.is_set():
             try:
-                for job in self.batch.list_namespaced_job(self.namespace).items:
+                # Trainer Jobs only: a succeeded job's comparison Job carries the same job label.
+                for job in self.batch.list_namespaced_job(
+                        self.namespace, label_selector="app.kubernetes.io/component=trainer").items:
                     owner = (job.metadata.labels or {}).get("finetune.dev/finetunejob", "?")
                     self.uids.setdefault(owner, set()).add(job.metadata.uid)
             except Exception:  # noqa: BLE001 - keep watching
