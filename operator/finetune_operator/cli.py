@@ -89,9 +89,11 @@ class _StandbyHealth:
             def log_message(self, *_args) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("0.0.0.0", port), Handler) if port else None
+        class Server(http.server.ThreadingHTTPServer):
+            allow_reuse_address = True  # read at bind time: kopf binds the same port next
+
+        self.server = Server(("0.0.0.0", port), Handler) if port else None
         if self.server:
-            self.server.allow_reuse_address = True
             threading.Thread(target=self.server.serve_forever, name="standby-health", daemon=True).start()
 
     def close(self) -> None:

@@ -194,7 +194,10 @@ def _admit(job: FineTuneJob, body: dict, obj: dict) -> bool:
     be called again when the problem may go away (a missing Secret or claim). A status patch
     and an event only when the outcome changes, not on every retry."""
     cluster = facts.gather(job)
-    has_trainer = bool(job.status.trainer_job) or _read_trainer_job(job) is not None
+    # Only a job that no current node fits needs to know whether its trainer Job exists (one
+    # GET, skipped in the common case).
+    note = admission.capacity_note(job, cluster)
+    has_trainer = bool(note) and (bool(job.status.trainer_job) or _read_trainer_job(job) is not None)
     problem = admission.check(job, cluster, capacity_policy=settings.current.capacity_policy,
                               has_trainer=has_trainer)
     patch = admission_status(job, problem, (obj.get("status") or {}).get("conditions") or [],
@@ -204,7 +207,6 @@ def _admit(job: FineTuneJob, body: dict, obj: dict) -> bool:
     if problem is None:
         if patch is not None:
             kopf.info(body, reason="Admitted", message="the spec's references exist; creating the trainer")
-            note = admission.capacity_note(job, cluster)
             if note and not has_trainer:
                 kopf.warn(body, reason="WaitingForGPUCapacity",
                           message=f"{note}; creating the trainer Job anyway, so that an autoscaler or "

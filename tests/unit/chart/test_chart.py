@@ -740,3 +740,21 @@ def test_install_upgrade_uninstall_against_a_real_api_server(cluster, namespace,
     for kind in ("clusterrole", "clusterrolebinding"):
         assert cluster.kubectl("get", kind, name, check=False).returncode != 0, f"{kind} {name} was left behind"
     cluster.kubectl("get", "crd", "finetunejobs.finetune.dev", "inferenceservices.finetune.dev")
+
+
+def test_capacity_policy_log_format_and_lease_timings_reach_the_operator(helm):
+    from finetune_operator.cli import build_parser
+
+    defaults = build_parser().parse_args(operator_container(render(helm))["args"])
+    assert (defaults.capacity_policy, defaults.log_format) == ("wait", "json")
+    args = operator_container(render(
+        helm, "--set", "capacityPolicy=fail", "--set", "logFormat=text",
+        "--set", "leaderElection.leaseDuration=30", "--set", "leaderElection.renewDeadline=20",
+        "--set", "leaderElection.retryPeriod=4"))["args"]
+    parsed = build_parser().parse_args(args)
+    assert (parsed.capacity_policy, parsed.log_format) == ("fail", "text")
+    assert (parsed.leader_election_lease_duration, parsed.leader_election_renew_deadline,
+            parsed.leader_election_retry_period) == (30, 20, 4)
+    r = run_helm(helm, "template", "x", str(CHART), "--kube-version", kube_version(),
+                 "--set", "capacityPolicy=sometimes", check=False)
+    assert r.returncode != 0 and "capacityPolicy" in r.stderr
