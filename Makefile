@@ -27,8 +27,9 @@ install: $(STAMP) ## everything the tests and the demo need (idempotent, cached)
 	bash hack/install-mlflow-server.sh >/dev/null
 	bash hack/install-chromium.sh >/dev/null
 
-node: ## the real node's binaries (kubelet, kube-proxy, containerd, CNI; work in progress, see docs/real-node.md)
+node: ## the real node's binaries (kubelet, kube-proxy, containerd, runc, CNI; see docs/real-node.md)
 	bash hack/build-node.sh >/dev/null
+	bash hack/build-runc.sh >/dev/null
 
 images: ## the operator, trainer, vLLM CPU and pause images (buildah; OCI archives, cached by content)
 	bash hack/build-images.sh

@@ -3,8 +3,9 @@
 # the clone: kubelet and kube-proxy (the same k8s.io/kubernetes version as the
 # control plane), containerd 2.x with its runc shim and ctr, and the CNI
 # plugins bridge, host-local, loopback and portmap, and the pod sandbox's pause
-# process (hack/pause; registry.k8s.io is unreachable offline). runc, iptables and
-# conntrack come from Debian's packages and are installed when missing.
+# process (hack/pause; registry.k8s.io is unreachable offline). iptables and
+# conntrack come from Debian's packages and are installed when missing; runc is
+# built by hack/build-runc.sh (its own cache key, hack/runc.env).
 # Prints the directory holding the binaries on stdout; a warm cache returns at once.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -14,7 +15,7 @@ key=$( (grep -E '^KUBERNETES_VERSION=' "$here/versions.env"; sed -n '/^# --- rea
 cache=${FINETUNE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/finetune-operator}
 bin="$cache/bin/node-$key"
 want=(pause kubelet kube-proxy containerd containerd-shim-runc-v2 ctr cni/bridge cni/host-local cni/loopback cni/portmap)
-debs=(runc:runc iptables:iptables conntrack:conntrack)
+debs=(iptables:iptables conntrack:conntrack)
 
 log() { echo "[build-node] $*" >&2; }
 complete() { for b in "${want[@]}"; do [ -x "$bin/$b" ] || return 1; done; }

@@ -288,7 +288,12 @@ class Cluster:
 
     def stop(self) -> None:
         if self.real_node is not None and self.real_node.bin_dir is not None:
-            self.real_node.stop_pods()  # before containerd goes: its shims outlive it
+            # The kubelet first (it would re-create the sandboxes being killed), then the pods
+            # before containerd goes: its shims outlive it.
+            for c in self.components:
+                if c.name == "kubelet" and c.process and c.process.poll() is None:
+                    _kill_group(c.process.pid)
+            self.real_node.stop_pods()
         stop_from_pid_file(self.state_dir)
         for c in reversed(self.components):
             if c.process and c.process.poll() is None:

@@ -31,10 +31,13 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NODE_BUILD_SCRIPT = REPO_ROOT / "hack" / "build-node.sh"
+RUNC_BUILD_SCRIPT = REPO_ROOT / "hack" / "build-runc.sh"
 IMAGES_BUILD_SCRIPT = REPO_ROOT / "hack" / "build-images.sh"
 LOCK_FILE = Path("/run/finetune-devcluster-realnode.lock")
 POD_CIDR = "10.88.0.0/16"
 SANDBOX_IMAGE = "localhost/finetune/pause:local"
+# Where containerd's runc shim keeps runc's state for the k8s.io namespace (its default).
+RUNC_ROOT = "/run/containerd/runc/k8s.io"
 
 
 class RealNodeError(RuntimeError):
@@ -46,6 +49,15 @@ def node_binaries() -> Path:
     if out.returncode != 0:
         raise RealNodeError(f"building the node's binaries failed:\n{out.stderr[-4000:]}")
     return Path(out.stdout.strip().splitlines()[-1])
+
+
+def runc_binary() -> Path:
+    """runc >= 1.2 from its Go module (hack/build-runc.sh): containerd 2.x's CRI pod sandboxes
+    fail under Debian bookworm's runc 1.1.5 ("can't get final child's PID from pipe")."""
+    out = subprocess.run(["bash", str(RUNC_BUILD_SCRIPT)], check=False, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RealNodeError(f"building runc failed:\n{out.stderr[-4000:]}")
+    return Path(out.stdout.strip().splitlines()[-1]) / "runc"
 
 
 def build_images(*names: str) -> dict[str, tuple[str, Path]]:
@@ -91,6 +103,7 @@ class RealNode:
         self.cluster = cluster
         self.dir = cluster.state_dir / "node"
         self.bin_dir: Path | None = None
+        self.runc: Path | None = None
         # A short per-cluster tag: bridge names are at most 15 characters.
         self.tag = hashlib.sha256(str(cluster.state_dir).encode()).hexdigest()[:6]
 
@@ -103,10 +116,10 @@ class RealNode:
         return f"ftn{self.tag}"
 
     def preflight(self) -> None:
-        missing = [t for t in ("runc", "iptables", "ip", "openssl") if not shutil.which(t)]
+        missing = [t for t in ("iptables", "ip", "openssl") if not shutil.which(t)]
         if missing:
             raise RealNodeError(f"the real node needs {', '.join(missing)} on PATH "
-                                "(hack/build-node.sh installs runc and iptables from Debian's packages)")
+                                "(hack/build-node.sh installs iptables and conntrack from Debian's packages)")
         if os.geteuid() != 0:
             raise RealNodeError("the real node (containerd, kubelet, kube-proxy) must run as root")
         if _cgroup_v1_missing() and not Path("/sys/fs/cgroup/cgroup.controllers").exists():
@@ -126,6 +139,7 @@ class RealNode:
     # certificates and configuration ---------------------------------------------------
     def write_files(self, apiserver_ports: dict[str, int]) -> None:
         self.bin_dir = node_binaries()
+        self.runc = runc_binary()
         c = self.cluster
         for d in ("containerd/root", "containerd/state", "kubelet", "cni/net.d", "pki", "logs"):
             (self.dir / d).mkdir(parents=True, exist_ok=True)
@@ -153,7 +167,7 @@ class RealNode:
 
     def _containerd_config(self) -> None:
         d = self.dir / "containerd"
-        runc = shutil.which("runc")
+        runc = self.runc
         cfg = f"""version = 3
 root = "{d / 'root'}"
 state = "{d / 'state'}"
@@ -177,6 +191,10 @@ state = "{d / 'state'}"
 
 [plugins."io.containerd.cri.v1.runtime"]
   enable_selinux = false
+  # root here lacks CAP_SYS_RESOURCE: a negative oom_score_adj (the kubelet asks -998 for
+  # every pod sandbox) fails runc's nsexec ("can't get final child's PID from pipe: EOF").
+  # Clamp containers' oom_score_adj at containerd's own (0), as for rootless containerd.
+  restrict_oom_score_adj = true
   [plugins."io.containerd.cri.v1.runtime".cni]
     bin_dirs = ["{self.bin_dir / 'cni'}"]
     conf_dir = "{self.dir / 'cni' / 'net.d'}"
@@ -265,7 +283,8 @@ state = "{d / 'state'}"
 
     # processes ---------------------------------------------------------------------------
     def components(self, component_cls) -> list:
-        env = {"PATH": os.pathsep.join([str(self.bin_dir), "/usr/local/sbin", "/usr/sbin", "/sbin",
+        # runc's directory first: `ctr run` and the shim find it on PATH where no BinaryName is set.
+        env = {"PATH": os.pathsep.join([str(self.runc.parent), str(self.bin_dir), "/usr/local/sbin", "/usr/sbin", "/sbin",
                                         os.environ.get("PATH", "")])}
         logs = self.cluster.logs
         containerd = component_cls("containerd", [
@@ -319,7 +338,11 @@ state = "{d / 'state'}"
                         and "not found" not in self.ctr("tasks", "ps", task, timeout=10).stderr \
                         and time.monotonic() < deadline:
                     time.sleep(0.2)
-        # Shims serving this node's socket (they left containerd's process group).
+        self._kill_containers()
+        self._kill_shims()
+
+    def _kill_shims(self) -> None:
+        """Shims serving this node's socket (they left containerd's process group)."""
         sock = str(self.containerd_socket)
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():
@@ -334,8 +357,31 @@ state = "{d / 'state'}"
                 except ProcessLookupError:
                     pass
 
+    def _kill_containers(self) -> None:
+        """Every container whose bundle is under this node's state, straight through runc: what
+        containerd no longer lists (a sandbox the kubelet re-created while stopping, or one
+        left when containerd died) still runs otherwise."""
+        runc = self.runc or runc_binary()
+        root = RUNC_ROOT
+        out = subprocess.run([str(runc), "--root", root, "list", "-f", "json"], capture_output=True,
+                             text=True, check=False, timeout=60)
+        try:
+            containers = json.loads(out.stdout or "null") or []
+        except ValueError:
+            containers = []
+        state = str(self.dir / "containerd") + os.sep
+        for c in containers:
+            if not str(c.get("bundle", "")).startswith(state):
+                continue
+            subprocess.run([str(runc), "--root", root, "kill", "--all", c["id"], "KILL"],
+                           capture_output=True, check=False, timeout=30)
+            subprocess.run([str(runc), "--root", root, "delete", "--force", c["id"]],
+                           capture_output=True, check=False, timeout=30)
+
     def cleanup(self) -> None:
         """After the processes stopped: unmount what pods left, remove the bridge and iptables chains."""
+        self._kill_containers()
+        self._kill_shims()
         root = self.dir
         try:
             mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
