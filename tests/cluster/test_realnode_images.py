@@ -72,15 +72,6 @@ def _ready(c: Cluster, ns: str, pod: str) -> dict | None:
     return p if ok else None
 
 
-# Every pod sandbox fails to start here: Debian bookworm's runc 1.1.5 under containerd
-# 2.2.9's CRI plugin ("runc create failed: unable to start container process: can't get
-# final child's PID from pipe: EOF"); `ctr run` of the same image works. Next step: runc
-# >= 1.2 from its Go module (cgo, libseccomp-dev). Not run until then: they would only wait
-# out their timeouts.
-SANDBOXES_FAIL = pytest.mark.xfail(
-    run=False, reason="pod sandboxes fail under runc 1.1.5 + containerd 2.2 CRI (docs/real-node.md)")
-
-
 def _http(url: str) -> tuple[int, str]:
     with urllib.request.urlopen(url, timeout=5) as r:
         return r.status, r.read().decode()
@@ -97,7 +88,6 @@ def test_node_is_a_real_kubelet_with_containerd(real_cluster: Cluster):
     assert addresses["InternalIP"] == real_cluster.host_ip != "127.0.0.1"
 
 
-@SANDBOXES_FAIL
 def test_operator_image_pod_gets_its_own_ip_and_a_service(real_cluster: Cluster, ns: str):
     c = real_cluster
     image = c.image_refs["operator"]
@@ -140,7 +130,6 @@ def test_operator_image_pod_gets_its_own_ip_and_a_service(real_cluster: Cluster,
     assert out.returncode == 0 and out.stdout.strip() == "30", out  # EROFS
 
 
-@SANDBOXES_FAIL
 def test_operator_runs_from_its_image_installed_by_helm(real_cluster: Cluster, tmp_path: Path):
     c = real_cluster
     repo, tag = c.image_refs["operator"].rsplit(":", 1)
@@ -155,17 +144,28 @@ def test_operator_runs_from_its_image_installed_by_helm(real_cluster: Cluster, t
                          env=c.env(), capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr + c.kubectl("describe", "pods", "-n", "finetune-system").stdout
     pods = get_json(c, "pods", "-n", "finetune-system", "-l", "app.kubernetes.io/name=finetune-operator")["items"]
-    assert len(pods) == 1
-    p = pods[0]
-    assert p["spec"]["nodeName"] == "local" and p["status"]["podIP"].startswith("10.88.")
-    # It reached the API server through the `kubernetes` Service (kube-proxy) with its
-    # ServiceAccount: kopf logs its start-up and its health endpoint answers the kubelet.
-    logs = wait_for(lambda: (lambda t: t if "Starting" in t or "kopf" in t.lower() else None)(
-        c.kubectl("logs", "-n", "finetune-system", p["metadata"]["name"]).stdout),
-        timeout=60, what="operator logs")
+    # The chart's default: two replicas, one leads (holds the Lease), one stands by.
+    assert len(pods) == 2, [p["metadata"]["name"] for p in pods]
+    ips = {p["status"]["podIP"] for p in pods}
+    assert len(ips) == 2 and all(ip.startswith("10.88.") for ip in ips), ips
+    assert all(p["spec"]["nodeName"] == "local" for p in pods)
+    # They reached the API server through the `kubernetes` Service (kube-proxy) with their
+    # ServiceAccount: one of them took the Lease, named by its pod name (its hostname).
+    def leader():
+        leases = get_json(c, "leases", "-n", "finetune-system")["items"]
+        holders = [(lease["spec"] or {}).get("holderIdentity") or "" for lease in leases]
+        return next((p for p in pods for h in holders if h.startswith(p["metadata"]["name"] + "_")), None)
+    p = wait_for(leader, timeout=90, what="an operator replica holding the leader Lease")
+    logs = c.kubectl("logs", "-n", "finetune-system", p["metadata"]["name"]).stdout
     assert "Traceback" not in logs, logs
-    status = p["status"]["containerStatuses"][0]
-    assert status["ready"] and status["restartCount"] == 0, status
+    for pod in pods:
+        status = pod["status"]["containerStatuses"][0]
+        assert status["ready"] and status["restartCount"] == 0, status
+    # The chart's securityContext holds in the image: its user, a read-only root.
+    out = c.kubectl("exec", "-n", "finetune-system", p["metadata"]["name"], "--", "python", "-c",
+                    "import os\ntry:\n open('/x','w')\nexcept OSError as e:\n print(os.getuid(), e.errno)",
+                    check=False)
+    assert out.returncode == 0 and out.stdout.split() == ["65532", "30"], out  # EROFS
     metrics_port = next(port["containerPort"] for port in p["spec"]["containers"][0]["ports"]
                         if port["name"] == "metrics")
     code, body = _http(f"http://{p['status']['podIP']}:{metrics_port}/metrics")
