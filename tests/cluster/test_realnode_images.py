@@ -170,3 +170,54 @@ def test_operator_runs_from_its_image_installed_by_helm(real_cluster: Cluster, t
                         if port["name"] == "metrics")
     code, body = _http(f"http://{p['status']['podIP']}:{metrics_port}/metrics")
     assert code == 200 and "finetune" in body
+
+
+def test_trainer_image_runs_as_uid_1000_and_writes_a_checkpoint_to_the_claim(real_cluster: Cluster, ns: str):
+    """The trainer image (torch with its CUDA wheels; no GPU here, so on CPU) under the pod
+    spec the operator gives trainer pods: the image's user (1000), fsGroup, a read-only
+    root; it saves a (tiny, randomly initialised) model with transformers to a claim from
+    the dev cluster's StorageClass, and the files on the volume belong to UID 1000."""
+    from finetune_devcluster.realnode import build_images
+
+    c = real_cluster
+    ref, archive = build_images("trainer")["trainer"]
+    c.real_node.import_images([archive])
+    pvc = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "work"},
+           "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}
+    script = (
+        "import os, errno, torch, transformers, finetune_trainer\n"
+        "cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,\n"
+        "    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)\n"
+        "transformers.LlamaForCausalLM(cfg).save_pretrained('/workspace/checkpoints/checkpoint-1')\n"
+        "try:\n open('/opt/x', 'w')\nexcept OSError as e:\n rofs = e.errno == errno.EROFS\n"
+        "print('RESULT', os.getuid(), os.getgid(), sorted(os.getgroups()), rofs, torch.__version__)\n")
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "trainer"},
+           "spec": {**LOCAL, "restartPolicy": "Never",
+                    "securityContext": {"runAsNonRoot": True, "fsGroup": 1000,
+                                        "seccompProfile": {"type": "RuntimeDefault"}},
+                    "containers": [{
+                        "name": "trainer", "image": ref, "imagePullPolicy": "Never",
+                        "command": ["python", "-c", script], "securityContext": RESTRICTED,
+                        "volumeMounts": [{"name": "work", "mountPath": "/workspace"},
+                                         {"name": "tmp", "mountPath": "/tmp"}]}],
+                    "volumes": [{"name": "work", "persistentVolumeClaim": {"claimName": "work"}},
+                                {"name": "tmp", "emptyDir": {}}]}}
+    _apply(c, ns, pvc, pod)
+
+    def finished():
+        p = get_json(c, "pod", "trainer", "-n", ns)
+        return p if p["status"].get("phase") in ("Succeeded", "Failed") else None
+    p = wait_for(finished, timeout=300, what="trainer pod finished")
+    logs = c.kubectl("logs", "-n", ns, "trainer").stdout
+    assert p["status"]["phase"] == "Succeeded", logs
+    result = next(line.split()[1:] for line in logs.splitlines() if line.startswith("RESULT"))
+    uid, gid, groups, rofs, torch_version = result[0], result[1], result[2:-2], result[-2], result[-1]
+    assert (uid, gid, rofs) == ("1000", "1000", "True"), logs
+    assert "1000" in "".join(groups), logs  # fsGroup among the supplementary groups
+    assert torch_version.startswith("2."), logs
+    # The files are on the claim's volume on this machine, owned by the image's user.
+    pv = get_json(c, "pvc", "work", "-n", ns)["spec"]["volumeName"]
+    root = Path(get_json(c, "pv", pv)["spec"]["hostPath"]["path"]) / "checkpoints" / "checkpoint-1"
+    files = {f.name: f.stat().st_uid for f in root.iterdir()}
+    assert "model.safetensors" in files and "config.json" in files, files
+    assert set(files.values()) == {1000}, files
