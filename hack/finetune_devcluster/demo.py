@@ -239,8 +239,18 @@ class Demo:
         print(f"  review page: {self.report_url()}  (answers side by side, verdicts, approval)", flush=True)
         return comparison
 
+    def operator_url(self) -> str:
+        """The operator's HTTP server (metrics, review page): a local process, or on the real
+        node the chart's metrics Service, whose ClusterIP kube-proxy routes from this machine."""
+        if self.real_node:
+            ip = self.kubectl("get", "service", f"{RELEASE}-metrics", "-n", OPERATOR_NAMESPACE, "-o",
+                              "jsonpath={.spec.clusterIP}", check=False).stdout.strip()
+            if ip:
+                return f"http://{ip}:{self.metrics_port}"
+        return f"http://127.0.0.1:{self.metrics_port}"
+
     def report_url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}/jobs/{NAMESPACE}/{JOB}/report"
+        return f"{self.operator_url()}/jobs/{NAMESPACE}/{JOB}/report"
 
     def wait_serving(self) -> str:
         say("waiting for the InferenceService to become Ready (vLLM loads the model, ~1 min)")
@@ -287,8 +297,9 @@ class Demo:
         print(f"  export INFERENCE_URL={url}\n"
               f"  export KUBECONFIG={self.cluster.kubeconfig}\n"
               f"  kubectl get ftj,ftisvc -n {NAMESPACE}; kubectl describe ftj {JOB} -n {NAMESPACE}\n"
-              f"  metrics: operator http://127.0.0.1:{self.metrics_port}/metrics, vLLM {url.removesuffix('/v1')}/metrics,\n"
-              f"           trainer http://127.0.0.1:9400/metrics while it trains\n"
+              f"  metrics: operator {self.operator_url()}/metrics, vLLM {url.removesuffix('/v1')}/metrics,\n"
+              f"           trainer http://{'<trainer pod IP>' if self.real_node else '127.0.0.1'}:9400/metrics "
+              f"while it trains\n"
               f"{self.artifact_lines()}"
               f"  MLflow tracking server: {self.cluster.mlflow_url} (set -a; . {self.cluster.mlflow_env_file}; set +a)\n"
               f"  S3-compatible store (MinIO): {self.cluster.s3_url} (set -a; . {self.cluster.s3_env_file}; set +a)\n"
