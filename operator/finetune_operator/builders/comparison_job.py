@@ -48,6 +48,11 @@ def build_comparison_job(job: FineTuneJob, image: str, gpu_hour_price: float) ->
     container.update({"name": CONTAINER, "image": image,
                       "command": compare_command(job, gpu_hour_price), "ports": []})
     del container["ports"]
+    # vLLM's engine allocates a 160 MiB shared-memory ring buffer even on CPU: more than a
+    # container's 64 MiB /dev/shm (the trainer's template has it only with GPUs).
+    if not any(v["name"] == "dshm" for v in template["spec"]["volumes"]):
+        template["spec"]["volumes"].append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+        container["volumeMounts"].append({"name": "dshm", "mountPath": "/dev/shm"})
     for section in ("requests", "limits"):
         values = container["resources"].get(section)
         if values and GPU_RESOURCE in values:

@@ -197,10 +197,10 @@ def _pod_spec(isvc: InferenceService, command: list[str], layout: _Layout, defau
     r = isvc.spec.resources
     volumes = [{"name": "home", "emptyDir": {}}]
     mounts = [{"name": "home", "mountPath": HOME}]
-    if r.gpus > 0:
-        # NCCL (tensor parallelism) needs more shared memory than a container's 64 MiB.
-        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
-        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    # More shared memory than a container's 64 MiB /dev/shm: vLLM's engine allocates a 160 MiB
+    # shared-memory ring buffer even on CPU (it exits otherwise), and NCCL needs it on GPUs.
+    volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+    mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     volumes += [layout.volumes[k] for k in sorted(layout.volumes)]
     mounts += [layout.mounts[k] for k in sorted(layout.mounts)]
     container = {

@@ -130,3 +130,13 @@ def test_a_rejected_job_is_not_deployed_by_a_late_deploy_change():
     approved = job({"deploy": {"inferenceService": "other", "requireApproval": True}},
                    {"finetune.dev/approved": "true"}, phase="Succeeded", comparison=MEASURED)
     assert derive(approved, DONE, [], now=NOW).phase is Phase.DEPLOYING
+
+
+def test_a_cpu_comparison_job_still_gets_a_memory_backed_dev_shm_for_vllm():
+    """vLLM's engine allocates a 160 MiB shared-memory ring buffer on CPU too; a container's
+    /dev/shm is 64 MiB on a real node (containerd), and vLLM exits without more."""
+    spec = {**SINGLE, "resources": {**SINGLE["resources"], "gpusPerNode": 0}}
+    pod = build_comparison_job(make_job(spec), "vllm/vllm-openai:v0.32.0", 0.0)["spec"]["template"]["spec"]
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in pod["containers"][0]["volumeMounts"]
+    assert [v["name"] for v in pod["volumes"]].count("dshm") == 1
