@@ -329,12 +329,14 @@ class Demo:
 
         # On the local node every pod has this machine's network, so one vLLM at a time can
         # listen on port 8000: the quickstart server is scaled to zero, and the API's jobs are
-        # served by the InferenceService ft-tiny-llama.
-        say("scaling the quickstart InferenceService to zero: the fine-tuning API's jobs use port 8000 next")
-        self.kubectl("patch", "inferenceservice.finetune.dev", JOB, "-n", NAMESPACE, "--type=merge",
-                     "-p", json.dumps({"spec": {"replicas": 0}}))
-        self.kubectl("wait", "-n", NAMESPACE, "--for=delete", "pod", "-l", f"finetune.dev/inferenceservice={JOB}",
-                     "--timeout=120s", check=False)
+        # served by the InferenceService ft-tiny-llama. On the real node each pod has its own
+        # IP: the quickstart server (INFERENCE_URL) keeps serving.
+        if not self.real_node:
+            say("scaling the quickstart InferenceService to zero: the fine-tuning API's jobs use port 8000 next")
+            self.kubectl("patch", "inferenceservice.finetune.dev", JOB, "-n", NAMESPACE, "--type=merge",
+                         "-p", json.dumps({"spec": {"replicas": 0}}))
+            self.kubectl("wait", "-n", NAMESPACE, "--for=delete", "pod", "-l",
+                         f"finetune.dev/inferenceservice={JOB}", "--timeout=120s", check=False)
         say(f"starting OpenAI's fine-tuning API on port {self.openai_api_port} (log {self.state_dir / 'openai-api.log'})")
         api = LocalOpenAIApi(self.cluster, self.state_dir, namespace=NAMESPACE, release=RELEASE,
                              release_namespace=OPERATOR_NAMESPACE, port=self.openai_api_port,
