@@ -108,8 +108,20 @@ class RealNode:
         self.tag = hashlib.sha256(str(cluster.state_dir).encode()).hexdigest()[:6]
 
     @property
+    def socket_dir(self) -> Path:
+        """containerd's sockets: a short path of their own (a unix socket's path is limited to
+        ~104 bytes, and state dirs such as pytest's tmp_path are longer)."""
+        return Path("/run/finetune-devcluster") / self.tag
+
+    @property
+    def kubelet_dir(self) -> Path:
+        """The kubelet's root directory, short for the same reason: it binds unix sockets in it
+        (pod-resources, plugins). On disk, not in /run: pods' emptyDirs live there."""
+        return Path("/var/lib/finetune-devcluster") / self.tag / "kubelet"
+
+    @property
     def containerd_socket(self) -> Path:
-        return self.dir / "containerd" / "containerd.sock"
+        return self.socket_dir / "containerd.sock"
 
     @property
     def bridge(self) -> str:
@@ -141,8 +153,10 @@ class RealNode:
         self.bin_dir = node_binaries()
         self.runc = runc_binary()
         c = self.cluster
-        for d in ("containerd/root", "containerd/state", "kubelet", "cni/net.d", "pki", "logs"):
+        for d in ("containerd/root", "containerd/state", "cni/net.d", "pki", "logs"):
             (self.dir / d).mkdir(parents=True, exist_ok=True)
+        self.kubelet_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.socket_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         ip = c.host_ip
         # The kubelet's identity: system:node:local in system:nodes (Node authorizer).
         c._signed("kubelet", f"/O=system:nodes/CN=system:node:{c.node_name}", "client.ext")
@@ -294,7 +308,7 @@ state = "{d / 'state'}"
             str(self.bin_dir / "kubelet"),
             f"--config={self.dir / 'kubelet-config.yaml'}",
             f"--kubeconfig={self.dir / 'kubelet.kubeconfig'}",
-            f"--root-dir={self.dir / 'kubelet'}",
+            f"--root-dir={self.kubelet_dir}",
             f"--hostname-override={self.cluster.node_name}",
             f"--node-ip={self.cluster.host_ip}",
             f"--node-labels=finetune.dev/local-node=true,finetune.dev/node=kubelet",
@@ -382,13 +396,18 @@ state = "{d / 'state'}"
         """After the processes stopped: unmount what pods left, remove the bridge and iptables chains."""
         self._kill_containers()
         self._kill_shims()
-        root = self.dir
-        try:
-            mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
-        except OSError:
-            mounts = []
-        for m in sorted((m for m in mounts if m.startswith(str(root))), key=len, reverse=True):
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
+        def mounts() -> list[str]:
+            try:
+                return [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+            except OSError:
+                return []
+        roots = (str(self.dir) + os.sep, str(self.kubelet_dir.parent) + os.sep)
+        for m in sorted((m for m in mounts() if m.startswith(roots)), key=len, reverse=True):
             subprocess.run(["umount", "-l", m], capture_output=True, check=False)
+        # The kubelet's directory (pods' emptyDirs) goes once nothing is mounted under it.
+        if not any(m.startswith(roots[1]) for m in mounts()):
+            shutil.rmtree(self.kubelet_dir.parent, ignore_errors=True)
         subprocess.run(["ip", "link", "delete", self.bridge], capture_output=True, check=False)
         if self.bin_dir and (self.bin_dir / "kube-proxy").exists():
             subprocess.run([str(self.bin_dir / "kube-proxy"), "--cleanup"], capture_output=True, check=False,
