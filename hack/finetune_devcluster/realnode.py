@@ -405,9 +405,13 @@ state = "{d / 'state'}"
         roots = (str(self.dir) + os.sep, str(self.kubelet_dir.parent) + os.sep)
         for m in sorted((m for m in mounts() if m.startswith(roots)), key=len, reverse=True):
             subprocess.run(["umount", "-l", m], capture_output=True, check=False)
-        # The kubelet's directory (pods' emptyDirs) goes once nothing is mounted under it.
-        if not any(m.startswith(roots[1]) for m in mounts()):
-            shutil.rmtree(self.kubelet_dir.parent, ignore_errors=True)
+        # The kubelet's directory (pods' emptyDirs) and containerd's root (the imported images'
+        # unpacked layers, gigabytes, imported again at every start) go once nothing is
+        # mounted under them.
+        left = mounts()
+        for d in (self.kubelet_dir.parent, self.dir / "containerd" / "root"):
+            if d.exists() and not any(m.startswith(str(d) + os.sep) for m in left):
+                shutil.rmtree(d, ignore_errors=True)
         subprocess.run(["ip", "link", "delete", self.bridge], capture_output=True, check=False)
         if self.bin_dir and (self.bin_dir / "kube-proxy").exists():
             subprocess.run([str(self.bin_dir / "kube-proxy"), "--cleanup"], capture_output=True, check=False,
