@@ -696,6 +696,24 @@ class InferenceServiceSpec:
 
 
 @dataclass(kw_only=True)
+class LoadedAdapter:
+    """A loaded adapter."""
+
+    name: Optional[str] = None
+    version: Optional[str] = None
+
+
+@dataclass(kw_only=True)
+class ReplicaAdapters:
+    """The adapters one ready replica has loaded (from its /v1/models)."""
+
+    pod: Optional[str] = None
+    adapters: list[LoadedAdapter] = field(default_factory=list)
+    error: Optional[str] = None
+    simulated: Optional[bool] = None
+
+
+@dataclass(kw_only=True)
 class InferenceServiceStatus:
     """Observed state of an InferenceService."""
 
@@ -707,6 +725,7 @@ class InferenceServiceStatus:
     url: Optional[str] = None
     served_models: list[str] = field(default_factory=list)
     revision: Optional[str] = None
+    replica_adapters: list[ReplicaAdapters] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)

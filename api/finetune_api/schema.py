@@ -1004,6 +1004,20 @@ INFERENCESERVICE_STATUS = obj("Observed state of an InferenceService.", {
                           max_items=128),
     "revision": string("Hash of the served configuration (changes trigger a rollout).",
                        max_length=128),
+    # --- serving #21: adapters loaded at run time (kept together for merges) ---
+    "replicaAdapters": array(obj("The adapters one ready replica has loaded (from its /v1/models).", {
+        "pod": string("The pod.", max_length=SHORT),
+        "adapters": array(obj("A loaded adapter.", {
+            "name": string("Its name in the OpenAI API.", max_length=SHORT),
+            "version": string("The version loaded: the FineTuneJob's uid, or the adapter's path.",
+                              max_length=LONG),
+        }), "Loaded adapters.", max_items=128),
+        "error": string("Why the replica does not serve the spec's adapters (last attempt).",
+                        max_length=LONG),
+        "simulated": boolean("The pod runs on a simulated (kwok) node: nothing runs to ask, so it "
+                             "is counted as serving the spec's adapters."),
+    }), "Per ready replica, the adapters it has loaded; servedModels lists only what every "
+        "ready replica serves.", max_items=64),
 })
 
 INFERENCESERVICE_SCHEMA = _root(
@@ -1222,6 +1236,8 @@ PYTHON_CLASSES: dict[str, dict[str, str]] = {
         "spec.autoscaling": "Autoscaling",
         "status": "InferenceServiceStatus",
         "status.conditions[]": "Condition",
+        "status.replicaAdapters[]": "ReplicaAdapters",
+        "status.replicaAdapters[].adapters[]": "LoadedAdapter",
     },
     "TrainerConfig": {
         "": "TrainerConfig",

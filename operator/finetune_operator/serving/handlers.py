@@ -30,7 +30,7 @@ from finetune_operator import kube, metrics, settings
 from finetune_operator.conditions import now_iso
 from finetune_operator.labels import APP, MANAGED_BY
 from finetune_operator.locks import KeyedLocks
-from finetune_operator.serving import autoscaling, deployment, disruption, monitoring, service
+from finetune_operator.serving import adapters, autoscaling, deployment, disruption, monitoring, service
 from finetune_operator.serving.checks import check
 from finetune_operator.serving.common import (
     INFERENCESERVICE_LABEL, REVISION_ANNOTATION, referenced_jobs, selector, service_url,
@@ -72,7 +72,26 @@ def reconcile(namespace: str, name: str) -> None:
             revision = _apply_children(isvc, jobs)
         current = kube.read(kube.apps().read_namespaced_deployment, name, namespace)
         pods = _pods(isvc) if current else []
-        _write_status(obj, isvc, problems, current, pods, revision)
+        want = None if problems else adapters.wanted(isvc, jobs)
+        replicas = adapters.sync(isvc, want, pods, revision, obj.get("status"), _simulated_node)
+        _write_status(obj, isvc, problems, current, pods, revision, replicas, want or {})
+        failed = [f"pod {r.pod}: {r.error}" for r in replicas if r.error]
+        if failed:
+            raise adapters.AdapterSyncError("; ".join(failed))
+
+
+_simulated: dict[str, bool] = {}
+
+
+def _simulated_node(node_name: str) -> bool:
+    """Whether pods on this node run nothing (kwok's fake nodes), cached per node."""
+    if not node_name:
+        return False
+    if node_name not in _simulated:
+        node = kube.read(kube.core().read_node, node_name)
+        annotations = ((node or {}).get("metadata") or {}).get("annotations") or {}
+        _simulated[node_name] = adapters.SIMULATED_NODE_ANNOTATION in annotations
+    return _simulated[node_name]
 
 
 def _apply_children(isvc: InferenceService, jobs: dict[str, FineTuneJob]) -> str:
@@ -99,9 +118,10 @@ def _apply_children(isvc: InferenceService, jobs: dict[str, FineTuneJob]) -> str
     return desired["spec"]["template"]["metadata"]["annotations"][REVISION_ANNOTATION]
 
 
-def _write_status(obj: dict, isvc: InferenceService, problems, current, pods, revision) -> None:
+def _write_status(obj: dict, isvc: InferenceService, problems, current, pods, revision, replicas, want) -> None:
     old = obj.get("status") or {}
-    status = status_for(isvc, problems, current, pods, revision, old.get("conditions") or [], now_iso())
+    status = status_for(isvc, problems, current, pods, revision, old.get("conditions") or [], now_iso(),
+                        replicas, want)
     changed = {k: v for k, v in status.items() if old.get(k) != v}
     if not changed:
         return
