@@ -1,0 +1,127 @@
+"""Adapters loaded into a running vLLM server: the real control plane, the serving operator as
+a process, and vLLM's CPU build really running in the InferenceService's pod on the local node.
+
+Training is stood in for by writing a real PEFT LoRA adapter of the tiny model into the
+job's folder on a shared claim (`storage.existingClaim`) and marking the FineTuneJob
+Succeeded; everything after that is real. Single replica: the local node's pods use the
+host network, so a second vLLM replica would collide on port 8000 (the multi-replica
+convergence is in tests/unit/operator/test_runtime_adapters.py).
+
+Run under the shared vLLM lock: `flock /work/wt/vllm.lock .venv/bin/python -m pytest ...`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from finetune_operator.serving import common
+from finetune_operator.serving import handlers as handler
+from tests.cluster.test_inference_cluster import apply, create_succeeded_job, serving_operator  # noqa: F401
+from tests.e2e.test_vllm_real import STARTUP_TIMEOUT, lora_adapter  # noqa: F401
+from tests.fixtures.cluster import get_json, wait_for
+
+pytestmark = pytest.mark.slow
+
+CLAIM = "team-adapters"
+LOCAL = {"nodeSelector": {"finetune.dev/local-node": "true"},
+         "tolerations": [{"key": "finetune.dev/local-node", "operator": "Exists"}]}
+
+
+def _serving_pod(cluster, namespace: str) -> dict:
+    pods = get_json(cluster, "pods", "-n", namespace, "-l", "finetune.dev/inferenceservice=tiny")["items"]
+    live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+    assert len(live) == 1, [p["metadata"]["name"] for p in pods]
+    return live[0]
+
+
+def _isvc(cluster, namespace: str) -> dict:
+    return get_json(cluster, "inferenceservice", "tiny", "-n", namespace)
+
+
+def _ready_serving(cluster, namespace: str, names: set[str], absent: set[str] = frozenset()):
+    obj = _isvc(cluster, namespace)
+    st = obj.get("status") or {}
+    served = set(st.get("servedModels") or [])
+    return (st.get("observedGeneration") == obj["metadata"]["generation"] and st.get("phase") == "Ready"
+            and names <= served and not (absent & served) and st)
+
+
+def test_a_second_job_deploys_into_the_running_server_without_restarting_it(
+        cluster, namespace, tiny_model, lora_adapter, request):  # noqa: F811
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", common.PORT)) == 0:
+            pytest.skip("port 8000 is taken on this machine; the local node's pods share its network")
+    request.getfixturevalue("serving_operator")
+    from openai import OpenAI
+
+    apply(cluster, {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                    "metadata": {"name": CLAIM, "namespace": namespace},
+                    "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}})
+    deploy = {"inferenceService": "tiny", "gpus": 0, **LOCAL}
+    create_succeeded_job(cluster, namespace, "first", source=str(tiny_model), r=8, existing_claim=CLAIM,
+                         deploy=deploy)
+    pvc = wait_for(lambda: (p := get_json(cluster, "pvc", CLAIM, "-n", namespace))["spec"].get("volumeName") and p,
+                   timeout=60, what="the shared claim to bind")
+    volume = Path(get_json(cluster, "pv", pvc["spec"]["volumeName"])["spec"]["hostPath"]["path"])
+    for job in ("first", "second"):  # what training would leave in each job's folder
+        shutil.copytree(lora_adapter / "artifacts", volume / "jobs" / job / "artifacts")
+
+    apply(cluster, {"apiVersion": "finetune.dev/v1alpha1", "kind": "InferenceService",
+                    "metadata": {"name": "tiny", "namespace": namespace},
+                    "spec": {"model": {"source": str(tiny_model)},
+                             "adapters": [{"name": "first", "fineTuneJobRef": {"name": "first"}}],
+                             "resources": {"gpus": 0, "memory": "4Gi", **LOCAL},
+                             "vllm": {"maxModelLen": 256, "maxLoraRank": 8, "maxLoras": 2}}})
+    started = time.monotonic()
+    status = wait_for(lambda: _ready_serving(cluster, namespace, {"tiny", "first"}),
+                      timeout=STARTUP_TIMEOUT + 60, what="the server Ready with the first adapter")
+    print(f"first adapter served {time.monotonic() - started:.1f} s after the InferenceService was created")
+    before = _serving_pod(cluster, namespace)
+    deployment_generation = get_json(cluster, "deployment", "tiny", "-n", namespace)["metadata"]["generation"]
+    assert status["replicaAdapters"] == [{"pod": before["metadata"]["name"],
+                                          "adapters": [{"name": "first", "version": _uid(cluster, namespace, "first")}]}]
+    client = OpenAI(base_url=f"http://127.0.0.1:{common.PORT}/v1", api_key="unused", timeout=120, max_retries=0)
+
+    # The second job finishes training: the FineTuneJob handler adds it to the server.
+    create_succeeded_job(cluster, namespace, "second", source=str(tiny_model), r=8, existing_claim=CLAIM,
+                         deploy=deploy)
+    succeeded = time.monotonic()
+    handler.ensure_for_finetunejob(get_json(cluster, "finetunejob", "second", "-n", namespace),
+                                   cluster.api_client())
+    wait_for(lambda: _ready_serving(cluster, namespace, {"tiny", "first", "second"}), timeout=60,
+             what="the second adapter served")
+    completion = client.completions.create(model="second", prompt="Repeat the word red", max_tokens=4,
+                                           temperature=0)
+    print(f"second adapter answered {time.monotonic() - succeeded:.1f} s after its job succeeded")
+    assert completion.model == "second" and completion.usage.completion_tokens > 0
+    models = {m.id: m.model_extra.get("parent") for m in client.models.list().data}
+    assert models == {"tiny": None, "first": "tiny", "second": "tiny"}
+
+    after = _serving_pod(cluster, namespace)
+    assert after["metadata"]["uid"] == before["metadata"]["uid"]
+    assert [c["restartCount"] for c in after["status"]["containerStatuses"]] == [0]
+    assert get_json(cluster, "deployment", "tiny", "-n", namespace)["metadata"]["generation"] == deployment_generation
+
+    # Taking the first job away unloads it, still without a restart.
+    handler.withdraw_finetunejob(_job(cluster, namespace, "first"), cluster.api_client())
+    wait_for(lambda: _ready_serving(cluster, namespace, {"tiny", "second"}, absent={"first"}), timeout=60,
+             what="the first adapter unloaded")
+    assert {m.id for m in client.models.list().data} == {"tiny", "second"}
+    after = _serving_pod(cluster, namespace)
+    assert after["metadata"]["uid"] == before["metadata"]["uid"]
+    assert [c["restartCount"] for c in after["status"]["containerStatuses"]] == [0]
+
+
+def _uid(cluster, namespace: str, name: str) -> str:
+    return get_json(cluster, "finetunejob", name, "-n", namespace)["metadata"]["uid"]
+
+
+def _job(cluster, namespace: str, name: str):
+    from finetune_api.models import FineTuneJob
+
+    return FineTuneJob.from_resource(get_json(cluster, "finetunejob", name, "-n", namespace))
