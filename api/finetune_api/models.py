@@ -643,12 +643,26 @@ class FineTuneJob(_runtime.FineTuneJobBehaviour):
 
 
 @dataclass(kw_only=True)
+class Promotion:
+    """Gate a new version of this adapter (fineTuneJobRef changed to another FineTuneJob) on
+    evaluation: it is loaded as <name>-candidate, both versions are scored through the
+    server on the new job's evaluation.prompts that have a reference, and the name switches
+    to it only when it wins; otherwise the current version keeps serving and condition
+    Promoted=False (CandidateRefused) names both scores."""
+
+    metric: str = "evalLoss"
+    require_improvement_over: str = "current"
+    margin: float = 0.0
+
+
+@dataclass(kw_only=True)
 class Adapter:
     """A LoRA adapter served next to the base model."""
 
     name: str
     fine_tune_job_ref: Optional[LocalRef] = None
     path: Optional[str] = None
+    promotion: Optional[Promotion] = None
 
 
 @dataclass(kw_only=True)
@@ -714,6 +728,21 @@ class ReplicaAdapters:
 
 
 @dataclass(kw_only=True)
+class AdapterPromotion:
+    """The versions of an adapter with spec.adapters[].promotion."""
+
+    name: Optional[str] = None
+    fine_tune_job: Optional[str] = None
+    version: Optional[str] = None
+    candidate: Optional[str] = None
+    candidate_version: Optional[str] = None
+    result: Optional[str] = None
+    current_eval_loss: Optional[float] = None
+    candidate_eval_loss: Optional[float] = None
+    message: Optional[str] = None
+
+
+@dataclass(kw_only=True)
 class InferenceServiceStatus:
     """Observed state of an InferenceService."""
 
@@ -726,6 +755,7 @@ class InferenceServiceStatus:
     served_models: list[str] = field(default_factory=list)
     revision: Optional[str] = None
     replica_adapters: list[ReplicaAdapters] = field(default_factory=list)
+    promotions: list[AdapterPromotion] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)

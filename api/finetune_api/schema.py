@@ -932,7 +932,7 @@ FINETUNEJOB_SCHEMA = _root(
 
 # --- InferenceService ------------------------------------------------------------------------
 
-INFERENCESERVICE_CONDITIONS = ["Ready", "Progressing", "Degraded"]
+INFERENCESERVICE_CONDITIONS = ["Ready", "Progressing", "Degraded", "Promoted"]
 
 INFERENCESERVICE_SPEC = obj("Desired state of an InferenceService: a vLLM OpenAI-compatible server "
                             "for a base model with LoRA adapters, or for a merged model.", {
@@ -943,9 +943,27 @@ INFERENCESERVICE_SPEC = obj("Desired state of an InferenceService: a vLLM OpenAI
         "fineTuneJobRef": local_ref("FineTuneJob whose adapter is served (same namespace)."),
         "path": location("Adapter location instead of a FineTuneJob: " + SOURCE_HELP + ".", SOURCE_HELP,
                          MODEL_SOURCE),
+        # serving #21: promotion gated on evaluation
+        "promotion": obj("Gate a new version of this adapter (fineTuneJobRef changed to another "
+                         "FineTuneJob) on evaluation: it is loaded as <name>-candidate, both "
+                         "versions are scored through the server on the new job's "
+                         "evaluation.prompts that have a reference, and the name switches to it only "
+                         "when it wins; otherwise the current version keeps serving and condition "
+                         "Promoted=False (CandidateRefused) names both scores.", {
+            "metric": string("What decides: evalLoss, the mean negative log-likelihood of the "
+                             "references' tokens given the prompts (lower wins).",
+                             default="evalLoss", enum=["evalLoss"]),
+            "requireImprovementOver": string("What the candidate must beat: current, the version "
+                                             "serving now.", default="current", enum=["current"]),
+            "margin": number("How much better it must be (candidate evalLoss <= current evalLoss - "
+                             "margin).", default=0.0, minimum=0.0),
+        }),
     }, required=["name"], rules=[
         rule("has(self.fineTuneJobRef) != has(self.path)",
              "spec.adapters[]: set exactly one of fineTuneJobRef or path"),
+        rule("!has(self.promotion) || has(self.fineTuneJobRef)",
+             "spec.adapters[].promotion needs fineTuneJobRef (versions are FineTuneJobs)",
+             field_path=".promotion"),
     ]), "LoRA adapters to serve.", default=[], max_items=64, list_type="map")
     | {"x-kubernetes-list-map-keys": ["name"]},
     "mergedModel": obj("Serve a merged (or fully fine-tuned) model instead of model.source.", {
@@ -1018,6 +1036,17 @@ INFERENCESERVICE_STATUS = obj("Observed state of an InferenceService.", {
                              "is counted as serving the spec's adapters."),
     }), "Per ready replica, the adapters it has loaded; servedModels lists only what every "
         "ready replica serves.", max_items=64),
+    "promotions": array(obj("The versions of an adapter with spec.adapters[].promotion.", {
+        "name": string("The adapter.", max_length=SHORT),
+        "fineTuneJob": string("The FineTuneJob whose adapter is served under the name.", max_length=SHORT),
+        "version": string("Its uid.", max_length=SHORT),
+        "candidate": string("The last candidate FineTuneJob scored (or being scored).", max_length=SHORT),
+        "candidateVersion": string("Its uid.", max_length=SHORT),
+        "result": string("Evaluating, Promoted or Refused.", enum=["Evaluating", "Promoted", "Refused"]),
+        "currentEvalLoss": number("The serving version's evalLoss."),
+        "candidateEvalLoss": number("The candidate's evalLoss."),
+        "message": string("What was decided and why.", max_length=LONG),
+    }), "Which version serves each gated adapter, and the last decision.", max_items=64),
 })
 
 INFERENCESERVICE_SCHEMA = _root(
@@ -1237,6 +1266,8 @@ PYTHON_CLASSES: dict[str, dict[str, str]] = {
         "status": "InferenceServiceStatus",
         "status.conditions[]": "Condition",
         "status.replicaAdapters[]": "ReplicaAdapters",
+        "status.promotions[]": "AdapterPromotion",
+        "spec.adapters[].promotion": "Promotion",
         "status.replicaAdapters[].adapters[]": "LoadedAdapter",
     },
     "TrainerConfig": {

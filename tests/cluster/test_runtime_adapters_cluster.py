@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import shutil
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -112,6 +114,101 @@ def test_a_second_job_deploys_into_the_running_server_without_restarting_it(
     wait_for(lambda: _ready_serving(cluster, namespace, {"tiny", "second"}, absent={"first"}), timeout=60,
              what="the first adapter unloaded")
     assert {m.id for m in client.models.list().data} == {"tiny", "second"}
+    after = _serving_pod(cluster, namespace)
+    assert after["metadata"]["uid"] == before["metadata"]["uid"]
+    assert [c["restartCount"] for c in after["status"]["containerStatuses"]] == [0]
+
+
+@pytest.fixture(scope="module")
+def adapter_versions(tiny_model: Path, tmp_path_factory) -> dict[str, Path]:
+    """Two PEFT adapters of the tiny model: `good` leaves the model as it is (LoRA's B starts
+    at zero), `bad` has large random weights, which makes every answer less likely."""
+    out = tmp_path_factory.mktemp("versions")
+    code = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "from peft import LoraConfig, get_peft_model\n"
+        "torch.manual_seed(0)\n"
+        "for name, noisy in (('good', False), ('bad', True)):\n"
+        "    model = AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+        "    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj'],"
+        " task_type='CAUSAL_LM', init_lora_weights=not noisy))\n"
+        "    if noisy:\n"
+        "        with torch.no_grad():\n"
+        "            for n, p in peft.named_parameters():\n"
+        "                if 'lora_B' in n:\n"
+        "                    p.normal_(0, 2.0)\n"
+        "    peft.save_pretrained(f'{sys.argv[2]}/{name}')\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tiny_model), str(out)], check=True, timeout=300)
+    return {"good": out / "good", "bad": out / "bad"}
+
+
+EVAL_PROMPTS = [{"prompt": "Name a colour.", "reference": "Red is a colour."},
+                {"prompt": "Say hello.", "reference": "Hello there, friend."},
+                {"prompt": "Count to three.", "reference": "One, two, three."}]
+
+
+def test_a_worse_version_is_refused_and_the_current_one_keeps_answering(
+        cluster, namespace, tiny_model, adapter_versions, request):
+    """spec.adapters[].promotion: the new version (a FineTuneJob with large random LoRA
+    weights) is loaded as bot-candidate, scored against the serving one through vLLM on the
+    new job's evaluation prompts, refused, and unloaded; `bot` answers from v1 throughout."""
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", common.PORT)) == 0:
+            pytest.skip("port 8000 is taken on this machine; the local node's pods share its network")
+    request.getfixturevalue("serving_operator")
+    from openai import OpenAI
+
+    apply(cluster, {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                    "metadata": {"name": CLAIM, "namespace": namespace},
+                    "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}})
+    for job, version in (("v1", "good"), ("v2", "bad")):
+        create_succeeded_job(cluster, namespace, job, source=str(tiny_model), r=8, existing_claim=CLAIM,
+                             evaluation={"prompts": EVAL_PROMPTS})
+    pvc = wait_for(lambda: (p := get_json(cluster, "pvc", CLAIM, "-n", namespace))["spec"].get("volumeName") and p,
+                   timeout=60, what="the shared claim to bind")
+    volume = Path(get_json(cluster, "pv", pvc["spec"]["volumeName"])["spec"]["hostPath"]["path"])
+    for job, version in (("v1", "good"), ("v2", "bad")):
+        shutil.copytree(adapter_versions[version], volume / "jobs" / job / "artifacts" / "adapter")
+    body = {"apiVersion": "finetune.dev/v1alpha1", "kind": "InferenceService",
+            "metadata": {"name": "tiny", "namespace": namespace},
+            "spec": {"model": {"source": str(tiny_model)},
+                     "adapters": [{"name": "bot", "fineTuneJobRef": {"name": "v1"}, "promotion": {"margin": 0.0}}],
+                     "resources": {"gpus": 0, "memory": "4Gi", **LOCAL},
+                     "vllm": {"maxModelLen": 256, "maxLoraRank": 8, "maxLoras": 2}}}
+    apply(cluster, body)
+    status = wait_for(lambda: _ready_serving(cluster, namespace, {"tiny", "bot"}),
+                      timeout=STARTUP_TIMEOUT + 60, what="the server Ready with v1 as bot")
+    assert status["promotions"] == [{"name": "bot", "fineTuneJob": "v1", "version": _uid(cluster, namespace, "v1")}]
+    before = _serving_pod(cluster, namespace)
+    client = OpenAI(base_url=f"http://127.0.0.1:{common.PORT}/v1", api_key="unused", timeout=120, max_retries=0)
+
+    body["spec"]["adapters"][0]["fineTuneJobRef"]["name"] = "v2"
+    apply(cluster, body)
+    answered = 0
+
+    def refused():
+        nonlocal answered
+        # The current version keeps answering while the candidate is scored.
+        assert client.completions.create(model="bot", prompt="Say hello.", max_tokens=2).usage.completion_tokens
+        answered += 1
+        obj = _isvc(cluster, namespace)
+        st = obj.get("status") or {}
+        promoted = next((c for c in st.get("conditions") or [] if c["type"] == "Promoted"), {})
+        return (st.get("observedGeneration") == obj["metadata"]["generation"]
+                and promoted.get("reason") == "CandidateRefused" and st)
+
+    status = wait_for(refused, timeout=120, what="the candidate to be refused")
+    [record] = status["promotions"]
+    assert record["fineTuneJob"] == "v1" and record["candidate"] == "v2" and record["result"] == "Refused"
+    assert record["candidateEvalLoss"] > record["currentEvalLoss"] > 0
+    message = next(c for c in status["conditions"] if c["type"] == "Promoted")["message"]
+    assert f"{record['candidateEvalLoss']:.4f} for v2 against {record['currentEvalLoss']:.4f} for v1" in message
+    assert status["phase"] == "Ready" and answered >= 1
+    models = {m.id: m.model_extra.get("root") for m in client.models.list().data}
+    assert set(models) == {"tiny", "bot"} and models["bot"].endswith("/jobs/v1/artifacts/adapter")
+    assert client.completions.create(model="bot", prompt="Say hello.", max_tokens=2).usage.completion_tokens
     after = _serving_pod(cluster, namespace)
     assert after["metadata"]["uid"] == before["metadata"]["uid"]
     assert [c["restartCount"] for c in after["status"]["containerStatuses"]] == [0]

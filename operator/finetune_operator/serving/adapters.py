@@ -107,6 +107,9 @@ class HTTPServer:
         except OSError as e:
             raise VLLMError(f"{path}: {getattr(e, 'reason', e)}") from None
 
+    def post(self, path: str, body: dict, timeout: float = LOAD_TIMEOUT) -> dict:
+        return json.loads(self._call(path, body, timeout) or b"{}")
+
     def adapters(self) -> dict[str, str]:
         data = json.loads(self._call("/v1/models", None, MODELS_TIMEOUT))
         return {m["id"]: m.get("root") or "" for m in data.get("data", []) if m.get("parent")}

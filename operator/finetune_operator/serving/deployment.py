@@ -92,9 +92,14 @@ class _Layout:
         return hub_id(location) or location
 
 
-def _resolve(isvc: InferenceService, jobs: Mapping[str, FineTuneJob]) -> tuple[str, list[tuple[str, str]], _Layout]:
-    """(model path or hub id, [(adapter name, path)], layout)."""
+def _resolve(isvc: InferenceService, jobs: Mapping[str, FineTuneJob],
+             keep: Mapping[str, FineTuneJob] | None = None) -> tuple[str, list[tuple[str, str]], _Layout]:
+    """(model path or hub id, [(adapter name, path)], layout). `keep`: jobs no longer in the
+    spec whose adapters still serve (the current version of a gated adapter, promotion.py):
+    their claims stay mounted."""
     layout = _Layout()
+    for job in (keep or {}).values():
+        layout.job_artifact(job, "/adapters", ADAPTER_ARTIFACT)
     merged = isvc.spec.merged_model
     if merged and merged.fine_tune_job_ref:
         model = layout.job_artifact(jobs[merged.fine_tune_job_ref.name], "/models", MERGED_ARTIFACT)
@@ -115,6 +120,11 @@ def _resolve(isvc: InferenceService, jobs: Mapping[str, FineTuneJob]) -> tuple[s
 def adapter_paths(isvc: InferenceService, jobs: Mapping[str, FineTuneJob]) -> list[str]:
     """Where a pod of this server reads each of spec.adapters (in spec order)."""
     return [path for _, path in _resolve(isvc, jobs)[1]]
+
+
+def job_adapter_path(job: FineTuneJob) -> str:
+    """Where a pod of a server reads the adapter of FineTuneJob `job`."""
+    return _Layout().job_artifact(job, "/adapters", ADAPTER_ARTIFACT)
 
 
 # --- the vLLM command -------------------------------------------------------------------------
@@ -257,8 +267,8 @@ def revision(isvc: InferenceService, jobs: Mapping[str, FineTuneJob],
 
 
 def _unrevisioned_pod_spec(isvc: InferenceService, jobs: Mapping[str, FineTuneJob],
-                           default_image: str) -> dict:
-    model, _, layout = _resolve(isvc, jobs)
+                           default_image: str, keep: Mapping[str, FineTuneJob] | None = None) -> dict:
+    model, _, layout = _resolve(isvc, jobs, keep)
     return _pod_spec(isvc, _command(isvc, model), layout, default_image)
 
 
@@ -277,10 +287,11 @@ def _revision(pod_spec: dict, isvc: InferenceService, jobs: Mapping[str, FineTun
 
 
 def build_deployment(isvc: InferenceService, jobs: Mapping[str, FineTuneJob],
-                     default_image: str = DEFAULT_IMAGE) -> dict:
+                     default_image: str = DEFAULT_IMAGE, keep: Mapping[str, FineTuneJob] | None = None) -> dict:
     """The vLLM Deployment; `jobs` holds every FineTuneJob the spec references (checked).
-    `default_image` is the operator's --vllm-image, used unless spec.vllm.image is set."""
-    pod_spec = _unrevisioned_pod_spec(isvc, jobs, default_image)
+    `default_image` is the operator's --vllm-image, used unless spec.vllm.image is set.
+    `keep`: jobs whose adapters serve though the spec names another version (promotion.py)."""
+    pod_spec = _unrevisioned_pod_spec(isvc, jobs, default_image, keep)
     rev = _revision(pod_spec, isvc, jobs)
     spec = {
         "selector": {"matchLabels": selector(isvc)},

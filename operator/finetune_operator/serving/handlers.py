@@ -30,7 +30,9 @@ from finetune_operator import kube, metrics, settings
 from finetune_operator.conditions import now_iso
 from finetune_operator.labels import APP, MANAGED_BY
 from finetune_operator.locks import KeyedLocks
-from finetune_operator.serving import adapters, autoscaling, deployment, disruption, monitoring, service
+from finetune_operator.serving import (
+    adapters, autoscaling, common, deployment, disruption, monitoring, promotion, service,
+)
 from finetune_operator.serving.checks import check
 from finetune_operator.serving.common import (
     INFERENCESERVICE_LABEL, REVISION_ANNOTATION, referenced_jobs, selector, service_url,
@@ -67,17 +69,36 @@ def reconcile(namespace: str, name: str) -> None:
         isvc = InferenceService.from_resource(obj)
         jobs = {n: _read_job(namespace, n) for n in referenced_jobs(isvc)}
         problems = check(isvc, jobs)
-        revision = (obj.get("status") or {}).get("revision")
+        old = obj.get("status") or {}
+        revision = old.get("revision")
+        want, gated = None, {}
         if not problems:
-            revision = _apply_children(isvc, jobs)
+            want, gated, keep = _plan(isvc, jobs, old)
+            revision = _apply_children(isvc, jobs, keep)
         current = kube.read(kube.apps().read_namespaced_deployment, name, namespace)
         pods = _pods(isvc) if current else []
-        want = None if problems else adapters.wanted(isvc, jobs)
-        replicas = adapters.sync(isvc, want, pods, revision, obj.get("status"), _simulated_node)
-        _write_status(obj, isvc, problems, current, pods, revision, replicas, want or {})
+        replicas = adapters.sync(isvc, want, pods, revision, old, _simulated_node)
+        if gated:
+            decided = promotion.decide(isvc, jobs, gated, replicas, _server_for_pod(pods))
+            if decided != gated:  # promoted or refused: load what now serves under each name
+                old = {**old, "replicaAdapters": [r.to_status() for r in replicas],
+                       "promotions": [r.to_status() for r in decided.values()]}
+                want, gated, _ = _plan(isvc, jobs, old)
+                replicas = adapters.sync(isvc, want, pods, revision, old, _simulated_node)
+        _write_status(obj, isvc, problems, current, pods, revision, replicas, want or {}, gated)
         failed = [f"pod {r.pod}: {r.error}" for r in replicas if r.error]
         if failed:
             raise adapters.AdapterSyncError("; ".join(failed))
+
+
+def _plan(isvc: InferenceService, jobs: dict, status: dict):
+    return promotion.plan(isvc, jobs, adapters.wanted(isvc, jobs), promotion.records(status),
+                          lambda n: _read_job(isvc.metadata.namespace, n), deployment.job_adapter_path)
+
+
+def _server_for_pod(pods: list[dict]):
+    ips = {p["metadata"]["name"]: (p.get("status") or {}).get("podIP") for p in pods}
+    return lambda pod: adapters.HTTPServer(f"http://{ips[pod]}:{common.PORT}")
 
 
 _simulated: dict[str, bool] = {}
@@ -94,9 +115,9 @@ def _simulated_node(node_name: str) -> bool:
     return _simulated[node_name]
 
 
-def _apply_children(isvc: InferenceService, jobs: dict[str, FineTuneJob]) -> str:
+def _apply_children(isvc: InferenceService, jobs: dict[str, FineTuneJob], keep: dict[str, FineTuneJob]) -> str:
     ns, name = isvc.metadata.namespace, isvc.metadata.name
-    desired = deployment.build_deployment(isvc, jobs, settings.current.vllm_image)
+    desired = deployment.build_deployment(isvc, jobs, settings.current.vllm_image, keep)
     kube.apply(desired)
     kube.apply(service.build_service(isvc))
     if disruption.wants_pdb(isvc):
@@ -118,10 +139,11 @@ def _apply_children(isvc: InferenceService, jobs: dict[str, FineTuneJob]) -> str
     return desired["spec"]["template"]["metadata"]["annotations"][REVISION_ANNOTATION]
 
 
-def _write_status(obj: dict, isvc: InferenceService, problems, current, pods, revision, replicas, want) -> None:
+def _write_status(obj: dict, isvc: InferenceService, problems, current, pods, revision, replicas, want,
+                  gated) -> None:
     old = obj.get("status") or {}
     status = status_for(isvc, problems, current, pods, revision, old.get("conditions") or [], now_iso(),
-                        replicas, want)
+                        replicas, want, gated)
     changed = {k: v for k, v in status.items() if old.get(k) != v}
     if not changed:
         return

@@ -10,15 +10,17 @@ from finetune_api.models import InferenceService
 from finetune_operator.conditions import FALSE, TRUE, ConditionUpdate, set_conditions
 from finetune_operator.serving.adapters import Replica, Want, pending, served
 from finetune_operator.serving.checks import Problem
+from finetune_operator.serving.promotion import condition as promotion_condition
 from finetune_operator.serving.common import ServingPhase, served_models, service_url
 from finetune_operator.serving.rollout import Rollout, rollout
 
-READY, PROGRESSING, DEGRADED = "Ready", "Progressing", "Degraded"
+READY, PROGRESSING, DEGRADED, PROMOTED = "Ready", "Progressing", "Degraded", "Promoted"
 
 
 def status_for(isvc: InferenceService, problems: list[Problem], deployment: Optional[dict],
                pods: list[dict], revision: Optional[str], existing_conditions: list[dict], now: str,
-               replicas: Optional[list[Replica]] = None, want: Optional[dict[str, Want]] = None) -> dict:
+               replicas: Optional[list[Replica]] = None, want: Optional[dict[str, Want]] = None,
+               promotions: Optional[dict] = None) -> dict:
     """The status to write (pure): problems with the spec first, then the rollout's state, then
     whether every ready replica serves the spec's adapters (`replicas`, from adapters.sync;
     None: not looked at, the spec's names are reported)."""
@@ -52,6 +54,11 @@ def status_for(isvc: InferenceService, problems: list[Problem], deployment: Opti
                             state.message),
             ConditionUpdate(DEGRADED, TRUE if phase == ServingPhase.DEGRADED else FALSE, state.reason, state.message),
         ]
+    if promotions and not problems:
+        status["promotions"] = [r.to_status() for r in promotions.values()]
+        promoted = promotion_condition(promotions)
+        if promoted:
+            updates.append(ConditionUpdate(PROMOTED, *promoted))
     status["phase"] = phase
     status["conditions"] = set_conditions(existing_conditions, updates, generation=generation, now=now)
     return {k: v for k, v in status.items() if v is not None}

@@ -154,6 +154,13 @@ INFERENCE_EFFECT_TESTS: dict[str, str] = {
     "spec.vllm.extraArgs": "faults/test_security_shell.py::test_vllm_command_carries_extra_args_as_whole_escaped_elements",
 }
 
+# serving (#21): promotion gated on evaluation.
+INFERENCE_EFFECT_TESTS.update({
+    "spec.adapters[].promotion.metric": "cluster/test_runtime_adapters_cluster.py::test_a_worse_version_is_refused_and_the_current_one_keeps_answering",
+    "spec.adapters[].promotion.requireImprovementOver": "cluster/test_runtime_adapters_cluster.py::test_a_worse_version_is_refused_and_the_current_one_keeps_answering",
+    "spec.adapters[].promotion.margin": "unit/operator/test_runtime_adapters.py::test_a_candidate_is_promoted_only_when_it_beats_the_current_version_by_the_margin",
+})
+
 # field -> (kind, the id of a refused case in tests/cluster/test_api_admission.py)
 REFUSED: dict[str, str] = {
     "spec.method.lora.bias": "lora-bias",

@@ -22,8 +22,10 @@ from tests.fixtures.inference import finetunejob, inferenceservice, parse
 
 
 class FakeVLLM:
-    def __init__(self, loaded: dict[str, str] | None = None, refuse: set[str] | None = None) -> None:
+    def __init__(self, loaded: dict[str, str] | None = None, refuse: set[str] | None = None,
+                 losses: dict[str, float] | None = None) -> None:
         self.loaded = dict(loaded or {})  # name -> path
+        self.losses = dict(losses or {})  # model -> the log-probability it gives every token, negated
         self.refuse = set(refuse or ())   # paths whose load fails
         self.calls: list[tuple[str, dict]] = []
         owner = self
@@ -47,6 +49,13 @@ class FakeVLLM:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path == "/tokenize":  # one token per character
+                    text = body.get("prompt") or "".join(m["content"] for m in body["messages"])
+                    return self._send(200, {"tokens": [ord(c) for c in text], "count": len(text)})
+                if self.path == "/v1/completions":
+                    loss = owner.losses[body["model"]]
+                    logprobs = [None] + [{str(t): {"logprob": -loss}} for t in body["prompt"][1:]]
+                    return self._send(200, {"choices": [{"text": "x", "prompt_logprobs": logprobs}]})
                 owner.calls.append((self.path, body))
                 name = body["lora_name"]
                 if self.path == "/v1/load_lora_adapter":
@@ -196,3 +205,64 @@ def rolled_out(n: int) -> dict:
     return {"metadata": {"generation": 1}, "spec": {"replicas": n},
             "status": {"observedGeneration": 1, "replicas": n, "readyReplicas": n, "updatedReplicas": n,
                        "availableReplicas": n}}
+
+
+def promotion_case(margin: float = 0.0, prompts=({"prompt": "hi", "reference": "hello"},)):
+    gated = {"name": "bot", "fineTuneJobRef": {"name": "v2"}, "promotion": {"margin": margin}}
+    isvc, jobs = parse(inferenceservice("srv", adapters=[gated]),
+                       finetunejob("v2", uid="uid-v2", existing_claim="shared",
+                                   evaluation={"prompts": list(prompts)}))
+    v1 = parse(inferenceservice(), finetunejob("v1", uid="uid-v1", existing_claim="shared"))[1]["v1"]
+    previous = {"promotions": [{"name": "bot", "fineTuneJob": "v1", "version": "uid-v1"}]}
+    return isvc, jobs, v1, previous
+
+
+def run_promotion(isvc, jobs, v1, previous, server):
+    """What the handler does: plan, sync, decide, and plan and sync again once decided."""
+    from finetune_operator.serving import deployment, promotion
+
+    servers = {"10.0.0.1": server}
+
+    def plan(status):
+        return promotion.plan(isvc, jobs, adapters.wanted(isvc, jobs), promotion.records(status),
+                              {"v1": v1}.get, deployment.job_adapter_path)
+
+    want, gated, keep = plan(previous)
+    assert keep == {"v1": v1} and gated["bot"].result == promotion.EVALUATING
+    assert want["bot"].version == "uid-v1" and want["bot-candidate"].version == "uid-v2"
+    result = sync(isvc, want, [pod("p1", "10.0.0.1")], servers, previous)
+    assert server.loaded == {"bot": want["bot"].path, "bot-candidate": want["bot-candidate"].path}
+    decided = promotion.decide(isvc, jobs, gated, result, lambda p: adapters.HTTPServer(server.url))
+    status = {"replicaAdapters": [r.to_status() for r in result],
+              "promotions": [r.to_status() for r in decided.values()]}
+    want, gated, keep = plan(status)
+    result = sync(isvc, want, [pod("p1", "10.0.0.1")], servers, status)
+    return gated["bot"], result[0], promotion.condition(gated)
+
+
+def test_a_candidate_is_promoted_only_when_it_beats_the_current_version_by_the_margin(replicas):
+    from finetune_operator.serving import deployment
+
+    isvc, jobs, v1, previous = promotion_case(margin=0.5)
+    replicas["a"] = FakeVLLM(losses={"bot": 2.0, "bot-candidate": 1.8})
+    rec, replica, condition = run_promotion(isvc, jobs, v1, previous, replicas["a"])
+    assert rec.result == "Refused" and (rec.current_loss, rec.candidate_loss) == (2.0, 1.8)
+    assert replica.loaded == {"bot": "uid-v1"} and "bot-candidate" not in replicas["a"].loaded
+    assert replicas["a"].loaded["bot"] == deployment.job_adapter_path(v1)
+    assert condition[:2] == ("False", "CandidateRefused")
+    assert "evalLoss 1.8000 for v2 against 2.0000 for v1 (margin 0.5" in condition[2]
+
+    isvc, jobs, v1, previous = promotion_case(margin=0.1)
+    replicas["b"] = FakeVLLM(losses={"bot": 2.0, "bot-candidate": 1.8})
+    rec, replica, condition = run_promotion(isvc, jobs, v1, previous, replicas["b"])
+    assert rec.result == "Promoted" and rec.job == "v2" and replica.loaded == {"bot": "uid-v2"}
+    assert replicas["b"].loaded == {"bot": adapters.wanted(isvc, jobs)["bot"].path}
+    assert condition[:2] == ("True", "Promoted")
+
+
+def test_a_candidate_without_references_to_score_on_is_refused(replicas):
+    isvc, jobs, v1, previous = promotion_case(prompts=({"prompt": "hi"},))
+    replicas["a"] = FakeVLLM(losses={"bot": 2.0, "bot-candidate": 0.1})
+    rec, replica, condition = run_promotion(isvc, jobs, v1, previous, replicas["a"])
+    assert rec.result == "Refused" and "no spec.evaluation.prompts with a reference" in rec.message
+    assert replica.loaded == {"bot": "uid-v1"}

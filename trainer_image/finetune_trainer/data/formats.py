@@ -18,10 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-INSTRUCTION_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
-INSTRUCTION_WITH_INPUT_TEMPLATE = (
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
+from finetune_api.prompts import INSTRUCTION_TEMPLATE, INSTRUCTION_WITH_INPUT_TEMPLATE  # noqa: F401 - re-exported
+
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 # Keys of a chat message that TRL and chat templates understand; others are dropped.
 MESSAGE_KEYS = ("role", "content", "name", "tool_calls", "tool_call_id")
