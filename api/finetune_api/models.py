@@ -503,6 +503,25 @@ class Checkpoints:
 
 
 @dataclass(kw_only=True)
+class RenderedMessage:
+    """A chat message."""
+
+    role: Optional[str] = None
+    content: Optional[str] = None
+
+
+@dataclass(kw_only=True)
+class PromptRendering:
+    """How the trainer rendered the prompt part of one eval example (also in
+    artifacts/prompt_renderings.json)."""
+
+    messages: list[RenderedMessage] = field(default_factory=list)
+    prompt: Optional[str] = None
+    text: Optional[str] = None
+    token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
 class Artifacts:
     """Where the results are."""
 
@@ -511,6 +530,7 @@ class Artifacts:
     volume: Optional[str] = None
     pushed: Optional[str] = None
     push_error: Optional[str] = None
+    prompt_renderings: list[PromptRendering] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)

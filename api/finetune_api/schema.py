@@ -794,6 +794,19 @@ FINETUNEJOB_STATUS = obj("Observed state of a FineTuneJob, written by the operat
         "pushed": string("Where the artifacts were published (output.push.uri).", max_length=LONG),
         "pushError": string("Why publishing to output.push.uri failed after its retries (the job "
                             "still succeeded; the Pushed condition says it too).", max_length=1024),
+        # serving #21: the train/serve prompt check
+        "promptRenderings": array(obj("How the trainer rendered the prompt part of one eval example "
+                                      "(also in artifacts/prompt_renderings.json).", {
+            "messages": array(obj("A chat message.", {
+                "role": string("Its role.", max_length=64),
+                "content": string("Its text.", max_length=4096),
+            }), "The conversation before the answer (chat data).", max_items=32),
+            "prompt": string("The prompt text (prompt/completion and instruction data).", max_length=8192),
+            "text": string("The prompt as rendered (the chat template applied).", max_length=16384),
+            "tokenIds": array(integer("A token id.", minimum=0), "Its token ids.", max_items=1024),
+        }), "The first eval examples' prompts as training saw them; an InferenceService serving the "
+            "adapter checks that vLLM renders them the same (condition PromptFormatMismatch).",
+            max_items=3),
     }),
     "sources": array(obj("A remote source the trainer downloaded onto the job volume.", {
         "location": string("The source as the spec names it.", max_length=LONG),
@@ -932,7 +945,7 @@ FINETUNEJOB_SCHEMA = _root(
 
 # --- InferenceService ------------------------------------------------------------------------
 
-INFERENCESERVICE_CONDITIONS = ["Ready", "Progressing", "Degraded", "Promoted"]
+INFERENCESERVICE_CONDITIONS = ["Ready", "Progressing", "Degraded", "Promoted", "PromptFormatMismatch"]
 
 INFERENCESERVICE_SPEC = obj("Desired state of an InferenceService: a vLLM OpenAI-compatible server "
                             "for a base model with LoRA adapters, or for a merged model.", {
@@ -1245,6 +1258,8 @@ PYTHON_CLASSES: dict[str, dict[str, str]] = {
         "status.checkpoints": "Checkpoints",
         "status.checkpoints.kept[]": "KeptCheckpoint",
         "status.artifacts": "Artifacts",
+        "status.artifacts.promptRenderings[]": "PromptRendering",
+        "status.artifacts.promptRenderings[].messages[]": "RenderedMessage",
         "status.sources[]": "SourceDigest",
         "status.inferenceService": "Endpoint",
         "status.comparison": "ComparisonResult",

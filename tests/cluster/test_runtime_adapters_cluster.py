@@ -12,6 +12,7 @@ Run under the shared vLLM lock: `flock /work/wt/vllm.lock .venv/bin/python -m py
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -92,6 +93,7 @@ def test_a_second_job_deploys_into_the_running_server_without_restarting_it(
     # The second job finishes training: the FineTuneJob handler adds it to the server.
     create_succeeded_job(cluster, namespace, "second", source=str(tiny_model), r=8, existing_claim=CLAIM,
                          deploy=deploy)
+    record_renderings(cluster, namespace, "second", tiny_model)
     succeeded = time.monotonic()
     handler.ensure_for_finetunejob(get_json(cluster, "finetunejob", "second", "-n", namespace),
                                    cluster.api_client())
@@ -99,6 +101,10 @@ def test_a_second_job_deploys_into_the_running_server_without_restarting_it(
              what="the second adapter served")
     completion = client.completions.create(model="second", prompt="Repeat the word red", max_tokens=4,
                                            temperature=0)
+    # The train/serve prompt check passed: vLLM renders the chat as training did.
+    check = _condition(_isvc(cluster, namespace), "PromptFormatMismatch")
+    assert check["status"] == "False" and check["reason"] == "SameAsTraining", check
+    assert "second: 2 example(s)" in check["message"]
     print(f"second adapter answered {time.monotonic() - succeeded:.1f} s after its job succeeded")
     assert completion.model == "second" and completion.usage.completion_tokens > 0
     models = {m.id: m.model_extra.get("parent") for m in client.models.list().data}
@@ -212,6 +218,79 @@ def test_a_worse_version_is_refused_and_the_current_one_keeps_answering(
     after = _serving_pod(cluster, namespace)
     assert after["metadata"]["uid"] == before["metadata"]["uid"]
     assert [c["restartCount"] for c in after["status"]["containerStatuses"]] == [0]
+
+
+CHATS = [{"messages": [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello."}]},
+         {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
+                       {"role": "assistant", "content": "Red."}]}]
+
+
+def record_renderings(cluster, namespace: str, job: str, tiny_model: Path) -> list[dict]:
+    """What the trainer reports after training chat data (finetune_trainer.renderings, with
+    the model's own tokenizer and chat template)."""
+    from transformers import AutoTokenizer
+
+    from finetune_trainer.renderings import prompt_renderings
+
+    renderings = prompt_renderings(AutoTokenizer.from_pretrained(str(tiny_model)), CHATS)
+    assert len(renderings) == 2 and renderings[0]["text"].startswith("<|im_start|>user")
+    cluster.kubectl("patch", "finetunejob", job, "-n", namespace, "--subresource=status", "--type=merge",
+                    "-p", json.dumps({"status": {"artifacts": {"adapter": "/workspace/artifacts/adapter",
+                                                               "promptRenderings": renderings}}}))
+    return renderings
+
+
+WRONG_TEMPLATE = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] }} {% endfor %}"
+                  "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def test_a_server_with_another_chat_template_is_reported(cluster, namespace, tiny_model, lora_adapter,
+                                                         request):  # noqa: F811
+    """vLLM is started with a chat template other than the one training used
+    (spec.vllm.extraArgs --chat-template): PromptFormatMismatch names the first differing
+    token and both renderings, and the server is not Ready."""
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", common.PORT)) == 0:
+            pytest.skip("port 8000 is taken on this machine; the local node's pods share its network")
+    request.getfixturevalue("serving_operator")
+    apply(cluster, {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                    "metadata": {"name": CLAIM, "namespace": namespace},
+                    "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}})
+    create_succeeded_job(cluster, namespace, "chatty", source=str(tiny_model), r=8, existing_claim=CLAIM)
+    trained = record_renderings(cluster, namespace, "chatty", tiny_model)
+    pvc = wait_for(lambda: (p := get_json(cluster, "pvc", CLAIM, "-n", namespace))["spec"].get("volumeName") and p,
+                   timeout=60, what="the shared claim to bind")
+    volume = Path(get_json(cluster, "pv", pvc["spec"]["volumeName"])["spec"]["hostPath"]["path"])
+    shutil.copytree(lora_adapter / "artifacts", volume / "jobs" / "chatty" / "artifacts")
+    apply(cluster, {"apiVersion": "finetune.dev/v1alpha1", "kind": "InferenceService",
+                    "metadata": {"name": "tiny", "namespace": namespace},
+                    "spec": {"model": {"source": str(tiny_model)},
+                             "adapters": [{"name": "chatty", "fineTuneJobRef": {"name": "chatty"}}],
+                             "resources": {"gpus": 0, "memory": "4Gi", **LOCAL},
+                             "vllm": {"maxModelLen": 256, "maxLoraRank": 8, "maxLoras": 1,
+                                      "extraArgs": ["--chat-template", WRONG_TEMPLATE]}}})
+
+    def reported():
+        obj = _isvc(cluster, namespace)
+        st = obj.get("status") or {}
+        return (st.get("observedGeneration") == obj["metadata"]["generation"]
+                and _condition(obj, "PromptFormatMismatch").get("status") == "True" and st)
+
+    status = wait_for(reported, timeout=STARTUP_TIMEOUT + 60, what="PromptFormatMismatch")
+    message = _condition({"status": status}, "PromptFormatMismatch")["message"]
+    assert message.startswith("chatty (FineTuneJob chatty) on pod "), message
+    assert "example 0: the first difference is at token 0: training had " in message
+    assert f"{trained[0]['tokenIds'][0]} '<|im_start|>'" in message
+    assert "the server renders 'user: Say hello. assistant:'" in message
+    assert "training rendered '<|im_start|>user" in message
+    assert status["phase"] == "Degraded"
+    ready = _condition({"status": status}, "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "PromptFormatMismatch"
+    assert "chatty" in status["servedModels"]  # it is served; the condition says how it differs
+
+
+def _condition(obj: dict, type_: str) -> dict:
+    return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == type_), {})
 
 
 def _uid(cluster, namespace: str, name: str) -> str:

@@ -183,6 +183,10 @@ def _finish(cfg, objective, trainer, tokenizer, data, result, eval_metrics, trai
 
     model = trainer.model
     artifact_paths = artifacts.save(cfg, model, tokenizer)
+    from .renderings import prompt_renderings, write as write_renderings
+
+    renderings = prompt_renderings(tokenizer, data.eval)
+    write_renderings(cfg.paths.artifacts, renderings)
     reference = getattr(trainer, "finetune_reference", None)
     eval_report = evaluate.evaluate_run(cfg, model, tokenizer, eval_metrics=eval_metrics,
                                         base_loader=(lambda: reference) if reference is not None else None,
@@ -252,6 +256,8 @@ def _finish(cfg, objective, trainer, tokenizer, data, result, eval_metrics, trai
         reporter.progress.objective_metrics.update(objective_metrics)
         reporter.progress.evaluation = evaluation_status(eval_report)
         reporter.progress.artifacts = {**artifacts_status(artifact_paths), **pushed}
+        if renderings:
+            reporter.progress.artifacts["promptRenderings"] = renderings
         if state.best_model_checkpoint:
             reporter.progress.best_checkpoint = str(state.best_model_checkpoint)
         reporter.publish(force=True)

@@ -31,7 +31,7 @@ from finetune_operator.conditions import now_iso
 from finetune_operator.labels import APP, MANAGED_BY
 from finetune_operator.locks import KeyedLocks
 from finetune_operator.serving import (
-    adapters, autoscaling, common, deployment, disruption, monitoring, promotion, service,
+    adapters, autoscaling, common, deployment, disruption, monitoring, promotion, promptcheck, service,
 )
 from finetune_operator.serving.checks import check
 from finetune_operator.serving.common import (
@@ -85,7 +85,8 @@ def reconcile(namespace: str, name: str) -> None:
                        "promotions": [r.to_status() for r in decided.values()]}
                 want, gated, _ = _plan(isvc, jobs, old)
                 replicas = adapters.sync(isvc, want, pods, revision, old, _simulated_node)
-        _write_status(obj, isvc, problems, current, pods, revision, replicas, want or {}, gated)
+        prompts = promptcheck.check(isvc, jobs, replicas, _server_for_pod(pods)) if want is not None else None
+        _write_status(obj, isvc, problems, current, pods, revision, replicas, want or {}, gated, prompts)
         failed = [f"pod {r.pod}: {r.error}" for r in replicas if r.error]
         if failed:
             raise adapters.AdapterSyncError("; ".join(failed))
@@ -140,10 +141,10 @@ def _apply_children(isvc: InferenceService, jobs: dict[str, FineTuneJob], keep: 
 
 
 def _write_status(obj: dict, isvc: InferenceService, problems, current, pods, revision, replicas, want,
-                  gated) -> None:
+                  gated, prompts) -> None:
     old = obj.get("status") or {}
     status = status_for(isvc, problems, current, pods, revision, old.get("conditions") or [], now_iso(),
-                        replicas, want, gated)
+                        replicas, want, gated, prompts)
     changed = {k: v for k, v in status.items() if old.get(k) != v}
     if not changed:
         return

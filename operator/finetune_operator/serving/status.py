@@ -11,16 +11,18 @@ from finetune_operator.conditions import FALSE, TRUE, ConditionUpdate, set_condi
 from finetune_operator.serving.adapters import Replica, Want, pending, served
 from finetune_operator.serving.checks import Problem
 from finetune_operator.serving.promotion import condition as promotion_condition
+from finetune_operator.serving.promptcheck import PromptCheck
 from finetune_operator.serving.common import ServingPhase, served_models, service_url
 from finetune_operator.serving.rollout import Rollout, rollout
 
 READY, PROGRESSING, DEGRADED, PROMOTED = "Ready", "Progressing", "Degraded", "Promoted"
+PROMPT_FORMAT_MISMATCH = "PromptFormatMismatch"
 
 
 def status_for(isvc: InferenceService, problems: list[Problem], deployment: Optional[dict],
                pods: list[dict], revision: Optional[str], existing_conditions: list[dict], now: str,
                replicas: Optional[list[Replica]] = None, want: Optional[dict[str, Want]] = None,
-               promotions: Optional[dict] = None) -> dict:
+               promotions: Optional[dict] = None, prompts: Optional[PromptCheck] = None) -> dict:
     """The status to write (pure): problems with the spec first, then the rollout's state, then
     whether every ready replica serves the spec's adapters (`replicas`, from adapters.sync;
     None: not looked at, the spec's names are reported)."""
@@ -28,6 +30,9 @@ def status_for(isvc: InferenceService, problems: list[Problem], deployment: Opti
     state = rollout(deployment, pods, revision or "")
     if replicas is not None and want is not None and not problems:
         state = _with_adapters(state, want, replicas)
+    if prompts is not None and prompts.mismatches and not problems and state.phase == ServingPhase.READY:
+        state = Rollout(ServingPhase.DEGRADED, "PromptFormatMismatch", "; ".join(prompts.mismatches),
+                        state.replicas, state.ready_replicas)
     status: dict = {"observedGeneration": generation, "url": service_url(isvc),
                     "servedModels": served_models(isvc) if replicas is None else served(isvc, replicas),
                     "revision": revision,
@@ -59,6 +64,11 @@ def status_for(isvc: InferenceService, problems: list[Problem], deployment: Opti
         promoted = promotion_condition(promotions)
         if promoted:
             updates.append(ConditionUpdate(PROMOTED, *promoted))
+    if prompts is not None and not problems and (prompts.mismatches or prompts.checked):
+        updates.append(ConditionUpdate(PROMPT_FORMAT_MISMATCH, TRUE, "PromptFormatMismatch",
+                                       "; ".join(prompts.mismatches)) if prompts.mismatches else
+                       ConditionUpdate(PROMPT_FORMAT_MISMATCH, FALSE, "SameAsTraining",
+                                       "vLLM renders the prompts as training did: " + ", ".join(prompts.checked)))
     status["phase"] = phase
     status["conditions"] = set_conditions(existing_conditions, updates, generation=generation, now=now)
     return {k: v for k, v in status.items() if v is not None}

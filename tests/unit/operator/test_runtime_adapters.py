@@ -49,9 +49,11 @@ class FakeVLLM:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                if self.path == "/tokenize":  # one token per character
-                    text = body.get("prompt") or "".join(m["content"] for m in body["messages"])
+                if self.path == "/tokenize":  # one token per character; chats as "role: content "
+                    text = body.get("prompt") or "".join(f"{m['role']}: {m['content']} " for m in body["messages"])
                     return self._send(200, {"tokens": [ord(c) for c in text], "count": len(text)})
+                if self.path == "/detokenize":
+                    return self._send(200, {"prompt": "".join(chr(t) for t in body["tokens"])})
                 if self.path == "/v1/completions":
                     loss = owner.losses[body["model"]]
                     logprobs = [None] + [{str(t): {"logprob": -loss}} for t in body["prompt"][1:]]
@@ -266,3 +268,41 @@ def test_a_candidate_without_references_to_score_on_is_refused(replicas):
     rec, replica, condition = run_promotion(isvc, jobs, v1, previous, replicas["a"])
     assert rec.result == "Refused" and "no spec.evaluation.prompts with a reference" in rec.message
     assert replica.loaded == {"bot": "uid-v1"}
+
+
+def test_a_prompt_rendered_otherwise_than_in_training_is_named_with_both_renderings(replicas):
+    """The stand-in server renders chats as "role: content "; training used "<role>content"."""
+    from finetune_operator.serving import promptcheck
+    from finetune_operator.serving.status import status_for
+
+    same = {"prompt": "hi", "text": "hi", "tokenIds": [ord("h"), ord("i")]}
+    trained_text = "<user>Say hi"
+    other = {"messages": [{"role": "user", "content": "Say hi"}], "text": trained_text,
+             "tokenIds": [ord(c) for c in trained_text]}
+    job = finetunejob("a", uid="uid-a", existing_claim="shared")
+    job["status"]["artifacts"] = {"promptRenderings": [same, other]}
+    isvc, jobs = parse(inferenceservice("bot", adapters=[{"name": "a", "fineTuneJobRef": {"name": "a"}}]), job)
+    replicas["10.0.0.1"] = FakeVLLM()
+    pods = [pod("p1", "10.0.0.1")]
+    want = adapters.wanted(isvc, jobs)
+    result = sync(isvc, want, pods, replicas)
+    check = promptcheck.check(isvc, jobs, result, lambda p: adapters.HTTPServer(replicas["10.0.0.1"].url))
+    [message] = check.mismatches
+    assert message == ("a (FineTuneJob a) on pod p1: example 1: the first difference is at token 0: training had "
+                       "60 '<', the server has 117 'u'; training rendered '<user>Say hi' (12 tokens), the server "
+                       "renders 'user: Say hi ' (13 tokens)")
+    status = status_for(isvc, [], rolled_out(1), pods, "rev-1", [], "2026-01-01T00:00:00Z", result, want,
+                        None, check)
+    assert status["phase"] == "Degraded"
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["PromptFormatMismatch"]["status"] == "True"
+    assert conditions["Ready"]["reason"] == "PromptFormatMismatch"
+
+    job["status"]["artifacts"] = {"promptRenderings": [same]}
+    isvc, jobs = parse(inferenceservice("bot", adapters=[{"name": "a", "fineTuneJobRef": {"name": "a"}}]), job)
+    check = promptcheck.check(isvc, jobs, result, lambda p: adapters.HTTPServer(replicas["10.0.0.1"].url))
+    assert check.mismatches == [] and check.checked == ["a: 1 example(s)"]
+    status = status_for(isvc, [], rolled_out(1), pods, "rev-1", [], "2026-01-01T00:00:00Z", result, want,
+                        None, check)
+    assert status["phase"] == "Ready"
+    assert {c["type"]: c for c in status["conditions"]}["PromptFormatMismatch"]["reason"] == "SameAsTraining"
