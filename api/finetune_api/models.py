@@ -323,6 +323,7 @@ class Deploy:
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[Toleration] = field(default_factory=list)
     vllm: Optional[VLLM] = None
+    adapter_name: Optional[str] = None
     require_approval: bool = False
 
 

@@ -608,6 +608,13 @@ DEPLOY = obj("Serve the result with an InferenceService once training succeeded.
                                "from training pools)."),
     "tolerations": array(TOLERATION, "Tolerations for the vLLM pods.", max_items=32),
     "vllm": VLLM,
+    # serving #21: a new version of a served adapter
+    "adapterName": string("Name clients use for the adapter (the OpenAI model field); defaults to "
+                          "the job's name. A job deploying under a name another job's adapter "
+                          "already has there is a new version of it: that entry switches to this "
+                          "job, gated by the entry's promotion when it has one (then a refused "
+                          "version ends Succeeded with reason NotPromoted).",
+                          min_length=1, max_length=128, pattern=r"^[-A-Za-z0-9_.]+$"),
     "requireApproval": boolean("Wait in phase AwaitingApproval after training (and the "
                                "comparison) until a person sets the annotation "
                                "finetune.dev/approved=true (deploy) or =false (the job ends "

@@ -571,11 +571,20 @@ def deployment_observation(job: FineTuneJob, obs: Observation, endpoint: dict | 
                            "training completed; spec.deploy was not acted on: this operator has no "
                            "InferenceService controller", **carry)
     st = (isvc or {}).get("status") or {}
-    served = job.metadata.name in (st.get("servedModels") or [])
-    if st.get("phase") == "Ready" and served and \
-            st.get("observedGeneration") == (isvc or {}).get("metadata", {}).get("generation"):
+    name = (job.spec.deploy.adapter_name if job.spec.deploy else None) or job.metadata.name
+    served = name in (st.get("servedModels") or [])
+    current = st.get("observedGeneration") == (isvc or {}).get("metadata", {}).get("generation")
+    # A gated adapter (spec.adapters[].promotion): this job serves only once promoted.
+    gate = next((p for p in st.get("promotions") or [] if p.get("name") == name), None)
+    if gate and gate.get("fineTuneJob") != job.metadata.name:
+        served = False
+        if gate.get("candidate") == job.metadata.name and gate.get("result") == "Refused" and current:
+            return Observation(Phase.SUCCEEDED, "NotPromoted", f"training completed; InferenceService "
+                               f"{endpoint['name']} did not promote it: {gate.get('message', '')}",
+                               endpoint=endpoint, **carry)
+    if st.get("phase") == "Ready" and served and current:
         return Observation(Phase.SUCCEEDED, "Deployed", f"training completed; served by InferenceService "
-                           f"{endpoint['name']} as model {job.metadata.name!r} at {endpoint['url']}",
+                           f"{endpoint['name']} as model {name!r} at {endpoint['url']}",
                            endpoint=endpoint, **carry)
     ready = next((c for c in st.get("conditions") or [] if c.get("type") == "Ready"), {})
     return Observation(Phase.DEPLOYING, "WaitingForInferenceService",

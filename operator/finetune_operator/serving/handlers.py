@@ -286,7 +286,7 @@ def _new_isvc(job: FineTuneJob, target: str) -> dict:
             spec["vllm"]["tensorParallelSize"] = 1
     ref = {"fineTuneJobRef": {"name": job.metadata.name}}
     if job.spec.method.uses_adapter:
-        spec["adapters"] = [{"name": job.metadata.name, **ref}]
+        spec["adapters"] = [{"name": adapter_name(job), **ref}]
     else:
         spec["mergedModel"] = ref
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": InferenceService.KIND,
@@ -310,15 +310,20 @@ def _with_job(spec: dict, job: FineTuneJob, target: str) -> dict:
         raise DeployConflict(f"InferenceService {target} serves a merged model and cannot take the adapter "
                              f"of FineTuneJob {job.metadata.name}; deploy it to another InferenceService")
     adapters = [dict(a) for a in spec.get("adapters") or []]
-    entry = {"name": job.metadata.name, **ref}
+    entry = {"name": adapter_name(job), **ref}
     for i, adapter in enumerate(adapters):
-        if adapter["name"] == job.metadata.name:
-            adapters[i] = entry
+        if adapter["name"] == entry["name"]:
+            adapters[i] = {**adapter, **ref}  # a new version: its promotion gate, if any, stays
             break
     else:
         adapters.append(entry)
     spec["adapters"] = adapters
     return spec
+
+
+def adapter_name(job: FineTuneJob) -> str:
+    """The name a job's adapter is served under (spec.deploy.adapterName, else the job's name)."""
+    return (job.spec.deploy.adapter_name if job.spec.deploy else None) or job.metadata.name
 
 
 def served_by(job: FineTuneJob, api_client: Optional[client.ApiClient] = None) -> Optional[str]:

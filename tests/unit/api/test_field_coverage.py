@@ -160,6 +160,7 @@ INFERENCE_EFFECT_TESTS.update({
     "spec.adapters[].promotion.requireImprovementOver": "cluster/test_runtime_adapters_cluster.py::test_a_worse_version_is_refused_and_the_current_one_keeps_answering",
     "spec.adapters[].promotion.margin": "unit/operator/test_runtime_adapters.py::test_a_candidate_is_promoted_only_when_it_beats_the_current_version_by_the_margin",
 })
+EFFECT_TESTS["spec.deploy.adapterName"] = "unit/operator/test_runtime_adapters.py::test_a_job_deploying_under_a_served_name_is_a_new_version_and_ends_not_promoted_when_refused"
 
 # field -> (kind, the id of a refused case in tests/cluster/test_api_admission.py)
 REFUSED: dict[str, str] = {

@@ -306,3 +306,38 @@ def test_a_prompt_rendered_otherwise_than_in_training_is_named_with_both_renderi
                         None, check)
     assert status["phase"] == "Ready"
     assert {c["type"]: c for c in status["conditions"]}["PromptFormatMismatch"]["reason"] == "SameAsTraining"
+
+
+def test_a_job_deploying_under_a_served_name_is_a_new_version_and_ends_not_promoted_when_refused():
+    """spec.deploy.adapterName: the entry switches to the new job and keeps its promotion gate;
+    the job is Deployed once promoted, Succeeded (NotPromoted) when refused."""
+    from finetune_api.models import FineTuneJob
+    from finetune_operator.serving import handlers
+    from finetune_operator.status import Observation, Phase, deployment_observation
+
+    v2 = FineTuneJob.from_resource(finetunejob("v2", uid="uid-v2", deploy={"inferenceService": "srv",
+                                                                         "adapterName": "bot"}))
+    spec = {"model": {"source": "x"}, "adapters": [{"name": "bot", "fineTuneJobRef": {"name": "v1"},
+                                                    "promotion": {"margin": 0.1}},
+                                                   {"name": "other", "fineTuneJobRef": {"name": "o"}}]}
+    assert handlers._with_job(spec, v2, "srv")["adapters"] == [
+        {"name": "bot", "fineTuneJobRef": {"name": "v2"}, "promotion": {"margin": 0.1}},
+        {"name": "other", "fineTuneJobRef": {"name": "o"}}]
+    assert handlers._new_isvc(v2, "srv")["spec"]["adapters"] == [{"name": "bot", "fineTuneJobRef": {"name": "v2"}}]
+
+    endpoint = {"name": "srv", "url": "http://srv/v1"}
+    obs = Observation(Phase.DEPLOYING, "x", "y")
+
+    def isvc(promotions):
+        return {"metadata": {"generation": 2}, "status": {"observedGeneration": 2, "phase": "Ready",
+                                                          "servedModels": ["srv", "bot"], "promotions": promotions}}
+
+    refused = [{"name": "bot", "fineTuneJob": "v1", "candidate": "v2", "result": "Refused",
+                "message": "refused v2: evalLoss 3.0 for v2 against 2.0 for v1"}]
+    out = deployment_observation(v2, obs, endpoint, isvc(refused))
+    assert (out.phase, out.reason) == (Phase.SUCCEEDED, "NotPromoted") and "evalLoss 3.0" in out.message
+    evaluating = [{"name": "bot", "fineTuneJob": "v1", "candidate": "v2", "result": "Evaluating"}]
+    assert deployment_observation(v2, obs, endpoint, isvc(evaluating)).phase == Phase.DEPLOYING
+    promoted = [{"name": "bot", "fineTuneJob": "v2", "result": "Promoted"}]
+    out = deployment_observation(v2, obs, endpoint, isvc(promoted))
+    assert (out.phase, out.reason) == (Phase.SUCCEEDED, "Deployed") and "as model 'bot'" in out.message
