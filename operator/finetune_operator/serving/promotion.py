@@ -3,11 +3,12 @@
 `status.promotions` remembers, per gated adapter, which FineTuneJob serves under its name.
 When the spec's fineTuneJobRef names another job (a new version), the serving version keeps
 its name and the new one is loaded beside it as `<name>-candidate` (the pod template keeps
-the serving version's claim mounted: `keep_jobs`). Both are then scored through the server,
+the serving version's claim mounted: `keep`). Both are then scored through the server,
 on one ready replica, on the candidate job's `evaluation.prompts` that have a reference:
 evalLoss is the mean negative log-likelihood of the references' tokens given the prompts,
 rendered as the trainer rendered them (the instruction template, or the chat template
-through vLLM's `/tokenize` with messages), from vLLM's `prompt_logprobs`. The candidate
+through vLLM's `/tokenize` with messages), teacher-forced one token at a time (`eval_loss`).
+The candidate
 wins when its evalLoss <= the current one's - margin: the name is reloaded in place from the
 candidate's path and the candidate name unloaded (`Promoted=True`, `Promoted`). When it
 loses it is unloaded and the current version keeps serving (`Promoted=False`,
@@ -122,23 +123,33 @@ def score_items(job: FineTuneJob) -> list[tuple[dict, str]]:
     return items
 
 
+# Reference tokens scored per prompt (one request each).
+MAX_REFERENCE_TOKENS = 64
+
+
 def eval_loss(server, model: str, items: list[tuple[dict, str]]) -> float:
-    """Mean negative log-likelihood of the references' tokens given the prompts (token-weighted)."""
+    """Mean negative log-likelihood of the references' tokens given the prompts (token-weighted).
+
+    Teacher-forced one token at a time: the prompt and the reference's tokens so far, one
+    token generated with `allowed_token_ids` = the reference's next token, and its log-probability
+    as vLLM reports it (raw, before the mask: `--logprobs-mode` raw_logprobs, vLLM's default).
+    Not `prompt_logprobs`: with LoRA, vLLM's CPU build fails the whole engine when such a
+    request is batched with another one (its LoRA logits kernel sees one row per prompt token
+    but one adapter index per request), and a live server always has other requests.
+    """
     total, count = 0.0, 0
     for request, reference in items:
-        prompt_ids = server.post("/tokenize", {"model": model, **request})["tokens"]
+        prompt_ids = list(server.post("/tokenize", {"model": model, **request})["tokens"])
         answer_ids = server.post("/tokenize", {"model": model, "prompt": reference,
-                                               "add_special_tokens": False})["tokens"]
-        ids = list(prompt_ids) + list(answer_ids)
-        out = server.post("/v1/completions", {"model": model, "prompt": ids, "max_tokens": 1, "temperature": 0,
-                                              "prompt_logprobs": 0})
-        logprobs = out["choices"][0].get("prompt_logprobs") or []
-        for position in range(len(prompt_ids), min(len(ids), len(logprobs))):
-            entry = logprobs[position] or {}
-            hit = entry.get(str(ids[position]))
-            if hit is None:
-                continue
-            total -= float(hit["logprob"] if isinstance(hit, dict) else hit)
+                                               "add_special_tokens": False})["tokens"][:MAX_REFERENCE_TOKENS]
+        for k, token in enumerate(answer_ids):
+            out = server.post("/v1/completions", {
+                "model": model, "prompt": prompt_ids + list(answer_ids[:k]), "max_tokens": 1, "temperature": 0,
+                "logprobs": 0, "allowed_token_ids": [int(token)]})
+            logprob = out["choices"][0]["logprobs"]["token_logprobs"][0]
+            if logprob is None:
+                raise VLLMError(f"no log-probability for token {token}")
+            total -= max(float(logprob), -1e4)  # -inf (a token the model rules out): a large finite loss
             count += 1
     if not count:
         raise VLLMError("no reference token was scored")

@@ -28,6 +28,7 @@ class FakeVLLM:
         self.losses = dict(losses or {})  # model -> the log-probability it gives every token, negated
         self.refuse = set(refuse or ())   # paths whose load fails
         self.calls: list[tuple[str, dict]] = []
+        self.scored: list[dict] = []
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -54,10 +55,11 @@ class FakeVLLM:
                     return self._send(200, {"tokens": [ord(c) for c in text], "count": len(text)})
                 if self.path == "/detokenize":
                     return self._send(200, {"prompt": "".join(chr(t) for t in body["tokens"])})
-                if self.path == "/v1/completions":
+                if self.path == "/v1/completions":  # every allowed token has the model's log-probability
+                    assert body["max_tokens"] == 1 and len(body["allowed_token_ids"]) == 1
+                    owner.scored.append(body)
                     loss = owner.losses[body["model"]]
-                    logprobs = [None] + [{str(t): {"logprob": -loss}} for t in body["prompt"][1:]]
-                    return self._send(200, {"choices": [{"text": "x", "prompt_logprobs": logprobs}]})
+                    return self._send(200, {"choices": [{"text": "x", "logprobs": {"token_logprobs": [-loss]}}]})
                 owner.calls.append((self.path, body))
                 name = body["lora_name"]
                 if self.path == "/v1/load_lora_adapter":
@@ -260,6 +262,10 @@ def test_a_candidate_is_promoted_only_when_it_beats_the_current_version_by_the_m
     assert rec.result == "Promoted" and rec.job == "v2" and replica.loaded == {"bot": "uid-v2"}
     assert replicas["b"].loaded == {"bot": adapters.wanted(isvc, jobs)["bot"].path}
     assert condition[:2] == ("True", "Promoted")
+    # Teacher-forced: "hello" is 5 reference tokens, each scored after the prompt and the ones before it.
+    prompt = [ord(c) for c in "### Instruction:\nhi\n\n### Response:\n"]
+    assert [b["prompt"] for b in replicas["b"].scored[:5]] == [prompt + [ord(c) for c in "hello"[:k]] for k in range(5)]
+    assert [b["allowed_token_ids"] for b in replicas["b"].scored[:5]] == [[ord(c)] for c in "hello"]
 
 
 def test_a_candidate_without_references_to_score_on_is_refused(replicas):
