@@ -100,7 +100,7 @@ def measure(workdir: Path, rounds: int) -> dict:
 
     from finetune_devcluster.cluster import Cluster, free_port
     from finetune_operator.serving import handlers
-    from tests.fixtures.ml import build_tiny_model, default_cache_dir
+    from finetune_devcluster.tiny_model import build_tiny_model, default_cache_dir
 
     model = build_tiny_model(default_cache_dir())
     adapter = workdir / "adapter"
@@ -168,7 +168,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "runtime_adapter.json")
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
-    sys.path.insert(0, str(REPO))
     with tempfile.TemporaryDirectory(prefix="rta-") as tmp:
         result = measure(Path(tmp), args.rounds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
