@@ -146,6 +146,7 @@ def _write_status(obj: dict, isvc: InferenceService, problems, current, pods, re
     status = status_for(isvc, problems, current, pods, revision, old.get("conditions") or [], now_iso(),
                         replicas, want, gated, prompts)
     changed = {k: v for k, v in status.items() if old.get(k) != v}
+    changed.update({k: None for k in ("promotions", "replicaAdapters") if k in old and k not in status})
     if not changed:
         return
     if old.get("phase") != status["phase"]:
