@@ -41,7 +41,7 @@ MODEL_SOURCE = (
 # Datasets may also be a plain http(s) URL and an hf dataset id.
 DATASET_SOURCE = MODEL_SOURCE
 # Folder and file names start with a letter, digit or '_' (no '..', no hidden names).
-RESULTS_FILE = r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/([A-Za-z0-9_][A-Za-z0-9_.-]*/)+[A-Za-z0-9_][A-Za-z0-9_.-]*\.csv$"
+RESULTS_FILE = r"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/([A-Za-z0-9_][A-Za-z0-9_.-]*/)+|s3://[a-z0-9][-a-z0-9.]{1,61}[a-z0-9]/([A-Za-z0-9_][A-Za-z0-9_.=-]*/)*)[A-Za-z0-9_][A-Za-z0-9_.-]*\.csv$"
 PUSH_URI = r"^(hf://[A-Za-z0-9][-A-Za-z0-9_.]*/[-A-Za-z0-9_.]+|s3://[a-z0-9][-a-z0-9.]{1,61}[a-z0-9](/.*)?)$"
 QUANTITY = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 
@@ -524,9 +524,11 @@ OUTPUT = obj("What the job produces and where it is published.", {
     "resultsFile": location("Where the trainer also writes results.csv, the per-step training "
                             "history (step, train_loss, train_accuracy, valid_loss, "
                             "valid_mean_token_accuracy), at each checkpoint and at the end: "
-                            "pvc://<claim>/<folder>/<name>.csv. Another claim than the job's is "
-                            "mounted writable at that folder only. The job volume always gets "
-                            "reports/results.csv.", "pvc://<claim>/<folder>/<name>.csv",
+                            "pvc://<claim>/<folder>/<name>.csv or s3://<bucket>/<key>.csv. Another "
+                            "claim than the job's is mounted writable at that folder only; an s3:// "
+                            "object is uploaded with the credentials of spec.objectStorage. The job "
+                            "volume always gets reports/results.csv.",
+                            "pvc://<claim>/<folder>/<name>.csv or s3://<bucket>/<key>.csv",
                             RESULTS_FILE),
 }, default={})
 

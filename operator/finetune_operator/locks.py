@@ -10,9 +10,12 @@ from contextlib import contextmanager
 
 
 class KeyedLocks:
-    def __init__(self) -> None:
+    """`waiting`, when given, is a gauge of holders waiting for a key someone else holds."""
+
+    def __init__(self, waiting=None) -> None:
         self._guard = threading.Lock()
         self._locks: dict[Hashable, tuple[threading.Lock, list[int]]] = {}
+        self._waiting = waiting
 
     @contextmanager
     def hold(self, key: Hashable) -> Iterator[None]:
@@ -20,13 +23,25 @@ class KeyedLocks:
             lock, users = self._locks.setdefault(key, (threading.Lock(), [0]))
             users[0] += 1
         try:
-            with lock:
+            if not lock.acquire(blocking=False):
+                self._count(+1)
+                try:
+                    lock.acquire()
+                finally:
+                    self._count(-1)
+            try:
                 yield
+            finally:
+                lock.release()
         finally:
             with self._guard:
                 users[0] -= 1
                 if users[0] == 0:
                     del self._locks[key]
+
+    def _count(self, delta: int) -> None:
+        if self._waiting is not None:
+            self._waiting.inc(delta)
 
     def __len__(self) -> int:
         with self._guard:

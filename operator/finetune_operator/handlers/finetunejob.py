@@ -38,7 +38,7 @@ TRAINED = (Phase.COMPARING.value, Phase.AWAITING_APPROVAL.value, Phase.DEPLOYING
 
 # One reconciliation at a time per FineTuneJob (spec handler, timer and watch events all
 # write status; they must not interleave their read-modify-write of the conditions list).
-_locks = KeyedLocks()
+_locks = KeyedLocks(metrics.reconcile_queue_depth)
 
 
 def _now() -> dt.datetime:

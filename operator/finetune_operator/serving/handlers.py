@@ -42,7 +42,7 @@ PROMETHEUS_URL = os.environ.get("FINETUNE_PROMETHEUS_URL", autoscaling.DEFAULT_P
 PODMONITOR_CRD = "podmonitors.monitoring.coreos.com"
 KEDA_CRD = "scaledobjects.keda.sh"
 log = logging.getLogger("finetune_operator.inferenceservice")
-_locks = KeyedLocks()  # one reconciliation at a time per InferenceService
+_locks = KeyedLocks(metrics.reconcile_queue_depth)  # one reconciliation at a time per InferenceService
 
 
 # --- reconciliation ---------------------------------------------------------------------------
