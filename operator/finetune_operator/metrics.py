@@ -30,11 +30,13 @@ BUILD_INFO = f"{PREFIX}_build_info"
 API_REQUESTS = f"{PREFIX}_api_requests_total"
 # Reconciliations waiting for another one of the same object to finish (its lock).
 RECONCILE_QUEUE_DEPTH = f"{PREFIX}_reconcile_queue_depth"
+# Status refreshes skipped because one of the same job was already waiting (it covers them).
+REFRESHES_COALESCED = f"{PREFIX}_refreshes_coalesced_total"
 
 METRIC_NAMES: tuple[str, ...] = (
     JOBS, PHASE_TRANSITIONS, RECONCILE_DURATION, RECONCILE_ERRORS,
     TIME_TO_TRAINING_START, JOB_DURATION, GPU_SECONDS, LEADER, BUILD_INFO, API_REQUESTS,
-    RECONCILE_QUEUE_DEPTH,
+    RECONCILE_QUEUE_DEPTH, REFRESHES_COALESCED,
 )
 
 registry = CollectorRegistry()
@@ -67,6 +69,8 @@ api_requests = Counter(_strip_total(API_REQUESTS), "Requests the operator's hand
                        "server, by method and status code.", ["method", "code"], registry=registry)
 reconcile_queue_depth = Gauge(RECONCILE_QUEUE_DEPTH, "Reconciliations waiting for one of the same "
                               "object to finish.", registry=registry)
+refreshes_coalesced = Counter(_strip_total(REFRESHES_COALESCED), "Status refreshes skipped because one "
+                              "of the same job was already waiting.", registry=registry)
 build_info = Gauge(BUILD_INFO, "Always 1; the operator's version and Python's are labels.",
                    ["version", "python"], registry=registry)
 

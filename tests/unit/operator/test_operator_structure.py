@@ -164,3 +164,38 @@ def test_every_request_the_handlers_make_is_counted_by_method_and_status():
         assert (ok._value.get(), missing._value.get()) == (before[0] + 1, before[1] + 1)
     finally:
         server.shutdown()
+
+
+def test_refreshes_of_one_object_coalesce_behind_the_running_one():
+    """A burst of events for one job: one refresh runs, one waits behind it, the rest return at
+    once (the waiting one reads what they would have)."""
+    locks = KeyedLocks()
+    entered, release = threading.Event(), threading.Event()
+    ran: list[str] = []
+
+    def refresh(tag: str, hold_until: threading.Event | None = None):
+        with locks.coalesced(("ns", "a")) as mine:
+            if mine:
+                ran.append(tag)
+                if hold_until is not None:
+                    entered.set()
+                    hold_until.wait(5)
+
+    first = threading.Thread(target=refresh, args=("running", release))
+    first.start()
+    assert entered.wait(5)
+    second = threading.Thread(target=refresh, args=("waiting",))
+    second.start()
+    deadline = time.monotonic() + 5
+    while locks._locks[("ns", "a")].refreshes_waiting != 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for tag in ("burst-1", "burst-2", "burst-3"):
+        refresh(tag)  # return at once: a refresh already waits
+    with locks.coalesced(("ns", "b")) as mine:
+        assert mine, "another object is not coalesced with this one"
+    release.set()
+    first.join(5), second.join(5)
+    assert ran == ["running", "waiting"]
+    assert len(locks) == 0
+    with locks.coalesced(("ns", "a")) as mine:
+        assert mine, "with nobody waiting, a refresh runs"
