@@ -328,6 +328,10 @@ DATASET = obj("Training data, its format, how it is split and cleaned.", {
     "evalFraction": number("Fraction of the cleaned data held out for evaluation (0 disables "
                            "evaluation on held-out data unless evalSource is set).", default=0.05,
                            minimum=0, maximum=0.5),
+    "maxEvalExamples": integer("At most this many records are held out by evalFraction (the "
+                               "held-out set is evaluated at every saveSteps: 5% of a million "
+                               "records would be 50,000 evaluations each time). An evalSource is "
+                               "used whole.", default=1000, minimum=1),
     "evalSource": location("A separate evaluation set (same forms as source); when set, "
                            "evalFraction is ignored.", DATASET_SOURCE_HELP, DATASET_SOURCE),
     "dedup": obj("Duplicate removal before the split.", {
