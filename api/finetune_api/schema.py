@@ -337,7 +337,10 @@ DATASET = obj("Training data, its format, how it is split and cleaned.", {
     "dedup": obj("Duplicate removal before the split.", {
         "exact": boolean("Remove exact duplicates (after whitespace normalisation).", default=True),
         "nearThreshold": number("Jaccard similarity above which records are near-duplicates "
-                                "(MinHash); 1 disables near-duplicate removal.", default=0.9,
+                                "(MinHash), judged on what the model learns from: system "
+                                "messages are left out of the comparison (exact duplicates "
+                                "still compare whole records); 1 disables near-duplicate "
+                                "removal.", default=0.9,
                                 minimum=0.5, maximum=1),
     }, default={}),
     "minExamples": integer("Fail validation when fewer training examples remain after cleaning.",

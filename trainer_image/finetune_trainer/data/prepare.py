@@ -228,7 +228,8 @@ class _Pipeline:
             examples = [e for e, dup in zip(examples, flags) if not dup]
             texts = [e.dedup_text for e in examples]
         if cfg.dedup.near_threshold and 0 < cfg.dedup.near_threshold < 1:  # 1: off
-            flags = dedup.near_duplicates(texts, cfg.dedup.near_threshold)
+            # Judged on what the model learns from: a shared system prompt is no likeness.
+            flags = dedup.near_duplicates([e.similarity_text for e in examples], cfg.dedup.near_threshold)
             if count:
                 report.near_duplicates_removed += sum(flags)
             examples = [e for e, dup in zip(examples, flags) if not dup]
