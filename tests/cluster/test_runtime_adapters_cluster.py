@@ -35,6 +35,21 @@ LOCAL = {"nodeSelector": {"finetune.dev/local-node": "true"},
          "tolerations": [{"key": "finetune.dev/local-node", "operator": "Exists"}]}
 
 
+def shared_claim(cluster, namespace: str, request) -> Path:
+    """Start the serving operator (unless port 8000 is taken) and create the claim the jobs
+    share; returns the folder that backs it on this machine."""
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", common.PORT)) == 0:
+            pytest.skip("port 8000 is taken on this machine; the local node's pods share its network")
+    request.getfixturevalue("serving_operator")
+    apply(cluster, {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                    "metadata": {"name": CLAIM, "namespace": namespace},
+                    "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}})
+    pvc = wait_for(lambda: (p := get_json(cluster, "pvc", CLAIM, "-n", namespace))["spec"].get("volumeName") and p,
+                   timeout=60, what="the shared claim to bind")
+    return Path(get_json(cluster, "pv", pvc["spec"]["volumeName"])["spec"]["hostPath"]["path"])
+
+
 def _serving_pod(cluster, namespace: str) -> dict:
     pods = get_json(cluster, "pods", "-n", namespace, "-l", "finetune.dev/inferenceservice=tiny")["items"]
     live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
@@ -56,21 +71,12 @@ def _ready_serving(cluster, namespace: str, names: set[str], absent: set[str] = 
 
 def test_a_second_job_deploys_into_the_running_server_without_restarting_it(
         cluster, namespace, tiny_model, lora_adapter, request):  # noqa: F811
-    with socket.socket() as s:
-        if s.connect_ex(("127.0.0.1", common.PORT)) == 0:
-            pytest.skip("port 8000 is taken on this machine; the local node's pods share its network")
-    request.getfixturevalue("serving_operator")
+    volume = shared_claim(cluster, namespace, request)
     from openai import OpenAI
 
-    apply(cluster, {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-                    "metadata": {"name": CLAIM, "namespace": namespace},
-                    "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}})
     deploy = {"inferenceService": "tiny", "gpus": 0, **LOCAL}
     create_succeeded_job(cluster, namespace, "first", source=str(tiny_model), r=8, existing_claim=CLAIM,
                          deploy=deploy)
-    pvc = wait_for(lambda: (p := get_json(cluster, "pvc", CLAIM, "-n", namespace))["spec"].get("volumeName") and p,
-                   timeout=60, what="the shared claim to bind")
-    volume = Path(get_json(cluster, "pv", pvc["spec"]["volumeName"])["spec"]["hostPath"]["path"])
     for job in ("first", "second"):  # what training would leave in each job's folder
         shutil.copytree(lora_adapter / "artifacts", volume / "jobs" / job / "artifacts")
 
@@ -160,22 +166,12 @@ def test_a_worse_version_is_refused_and_the_current_one_keeps_answering(
     """spec.adapters[].promotion: the new version (a FineTuneJob with large random LoRA
     weights) is loaded as bot-candidate, scored against the serving one through vLLM on the
     new job's evaluation prompts, refused, and unloaded; `bot` answers from v1 throughout."""
-    with socket.socket() as s:
-        if s.connect_ex(("127.0.0.1", common.PORT)) == 0:
-            pytest.skip("port 8000 is taken on this machine; the local node's pods share its network")
-    request.getfixturevalue("serving_operator")
+    volume = shared_claim(cluster, namespace, request)
     from openai import OpenAI
 
-    apply(cluster, {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-                    "metadata": {"name": CLAIM, "namespace": namespace},
-                    "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}})
     for job, version in (("v1", "good"), ("v2", "bad")):
         create_succeeded_job(cluster, namespace, job, source=str(tiny_model), r=8, existing_claim=CLAIM,
                              evaluation={"prompts": EVAL_PROMPTS})
-    pvc = wait_for(lambda: (p := get_json(cluster, "pvc", CLAIM, "-n", namespace))["spec"].get("volumeName") and p,
-                   timeout=60, what="the shared claim to bind")
-    volume = Path(get_json(cluster, "pv", pvc["spec"]["volumeName"])["spec"]["hostPath"]["path"])
-    for job, version in (("v1", "good"), ("v2", "bad")):
         shutil.copytree(adapter_versions[version], volume / "jobs" / job / "artifacts" / "adapter")
     body = {"apiVersion": "finetune.dev/v1alpha1", "kind": "InferenceService",
             "metadata": {"name": "tiny", "namespace": namespace},
@@ -249,18 +245,9 @@ def test_a_server_with_another_chat_template_is_reported(cluster, namespace, tin
     """vLLM is started with a chat template other than the one training used
     (spec.vllm.extraArgs --chat-template): PromptFormatMismatch names the first differing
     token and both renderings, and the server is not Ready."""
-    with socket.socket() as s:
-        if s.connect_ex(("127.0.0.1", common.PORT)) == 0:
-            pytest.skip("port 8000 is taken on this machine; the local node's pods share its network")
-    request.getfixturevalue("serving_operator")
-    apply(cluster, {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-                    "metadata": {"name": CLAIM, "namespace": namespace},
-                    "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}})
+    volume = shared_claim(cluster, namespace, request)
     create_succeeded_job(cluster, namespace, "chatty", source=str(tiny_model), r=8, existing_claim=CLAIM)
     trained = record_renderings(cluster, namespace, "chatty", tiny_model)
-    pvc = wait_for(lambda: (p := get_json(cluster, "pvc", CLAIM, "-n", namespace))["spec"].get("volumeName") and p,
-                   timeout=60, what="the shared claim to bind")
-    volume = Path(get_json(cluster, "pv", pvc["spec"]["volumeName"])["spec"]["hostPath"]["path"])
     shutil.copytree(lora_adapter / "artifacts", volume / "jobs" / "chatty" / "artifacts")
     apply(cluster, {"apiVersion": "finetune.dev/v1alpha1", "kind": "InferenceService",
                     "metadata": {"name": "tiny", "namespace": namespace},
