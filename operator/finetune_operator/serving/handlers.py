@@ -81,14 +81,18 @@ def reconcile(namespace: str, name: str) -> None:
         replicas = adapters.sync(isvc, want, pods, revision, old, _simulated_node)
         if gated:
             decided = promotion.decide(isvc, jobs, gated, replicas, _server_for_pod(pods))
-            if decided != gated:  # promoted or refused: load what now serves under each name
+            if any(r.result != decided[n].result for n, r in gated.items()):
+                # promoted or refused: load what now serves under each name
                 old = {**old, "replicaAdapters": [r.to_status() for r in replicas],
                        "promotions": [r.to_status() for r in decided.values()]}
                 want, gated, _ = _plan(isvc, jobs, old)
                 replicas = adapters.sync(isvc, want, pods, revision, old, _simulated_node)
+            else:
+                gated = decided  # still evaluating (not loaded yet, or scoring failed): retried below
         prompts = promptcheck.check(isvc, jobs, replicas, _server_for_pod(pods)) if want is not None else None
         _write_status(obj, isvc, problems, current, pods, revision, replicas, want or {}, gated, prompts)
         failed = [f"pod {r.pod}: {r.error}" for r in replicas if r.error]
+        failed += [f"{r.name}: {r.message}" for r in gated.values() if r.result == promotion.EVALUATING]
         if failed:
             raise adapters.AdapterSyncError("; ".join(failed))
 
