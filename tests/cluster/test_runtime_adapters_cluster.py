@@ -38,9 +38,14 @@ LOCAL = {"nodeSelector": {"finetune.dev/local-node": "true"},
 def shared_claim(cluster, namespace: str, request) -> Path:
     """Start the serving operator (unless port 8000 is taken) and create the claim the jobs
     share; returns the folder that backs it on this machine."""
-    with socket.socket() as s:
-        if s.connect_ex(("127.0.0.1", common.PORT)) == 0:
-            pytest.skip("port 8000 is taken on this machine; the local node's pods share its network")
+    def port_free() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", common.PORT)) != 0
+
+    try:  # the previous test's server may still be stopping (its namespace goes asynchronously)
+        wait_for(port_free, timeout=120, what="port 8000 to be free", interval=1)
+    except AssertionError:
+        pytest.skip("port 8000 is taken on this machine; the local node's pods share its network")
     request.getfixturevalue("serving_operator")
     apply(cluster, {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
                     "metadata": {"name": CLAIM, "namespace": namespace},
