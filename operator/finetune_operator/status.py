@@ -585,7 +585,8 @@ def deployment_observation(job: FineTuneJob, obs: Observation, endpoint: dict | 
 
 
 def deployment_failed(obs: Observation, error: Exception) -> Observation:
-    """Adding the result to its InferenceService failed: stay Deploying, try again later."""
-    return Observation(Phase.DEPLOYING, "DeployFailed", f"adding the adapter to the "
+    """Adding the result to its InferenceService failed: stay Deploying, try again later. The
+    error's `reason` (DeployConflict: spec.deploy disagrees with another job's) is the reason."""
+    return Observation(Phase.DEPLOYING, getattr(error, "reason", "DeployFailed"), f"adding the adapter to the "
                        f"InferenceService failed: {error}; retrying", obs.gpu_seconds, obs.attempts,
                        obs.restarts, obs.first_running_at, extra_conditions=obs.extra_conditions)

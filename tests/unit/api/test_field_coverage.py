@@ -125,6 +125,19 @@ EFFECT_TESTS: dict[str, str] = {
     "spec.storage.storageClassName": "unit/operator/test_builders_manifests.py::test_workspace_claim_is_owned_only_with_reclaim_policy_delete",
     "spec.deploy.requireApproval": "cluster/test_approval_gate.py::test_a_gated_job_waits_then_deploys_once_approved",
     "spec.deploy.inferenceService": "unit/operator/test_inference_checks.py::test_a_job_deployed_to_a_server_of_its_own_name_serves_the_base_as_name_base",
+    # deploy: applied to a new or an existing InferenceService
+    "spec.deploy.replicas": "cluster/test_deploy_into_existing_server.py::test_an_existing_server_takes_the_deploying_jobs_settings_and_a_conflicting_job_waits",
+    "spec.deploy.gpus": "cluster/test_deploy_into_existing_server.py::test_an_existing_server_takes_the_deploying_jobs_settings_and_a_conflicting_job_waits",
+    "spec.deploy.nodeSelector": "cluster/test_deploy_into_existing_server.py::test_an_existing_server_takes_the_deploying_jobs_settings_and_a_conflicting_job_waits",
+    "spec.deploy.vllm.maxLoraRank": "cluster/test_deploy_into_existing_server.py::test_an_existing_server_takes_the_deploying_jobs_settings_and_a_conflicting_job_waits",
+    "spec.deploy.vllm.maxModelLen": "cluster/test_deploy_into_existing_server.py::test_an_existing_server_takes_the_deploying_jobs_settings_and_a_conflicting_job_waits",
+    "spec.deploy.vllm.dtype": "cluster/test_deploy_into_existing_server.py::test_an_existing_server_takes_the_deploying_jobs_settings_and_a_conflicting_job_waits",
+    **{f"spec.deploy.tolerations[].{k}": "cluster/test_deploy_into_existing_server.py::test_an_existing_server_takes_the_deploying_jobs_settings_and_a_conflicting_job_waits"
+       for k in ("key", "operator", "value", "effect")},
+    "spec.deploy.tolerations[].tolerationSeconds": "unit/operator/test_deploy_settings.py::test_every_deploy_field_reaches_the_inferenceservice_spec_and_its_deployment",
+    **{f"spec.deploy.vllm.{k}": "unit/operator/test_deploy_settings.py::test_every_deploy_field_reaches_the_inferenceservice_spec_and_its_deployment"
+       for k in ("image", "servedModelName", "gpuMemoryUtilization", "tensorParallelSize", "maxLoras",
+                 "extraArgs")},
 }
 
 INFERENCE_EFFECT_TESTS: dict[str, str] = {
@@ -170,16 +183,6 @@ KNOWN_GAPS: dict[str, str] = {f: _AUDIT for f in (
     "spec.tracking.mlflow.experiment", "spec.tracking.wandb.project", "spec.tracking.wandb.entity",
     "spec.tracking.wandb.apiKeySecretRef.key",
 )}
-KNOWN_GAPS.update({
-    "spec.deploy.replicas": "ignored when the InferenceService already exists (issue 17)",
-    "spec.deploy.gpus": "ignored when the InferenceService already exists (issue 17)",
-    "spec.deploy.nodeSelector": "ignored when the InferenceService already exists (issue 17)",
-    **{f"spec.deploy.tolerations[].{k}": "ignored when the InferenceService already exists (issue 17)"
-       for k in ("key", "operator", "value", "effect", "tolerationSeconds")},
-    **{f"spec.deploy.vllm.{k}": "ignored when the InferenceService already exists (issue 17)"
-       for k in ("image", "servedModelName", "maxModelLen", "gpuMemoryUtilization",
-                 "tensorParallelSize", "maxLoraRank", "maxLoras", "dtype", "extraArgs")},
-})
 INFERENCE_KNOWN_GAPS: dict[str, str] = {f: _AUDIT for f in (
     "spec.model.revision", "spec.model.trustRemoteCode", "spec.mergedModel.path",
     "spec.resources.tolerations[].key", "spec.resources.tolerations[].operator",
