@@ -452,6 +452,8 @@ class EvaluationResults:
 
     eval_loss: Optional[float] = None
     perplexity: Optional[float] = None
+    base_eval_loss: Optional[float] = None
+    base_perplexity: Optional[float] = None
     preference_accuracy: Optional[PreferenceAccuracy] = None
     reward_accuracy: Optional[float] = None
     scores: Optional[GenerationScores] = None

@@ -737,6 +737,11 @@ FINETUNEJOB_STATUS = obj("Observed state of a FineTuneJob, written by the operat
     "evaluation": obj("Results of the evaluation after training.", {
         "evalLoss": number("Loss on the evaluation set (the objective's loss)."),
         "perplexity": number("exp(evalLoss), for language-model losses (sft)."),
+        "baseEvalLoss": number("The base model's loss on the same evaluation set (sft): with "
+                               "an adapter, measured by the training run's own evaluation with "
+                               "the adapter disabled; after full fine-tuning, by a separate pass "
+                               "over the base model (single-process runs only)."),
+        "basePerplexity": number("exp(baseEvalLoss), to compare with perplexity."),
         "preferenceAccuracy": obj("DPO: share of held-out pairs whose chosen answer has a higher "
                                   "log-probability (summed over its tokens, given the prompt) "
                                   "than the rejected one.", {
