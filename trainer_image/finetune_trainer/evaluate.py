@@ -53,11 +53,15 @@ def _base_eval_loss(cfg: TrainerConfig, objective, model, base_loader, tokenizer
 
     if not eval_records or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return None
-    if hasattr(model, "disable_adapter"):
-        with model.disable_adapter():
-            metrics = objective.standalone_eval(cfg, model, tokenizer, eval_records)
-    else:
-        metrics = objective.standalone_eval(cfg, base_loader(), tokenizer, eval_records)
+    try:
+        if hasattr(model, "disable_adapter"):
+            with model.disable_adapter():
+                metrics = objective.standalone_eval(cfg, model, tokenizer, eval_records)
+        else:
+            metrics = objective.standalone_eval(cfg, base_loader(), tokenizer, eval_records)
+    except Exception as exc:  # noqa: BLE001 - a figure for comparison; the run's own results stand
+        log.warning("the base model's eval loss could not be measured: %s", exc)
+        return None
     return metrics.get("eval_loss")
 
 
