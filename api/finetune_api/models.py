@@ -318,16 +318,16 @@ class Deploy:
     a finished job deploys it. Deleting the job takes away what deploy added (its adapter
     entry; the InferenceService itself when the job created it and nothing else is left in
     it). replicas, gpus, nodeSelector, tolerations and each vllm field are applied to the
-    InferenceService's spec each time the job deploys, whether deploy creates the
-    InferenceService or adds the job to an existing one (a set field replaces the
-    InferenceService's value: nodeSelector, tolerations and vllm.extraArgs as a whole); a
-    field left unset (or an empty nodeSelector/tolerations) keeps the InferenceService's own
-    value, or its default when deploy creates it. Several jobs may deploy into one
-    InferenceService; when another job it already serves set the same field to another
-    value, this job is not added: it stays Deploying with reason DeployConflict naming the
-    field and both values, until one of the two spec.deploy sections is changed (or the
-    other job leaves the server). Editing the InferenceService by hand later is kept until a
-    job deploys into it again."""
+    InferenceService's spec when the job deploys, whether deploy creates the
+    InferenceService or adds the job to an existing one, and again whenever they are changed
+    on a deployed job (a set field replaces the InferenceService's value: nodeSelector,
+    tolerations and vllm.extraArgs as a whole); a field left unset (or an empty
+    nodeSelector/tolerations) keeps the InferenceService's own value, or its default when
+    deploy creates it. Several jobs may deploy into one InferenceService; when another job
+    it already serves set the same field to another value, this job is not added: it stays
+    Deploying with reason DeployConflict naming the field and both values, until one of the
+    two spec.deploy sections is changed (or the other job leaves the server). Editing the
+    InferenceService by hand later is kept until a job deploys into it again."""
 
     inference_service: Optional[str] = None
     replicas: Optional[int] = None

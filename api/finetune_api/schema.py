@@ -606,8 +606,9 @@ def _without_defaults(node: Schema) -> Schema:
 # What an unset field of spec.deploy means, and what a set one does to an InferenceService.
 DEPLOY_SEMANTICS = (
     "replicas, gpus, nodeSelector, tolerations and each vllm field are applied to the "
-    "InferenceService's spec each time the job deploys, whether deploy creates the "
-    "InferenceService or adds the job to an existing one (a set field replaces the "
+    "InferenceService's spec when the job deploys, whether deploy creates the "
+    "InferenceService or adds the job to an existing one, and again whenever they are changed "
+    "on a deployed job (a set field replaces the "
     "InferenceService's value: nodeSelector, tolerations and vllm.extraArgs as a whole); a field "
     "left unset (or an empty nodeSelector/tolerations) keeps the InferenceService's own value, or its "
     "default when deploy creates it. Several jobs may deploy into one InferenceService; when "

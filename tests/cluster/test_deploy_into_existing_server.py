@@ -1,6 +1,7 @@
 """spec.deploy's replicas/gpus/nodeSelector/tolerations/vllm reach an InferenceService that
-already exists (issue 17: only a newly created one honoured them), and a second job that asks
-the same shared server for another value is held back with a DeployConflict naming the field.
+already exists (issue 17: only a newly created one honoured them), a second job that asks
+the same shared server for another value is held back with a DeployConflict naming the field,
+and editing a deployed job's spec.deploy applies the new value.
 
 The whole operator runs as a real process against the real control plane; trainer pods and
 vLLM pods run on kwok's fake GPU nodes (kwok completes the trainer at once and makes the vLLM
@@ -84,3 +85,10 @@ def test_an_existing_server_takes_the_deploying_jobs_settings_and_a_conflicting_
     isvc = get_json(cluster, "inferenceservice", "shared", "-n", namespace)
     assert [a["name"] for a in isvc["spec"]["adapters"]] == ["first", "second"]
     assert isvc["spec"]["replicas"] == 2 and isvc["spec"]["vllm"]["maxLoraRank"] == 32
+
+    # Changing a deployed job's spec.deploy applies the new value: it deploys again.
+    cluster.kubectl("patch", "ftj", "first", "-n", namespace, "--type=merge", "-p",
+                    json.dumps({"spec": {"deploy": {"replicas": 3}}}))
+    wait_for(lambda: get_json(cluster, "deployment", "shared", "-n", namespace)["spec"]["replicas"] == 3,
+             timeout=120, what="the Deployment scaled to the edited deploy.replicas")
+    _deployed(cluster, namespace, "first", "shared")

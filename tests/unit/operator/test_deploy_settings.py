@@ -94,3 +94,24 @@ def test_every_deploy_field_reaches_the_inferenceservice_spec_and_its_deployment
     assert "--enforce-eager" in cmd and c["image"] == "vllm/vllm-openai:v9" and BASE in cmd
     assert d["spec"]["replicas"] == 3 and c["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert pod["nodeSelector"]["pool"] == "serving" and tol in pod["tolerations"]
+
+
+def test_a_deployed_job_whose_deploy_values_change_deploys_again():
+    def succeeded(replicas, applied=None):
+        body = finetunejob("a", deploy={"inferenceService": "s", "replicas": replicas})
+        body["status"]["inferenceService"] = {"name": "s", "url": "http://s"}
+        if applied is not None:
+            body["metadata"]["annotations"] = {status.DEPLOYED_SETTINGS_ANNOTATION: applied}
+        return FineTuneJob.from_resource(body)
+
+    applied = status.deploy_digest(succeeded(2))
+    assert not status.late_deploy(succeeded(2, applied)), "nothing changed"
+    assert status.late_deploy(succeeded(3, applied)), "replicas changed since they were applied"
+    assert not status.late_deploy(succeeded(3)), "no record (deployed by an older operator): left alone"
+    assert status.derive(succeeded(3, applied), None, [], now=_now()).reason == "DeployRequested"
+
+
+def _now():
+    import datetime as dt
+
+    return dt.datetime(2025, 1, 2, tzinfo=dt.timezone.utc)
