@@ -105,6 +105,7 @@ class Dataset:
     format: str = "instruction"
     field_map: dict[str, str] = field(default_factory=dict)
     eval_fraction: float = 0.05
+    max_eval_examples: int = 1000
     eval_source: Optional[str] = None
     dedup: Dedup = field(default_factory=Dedup)
     min_examples: int = 10

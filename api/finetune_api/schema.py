@@ -41,7 +41,7 @@ MODEL_SOURCE = (
 # Datasets may also be a plain http(s) URL and an hf dataset id.
 DATASET_SOURCE = MODEL_SOURCE
 # Folder and file names start with a letter, digit or '_' (no '..', no hidden names).
-RESULTS_FILE = r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/([A-Za-z0-9_][A-Za-z0-9_.-]*/)+[A-Za-z0-9_][A-Za-z0-9_.-]*\.csv$"
+RESULTS_FILE = r"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/([A-Za-z0-9_][A-Za-z0-9_.-]*/)+|s3://[a-z0-9][-a-z0-9.]{1,61}[a-z0-9]/([A-Za-z0-9_][A-Za-z0-9_.=-]*/)*)[A-Za-z0-9_][A-Za-z0-9_.-]*\.csv$"
 PUSH_URI = r"^(hf://[A-Za-z0-9][-A-Za-z0-9_.]*/[-A-Za-z0-9_.]+|s3://[a-z0-9][-a-z0-9.]{1,61}[a-z0-9](/.*)?)$"
 QUANTITY = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 
@@ -328,12 +328,19 @@ DATASET = obj("Training data, its format, how it is split and cleaned.", {
     "evalFraction": number("Fraction of the cleaned data held out for evaluation (0 disables "
                            "evaluation on held-out data unless evalSource is set).", default=0.05,
                            minimum=0, maximum=0.5),
+    "maxEvalExamples": integer("At most this many records are held out by evalFraction (the "
+                               "held-out set is evaluated at every saveSteps: 5% of a million "
+                               "records would be 50,000 evaluations each time). An evalSource is "
+                               "used whole.", default=1000, minimum=1),
     "evalSource": location("A separate evaluation set (same forms as source); when set, "
                            "evalFraction is ignored.", DATASET_SOURCE_HELP, DATASET_SOURCE),
     "dedup": obj("Duplicate removal before the split.", {
         "exact": boolean("Remove exact duplicates (after whitespace normalisation).", default=True),
         "nearThreshold": number("Jaccard similarity above which records are near-duplicates "
-                                "(MinHash); 1 disables near-duplicate removal.", default=0.9,
+                                "(MinHash), judged on what the model learns from: system "
+                                "messages are left out of the comparison (exact duplicates "
+                                "still compare whole records); 1 disables near-duplicate "
+                                "removal.", default=0.9,
                                 minimum=0.5, maximum=1),
     }, default={}),
     "minExamples": integer("Fail validation when fewer training examples remain after cleaning.",
@@ -524,9 +531,11 @@ OUTPUT = obj("What the job produces and where it is published.", {
     "resultsFile": location("Where the trainer also writes results.csv, the per-step training "
                             "history (step, train_loss, train_accuracy, valid_loss, "
                             "valid_mean_token_accuracy), at each checkpoint and at the end: "
-                            "pvc://<claim>/<folder>/<name>.csv. Another claim than the job's is "
-                            "mounted writable at that folder only. The job volume always gets "
-                            "reports/results.csv.", "pvc://<claim>/<folder>/<name>.csv",
+                            "pvc://<claim>/<folder>/<name>.csv or s3://<bucket>/<key>.csv. Another "
+                            "claim than the job's is mounted writable at that folder only; an s3:// "
+                            "object is uploaded with the credentials of spec.objectStorage. The job "
+                            "volume always gets reports/results.csv.",
+                            "pvc://<claim>/<folder>/<name>.csv or s3://<bucket>/<key>.csv",
                             RESULTS_FILE),
 }, default={})
 

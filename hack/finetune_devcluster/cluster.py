@@ -43,6 +43,7 @@ STORAGE_CLASS = "local-hostpath"
 STORAGE_PROVISIONER = "finetune.dev/local-hostpath"
 # kwok's own stage configs (from its module source): node set-up and heartbeats, and the
 # "general" pod lifecycle, whose delays pods can tune with kwok's stage annotations.
+KWOK_NODE_LEASE_SECONDS = 40  # a kubelet's default
 KWOK_STAGES = (
     "node/fast/node-initialize.yaml",
     "node/heartbeat-with-lease/node-heartbeat-with-lease.yaml",
@@ -549,6 +550,12 @@ class Cluster:
             f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
             f"--server-address=127.0.0.1:{self.ports['kwok']}",
             "--node-ip=127.0.0.1", "--cidr=10.0.0.1/24",
+            # Node Leases, renewed every 10 s as a kubelet does. Without them a kwok node's only
+            # heartbeat is its status, patched about every 55 s: longer than the controller
+            # manager's node-monitor-grace-period (50 s), so every minute each kwok node was
+            # NotReady for up to 5 s and the node lifecycle controller marked its pods NotReady
+            # (the "kwok readiness flaps on a loaded machine" of issue 13).
+            f"--node-lease-duration-seconds={KWOK_NODE_LEASE_SECONDS}",
             *configs,
         ], self.logs / "kwok.log")
 

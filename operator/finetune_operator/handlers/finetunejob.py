@@ -39,7 +39,7 @@ TRAINED = (Phase.COMPARING.value, Phase.AWAITING_APPROVAL.value, Phase.DEPLOYING
 
 # One reconciliation at a time per FineTuneJob (spec handler, timer and watch events all
 # write status; they must not interleave their read-modify-write of the conditions list).
-_locks = KeyedLocks()
+_locks = KeyedLocks(metrics.reconcile_queue_depth)
 
 
 def _now() -> dt.datetime:
@@ -309,16 +309,21 @@ def _deploy(job: FineTuneJob, obs: Observation) -> Observation:
 
 
 def refresh_status(namespace: str, name: str) -> None:
-    """Derive the status from the trainer Job and pods and write what changed."""
-    started = time.monotonic()
-    try:
-        with _locks.hold((namespace, name)):
+    """Derive the status from the trainer Job and pods and write what changed. Level-triggered
+    and coalesced: when a refresh of this job already waits, it will read everything this
+    caller's event changed, so this one returns at once."""
+    with _locks.coalesced((namespace, name)) as mine:
+        if not mine:
+            metrics.refreshes_coalesced.inc()
+            return
+        started = time.monotonic()
+        try:
             _refresh_status_locked(namespace, name)
-    except Exception:
-        metrics.reconcile_errors.inc()
-        raise
-    finally:
-        metrics.reconcile_duration.observe(time.monotonic() - started)
+        except Exception:
+            metrics.reconcile_errors.inc()
+            raise
+        finally:
+            metrics.reconcile_duration.observe(time.monotonic() - started)
 
 
 def _refresh_status_locked(namespace: str, name: str) -> None:

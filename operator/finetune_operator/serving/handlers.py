@@ -36,6 +36,7 @@ from finetune_operator.serving.checks import check
 from finetune_operator.serving.common import (
     INFERENCESERVICE_LABEL, REVISION_ANNOTATION, referenced_jobs, selector, service_url,
 )
+from finetune_operator.serving.references import references
 from finetune_operator.serving.status import READY, status_for
 
 PLURAL = "inferenceservices"
@@ -43,7 +44,7 @@ PROMETHEUS_URL = os.environ.get("FINETUNE_PROMETHEUS_URL", autoscaling.DEFAULT_P
 PODMONITOR_CRD = "podmonitors.monitoring.coreos.com"
 KEDA_CRD = "scaledobjects.keda.sh"
 log = logging.getLogger("finetune_operator.inferenceservice")
-_locks = KeyedLocks()  # one reconciliation at a time per InferenceService
+_locks = KeyedLocks(metrics.reconcile_queue_depth)  # one reconciliation at a time per InferenceService
 
 
 # --- reconciliation ---------------------------------------------------------------------------
@@ -165,12 +166,17 @@ def on_child_event(body: dict, namespace: str) -> None:
         reconcile_logged(namespace, owner)
 
 
+def on_inferenceservice_event(event_type: str | None, body: dict, namespace: str, name: str) -> None:
+    references.observe(event_type, body)
+    if event_type != "DELETED":
+        reconcile_logged(namespace, name)
+
+
 def on_finetunejob_event(namespace: str, name: str) -> None:
-    """A referenced job that succeeds (or is recreated) changes what is served."""
-    for obj in kube.custom().list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]:
-        isvc = InferenceService.from_resource(obj)
-        if name in referenced_jobs(isvc):
-            reconcile_logged(namespace, isvc.metadata.name)
+    """A referenced job that succeeds (or is recreated) changes what is served. The servers
+    that read it come from the InferenceServices' own events (no LIST per job event)."""
+    for server in references.servers_of(namespace, name):
+        reconcile_logged(namespace, server)
 
 
 def _owner(body: dict) -> Optional[str]:

@@ -42,6 +42,7 @@ EFFECT_TESTS: dict[str, str] = {
     "spec.dataset.format": "unit/trainer/test_trainer_run.py::test_chat_and_text_datasets_train",
     "spec.dataset.fieldMap": "unit/trainer/test_data_formats.py::test_field_map_renames_instruction_columns",
     "spec.dataset.evalFraction": "unit/trainer/test_data_prepare.py::test_split_is_deterministic_for_a_seed_and_changes_with_it",
+    "spec.dataset.maxEvalExamples": "unit/trainer/test_data_prepare.py::test_the_held_out_set_is_capped_by_max_eval_examples",
     "spec.dataset.evalSource": "unit/trainer/test_data_prepare.py::test_eval_source_is_used_and_leaked_records_leave_train",
     "spec.dataset.dedup.exact": "unit/trainer/test_data_clean.py::test_exact_duplicates_are_removed_on_normalised_text",
     "spec.dataset.dedup.nearThreshold": "unit/trainer/test_field_effects.py::test_near_threshold_one_disables_near_dedup",
