@@ -24,17 +24,18 @@ from tests.fixtures.inference import inferenceservice, parse
 pytestmark = pytest.mark.cluster
 
 
-def rendered_hpa(namespace: str, min_replicas: int) -> dict:
+def rendered(namespace: str, min_replicas: int, build=autoscaling.build_hpa) -> dict:
+    """The HPA (or with `build`, the ScaledObject) of an autoscaled InferenceService."""
     isvc, _ = parse(inferenceservice("support", namespace=namespace,
                                      autoscaling={"minReplicas": min_replicas, "maxReplicas": 4,
                                                   "targetRequestsWaiting": 3}))
-    hpa = autoscaling.build_hpa(isvc)
-    hpa["metadata"].pop("ownerReferences", None)  # no InferenceService object to own it here
-    return hpa
+    obj = build(isvc)
+    obj["metadata"].pop("ownerReferences", None)  # no InferenceService object to own it here
+    return obj
 
 
 def test_the_rendered_hpa_is_accepted_and_kept_by_the_api_server(cluster, namespace):
-    hpa = rendered_hpa(namespace, 2)
+    hpa = rendered(namespace, 2)
 
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(hpa))
 
@@ -45,7 +46,7 @@ def test_the_rendered_hpa_is_accepted_and_kept_by_the_api_server(cluster, namesp
 
 
 def test_min_replicas_zero_renders_a_floor_of_one_because_the_api_server_refuses_zero(cluster, namespace):
-    hpa = rendered_hpa(namespace, 0)
+    hpa = rendered(namespace, 0)
     assert hpa["spec"]["minReplicas"] == 1
 
     hpa["spec"]["minReplicas"] = 0
@@ -65,17 +66,8 @@ def keda_crd(cluster):
     cluster.kubectl("delete", "crd", "scaledobjects.keda.sh", "--wait=true", "--timeout=60s")
 
 
-def rendered_scaled_object(namespace: str, min_replicas: int) -> dict:
-    isvc, _ = parse(inferenceservice("support", namespace=namespace,
-                                     autoscaling={"minReplicas": min_replicas, "maxReplicas": 4,
-                                                  "targetRequestsWaiting": 3}))
-    so = autoscaling.build_scaled_object(isvc)
-    so["metadata"].pop("ownerReferences", None)  # no InferenceService object to own it here
-    return so
-
-
 def test_the_rendered_scaled_object_is_valid_under_kedas_own_crd(cluster, namespace, keda_crd):
-    so = rendered_scaled_object(namespace, 0)  # scale to zero: what KEDA adds over the HPA
+    so = rendered(namespace, 0, autoscaling.build_scaled_object)  # scale to zero: what KEDA adds over the HPA
 
     cluster.kubectl("create", "--validate=strict", "-n", namespace, "-f", "-", input=json.dumps(so))
 
