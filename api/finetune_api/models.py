@@ -297,17 +297,19 @@ class ObjectStorage:
 
 
 @dataclass(kw_only=True)
-class VLLM:
-    """vLLM server options."""
+class DeployVLLM:
+    """vLLM server options applied to the InferenceService's spec.vllm, field by field: a set
+    field replaces the InferenceService's value, an unset one keeps it (the
+    InferenceService's defaults when deploy creates it)."""
 
     image: Optional[str] = None
     served_model_name: Optional[str] = None
     max_model_len: Optional[int] = None
-    gpu_memory_utilization: float = 0.9
-    tensor_parallel_size: int = 1
-    max_lora_rank: int = 16
-    max_loras: int = 4
-    dtype: str = "auto"
+    gpu_memory_utilization: Optional[float] = None
+    tensor_parallel_size: Optional[int] = None
+    max_lora_rank: Optional[int] = None
+    max_loras: Optional[int] = None
+    dtype: Optional[str] = None
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -316,14 +318,24 @@ class Deploy:
     """Serve the result with an InferenceService once training succeeded. Mutable: adding it to
     a finished job deploys it. Deleting the job takes away what deploy added (its adapter
     entry; the InferenceService itself when the job created it and nothing else is left in
-    it)."""
+    it). replicas, gpus, nodeSelector, tolerations and each vllm field are applied to the
+    InferenceService's spec when the job deploys, whether deploy creates the
+    InferenceService or adds the job to an existing one, and again whenever they are changed
+    on a deployed job (a set field replaces the InferenceService's value: nodeSelector,
+    tolerations and vllm.extraArgs as a whole); a field left unset (or an empty
+    nodeSelector/tolerations) keeps the InferenceService's own value, or its default when
+    deploy creates it. Several jobs may deploy into one InferenceService; when another job
+    it already serves set the same field to another value, this job is not added: it stays
+    Deploying with reason DeployConflict naming the field and both values, until one of the
+    two spec.deploy sections is changed (or the other job leaves the server). Editing the
+    InferenceService by hand later is kept until a job deploys into it again."""
 
     inference_service: Optional[str] = None
-    replicas: int = 1
-    gpus: int = 1
+    replicas: Optional[int] = None
+    gpus: Optional[int] = None
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[Toleration] = field(default_factory=list)
-    vllm: Optional[VLLM] = None
+    vllm: Optional[DeployVLLM] = None
     adapter_name: Optional[str] = None
     require_approval: bool = False
 
@@ -442,6 +454,8 @@ class EvaluationResults:
 
     eval_loss: Optional[float] = None
     perplexity: Optional[float] = None
+    base_eval_loss: Optional[float] = None
+    base_perplexity: Optional[float] = None
     preference_accuracy: Optional[PreferenceAccuracy] = None
     reward_accuracy: Optional[float] = None
     scores: Optional[GenerationScores] = None
@@ -706,6 +720,21 @@ class ServingResources:
     tolerations: list[Toleration] = field(default_factory=list)
     affinity: Optional[dict[str, Any]] = None
     priority_class_name: Optional[str] = None
+
+
+@dataclass(kw_only=True)
+class VLLM:
+    """vLLM server options."""
+
+    image: Optional[str] = None
+    served_model_name: Optional[str] = None
+    max_model_len: Optional[int] = None
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1
+    max_lora_rank: int = 16
+    max_loras: int = 4
+    dtype: str = "auto"
+    extra_args: list[str] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)

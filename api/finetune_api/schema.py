@@ -605,18 +605,47 @@ VLLM = obj("vLLM server options.", {
                        default=[], max_items=64),
 })
 
+def _without_defaults(node: Schema) -> Schema:
+    """A copy of an object schema whose fields have no defaults (unset stays unset)."""
+    props = {k: {f: v for f, v in child.items() if f != "default"}
+             for k, child in node["properties"].items()}
+    return {**node, "properties": props}
+
+
+# What an unset field of spec.deploy means, and what a set one does to an InferenceService.
+DEPLOY_SEMANTICS = (
+    "replicas, gpus, nodeSelector, tolerations and each vllm field are applied to the "
+    "InferenceService's spec when the job deploys, whether deploy creates the "
+    "InferenceService or adds the job to an existing one, and again whenever they are changed "
+    "on a deployed job (a set field replaces the "
+    "InferenceService's value: nodeSelector, tolerations and vllm.extraArgs as a whole); a field "
+    "left unset (or an empty nodeSelector/tolerations) keeps the InferenceService's own value, or its "
+    "default when deploy creates it. Several jobs may deploy into one InferenceService; when "
+    "another job it already serves set the same field to another value, this job is not added: it "
+    "stays Deploying with reason DeployConflict naming the field and both values, until one of the "
+    "two spec.deploy sections is changed (or the other job leaves the server). Editing the "
+    "InferenceService by hand later is kept until a job deploys into it again.")
+
 DEPLOY = obj("Serve the result with an InferenceService once training succeeded. Mutable: "
              "adding it to a finished job deploys it. Deleting the job takes away what deploy added "
              "(its adapter entry; the InferenceService itself when the job created it and nothing "
-             "else is left in it).", {
+             "else is left in it). " + DEPLOY_SEMANTICS, {
     "inferenceService": name("Name of the InferenceService to create or add the adapter to "
                              "(defaults to the job's name).", label=True),
-    "replicas": integer("vLLM replicas.", default=1, minimum=0, maximum=64),
-    "gpus": integer("GPUs per replica.", default=1, minimum=0, maximum=16),
+    "replicas": integer("vLLM replicas, applied to the InferenceService (unset: the "
+                        "InferenceService's own; 1 when deploy creates it).", minimum=0, maximum=64),
+    "gpus": integer("GPUs per replica, applied to the InferenceService's resources.gpus (unset: "
+                    "its own; 1 when deploy creates it). 0 serves on CPU and sets "
+                    "vllm.tensorParallelSize to 1 unless deploy.vllm sets it.", minimum=0, maximum=16),
     "nodeSelector": string_map("Node labels the vLLM pods must match (serving pools often differ "
-                               "from training pools)."),
-    "tolerations": array(TOLERATION, "Tolerations for the vLLM pods.", max_items=32),
-    "vllm": VLLM,
+                               "from training pools); replaces the InferenceService's "
+                               "resources.nodeSelector when set."),
+    "tolerations": array(TOLERATION, "Tolerations for the vLLM pods; replace the "
+                         "InferenceService's resources.tolerations when set.", max_items=32),
+    "vllm": _without_defaults(VLLM) | {
+        "description": "vLLM server options applied to the InferenceService's spec.vllm, field by "
+                       "field: a set field replaces the InferenceService's value, an unset one keeps "
+                       "it (the InferenceService's defaults when deploy creates it)."},
     # serving #21: a new version of a served adapter
     "adapterName": string("Name clients use for the adapter (the OpenAI model field); defaults to "
                           "the job's name. A job deploying under a name another job's adapter "
@@ -658,8 +687,9 @@ FINETUNEJOB_SPEC = obj("Desired state of a FineTuneJob. Once training started (s
     rule("self.method.type != 'full' || !self.output.merge",
          "spec.output.merge is only allowed with spec.method.type lora or qlora (full fine-tuning "
          "always writes a full model)", field_path=".output.merge"),
-    rule("!has(self.deploy) || !has(self.deploy.vllm) || self.method.type == 'full' || "
-         "!has(self.method.lora) || self.method.lora.r <= self.deploy.vllm.maxLoraRank",
+    rule("!has(self.deploy) || !has(self.deploy.vllm) || !has(self.deploy.vllm.maxLoraRank) || "
+         "self.method.type == 'full' || !has(self.method.lora) || "
+         "self.method.lora.r <= self.deploy.vllm.maxLoraRank",
          "spec.deploy.vllm.maxLoraRank must be at least spec.method.lora.r", field_path=".deploy"),
     rule("!has(self.training.earlyStopping) || self.dataset.evalFraction > 0.0 || "
          "has(self.dataset.evalSource)",
@@ -724,6 +754,11 @@ FINETUNEJOB_STATUS = obj("Observed state of a FineTuneJob, written by the operat
     "evaluation": obj("Results of the evaluation after training.", {
         "evalLoss": number("Loss on the evaluation set (the objective's loss)."),
         "perplexity": number("exp(evalLoss), for language-model losses (sft)."),
+        "baseEvalLoss": number("The base model's loss on the same evaluation set (sft): with "
+                               "an adapter, measured by the training run's own evaluation with "
+                               "the adapter disabled; after full fine-tuning, by a separate pass "
+                               "over the base model (single-process runs only)."),
+        "basePerplexity": number("exp(baseEvalLoss), to compare with perplexity."),
         "preferenceAccuracy": obj("DPO: share of held-out pairs whose chosen answer has a higher "
                                   "log-probability (summed over its tokens, given the prompt) "
                                   "than the rejected one.", {
@@ -1255,7 +1290,7 @@ PYTHON_CLASSES: dict[str, dict[str, str]] = {
         "spec.objectStorage": "ObjectStorage",
         "spec.objectStorage.secretRef": "LocalRef",
         "spec.deploy": "Deploy",
-        "spec.deploy.vllm": "VLLM",
+        "spec.deploy.vllm": "DeployVLLM",
         "status": "FineTuneJobStatus",
         "status.conditions[]": "Condition",
         "status.progress": "Progress",
@@ -1293,6 +1328,7 @@ PYTHON_CLASSES: dict[str, dict[str, str]] = {
         "spec.mergedModel": "MergedModel",
         "spec.mergedModel.fineTuneJobRef": "LocalRef",
         "spec.resources": "ServingResources",
+        "spec.vllm": "VLLM",
         "spec.autoscaling": "Autoscaling",
         "status": "InferenceServiceStatus",
         "status.conditions[]": "Condition",

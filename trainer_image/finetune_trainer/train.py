@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import checkpoints
+from . import checkpoints, evaluate
 from .callbacks import (ENV_STEP_DELAY, SignalGuard, TerminationRequested, TrainingDiverged,
                         barrier as _barrier, make_callbacks)
 from .config import ConfigError, TrainerConfig
@@ -163,6 +163,8 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
                 f"stopped by SIGTERM after saving checkpoint-{trainer.state.global_step}")
         train_seconds = time.monotonic() - started
         eval_metrics = trainer.evaluate() if has_eval else {}
+        if has_eval and objective.lm_loss:
+            eval_metrics.update(evaluate.base_eval_with_trainer(trainer))  # every rank: collective
         _barrier()
         if not is_main:
             return {}
@@ -179,7 +181,7 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
 
 def _finish(cfg, objective, trainer, tokenizer, data, result, eval_metrics, train_seconds,
             precision, packing, resume, reporter, sources=()) -> dict[str, Any]:
-    from . import artifacts, evaluate
+    from . import artifacts
 
     model = trainer.model
     artifact_paths = artifacts.save(cfg, model, tokenizer)
@@ -278,7 +280,7 @@ def artifacts_status(artifact_paths: dict[str, Any]) -> dict[str, str]:
 def evaluation_status(eval_report: dict[str, Any]) -> dict[str, Any]:
     """status.evaluation from the evaluation report (only what the schema declares)."""
     out: dict[str, Any] = {}
-    for key in ("evalLoss", "perplexity"):
+    for key in ("evalLoss", "perplexity", "baseEvalLoss", "basePerplexity"):
         if isinstance(eval_report.get(key), (int, float)):
             out[key] = eval_report[key]
     accuracy = eval_report.get("preferenceAccuracy")

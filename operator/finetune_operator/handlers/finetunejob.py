@@ -27,8 +27,9 @@ from finetune_operator.handlers import facts, records
 from finetune_operator.labels import FINETUNEJOB, FINETUNEJOB_NAME_ANNOTATION
 from finetune_operator.locks import KeyedLocks
 from finetune_operator.status import (
-    GPU_SECONDS_ANNOTATION, Observation, Phase, admission_status, deployment_failed,
-    deployment_observation, derive, late_deploy, parse_time, status_patch, trainer_completed,
+    DEPLOYED_SETTINGS_ANNOTATION, GPU_SECONDS_ANNOTATION, Observation, Phase, admission_status,
+    deploy_digest, deployment_failed, deployment_observation, derive, late_deploy, parse_time,
+    status_patch, trainer_completed,
 )
 
 PLURAL = "finetunejobs"
@@ -298,6 +299,11 @@ def _deploy(job: FineTuneJob, obs: Observation) -> Observation:
     except ImportError:  # an operator built without the serving controller
         return deployment_observation(job, obs, None, None)
     endpoint = serving.ensure_for_finetunejob(job, kube.api())
+    digest = deploy_digest(job)
+    if job.metadata.annotations.get(DEPLOYED_SETTINGS_ANNOTATION) != digest:
+        kube.custom().patch_namespaced_custom_object(
+            GROUP, VERSION, job.metadata.namespace, PLURAL, job.metadata.name,
+            {"metadata": {"annotations": {DEPLOYED_SETTINGS_ANNOTATION: digest}}})
     isvc = kube.read_own(serving.PLURAL, job.metadata.namespace, endpoint["name"])
     return deployment_observation(job, obs, endpoint, isvc)
 

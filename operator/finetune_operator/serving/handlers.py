@@ -16,6 +16,7 @@ finished training: it creates the InferenceService or adds the job's adapter to 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -242,7 +243,12 @@ def _owner(body: dict) -> Optional[str]:
 
 
 class DeployConflict(Exception):
-    """The job cannot be added to the named InferenceService (the message says why)."""
+    """The job cannot be added to the named InferenceService (the message says why; `reason`
+    becomes the job's condition reason)."""
+
+    def __init__(self, message: str, reason: str = "DeployFailed"):
+        super().__init__(message)
+        self.reason = reason
 
 
 def ensure_for_finetunejob(job: FineTuneJob | dict, api_client: Optional[client.ApiClient] = None,
@@ -266,7 +272,8 @@ def ensure_for_finetunejob(job: FineTuneJob | dict, api_client: Optional[client.
             done = kube.call(custom.create_namespaced_custom_object, GROUP, VERSION, ns, PLURAL,
                              _new_isvc(job, target), conflict=True)
         else:
-            spec = _with_job(current["spec"], job, target)
+            spec = with_deploy_settings(_with_job(current["spec"], job, target), job,
+                                        _served_jobs(current, job, api_client))
             if spec == current["spec"]:
                 break
             body = {"apiVersion": current["apiVersion"], "kind": current["kind"],
@@ -283,18 +290,8 @@ def ensure_for_finetunejob(job: FineTuneJob | dict, api_client: Optional[client.
 
 
 def _new_isvc(job: FineTuneJob, target: str) -> dict:
-    deploy = job.spec.deploy
     model = to_dict(job.spec.model)
-    resources: dict = {"gpus": deploy.gpus}
-    if deploy.node_selector:
-        resources["nodeSelector"] = dict(deploy.node_selector)
-    if deploy.tolerations:
-        resources["tolerations"] = [to_dict(t) for t in deploy.tolerations]
-    spec: dict = {"model": model, "replicas": deploy.replicas, "resources": resources}
-    if deploy.vllm:
-        spec["vllm"] = to_dict(deploy.vllm)
-        if deploy.gpus == 0:
-            spec["vllm"]["tensorParallelSize"] = 1
+    spec: dict = {"model": model, "replicas": 1, "resources": {"gpus": 1}}
     ref = {"fineTuneJobRef": {"name": job.metadata.name}}
     if job.spec.method.uses_adapter:
         spec["adapters"] = [{"name": adapter_name(job), **ref}]
@@ -304,7 +301,72 @@ def _new_isvc(job: FineTuneJob, target: str) -> dict:
             "metadata": {"name": target, "namespace": job.metadata.namespace,
                          "labels": {MANAGED_BY: APP},
                          "annotations": {f"{GROUP}/created-by-finetunejob": job.metadata.name}},
-            "spec": spec}
+            "spec": with_deploy_settings(spec, job, [])}
+
+
+# spec.deploy field -> where it goes in the InferenceService's spec
+_DEPLOY_FIELDS = {"replicas": ("replicas",), "gpus": ("resources", "gpus"),
+                  "nodeSelector": ("resources", "nodeSelector"),
+                  "tolerations": ("resources", "tolerations")}
+
+
+def deploy_settings(job: FineTuneJob) -> dict[str, tuple[tuple[str, ...], object]]:
+    """The InferenceService values a job's spec.deploy sets: `{"spec.deploy.<field>": (path in
+    the InferenceService's spec, value)}`. Unset fields (and empty maps/lists) set nothing."""
+    deploy = job.spec.deploy
+    if deploy is None:
+        return {}
+    given = to_dict(deploy)
+    out: dict[str, tuple[tuple[str, ...], object]] = {}
+    for key, path in _DEPLOY_FIELDS.items():
+        if given.get(key) not in (None, {}, []):
+            out[f"spec.deploy.{key}"] = (path, given[key])
+    for key, value in (given.get("vllm") or {}).items():
+        if value not in (None, []):
+            out[f"spec.deploy.vllm.{key}"] = (("vllm", key), value)
+    return out
+
+
+def _targets(job: FineTuneJob, target: str) -> bool:
+    return job.spec.deploy is not None and (job.spec.deploy.inference_service or job.metadata.name) == target
+
+
+def with_deploy_settings(spec: dict, job: FineTuneJob, others: list[FineTuneJob]) -> dict:
+    """`spec` (an InferenceService's) with the values `job`'s spec.deploy sets applied: the job's
+    value replaces the server's (last deploy wins over a hand edit). `others` are the other jobs
+    the server already serves; one whose spec.deploy targets this server and sets the same field
+    to another value makes this a DeployConflict naming the field and both values. gpus 0 also
+    sets vllm.tensorParallelSize to 1 unless the job sets it (vLLM on CPU shards over nothing)."""
+    mine = deploy_settings(job)
+    target = job.spec.deploy.inference_service or job.metadata.name
+    for other in others:
+        if other.metadata.name == job.metadata.name or not _targets(other, target):
+            continue
+        theirs = deploy_settings(other)
+        for field_name, (_, value) in mine.items():
+            if field_name in theirs and theirs[field_name][1] != value:
+                raise DeployConflict(
+                    f"{field_name} is {_show(value)} here but {_show(theirs[field_name][1])} in FineTuneJob "
+                    f"{other.metadata.name}, which InferenceService {target} already serves; make "
+                    "them agree or unset one of them", reason="DeployConflict")
+    spec = {**spec, "resources": dict(spec.get("resources") or {})}
+    if "vllm" in spec or any(path[0] == "vllm" for path, _ in mine.values()):
+        spec["vllm"] = dict(spec.get("vllm") or {})
+    for path, value in mine.values():
+        if len(path) == 1:
+            spec[path[0]] = value
+        else:
+            spec[path[0]][path[1]] = value
+    if spec["resources"].get("gpus") == 0 and "spec.deploy.vllm.tensorParallelSize" not in mine \
+            and spec.get("vllm"):
+        spec["vllm"]["tensorParallelSize"] = 1
+    if not spec["resources"]:
+        spec.pop("resources")
+    return spec
+
+
+def _show(value: object) -> str:
+    return json.dumps(value, sort_keys=True)
 
 
 def _with_job(spec: dict, job: FineTuneJob, target: str) -> dict:
@@ -335,6 +397,20 @@ def _with_job(spec: dict, job: FineTuneJob, target: str) -> dict:
 def adapter_name(job: FineTuneJob) -> str:
     """The name a job's adapter is served under (spec.deploy.adapterName, else the job's name)."""
     return (job.spec.deploy.adapter_name if job.spec.deploy else None) or job.metadata.name
+
+
+def _served_jobs(current: dict, job: FineTuneJob, api_client: Optional[client.ApiClient]) -> list[FineTuneJob]:
+    """The other FineTuneJobs the InferenceService `current` serves (those that still exist)."""
+    if not deploy_settings(job):
+        return []  # this job sets nothing, so nothing can conflict
+    isvc = InferenceService.from_resource(current)
+    out = []
+    for other in referenced_jobs(isvc):
+        if other != job.metadata.name:
+            obj = kube.read_own("finetunejobs", job.metadata.namespace, other, api_client)
+            if obj is not None:
+                out.append(FineTuneJob.from_resource(obj))
+    return out
 
 
 def served_by(job: FineTuneJob, api_client: Optional[client.ApiClient] = None) -> Optional[str]:
