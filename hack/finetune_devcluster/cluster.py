@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -115,10 +116,25 @@ def mlflow_server_argv(venv: Path, data: Path, port: int) -> list[str]:
             "--artifacts-destination", str(data / "artifacts"), "--serve-artifacts", "--workers", "1"]
 
 
+# Listening ports come from below the kernel's ephemeral range (net.ipv4.ip_local_port_range,
+# 32768-60999 by default). A port the kernel hands out for bind(0) comes from that range too, and
+# so does the source port of every outgoing connection: a port picked that way could be taken by
+# any client socket before the component bound it ("bind: address already in use"; it took down
+# a whole test session's control plane once).
+LISTEN_PORTS = range(20000, 32000)
+_port_rng = random.Random()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for _ in range(200):
+        port = _port_rng.choice(LISTEN_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise ClusterError(f"no free port in {LISTEN_PORTS.start}-{LISTEN_PORTS.stop - 1} after 200 tries")
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -217,6 +233,19 @@ class Cluster:
 
     # lifecycle ---------------------------------------------------------------------
     def start(self, timeout: float = 120) -> "Cluster":
+        """Start everything; a component that lost its port to another process between the
+        choice and its bind is retried with new ports (twice at most)."""
+        for attempt in range(3):
+            try:
+                return self._start_once(timeout)
+            except ClusterError as exc:
+                if "address already in use" not in str(exc) or attempt == 2:
+                    raise
+                print(f"dev cluster: a port was taken before its component bound it; starting again "
+                      f"with new ports ({exc.__str__().splitlines()[0]})", file=sys.stderr)
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> "Cluster":
         if self.pid_file.exists():
             stop_from_pid_file(self.state_dir)
         self.bin_dir = self.bin_dir or control_plane_binaries()
