@@ -28,6 +28,7 @@ BENCHES = {
     "data": ["bench/bench_data.py"],
     "resume": ["bench/bench_resume.py"],
     "serve": ["bench/bench_time_to_serve.py"],
+    "adapter": ["bench/bench_runtime_adapter.py"],
 }
 QUICK = {
     "scale": ["--sizes", "100"],
@@ -35,6 +36,7 @@ QUICK = {
     "data": ["--sizes", "10000", "100000"],
     "resume": ["--save-steps", "5", "--kill-at", "8", "--max-steps", "12"],
     "serve": [],
+    "adapter": ["--rounds", "1"],
 }
 
 
@@ -170,6 +172,21 @@ def serve_section(data: dict) -> list[str]:
             f"| {fmt(100 * data['operatorOverheadSeconds'] / data['trainingDoneToReadySeconds'], '%')} |", ""]
 
 
+def adapter_section(data: dict) -> list[str]:
+    return ["## A new adapter on a running server (tiny model, vLLM CPU build, local node)", "",
+            "From a new adapter's FineTuneJob succeeding (added to the running InferenceService as the "
+            "FineTuneJob handler does) to a completion with the adapter answering, against vLLM's "
+            "start-up in the same run (the serving container's start to its first passing /health; "
+            "whole seconds, the API's timestamps). The pod is neither replaced nor restarted. From "
+            "`bench/bench_runtime_adapter.py`.", "",
+            "| adapter -> answering (s), each round | worst | vLLM start-up (s) | worst / start-up | "
+            "server created -> first adapter answering (s) |",
+            "| --- | ---: | ---: | ---: | ---: |",
+            f"| {', '.join(fmt(t) for t in data['adapterToAnswerSeconds'])} | {fmt(data['adapterToAnswerMax'])} "
+            f"| {fmt(data['vllmStartupSeconds'])} | {fmt(data['ratioToVllmStartup'])} "
+            f"| {fmt(data['serverStartSeconds'])} |", ""]
+
+
 def render(notes: str) -> str:
     m = machine()
     lines = ["# Benchmarks", "",
@@ -179,7 +196,8 @@ def render(notes: str) -> str:
              f"(load average {m['loadAverage']} when this page was written). Python {m['python']}, {m['kube']}, "
              f"{', '.join(f'{k} {v}' for k, v in m['versions'].items())}. Written {m['date']}.", ""]
     for name, section in (("operator_scale", scale_section), ("trainer", trainer_section), ("data", data_section),
-                          ("resume", resume_section), ("time_to_serve", serve_section)):
+                          ("resume", resume_section), ("time_to_serve", serve_section),
+                          ("runtime_adapter", adapter_section)):
         data = load(name)
         if data:
             lines += section(data)

@@ -9,7 +9,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 source "$here/versions.env"
 # The key hashes the control plane's lines only: PROMETHEUS_ lines are hack/build-prometheus.sh's,
 # and the real node's pins (below the marker) have their own key in hack/build-node.sh.
-key=$(sed '/^# --- real node/,$d' "$here/versions.env" | grep -v -E '^(PROMETHEUS|MINIO)_' | sha256sum | cut -c1-12)
+key=$(sed '/^# --- real node/,$d' "$here/versions.env" | grep -v -E '^(PROMETHEUS|MINIO|KEDA)_' | sha256sum | cut -c1-12)
 cache=${FINETUNE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/finetune-operator}
 bin="$cache/bin/$key"
 want=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm)

@@ -105,6 +105,7 @@ class Dataset:
     format: str = "instruction"
     field_map: dict[str, str] = field(default_factory=dict)
     eval_fraction: float = 0.05
+    max_eval_examples: int = 1000
     eval_source: Optional[str] = None
     dedup: Dedup = field(default_factory=Dedup)
     min_examples: int = 10
@@ -296,17 +297,19 @@ class ObjectStorage:
 
 
 @dataclass(kw_only=True)
-class VLLM:
-    """vLLM server options."""
+class DeployVLLM:
+    """vLLM server options applied to the InferenceService's spec.vllm, field by field: a set
+    field replaces the InferenceService's value, an unset one keeps it (the
+    InferenceService's defaults when deploy creates it)."""
 
     image: Optional[str] = None
     served_model_name: Optional[str] = None
     max_model_len: Optional[int] = None
-    gpu_memory_utilization: float = 0.9
-    tensor_parallel_size: int = 1
-    max_lora_rank: int = 16
-    max_loras: int = 4
-    dtype: str = "auto"
+    gpu_memory_utilization: Optional[float] = None
+    tensor_parallel_size: Optional[int] = None
+    max_lora_rank: Optional[int] = None
+    max_loras: Optional[int] = None
+    dtype: Optional[str] = None
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -315,14 +318,25 @@ class Deploy:
     """Serve the result with an InferenceService once training succeeded. Mutable: adding it to
     a finished job deploys it. Deleting the job takes away what deploy added (its adapter
     entry; the InferenceService itself when the job created it and nothing else is left in
-    it)."""
+    it). replicas, gpus, nodeSelector, tolerations and each vllm field are applied to the
+    InferenceService's spec when the job deploys, whether deploy creates the
+    InferenceService or adds the job to an existing one, and again whenever they are changed
+    on a deployed job (a set field replaces the InferenceService's value: nodeSelector,
+    tolerations and vllm.extraArgs as a whole); a field left unset (or an empty
+    nodeSelector/tolerations) keeps the InferenceService's own value, or its default when
+    deploy creates it. Several jobs may deploy into one InferenceService; when another job
+    it already serves set the same field to another value, this job is not added: it stays
+    Deploying with reason DeployConflict naming the field and both values, until one of the
+    two spec.deploy sections is changed (or the other job leaves the server). Editing the
+    InferenceService by hand later is kept until a job deploys into it again."""
 
     inference_service: Optional[str] = None
-    replicas: int = 1
-    gpus: int = 1
+    replicas: Optional[int] = None
+    gpus: Optional[int] = None
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[Toleration] = field(default_factory=list)
-    vllm: Optional[VLLM] = None
+    vllm: Optional[DeployVLLM] = None
+    adapter_name: Optional[str] = None
     require_approval: bool = False
 
 
@@ -440,6 +454,8 @@ class EvaluationResults:
 
     eval_loss: Optional[float] = None
     perplexity: Optional[float] = None
+    base_eval_loss: Optional[float] = None
+    base_perplexity: Optional[float] = None
     preference_accuracy: Optional[PreferenceAccuracy] = None
     reward_accuracy: Optional[float] = None
     scores: Optional[GenerationScores] = None
@@ -503,6 +519,25 @@ class Checkpoints:
 
 
 @dataclass(kw_only=True)
+class RenderedMessage:
+    """A chat message."""
+
+    role: Optional[str] = None
+    content: Optional[str] = None
+
+
+@dataclass(kw_only=True)
+class PromptRendering:
+    """How the trainer rendered the prompt part of one eval example (also in
+    artifacts/prompt_renderings.json)."""
+
+    messages: list[RenderedMessage] = field(default_factory=list)
+    prompt: Optional[str] = None
+    text: Optional[str] = None
+    token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
 class Artifacts:
     """Where the results are."""
 
@@ -511,6 +546,7 @@ class Artifacts:
     volume: Optional[str] = None
     pushed: Optional[str] = None
     push_error: Optional[str] = None
+    prompt_renderings: list[PromptRendering] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)
@@ -643,12 +679,26 @@ class FineTuneJob(_runtime.FineTuneJobBehaviour):
 
 
 @dataclass(kw_only=True)
+class Promotion:
+    """Gate a new version of this adapter (fineTuneJobRef changed to another FineTuneJob) on
+    evaluation: it is loaded as <name>-candidate, both versions are scored through the
+    server on the new job's evaluation.prompts that have a reference, and the name switches
+    to it only when it wins; otherwise the current version keeps serving and condition
+    Promoted=False (CandidateRefused) names both scores."""
+
+    metric: str = "evalLoss"
+    require_improvement_over: str = "current"
+    margin: float = 0.0
+
+
+@dataclass(kw_only=True)
 class Adapter:
     """A LoRA adapter served next to the base model."""
 
     name: str
     fine_tune_job_ref: Optional[LocalRef] = None
     path: Optional[str] = None
+    promotion: Optional[Promotion] = None
 
 
 @dataclass(kw_only=True)
@@ -670,6 +720,21 @@ class ServingResources:
     tolerations: list[Toleration] = field(default_factory=list)
     affinity: Optional[dict[str, Any]] = None
     priority_class_name: Optional[str] = None
+
+
+@dataclass(kw_only=True)
+class VLLM:
+    """vLLM server options."""
+
+    image: Optional[str] = None
+    served_model_name: Optional[str] = None
+    max_model_len: Optional[int] = None
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1
+    max_lora_rank: int = 16
+    max_loras: int = 4
+    dtype: str = "auto"
+    extra_args: list[str] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)
@@ -696,6 +761,39 @@ class InferenceServiceSpec:
 
 
 @dataclass(kw_only=True)
+class LoadedAdapter:
+    """A loaded adapter."""
+
+    name: Optional[str] = None
+    version: Optional[str] = None
+
+
+@dataclass(kw_only=True)
+class ReplicaAdapters:
+    """The adapters one ready replica has loaded (from its /v1/models)."""
+
+    pod: Optional[str] = None
+    adapters: list[LoadedAdapter] = field(default_factory=list)
+    error: Optional[str] = None
+    simulated: Optional[bool] = None
+
+
+@dataclass(kw_only=True)
+class AdapterPromotion:
+    """The versions of an adapter with spec.adapters[].promotion."""
+
+    name: Optional[str] = None
+    fine_tune_job: Optional[str] = None
+    version: Optional[str] = None
+    candidate: Optional[str] = None
+    candidate_version: Optional[str] = None
+    result: Optional[str] = None
+    current_eval_loss: Optional[float] = None
+    candidate_eval_loss: Optional[float] = None
+    message: Optional[str] = None
+
+
+@dataclass(kw_only=True)
 class InferenceServiceStatus:
     """Observed state of an InferenceService."""
 
@@ -707,6 +805,8 @@ class InferenceServiceStatus:
     url: Optional[str] = None
     served_models: list[str] = field(default_factory=list)
     revision: Optional[str] = None
+    replica_adapters: list[ReplicaAdapters] = field(default_factory=list)
+    promotions: list[AdapterPromotion] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)

@@ -41,7 +41,7 @@ MODEL_SOURCE = (
 # Datasets may also be a plain http(s) URL and an hf dataset id.
 DATASET_SOURCE = MODEL_SOURCE
 # Folder and file names start with a letter, digit or '_' (no '..', no hidden names).
-RESULTS_FILE = r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/([A-Za-z0-9_][A-Za-z0-9_.-]*/)+[A-Za-z0-9_][A-Za-z0-9_.-]*\.csv$"
+RESULTS_FILE = r"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/([A-Za-z0-9_][A-Za-z0-9_.-]*/)+|s3://[a-z0-9][-a-z0-9.]{1,61}[a-z0-9]/([A-Za-z0-9_][A-Za-z0-9_.=-]*/)*)[A-Za-z0-9_][A-Za-z0-9_.-]*\.csv$"
 PUSH_URI = r"^(hf://[A-Za-z0-9][-A-Za-z0-9_.]*/[-A-Za-z0-9_.]+|s3://[a-z0-9][-a-z0-9.]{1,61}[a-z0-9](/.*)?)$"
 QUANTITY = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 
@@ -328,12 +328,19 @@ DATASET = obj("Training data, its format, how it is split and cleaned.", {
     "evalFraction": number("Fraction of the cleaned data held out for evaluation (0 disables "
                            "evaluation on held-out data unless evalSource is set).", default=0.05,
                            minimum=0, maximum=0.5),
+    "maxEvalExamples": integer("At most this many records are held out by evalFraction (the "
+                               "held-out set is evaluated at every saveSteps: 5% of a million "
+                               "records would be 50,000 evaluations each time). An evalSource is "
+                               "used whole.", default=1000, minimum=1),
     "evalSource": location("A separate evaluation set (same forms as source); when set, "
                            "evalFraction is ignored.", DATASET_SOURCE_HELP, DATASET_SOURCE),
     "dedup": obj("Duplicate removal before the split.", {
         "exact": boolean("Remove exact duplicates (after whitespace normalisation).", default=True),
         "nearThreshold": number("Jaccard similarity above which records are near-duplicates "
-                                "(MinHash); 1 disables near-duplicate removal.", default=0.9,
+                                "(MinHash), judged on what the model learns from: system "
+                                "messages are left out of the comparison (exact duplicates "
+                                "still compare whole records); 1 disables near-duplicate "
+                                "removal.", default=0.9,
                                 minimum=0.5, maximum=1),
     }, default={}),
     "minExamples": integer("Fail validation when fewer training examples remain after cleaning.",
@@ -524,9 +531,11 @@ OUTPUT = obj("What the job produces and where it is published.", {
     "resultsFile": location("Where the trainer also writes results.csv, the per-step training "
                             "history (step, train_loss, train_accuracy, valid_loss, "
                             "valid_mean_token_accuracy), at each checkpoint and at the end: "
-                            "pvc://<claim>/<folder>/<name>.csv. Another claim than the job's is "
-                            "mounted writable at that folder only. The job volume always gets "
-                            "reports/results.csv.", "pvc://<claim>/<folder>/<name>.csv",
+                            "pvc://<claim>/<folder>/<name>.csv or s3://<bucket>/<key>.csv. Another "
+                            "claim than the job's is mounted writable at that folder only; an s3:// "
+                            "object is uploaded with the credentials of spec.objectStorage. The job "
+                            "volume always gets reports/results.csv.",
+                            "pvc://<claim>/<folder>/<name>.csv or s3://<bucket>/<key>.csv",
                             RESULTS_FILE),
 }, default={})
 
@@ -596,18 +605,54 @@ VLLM = obj("vLLM server options.", {
                        default=[], max_items=64),
 })
 
+def _without_defaults(node: Schema) -> Schema:
+    """A copy of an object schema whose fields have no defaults (unset stays unset)."""
+    props = {k: {f: v for f, v in child.items() if f != "default"}
+             for k, child in node["properties"].items()}
+    return {**node, "properties": props}
+
+
+# What an unset field of spec.deploy means, and what a set one does to an InferenceService.
+DEPLOY_SEMANTICS = (
+    "replicas, gpus, nodeSelector, tolerations and each vllm field are applied to the "
+    "InferenceService's spec when the job deploys, whether deploy creates the "
+    "InferenceService or adds the job to an existing one, and again whenever they are changed "
+    "on a deployed job (a set field replaces the "
+    "InferenceService's value: nodeSelector, tolerations and vllm.extraArgs as a whole); a field "
+    "left unset (or an empty nodeSelector/tolerations) keeps the InferenceService's own value, or its "
+    "default when deploy creates it. Several jobs may deploy into one InferenceService; when "
+    "another job it already serves set the same field to another value, this job is not added: it "
+    "stays Deploying with reason DeployConflict naming the field and both values, until one of the "
+    "two spec.deploy sections is changed (or the other job leaves the server). Editing the "
+    "InferenceService by hand later is kept until a job deploys into it again.")
+
 DEPLOY = obj("Serve the result with an InferenceService once training succeeded. Mutable: "
              "adding it to a finished job deploys it. Deleting the job takes away what deploy added "
              "(its adapter entry; the InferenceService itself when the job created it and nothing "
-             "else is left in it).", {
+             "else is left in it). " + DEPLOY_SEMANTICS, {
     "inferenceService": name("Name of the InferenceService to create or add the adapter to "
                              "(defaults to the job's name).", label=True),
-    "replicas": integer("vLLM replicas.", default=1, minimum=0, maximum=64),
-    "gpus": integer("GPUs per replica.", default=1, minimum=0, maximum=16),
+    "replicas": integer("vLLM replicas, applied to the InferenceService (unset: the "
+                        "InferenceService's own; 1 when deploy creates it).", minimum=0, maximum=64),
+    "gpus": integer("GPUs per replica, applied to the InferenceService's resources.gpus (unset: "
+                    "its own; 1 when deploy creates it). 0 serves on CPU and sets "
+                    "vllm.tensorParallelSize to 1 unless deploy.vllm sets it.", minimum=0, maximum=16),
     "nodeSelector": string_map("Node labels the vLLM pods must match (serving pools often differ "
-                               "from training pools)."),
-    "tolerations": array(TOLERATION, "Tolerations for the vLLM pods.", max_items=32),
-    "vllm": VLLM,
+                               "from training pools); replaces the InferenceService's "
+                               "resources.nodeSelector when set."),
+    "tolerations": array(TOLERATION, "Tolerations for the vLLM pods; replace the "
+                         "InferenceService's resources.tolerations when set.", max_items=32),
+    "vllm": _without_defaults(VLLM) | {
+        "description": "vLLM server options applied to the InferenceService's spec.vllm, field by "
+                       "field: a set field replaces the InferenceService's value, an unset one keeps "
+                       "it (the InferenceService's defaults when deploy creates it)."},
+    # serving #21: a new version of a served adapter
+    "adapterName": string("Name clients use for the adapter (the OpenAI model field); defaults to "
+                          "the job's name. A job deploying under a name another job's adapter "
+                          "already has there is a new version of it: that entry switches to this "
+                          "job, gated by the entry's promotion when it has one (then a refused "
+                          "version ends Succeeded with reason NotPromoted).",
+                          min_length=1, max_length=128, pattern=r"^[-A-Za-z0-9_.]+$"),
     "requireApproval": boolean("Wait in phase AwaitingApproval after training (and the "
                                "comparison) until a person sets the annotation "
                                "finetune.dev/approved=true (deploy) or =false (the job ends "
@@ -642,8 +687,9 @@ FINETUNEJOB_SPEC = obj("Desired state of a FineTuneJob. Once training started (s
     rule("self.method.type != 'full' || !self.output.merge",
          "spec.output.merge is only allowed with spec.method.type lora or qlora (full fine-tuning "
          "always writes a full model)", field_path=".output.merge"),
-    rule("!has(self.deploy) || !has(self.deploy.vllm) || self.method.type == 'full' || "
-         "!has(self.method.lora) || self.method.lora.r <= self.deploy.vllm.maxLoraRank",
+    rule("!has(self.deploy) || !has(self.deploy.vllm) || !has(self.deploy.vllm.maxLoraRank) || "
+         "self.method.type == 'full' || !has(self.method.lora) || "
+         "self.method.lora.r <= self.deploy.vllm.maxLoraRank",
          "spec.deploy.vllm.maxLoraRank must be at least spec.method.lora.r", field_path=".deploy"),
     rule("!has(self.training.earlyStopping) || self.dataset.evalFraction > 0.0 || "
          "has(self.dataset.evalSource)",
@@ -708,6 +754,11 @@ FINETUNEJOB_STATUS = obj("Observed state of a FineTuneJob, written by the operat
     "evaluation": obj("Results of the evaluation after training.", {
         "evalLoss": number("Loss on the evaluation set (the objective's loss)."),
         "perplexity": number("exp(evalLoss), for language-model losses (sft)."),
+        "baseEvalLoss": number("The base model's loss on the same evaluation set (sft): with "
+                               "an adapter, measured by the training run's own evaluation with "
+                               "the adapter disabled; after full fine-tuning, by a separate pass "
+                               "over the base model (single-process runs only)."),
+        "basePerplexity": number("exp(baseEvalLoss), to compare with perplexity."),
         "preferenceAccuracy": obj("DPO: share of held-out pairs whose chosen answer has a higher "
                                   "log-probability (summed over its tokens, given the prompt) "
                                   "than the rejected one.", {
@@ -794,6 +845,19 @@ FINETUNEJOB_STATUS = obj("Observed state of a FineTuneJob, written by the operat
         "pushed": string("Where the artifacts were published (output.push.uri).", max_length=LONG),
         "pushError": string("Why publishing to output.push.uri failed after its retries (the job "
                             "still succeeded; the Pushed condition says it too).", max_length=1024),
+        # serving #21: the train/serve prompt check
+        "promptRenderings": array(obj("How the trainer rendered the prompt part of one eval example "
+                                      "(also in artifacts/prompt_renderings.json).", {
+            "messages": array(obj("A chat message.", {
+                "role": string("Its role.", max_length=64),
+                "content": string("Its text.", max_length=4096),
+            }), "The conversation before the answer (chat data).", max_items=32),
+            "prompt": string("The prompt text (prompt/completion and instruction data).", max_length=8192),
+            "text": string("The prompt as rendered (the chat template applied).", max_length=16384),
+            "tokenIds": array(integer("A token id.", minimum=0), "Its token ids.", max_items=1024),
+        }), "The first eval examples' prompts as training saw them; an InferenceService serving the "
+            "adapter checks that vLLM renders them the same (condition PromptFormatMismatch).",
+            max_items=3),
     }),
     "sources": array(obj("A remote source the trainer downloaded onto the job volume.", {
         "location": string("The source as the spec names it.", max_length=LONG),
@@ -932,7 +996,7 @@ FINETUNEJOB_SCHEMA = _root(
 
 # --- InferenceService ------------------------------------------------------------------------
 
-INFERENCESERVICE_CONDITIONS = ["Ready", "Progressing", "Degraded"]
+INFERENCESERVICE_CONDITIONS = ["Ready", "Progressing", "Degraded", "Promoted", "PromptFormatMismatch"]
 
 INFERENCESERVICE_SPEC = obj("Desired state of an InferenceService: a vLLM OpenAI-compatible server "
                             "for a base model with LoRA adapters, or for a merged model.", {
@@ -943,9 +1007,27 @@ INFERENCESERVICE_SPEC = obj("Desired state of an InferenceService: a vLLM OpenAI
         "fineTuneJobRef": local_ref("FineTuneJob whose adapter is served (same namespace)."),
         "path": location("Adapter location instead of a FineTuneJob: " + SOURCE_HELP + ".", SOURCE_HELP,
                          MODEL_SOURCE),
+        # serving #21: promotion gated on evaluation
+        "promotion": obj("Gate a new version of this adapter (fineTuneJobRef changed to another "
+                         "FineTuneJob) on evaluation: it is loaded as <name>-candidate, both "
+                         "versions are scored through the server on the new job's "
+                         "evaluation.prompts that have a reference, and the name switches to it only "
+                         "when it wins; otherwise the current version keeps serving and condition "
+                         "Promoted=False (CandidateRefused) names both scores.", {
+            "metric": string("What decides: evalLoss, the mean negative log-likelihood of the "
+                             "references' tokens given the prompts (lower wins).",
+                             default="evalLoss", enum=["evalLoss"]),
+            "requireImprovementOver": string("What the candidate must beat: current, the version "
+                                             "serving now.", default="current", enum=["current"]),
+            "margin": number("How much better it must be (candidate evalLoss <= current evalLoss - "
+                             "margin).", default=0.0, minimum=0.0),
+        }),
     }, required=["name"], rules=[
         rule("has(self.fineTuneJobRef) != has(self.path)",
              "spec.adapters[]: set exactly one of fineTuneJobRef or path"),
+        rule("!has(self.promotion) || has(self.fineTuneJobRef)",
+             "spec.adapters[].promotion needs fineTuneJobRef (versions are FineTuneJobs)",
+             field_path=".promotion"),
     ]), "LoRA adapters to serve.", default=[], max_items=64, list_type="map")
     | {"x-kubernetes-list-map-keys": ["name"]},
     "mergedModel": obj("Serve a merged (or fully fine-tuned) model instead of model.source.", {
@@ -1004,6 +1086,31 @@ INFERENCESERVICE_STATUS = obj("Observed state of an InferenceService.", {
                           max_items=128),
     "revision": string("Hash of the served configuration (changes trigger a rollout).",
                        max_length=128),
+    # --- serving #21: adapters loaded at run time (kept together for merges) ---
+    "replicaAdapters": array(obj("The adapters one ready replica has loaded (from its /v1/models).", {
+        "pod": string("The pod.", max_length=SHORT),
+        "adapters": array(obj("A loaded adapter.", {
+            "name": string("Its name in the OpenAI API.", max_length=SHORT),
+            "version": string("The version loaded: the FineTuneJob's uid, or the adapter's path.",
+                              max_length=LONG),
+        }), "Loaded adapters.", max_items=128),
+        "error": string("Why the replica does not serve the spec's adapters (last attempt).",
+                        max_length=LONG),
+        "simulated": boolean("The pod runs on a simulated (kwok) node: nothing runs to ask, so it "
+                             "is counted as serving the spec's adapters."),
+    }), "Per ready replica, the adapters it has loaded; servedModels lists only what every "
+        "ready replica serves.", max_items=64),
+    "promotions": array(obj("The versions of an adapter with spec.adapters[].promotion.", {
+        "name": string("The adapter.", max_length=SHORT),
+        "fineTuneJob": string("The FineTuneJob whose adapter is served under the name.", max_length=SHORT),
+        "version": string("Its uid.", max_length=SHORT),
+        "candidate": string("The last candidate FineTuneJob scored (or being scored).", max_length=SHORT),
+        "candidateVersion": string("Its uid.", max_length=SHORT),
+        "result": string("Evaluating, Promoted or Refused.", enum=["Evaluating", "Promoted", "Refused"]),
+        "currentEvalLoss": number("The serving version's evalLoss."),
+        "candidateEvalLoss": number("The candidate's evalLoss."),
+        "message": string("What was decided and why.", max_length=LONG),
+    }), "Which version serves each gated adapter, and the last decision.", max_items=64),
 })
 
 INFERENCESERVICE_SCHEMA = _root(
@@ -1183,7 +1290,7 @@ PYTHON_CLASSES: dict[str, dict[str, str]] = {
         "spec.objectStorage": "ObjectStorage",
         "spec.objectStorage.secretRef": "LocalRef",
         "spec.deploy": "Deploy",
-        "spec.deploy.vllm": "VLLM",
+        "spec.deploy.vllm": "DeployVLLM",
         "status": "FineTuneJobStatus",
         "status.conditions[]": "Condition",
         "status.progress": "Progress",
@@ -1202,6 +1309,8 @@ PYTHON_CLASSES: dict[str, dict[str, str]] = {
         "status.checkpoints": "Checkpoints",
         "status.checkpoints.kept[]": "KeptCheckpoint",
         "status.artifacts": "Artifacts",
+        "status.artifacts.promptRenderings[]": "PromptRendering",
+        "status.artifacts.promptRenderings[].messages[]": "RenderedMessage",
         "status.sources[]": "SourceDigest",
         "status.inferenceService": "Endpoint",
         "status.comparison": "ComparisonResult",
@@ -1219,9 +1328,14 @@ PYTHON_CLASSES: dict[str, dict[str, str]] = {
         "spec.mergedModel": "MergedModel",
         "spec.mergedModel.fineTuneJobRef": "LocalRef",
         "spec.resources": "ServingResources",
+        "spec.vllm": "VLLM",
         "spec.autoscaling": "Autoscaling",
         "status": "InferenceServiceStatus",
         "status.conditions[]": "Condition",
+        "status.replicaAdapters[]": "ReplicaAdapters",
+        "status.promotions[]": "AdapterPromotion",
+        "spec.adapters[].promotion": "Promotion",
+        "status.replicaAdapters[].adapters[]": "LoadedAdapter",
     },
     "TrainerConfig": {
         "": "TrainerConfig",

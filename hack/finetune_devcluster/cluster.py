@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -43,6 +44,7 @@ STORAGE_CLASS = "local-hostpath"
 STORAGE_PROVISIONER = "finetune.dev/local-hostpath"
 # kwok's own stage configs (from its module source): node set-up and heartbeats, and the
 # "general" pod lifecycle, whose delays pods can tune with kwok's stage annotations.
+KWOK_NODE_LEASE_SECONDS = 40  # a kubelet's default
 KWOK_STAGES = (
     "node/fast/node-initialize.yaml",
     "node/heartbeat-with-lease/node-heartbeat-with-lease.yaml",
@@ -114,10 +116,25 @@ def mlflow_server_argv(venv: Path, data: Path, port: int) -> list[str]:
             "--artifacts-destination", str(data / "artifacts"), "--serve-artifacts", "--workers", "1"]
 
 
+# Listening ports come from below the kernel's ephemeral range (net.ipv4.ip_local_port_range,
+# 32768-60999 by default). A port the kernel hands out for bind(0) comes from that range too, and
+# so does the source port of every outgoing connection: a port picked that way could be taken by
+# any client socket before the component bound it ("bind: address already in use"; it took down
+# a whole test session's control plane once).
+LISTEN_PORTS = range(20000, 32000)
+_port_rng = random.Random()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for _ in range(200):
+        port = _port_rng.choice(LISTEN_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise ClusterError(f"no free port in {LISTEN_PORTS.start}-{LISTEN_PORTS.stop - 1} after 200 tries")
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -216,6 +233,19 @@ class Cluster:
 
     # lifecycle ---------------------------------------------------------------------
     def start(self, timeout: float = 120) -> "Cluster":
+        """Start everything; a component that lost its port to another process between the
+        choice and its bind is retried with new ports (twice at most)."""
+        for attempt in range(3):
+            try:
+                return self._start_once(timeout)
+            except ClusterError as exc:
+                if "address already in use" not in str(exc) or attempt == 2:
+                    raise
+                print(f"dev cluster: a port was taken before its component bound it; starting again "
+                      f"with new ports ({exc.__str__().splitlines()[0]})", file=sys.stderr)
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> "Cluster":
         if self.pid_file.exists():
             stop_from_pid_file(self.state_dir)
         self.bin_dir = self.bin_dir or control_plane_binaries()
@@ -554,6 +584,12 @@ class Cluster:
             f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
             f"--server-address=127.0.0.1:{self.ports['kwok']}",
             "--node-ip=127.0.0.1", "--cidr=10.0.0.1/24",
+            # Node Leases, renewed every 10 s as a kubelet does. Without them a kwok node's only
+            # heartbeat is its status, patched about every 55 s: longer than the controller
+            # manager's node-monitor-grace-period (50 s), so every minute each kwok node was
+            # NotReady for up to 5 s and the node lifecycle controller marked its pods NotReady
+            # (the "kwok readiness flaps on a loaded machine" of issue 13).
+            f"--node-lease-duration-seconds={KWOK_NODE_LEASE_SECONDS}",
             *configs,
         ], self.logs / "kwok.log")
 

@@ -29,7 +29,8 @@ COMPONENT = "app.kubernetes.io/component"
 
 class LocalOpenAIApi:
     def __init__(self, cluster: Cluster, state_dir: Path, *, namespace: str, release: str,
-                 release_namespace: str, port: int, job_template: dict, extra_args: tuple[str, ...] = ()) -> None:
+                 release_namespace: str, port: int, job_template: dict, extra_args: tuple[str, ...] = (),
+                 files_store: str | None = None) -> None:
         self.cluster = cluster
         self.state_dir = state_dir
         self.namespace = namespace
@@ -38,6 +39,9 @@ class LocalOpenAIApi:
         self.port = port
         self.job_template = job_template
         self.extra_args = list(extra_args)
+        # s3://bucket/prefix on the cluster's object store instead of the files claim (uploads);
+        # the claim still holds the base model.
+        self.files_store = files_store
         self.files_dir = state_dir / "openai-files"
         self.log = state_dir / "openai-api.log"
         self.process: subprocess.Popen | None = None
@@ -56,7 +60,8 @@ class LocalOpenAIApi:
         rendered = subprocess.run(
             [str(self.cluster.bin_dir / "helm"), "template", self.release, str(REPO_ROOT / "charts" / "finetune-operator"),
              "--namespace", self.release_namespace, "--skip-crds", "--kube-version", version,
-             "--set", "openaiApi.enabled=true", "--set", "openaiApi.filesClaim=unused-locally"],
+             "--set", "openaiApi.enabled=true", "--set", "openaiApi.filesClaim=unused-locally",
+             *(["--set", f"openaiApi.filesStore.uri={self.files_store}"] if self.files_store else [])],
             check=True, capture_output=True, text=True).stdout
         docs = [d for d in yaml.safe_load_all(rendered) if d and d["metadata"].get("labels", {}).get(COMPONENT) == "openai-api"
                 and d["kind"] in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")]
@@ -107,7 +112,9 @@ class LocalOpenAIApi:
              "--files-dir", str(self.files_dir), "--files-claim", FILES_CLAIM,
              "--keys-namespace", self.release_namespace,
              "--model", f"{BASE_MODEL}=pvc://{FILES_CLAIM}/models/{BASE_MODEL}",
-             "--job-template", str(template), "--inference-host", "127.0.0.1", *self.extra_args],
+             "--job-template", str(template), "--inference-host", "127.0.0.1",
+             *(["--files-store", self.files_store, "--files-store-endpoint", self.cluster.s3_url]
+               if self.files_store else []), *self.extra_args],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             cwd=REPO_ROOT, env={**os.environ, "KUBECONFIG": kubeconfig})
         out.close()

@@ -29,6 +29,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--files-claim", default=env("FINETUNE_API_FILES_CLAIM", "openai-files"),
                    help="the claim, in each namespace, on which FineTuneJobs read the uploads "
                         "(default %(default)s)")
+    p.add_argument("--files-store", default=env("FINETUNE_API_FILES_STORE"),
+                   help="store uploads in object storage instead: s3://bucket[/prefix], one folder per namespace")
+    p.add_argument("--files-store-secret", default=env("FINETUNE_API_FILES_STORE_SECRET", "finetune-object-storage"),
+                   help="with --files-store: the Secret, in each namespace, with that namespace's S3 credentials "
+                        "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, optional AWS_SESSION_TOKEN, AWS_REGION, "
+                        "AWS_ENDPOINT_URL); its jobs read their files with it (default %(default)s)")
+    p.add_argument("--files-store-endpoint", default=env("FINETUNE_API_FILES_STORE_ENDPOINT"),
+                   help="with --files-store: the endpoint the API uses, when it differs from the Secret's "
+                        "AWS_ENDPOINT_URL (which the trainer pods use)")
     p.add_argument("--keys-namespace", default=env("FINETUNE_API_KEYS_NAMESPACE", "finetune-system"),
                    help="namespace of the Secrets holding API key hashes (default %(default)s)")
     p.add_argument("--model", type=_model, action="append", default=[], dest="models", metavar="NAME=SOURCE",
@@ -68,8 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["create-key"]:
         return _create_key(argv[1:])
     args = _parser().parse_args(argv)
-    if args.files_dir is None:
-        _parser().error("--files-dir is required")
+    if args.files_dir is None and not args.files_store:
+        _parser().error("--files-dir or --files-store is required")
+    if args.files_store and not args.files_store.startswith("s3://"):
+        _parser().error(f"--files-store {args.files_store!r}: expected s3://bucket[/prefix]")
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     models = dict(args.models)
@@ -84,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ApiConfig(files_dir=args.files_dir, files_claim=args.files_claim, keys_namespace=args.keys_namespace,
                     models=models, job_template=template or {}, max_stored_bytes=args.max_stored_bytes,
                     max_file_bytes=args.max_file_bytes, max_running_jobs=args.max_running_jobs,
-                    inference_host=args.inference_host)
-    args.files_dir.mkdir(parents=True, exist_ok=True)
+                    inference_host=args.inference_host, files_store=args.files_store,
+                    files_store_secret=args.files_store_secret, files_store_endpoint=args.files_store_endpoint)
+    if args.files_dir is not None:
+        args.files_dir.mkdir(parents=True, exist_ok=True)
     web.run_app(Api(cfg, Kube()).app(), host=args.host, port=args.port, print=None,
                 access_log_format='%a "%r" %s %b %Tfs')
     return 0

@@ -16,7 +16,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import BinaryIO, Optional
 
 from .errors import ApiError, bad_request, not_found, too_many
 from .mapping import FILE_ID, DataFile, result_file_id
@@ -26,6 +26,11 @@ ERRORS_SHOWN = 5
 
 
 class FileStore:
+    """Uploads on a claim. `secret_name` (the Secret a job needs to read them) is None here;
+    `objectfiles.ObjectFileStore` is the same interface over object storage."""
+
+    secret_name: Optional[str] = None
+
     def __init__(self, root: Path, claim: str, *, max_stored_bytes: int, max_file_bytes: int) -> None:
         self.root = Path(root)
         self.claim = claim
@@ -74,9 +79,9 @@ class FileStore:
         except FileNotFoundError:
             raise not_found("file", file_id, param="file_id") from None
 
-    def content_path(self, namespace: str, file_id: str) -> Path:
+    def open_content(self, namespace: str, file_id: str) -> BinaryIO:
         self.get(namespace, file_id)
-        return self._paths(namespace, file_id)[0]
+        return open(self._paths(namespace, file_id)[0], "rb")
 
     def list(self, namespace: str) -> list[dict]:
         folder = self.folder(namespace)
@@ -102,7 +107,7 @@ class FileStore:
 
     # Result files: results.csv that a job's trainer writes (spec.output.resultsFile) on this
     # claim at results/<job id>/, read back as a `file` with purpose fine-tune-results.
-    def results_location(self, job_id: str) -> str:
+    def results_location(self, namespace: str, job_id: str) -> str:
         return f"pvc://{self.claim}/{RESULTS}/{job_id}/{RESULTS_NAME}"
 
     def results_path(self, namespace: str, job_id: str) -> Path:
@@ -114,10 +119,16 @@ class FileStore:
             stat = self.results_path(namespace, job_id).stat()
         except FileNotFoundError:
             return None
-        return {"object": "file", "id": result_file_id(job_id), "bytes": stat.st_size,
-                "created_at": int(stat.st_mtime), "filename": "step_metrics.csv",
-                "purpose": "fine-tune-results", "status": "processed", "status_details": None,
-                "expires_at": None}
+        return result_record_of(job_id, stat.st_size, int(stat.st_mtime))
+
+    def open_results(self, namespace: str, job_id: str) -> BinaryIO:
+        return open(self.results_path(namespace, job_id), "rb")
+
+
+def result_record_of(job_id: str, size: int, created_at: int) -> dict:
+    return {"object": "file", "id": result_file_id(job_id), "bytes": size, "created_at": created_at,
+            "filename": "step_metrics.csv", "purpose": "fine-tune-results", "status": "processed",
+            "status_details": None, "expires_at": None}
 
 
 RESULTS, RESULTS_NAME = "results", "results.csv"

@@ -232,10 +232,11 @@ class DataFile:
 
 def build_finetunejob(req: CreateJob, *, job_id: str, namespace: str, model_source: str,
                       template: dict, training: DataFile, validation: Optional[DataFile],
-                      results_file: Optional[str] = None) -> dict:
+                      results_file: Optional[str] = None, object_storage_secret: Optional[str] = None) -> dict:
     """The FineTuneJob for a create request. `template` is a partial FineTuneJob spec (placement,
     method, defaults) under which the request's own fields are laid. `results_file` (a pvc://
-    location on the files claim) is where the trainer writes the job's result file."""
+    location on the files claim, or an s3:// one) is where the trainer writes the job's result
+    file; `object_storage_secret` names the Secret with the credentials for s3:// uploads."""
     template = copy.deepcopy(template or {})
     train_template = template.get("training") or {}
     hyper = req.hyperparameters
@@ -261,6 +262,8 @@ def build_finetunejob(req: CreateJob, *, job_id: str, namespace: str, model_sour
                             "training": training_over, "deploy": deploy}
     if results_file:
         over["output"] = {"resultsFile": results_file}
+    if object_storage_secret:
+        over["objectStorage"] = {"secretRef": {"name": object_storage_secret}}
     if req.method == "dpo":
         over["method"] = {"objective": "dpo"}
         if hyper.beta != "auto":

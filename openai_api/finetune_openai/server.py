@@ -24,6 +24,7 @@ from .auth import NAMESPACE_HEADER, Authenticator, Principal
 from .errors import ApiError, bad_request, conflict, not_found, too_many
 from .files import FileStore, detect_format, public, validate
 from .mapping import TERMINAL, job_id_of_model, openai_status, to_job
+from .objectfiles import ObjectFileStore
 
 log = logging.getLogger("finetune_openai")
 
@@ -32,8 +33,13 @@ ACTIVE_STATES = ("validating_files", "queued", "running")
 
 @dataclass
 class ApiConfig:
-    files_dir: Path
+    files_dir: Optional[Path]
     files_claim: str = "openai-files"
+    # Object storage instead of the claim: s3://bucket/prefix, the Secret each namespace holds
+    # its credentials in, and (optionally) the endpoint the API itself uses.
+    files_store: Optional[str] = None
+    files_store_secret: str = "finetune-object-storage"
+    files_store_endpoint: Optional[str] = None
     keys_namespace: str = "finetune-system"
     models: dict[str, str] = field(default_factory=dict)
     job_template: dict = field(default_factory=dict)
@@ -49,8 +55,13 @@ class Api:
         self.cfg = cfg
         self.kube = kube
         self.auth = authenticator or Authenticator(kube, cfg.keys_namespace)
-        self.files = FileStore(cfg.files_dir, cfg.files_claim, max_stored_bytes=cfg.max_stored_bytes,
-                               max_file_bytes=cfg.max_file_bytes)
+        if cfg.files_store:
+            self.files = ObjectFileStore(cfg.files_store, cfg.files_store_secret, kube, endpoint=cfg.files_store_endpoint,
+                                         scratch=cfg.files_dir, max_stored_bytes=cfg.max_stored_bytes,
+                                         max_file_bytes=cfg.max_file_bytes)
+        else:
+            self.files = FileStore(cfg.files_dir, cfg.files_claim, max_stored_bytes=cfg.max_stored_bytes,
+                                   max_file_bytes=cfg.max_file_bytes)
         self.http: Optional[ClientSession] = None
 
     # plumbing ----------------------------------------------------------------------------------
@@ -161,13 +172,13 @@ class Api:
         limit = mapping.parse_limit(request.query.get("limit"), default=10000, maximum=10000)
         return web.json_response(mapping.page(records, after=request.query.get("after"), limit=limit))
 
-    async def _result_file(self, namespace: str, file_id: str) -> Optional[tuple[dict, Path]]:
-        """(file object, path) when file_id is the result file of a job in the namespace."""
+    async def _result_file(self, namespace: str, file_id: str) -> Optional[tuple[dict, str]]:
+        """(file object, job id) when file_id is the result file of a job in the namespace."""
         for obj in await self.call(self.kube.list_jobs, namespace):
             job_id = obj["metadata"]["name"]
             if mapping.result_file_id(job_id) == file_id:
                 record = await asyncio.to_thread(self.files.result_record, namespace, job_id)
-                return (record, self.files.results_path(namespace, job_id)) if record else None
+                return (record, job_id) if record else None
         return None
 
     async def get_file(self, request: web.Request) -> web.Response:
@@ -185,13 +196,15 @@ class Api:
         p = await self.principal(request, "get")
         file_id = request.match_info["file_id"]
         try:
-            path = await asyncio.to_thread(self.files.content_path, p.namespace, file_id)
+            source = await asyncio.to_thread(self.files.open_content, p.namespace, file_id)
+            content_type = "application/jsonl"
         except ApiError as e:
             result = await self._result_file(p.namespace, file_id) if e.status == 404 else None
             if result is None:
                 raise
-            return web.FileResponse(result[1], headers={"Content-Type": "text/csv"})
-        return web.FileResponse(path, headers={"Content-Type": "application/jsonl"})
+            source = await asyncio.to_thread(self.files.open_results, p.namespace, result[1])
+            content_type = "text/csv"
+        return await _stream(request, source, content_type)
 
     async def delete_file(self, request: web.Request) -> web.Response:
         p = await self.principal(request, "delete")
@@ -236,7 +249,8 @@ class Api:
         job_id = mapping.job_id_for_key(p.namespace, idempotency_key) if idempotency_key else mapping.new_job_id()
         body = mapping.build_finetunejob(req, job_id=job_id, namespace=p.namespace, model_source=source,
                                          template=self.cfg.job_template, training=training, validation=validation,
-                                         results_file=self.files.results_location(job_id))
+                                         results_file=self.files.results_location(p.namespace, job_id),
+                                         object_storage_secret=self.files.secret_name)
         try:
             created = await asyncio.to_thread(self.kube.create_job, p.namespace, body)
         except ApiException as e:
@@ -423,3 +437,16 @@ async def errors_middleware(request: web.Request, handler):
         log.exception("%s %s failed", request.method, request.path)
         return web.json_response(ApiError(500, "internal error; the service's log has details",
                                           code="internal_error").body(), status=500)
+
+
+async def _stream(request: web.Request, source, content_type: str) -> web.StreamResponse:
+    """Send a file-like source (a file on the claim, or an object store's response) in chunks."""
+    try:
+        response = web.StreamResponse(headers={"Content-Type": content_type})
+        await response.prepare(request)
+        while chunk := await asyncio.to_thread(source.read, 1 << 20):
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+    finally:
+        source.close()

@@ -35,6 +35,24 @@ _api: client.ApiClient | None = None
 _api_lock = threading.Lock()
 
 
+class CountingApiClient(client.ApiClient):
+    """Counts every request by method and status code (finetune_operator_api_requests_total)."""
+
+    def call_api(self, method, url, *args, **kwargs):
+        from finetune_operator import metrics
+
+        try:
+            response = super().call_api(method, url, *args, **kwargs)
+        except ApiException as exc:
+            metrics.api_requests.labels(method, str(exc.status or "error")).inc()
+            raise
+        except Exception:
+            metrics.api_requests.labels(method, "error").inc()
+            raise
+        metrics.api_requests.labels(method, str(response.status)).inc()
+        return response
+
+
 def api() -> client.ApiClient:
     """The client the handlers share: in-cluster credentials, else the kubeconfig."""
     global _api
@@ -44,7 +62,7 @@ def api() -> client.ApiClient:
                 config.load_incluster_config()
             except config.ConfigException:
                 config.load_kube_config()
-            _api = client.ApiClient()
+            _api = CountingApiClient()
         return _api
 
 

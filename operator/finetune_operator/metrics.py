@@ -25,10 +25,18 @@ GPU_SECONDS = f"{PREFIX}_gpu_seconds_total"
 LEADER = f"{PREFIX}_leader"
 # Always 1, with the operator's version and Python's as labels.
 BUILD_INFO = f"{PREFIX}_build_info"
+# Requests the handlers make to the API server, by HTTP method and status code ("error" when
+# no answer came); kopf's own watches and patches are not included.
+API_REQUESTS = f"{PREFIX}_api_requests_total"
+# Reconciliations waiting for another one of the same object to finish (its lock).
+RECONCILE_QUEUE_DEPTH = f"{PREFIX}_reconcile_queue_depth"
+# Status refreshes skipped because one of the same job was already waiting (it covers them).
+REFRESHES_COALESCED = f"{PREFIX}_refreshes_coalesced_total"
 
 METRIC_NAMES: tuple[str, ...] = (
     JOBS, PHASE_TRANSITIONS, RECONCILE_DURATION, RECONCILE_ERRORS,
-    TIME_TO_TRAINING_START, JOB_DURATION, GPU_SECONDS, LEADER, BUILD_INFO,
+    TIME_TO_TRAINING_START, JOB_DURATION, GPU_SECONDS, LEADER, BUILD_INFO, API_REQUESTS,
+    RECONCILE_QUEUE_DEPTH, REFRESHES_COALESCED,
 )
 
 registry = CollectorRegistry()
@@ -57,6 +65,12 @@ gpu_seconds = Counter(_strip_total(GPU_SECONDS), "GPU seconds consumed by traine
                     registry=registry)
 leader = Gauge(LEADER, "1 while this replica leads (holds the Lease, or runs without leader election).",
                registry=registry)
+api_requests = Counter(_strip_total(API_REQUESTS), "Requests the operator's handlers made to the API "
+                       "server, by method and status code.", ["method", "code"], registry=registry)
+reconcile_queue_depth = Gauge(RECONCILE_QUEUE_DEPTH, "Reconciliations waiting for one of the same "
+                              "object to finish.", registry=registry)
+refreshes_coalesced = Counter(_strip_total(REFRESHES_COALESCED), "Status refreshes skipped because one "
+                              "of the same job was already waiting.", registry=registry)
 build_info = Gauge(BUILD_INFO, "Always 1; the operator's version and Python's are labels.",
                    ["version", "python"], registry=registry)
 

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
 
 from finetune_api.exitcodes import PERMANENT
-from finetune_api.models import FineTuneJob
+from finetune_api.models import FineTuneJob, to_dict
 
 from finetune_operator.builders.placement import GPU_RESOURCE
 from finetune_operator.builders.storage import claim_name
@@ -41,6 +42,9 @@ GPU_SECONDS_ANNOTATION = "finetune.dev/gpu-seconds"
 APPROVED_ANNOTATION = "finetune.dev/approved"
 # Optional: why it was approved or rejected (shown in the Approved condition).
 APPROVAL_REASON_ANNOTATION = "finetune.dev/approval-reason"
+# A digest of the spec.deploy values last applied to the InferenceService (written by the
+# operator once they were): a deployed job whose spec.deploy changed deploys again.
+DEPLOYED_SETTINGS_ANNOTATION = "finetune.dev/deployed-settings"
 # Where the operator serves a job's review page (on its metrics port).
 REPORT_PATH = "/jobs/{namespace}/{name}/report"
 
@@ -221,7 +225,8 @@ def derive(job: FineTuneJob, trainer_job: dict | None, pods: list[dict], *, now:
 
     current = Phase(job.status.phase) if job.status.phase in PHASES else Phase.PENDING
     if late_deploy(job):
-        return obs(Phase.DEPLOYING, "DeployRequested", "spec.deploy was set after training: deploying the model")
+        return obs(Phase.DEPLOYING, "DeployRequested", "spec.deploy was set or changed after training: "
+                   "deploying the model")
     if current is Phase.DEPLOYING:
         # Training is over; only the deployment's observation moves the job on (never back to
         # training, even when the finished trainer Job is gone).
@@ -373,8 +378,8 @@ def comparison_condition(job: FineTuneJob, comparison_job: dict | None) -> Condi
 
 
 def late_deploy(job: FineTuneJob) -> bool:
-    """A Succeeded job whose spec.deploy was added (or changed to another server) after it
-    finished: it deploys now."""
+    """A Succeeded job whose spec.deploy was added (or changed to another server, or changed
+    its values since they were applied) after it finished: it deploys now."""
     if job.status.phase != Phase.SUCCEEDED.value or not job.spec.deploy:
         return False
     if job.spec.deploy.require_approval and \
@@ -382,7 +387,17 @@ def late_deploy(job: FineTuneJob) -> bool:
         return False  # rejected (or never approved): adding deploy does not bypass the gate
     served_by = job.status.inference_service.name if job.status.inference_service else None
     wanted = job.spec.deploy.inference_service or job.metadata.name
-    return served_by != wanted
+    if served_by != wanted:
+        return True
+    applied = job.metadata.annotations.get(DEPLOYED_SETTINGS_ANNOTATION)
+    return applied is not None and applied != deploy_digest(job)
+
+
+def deploy_digest(job: FineTuneJob) -> str:
+    """What spec.deploy asks of its InferenceService (replicas, gpus, placement, vllm), hashed."""
+    settings = {k: v for k, v in to_dict(job.spec.deploy).items()
+                if k not in ("inferenceService", "requireApproval")}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _cond_dict(c) -> dict:
@@ -571,11 +586,20 @@ def deployment_observation(job: FineTuneJob, obs: Observation, endpoint: dict | 
                            "training completed; spec.deploy was not acted on: this operator has no "
                            "InferenceService controller", **carry)
     st = (isvc or {}).get("status") or {}
-    served = job.metadata.name in (st.get("servedModels") or [])
-    if st.get("phase") == "Ready" and served and \
-            st.get("observedGeneration") == (isvc or {}).get("metadata", {}).get("generation"):
+    name = (job.spec.deploy.adapter_name if job.spec.deploy else None) or job.metadata.name
+    served = name in (st.get("servedModels") or [])
+    current = st.get("observedGeneration") == (isvc or {}).get("metadata", {}).get("generation")
+    # A gated adapter (spec.adapters[].promotion): this job serves only once promoted.
+    gate = next((p for p in st.get("promotions") or [] if p.get("name") == name), None)
+    if gate and gate.get("fineTuneJob") != job.metadata.name:
+        served = False
+        if gate.get("candidate") == job.metadata.name and gate.get("result") == "Refused" and current:
+            return Observation(Phase.SUCCEEDED, "NotPromoted", f"training completed; InferenceService "
+                               f"{endpoint['name']} did not promote it: {gate.get('message', '')}",
+                               endpoint=endpoint, **carry)
+    if st.get("phase") == "Ready" and served and current:
         return Observation(Phase.SUCCEEDED, "Deployed", f"training completed; served by InferenceService "
-                           f"{endpoint['name']} as model {job.metadata.name!r} at {endpoint['url']}",
+                           f"{endpoint['name']} as model {name!r} at {endpoint['url']}",
                            endpoint=endpoint, **carry)
     ready = next((c for c in st.get("conditions") or [] if c.get("type") == "Ready"), {})
     return Observation(Phase.DEPLOYING, "WaitingForInferenceService",
@@ -585,7 +609,8 @@ def deployment_observation(job: FineTuneJob, obs: Observation, endpoint: dict | 
 
 
 def deployment_failed(obs: Observation, error: Exception) -> Observation:
-    """Adding the result to its InferenceService failed: stay Deploying, try again later."""
-    return Observation(Phase.DEPLOYING, "DeployFailed", f"adding the adapter to the "
+    """Adding the result to its InferenceService failed: stay Deploying, try again later. The
+    error's `reason` (DeployConflict: spec.deploy disagrees with another job's) is the reason."""
+    return Observation(Phase.DEPLOYING, getattr(error, "reason", "DeployFailed"), f"adding the adapter to the "
                        f"InferenceService failed: {error}; retrying", obs.gpu_seconds, obs.attempts,
                        obs.restarts, obs.first_running_at, extra_conditions=obs.extra_conditions)

@@ -178,3 +178,27 @@ def test_a_deleted_local_pod_gets_sigterm_with_no_signal_blocked(cluster, namesp
     # Far below the 600 s grace period: only SIGTERM can have stopped it.
     wait_for(lambda: (folder / "signal.txt").exists(), timeout=120, what="the pod's SIGTERM handler to run")
     assert (folder / "signal.txt").read_text() == "SIGTERM"
+
+
+def test_every_node_heartbeats_through_a_lease_renewed_well_within_the_grace_period(cluster):
+    """Issue 13's kwok readiness flaps: kwok nodes had no Lease, and their status heartbeat
+    (about every 55 s) outlasted the node-monitor-grace-period (50 s), so each minute every
+    kwok node went NotReady for a moment and the node lifecycle controller marked its pods
+    NotReady. Each node now renews a Lease, as a kubelet does."""
+    import datetime as dt
+
+    nodes = [n["metadata"]["name"] for n in get_json(cluster, "nodes")["items"]]
+    assert set(GPU_NODES) <= set(nodes)
+
+    def renew_times() -> dict[str, dt.datetime]:
+        leases = get_json(cluster, "leases", "-n", "kube-node-lease")["items"]
+        return {lease["metadata"]["name"]: dt.datetime.fromisoformat(lease["spec"]["renewTime"].replace("Z", "+00:00"))
+                for lease in leases if lease["spec"].get("renewTime")}
+
+    first = wait_for(lambda: set(nodes) <= set(times := renew_times()) and times, timeout=60,
+                     what="a Lease for every node")
+    for lease in get_json(cluster, "leases", "-n", "kube-node-lease")["items"]:
+        assert lease["spec"]["leaseDurationSeconds"] <= 40, lease["metadata"]["name"]
+    # Renewed (each at least once more) within 20 s, far inside the 50 s grace period.
+    wait_for(lambda: all(renew_times()[n] > first[n] for n in nodes), timeout=20, interval=1,
+             what="every node to renew its Lease")

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 
@@ -25,7 +27,7 @@ from tests.fixtures.cluster import wait_for
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 
-def test_demo_fine_tunes_serves_and_answers_in_the_trained_direction(tmp_path):
+def test_demo_fine_tunes_serves_and_answers_in_the_trained_direction(tmp_path, capsys):
     demo = Demo(tmp_path / "demo", metrics_port=free_port(), liveness_port=free_port(), openai_api_port=free_port(),
                 timeout=900)
     try:
@@ -58,6 +60,14 @@ def test_demo_fine_tunes_serves_and_answers_in_the_trained_direction(tmp_path):
         isvc = json.loads(demo.kubectl("get", "inferenceservice.finetune.dev", JOB, "-n", NAMESPACE,
                                        "-o", "json").stdout)
         assert isvc["status"]["phase"] == "Ready" and JOB in isvc["status"]["servedModels"]
+
+        # Issue 21: the printed `export INFERENCE_URL=...` line reaches the demo's server from here.
+        printed = capsys.readouterr().out
+        sys.stdout.write(printed)
+        exports = re.findall(r"^\s*export INFERENCE_URL=(http://\S+/v1)$", printed, re.M)
+        assert exports, printed[-2000:]
+        with urllib.request.urlopen(f"{exports[-1]}/models", timeout=30) as resp:
+            assert JOB in {m["id"] for m in json.load(resp)["data"]}
 
         # The dataset teaches "Arr matey, <topic> be grand!"; the prompts are held out.
         answers = result["answers"]

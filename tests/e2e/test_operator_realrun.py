@@ -71,6 +71,8 @@ def test_the_local_node_trains_the_tiny_model_and_the_job_succeeds(cluster, name
 
     assert s["progress"]["step"] == 12 and s["progress"]["totalSteps"] == 12
     assert "trainLoss" in s["metrics"]
+    # Throughput and the token count reach status (#14 item 8: tokensPerSecond stayed 0).
+    assert s["metrics"]["tokensPerSecond"] > 0 and s["progress"]["tokensSeen"] > 0
     assert s["dataset"]["trainExamples"] > 0 and len(s["dataset"]["contentHash"]) == 64
     # The phases follow the trainer. (Training itself can pass between two reconciles here:
     # 12 tiny steps take about a second on an idle machine; tests/unit/operator covers when

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune_operator.serving import checks, common, deployment
+from finetune_operator.serving import adapters, checks, common, deployment
 from tests.fixtures.cluster import get_json, wait_for
 from tests.fixtures.inference import finetunejob, inferenceservice, parse
 from tests.cluster.test_inference_cluster import apply, create_succeeded_job, serving_operator, wait_phase  # noqa: F401
@@ -56,25 +56,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def rendered_deployment(tiny_model: Path) -> dict:
-    isvc, jobs = parse(
+def parsed(tiny_model: Path):
+    return parse(
         inferenceservice("tiny", model={"source": str(tiny_model)},
                          adapters=[{"name": "tiny-lora", "fineTuneJobRef": {"name": "tiny-lora"}}],
                          resources={"gpus": 0, "memory": "4Gi"},
                          vllm={"maxModelLen": 256, "maxLoraRank": 8, "maxLoras": 1}),
         finetunejob("tiny-lora", source=str(tiny_model), r=8))
+
+
+def rendered_deployment(tiny_model: Path) -> dict:
+    isvc, jobs = parsed(tiny_model)
     assert checks.check(isvc, jobs) == []
     return deployment.build_deployment(isvc, jobs)
+
+
+MOUNT = "/adapters/tiny-lora-workspace"
 
 
 def localise(deployment: dict, workspace: Path, port: int, home: Path) -> tuple[list[str], dict[str, str]]:
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-    assert "/adapters/tiny-lora" in mounts
-    argv = []
-    for arg in container["command"]:
-        arg = arg.replace("=/adapters/tiny-lora/", f"={workspace}/")
-        argv.append(arg)
+    assert MOUNT in mounts
+    argv = list(container["command"])
     argv[0] = sys.executable
     argv[argv.index("--port") + 1] = str(port)
     argv[argv.index("--host") + 1] = "127.0.0.1"
@@ -108,6 +112,13 @@ def vllm_server(tiny_model, lora_adapter, tmp_path_factory):
     try:
         took = wait_healthy(f"http://127.0.0.1:{port}/health", proc, log, STARTUP_TIMEOUT)
         print(f"vLLM healthy after {took:.0f}s")
+        # What the operator does once the pod is ready (serving/adapters.py), with the mount
+        # prefix replaced by the local folder.
+        isvc, jobs = parsed(tiny_model)
+        want = {n: adapters.Want(w.path.replace(MOUNT, str(lora_adapter)), w.version)
+                for n, w in adapters.wanted(isvc, jobs).items()}
+        replica = adapters.sync_replica("local", adapters.HTTPServer(f"http://127.0.0.1:{port}"), want, {})
+        assert replica.error is None and replica.loaded == {"tiny-lora": "tiny-lora"}
         yield f"http://127.0.0.1:{port}", argv
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -193,9 +193,12 @@ def make_callbacks(cfg: TrainerConfig, reporter, has_eval: bool, guard: SignalGu
                     p.objective_metrics[spec.status_key] = float(value)
             now, tokens = time.monotonic(), state.num_input_tokens_seen
             p.tokens_seen = tokens or 0
-            if self.last_time is not None and tokens and now > self.last_time:
-                p.tokens_per_second = round((tokens - self.last_tokens) / (now - self.last_time), 1)
-            self.last_time, self.last_tokens = now, tokens
+            # The rate between two training logs. An evaluation log (same step, same token
+            # count) used to set it to 0 just before the end, which status kept (issue 14).
+            if tokens and (self.last_tokens is None or tokens > self.last_tokens):
+                if self.last_time is not None and now > self.last_time:
+                    p.tokens_per_second = round((tokens - (self.last_tokens or 0)) / (now - self.last_time), 1)
+                self.last_time, self.last_tokens = now, tokens
             reporter.log_step(logs, state.global_step)
             reporter.publish()
 

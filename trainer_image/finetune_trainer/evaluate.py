@@ -29,6 +29,42 @@ def perplexity(eval_loss: float | None) -> float | None:
     return math.exp(eval_loss) if eval_loss < 50 else float("inf")
 
 
+BASE_LOSS_KEY = "base_eval_loss"
+
+
+def base_eval_with_trainer(trainer) -> dict[str, float]:
+    """The base model's loss on the eval set, measured by the training run's own trainer (same
+    eval split, collator and packing as the fine-tuned eval loss) with the adapter disabled.
+    Called on every rank (the evaluation gathers across them). `{}` when the model has no
+    adapter to disable (full fine-tuning: `evaluate_run` measures the base separately)."""
+    model = trainer.model
+    if not hasattr(model, "disable_adapter"):
+        return {}
+    with model.disable_adapter():
+        metrics = trainer.evaluate(metric_key_prefix="base_eval")
+    return {BASE_LOSS_KEY: metrics[BASE_LOSS_KEY]} if BASE_LOSS_KEY in metrics else {}
+
+
+def _base_eval_loss(cfg: TrainerConfig, objective, model, base_loader, tokenizer,
+                    eval_records: list[dict]) -> float | None:
+    """The base model's eval loss by a separate evaluation pass (`finetune-trainer evaluate`, and
+    full fine-tuning), single process only: a pass on rank 0 alone would wait for the others."""
+    import os
+
+    if not eval_records or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return None
+    try:
+        if hasattr(model, "disable_adapter"):
+            with model.disable_adapter():
+                metrics = objective.standalone_eval(cfg, model, tokenizer, eval_records)
+        else:
+            metrics = objective.standalone_eval(cfg, base_loader(), tokenizer, eval_records)
+    except Exception as exc:  # noqa: BLE001 - a figure for comparison; the run's own results stand
+        log.warning("the base model's eval loss could not be measured: %s", exc)
+        return None
+    return metrics.get("eval_loss")
+
+
 def score(predictions: list[str], references: list[str], metrics: list[str]) -> dict[str, float]:
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
@@ -135,8 +171,9 @@ def _generate_both(model, base_loader, tokenizer, texts: list[str], n: int) -> t
 def evaluate_run(cfg: TrainerConfig, model, tokenizer, *, eval_metrics: dict[str, float],
                  base_loader: Callable[[], Any] | None = None,
                  eval_records: list[dict] | None = None) -> dict[str, Any]:
-    """Write eval.json: loss, perplexity, the objective's own evaluation on the held-out
-    records (DPO: preference accuracy), and base vs fine-tuned generations when prompts are set.
+    """Write eval.json: loss, perplexity, the base model's loss and perplexity on the same eval
+    set (sft), the objective's own evaluation on the held-out records (DPO: preference
+    accuracy), and base vs fine-tuned generations when prompts are set.
 
     For an adapter model the base is the same model with its adapter disabled; otherwise
     `base_loader` (default: a fresh copy of the base model) provides it.
@@ -159,8 +196,19 @@ def evaluate_run(cfg: TrainerConfig, model, tokenizer, *, eval_metrics: dict[str
     if base_loader is None:
         from .model import load_base_for_inference
 
-        def base_loader():
-            return load_base_for_inference(cfg).to(next(model.parameters()).device)
+        loaded: list = []
+
+        def base_loader():  # loaded once, for the base loss and the generations
+            if not loaded:
+                loaded.append(load_base_for_inference(cfg).to(next(model.parameters()).device))
+            return loaded[0]
+    if objective.lm_loss and eval_loss is not None:
+        base_loss = eval_metrics.get(BASE_LOSS_KEY)
+        if base_loss is None:
+            base_loss = _base_eval_loss(cfg, objective, model, base_loader, tokenizer, eval_records or [])
+        if base_loss is not None:
+            report["baseEvalLoss"] = base_loss
+            report["basePerplexity"] = perplexity(base_loss)
     pairs = eval_set_pairs(cfg, tokenizer, eval_records or []) if cfg.evaluation.metrics else []
     if pairs:
         tuned, base = _generate_both(model, base_loader, tokenizer, [t for t, _ in pairs], n)

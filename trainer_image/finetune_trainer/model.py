@@ -187,6 +187,23 @@ def varlen_attention() -> str | None:
     return None
 
 
+def quantization_config(quant):
+    """bitsandbytes' config for method.quantization: `bits` 4 (the only value the schema
+    admits), quantType, doubleQuant, and computeDtype for the matmuls and the weights' storage."""
+    from transformers import BitsAndBytesConfig
+
+    if quant.bits != 4:
+        raise ConfigError(f"method.quantization.bits: {quant.bits} is not supported (4 only)")
+    compute = Precision(quant.compute_dtype, quant.compute_dtype).torch_dtype
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=compute,
+    )
+
+
 def load_base_model(cfg: TrainerConfig, precision: Precision):
     """The base model as the method trains it: fp32 for full, the compute dtype for lora,
     4-bit and prepared for k-bit training for qlora. Not yet wrapped with adapters."""
@@ -203,18 +220,8 @@ def load_base_model(cfg: TrainerConfig, precision: Precision):
     elif method.type == "lora":
         kwargs["dtype"] = precision.torch_dtype
     else:
-        from transformers import BitsAndBytesConfig
-
-        quant = method.quantization
-        compute = Precision(quant.compute_dtype, quant.compute_dtype).torch_dtype
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=quant.quant_type,
-            bnb_4bit_use_double_quant=quant.double_quant,
-            bnb_4bit_compute_dtype=compute,
-            bnb_4bit_quant_storage=compute,
-        )
-        kwargs["dtype"] = compute
+        kwargs["quantization_config"] = quantization_config(method.quantization)
+        kwargs["dtype"] = kwargs["quantization_config"].bnb_4bit_compute_dtype
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         kwargs["device_map"] = {"": local_rank}
     model = AutoModelForCausalLM.from_pretrained(name, **kwargs)

@@ -218,6 +218,14 @@ class S3Client:
             raise ObjectStoreError(f"GET s3://{bucket}/{key}: got {part.stat().st_size} of {size} bytes")
         part.replace(dest)
 
+    def open(self, bucket: str, key: str):
+        """A streaming GET: a file-like response to read() in chunks and close."""
+        return self._request("GET", bucket, key, payload_sha256=EMPTY_SHA256, stream=True)
+
+    def delete(self, bucket: str, key: str) -> None:
+        """DELETE an object (S3 answers 204 whether or not it existed)."""
+        self._request("DELETE", bucket, key)
+
     def put_bytes(self, bucket: str, key: str, data: bytes) -> None:
         digest = hashlib.sha256(data)
         self._request("PUT", bucket, key, body=data, payload_sha256=digest.hexdigest(),

@@ -51,8 +51,11 @@ def write_results(cfg, log_history: list[dict[str, Any]]) -> None:
     never see half a file)."""
     text = results_csv(log_history)
     paths = [cfg.paths.reports / "results.csv"]
-    if cfg.output.results_file:
-        paths.append(Path(cfg.output.results_file))
+    target = cfg.output.results_file
+    if target and target.startswith("s3://"):
+        _upload(target, text)
+    elif target:
+        paths.append(Path(target))
     for path in paths:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,3 +65,17 @@ def write_results(cfg, log_history: list[dict[str, Any]]) -> None:
             os.replace(tmp, path)
         except OSError as exc:
             log.warning("could not write %s: %s", path, exc)
+
+
+def _upload(location: str, text: str) -> None:
+    """One PUT of results.csv to s3://bucket/key, with spec.objectStorage's credentials (the
+    object is replaced whole: readers never see half a file)."""
+    from finetune_api.sources import parse_source
+
+    from .objectstore import ObjectStoreError, S3Client
+
+    source = parse_source(location)
+    try:
+        S3Client.from_env().put_bytes(source.authority, source.path, text.encode())
+    except ObjectStoreError as exc:  # the message names the location and the store's code only
+        log.warning("could not upload results.csv: %s", exc)

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import checkpoints
+from . import checkpoints, evaluate
 from .callbacks import (ENV_STEP_DELAY, SignalGuard, TerminationRequested, TrainingDiverged,
                         barrier as _barrier, make_callbacks)
 from .config import ConfigError, TrainerConfig
@@ -163,6 +163,8 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
                 f"stopped by SIGTERM after saving checkpoint-{trainer.state.global_step}")
         train_seconds = time.monotonic() - started
         eval_metrics = trainer.evaluate() if has_eval else {}
+        if has_eval and objective.lm_loss:
+            eval_metrics.update(evaluate.base_eval_with_trainer(trainer))  # every rank: collective
         _barrier()
         if not is_main:
             return {}
@@ -179,10 +181,14 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
 
 def _finish(cfg, objective, trainer, tokenizer, data, result, eval_metrics, train_seconds,
             precision, packing, resume, reporter, sources=()) -> dict[str, Any]:
-    from . import artifacts, evaluate
+    from . import artifacts
 
     model = trainer.model
     artifact_paths = artifacts.save(cfg, model, tokenizer)
+    from .renderings import prompt_renderings, write as write_renderings
+
+    renderings = prompt_renderings(tokenizer, data.eval)
+    write_renderings(cfg.paths.artifacts, renderings)
     reference = getattr(trainer, "finetune_reference", None)
     eval_report = evaluate.evaluate_run(cfg, model, tokenizer, eval_metrics=eval_metrics,
                                         base_loader=(lambda: reference) if reference is not None else None,
@@ -252,6 +258,8 @@ def _finish(cfg, objective, trainer, tokenizer, data, result, eval_metrics, trai
         reporter.progress.objective_metrics.update(objective_metrics)
         reporter.progress.evaluation = evaluation_status(eval_report)
         reporter.progress.artifacts = {**artifacts_status(artifact_paths), **pushed}
+        if renderings:
+            reporter.progress.artifacts["promptRenderings"] = renderings
         if state.best_model_checkpoint:
             reporter.progress.best_checkpoint = str(state.best_model_checkpoint)
         reporter.publish(force=True)
@@ -272,7 +280,7 @@ def artifacts_status(artifact_paths: dict[str, Any]) -> dict[str, str]:
 def evaluation_status(eval_report: dict[str, Any]) -> dict[str, Any]:
     """status.evaluation from the evaluation report (only what the schema declares)."""
     out: dict[str, Any] = {}
-    for key in ("evalLoss", "perplexity"):
+    for key in ("evalLoss", "perplexity", "baseEvalLoss", "basePerplexity"):
         if isinstance(eval_report.get(key), (int, float)):
             out[key] = eval_report[key]
     accuracy = eval_report.get("preferenceAccuracy")

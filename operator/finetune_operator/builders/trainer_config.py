@@ -65,7 +65,7 @@ def results_mount(job: FineTuneJob) -> ClaimMount | None:
     if not location:
         return None
     source = parse_source(location)
-    if source.authority == claim_name(job):
+    if source.scheme != "pvc" or source.authority == claim_name(job):
         return None
     return ClaimMount(source.authority, source.path.rsplit("/", 1)[0])
 
@@ -75,6 +75,8 @@ def resolve_results_file(job: FineTuneJob) -> str | None:
     if not location:
         return None
     source = parse_source(location)
+    if source.scheme == "s3":
+        return location  # the trainer uploads it (spec.objectStorage's credentials)
     if source.authority == claim_name(job):
         return f"{WORKSPACE}/{source.path}"
     return f"{RESULTS_DIR}/{source.path.rsplit('/', 1)[1]}"

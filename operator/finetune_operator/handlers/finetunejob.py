@@ -27,8 +27,9 @@ from finetune_operator.handlers import facts, records
 from finetune_operator.labels import FINETUNEJOB, FINETUNEJOB_NAME_ANNOTATION
 from finetune_operator.locks import KeyedLocks
 from finetune_operator.status import (
-    GPU_SECONDS_ANNOTATION, Observation, Phase, admission_status, deployment_failed,
-    deployment_observation, derive, late_deploy, parse_time, status_patch, trainer_completed,
+    DEPLOYED_SETTINGS_ANNOTATION, GPU_SECONDS_ANNOTATION, Observation, Phase, admission_status,
+    deploy_digest, deployment_failed, deployment_observation, derive, late_deploy, parse_time,
+    status_patch, trainer_completed,
 )
 
 PLURAL = "finetunejobs"
@@ -38,7 +39,7 @@ TRAINED = (Phase.COMPARING.value, Phase.AWAITING_APPROVAL.value, Phase.DEPLOYING
 
 # One reconciliation at a time per FineTuneJob (spec handler, timer and watch events all
 # write status; they must not interleave their read-modify-write of the conditions list).
-_locks = KeyedLocks()
+_locks = KeyedLocks(metrics.reconcile_queue_depth)
 
 
 def _now() -> dt.datetime:
@@ -298,21 +299,31 @@ def _deploy(job: FineTuneJob, obs: Observation) -> Observation:
     except ImportError:  # an operator built without the serving controller
         return deployment_observation(job, obs, None, None)
     endpoint = serving.ensure_for_finetunejob(job, kube.api())
+    digest = deploy_digest(job)
+    if job.metadata.annotations.get(DEPLOYED_SETTINGS_ANNOTATION) != digest:
+        kube.custom().patch_namespaced_custom_object(
+            GROUP, VERSION, job.metadata.namespace, PLURAL, job.metadata.name,
+            {"metadata": {"annotations": {DEPLOYED_SETTINGS_ANNOTATION: digest}}})
     isvc = kube.read_own(serving.PLURAL, job.metadata.namespace, endpoint["name"])
     return deployment_observation(job, obs, endpoint, isvc)
 
 
 def refresh_status(namespace: str, name: str) -> None:
-    """Derive the status from the trainer Job and pods and write what changed."""
-    started = time.monotonic()
-    try:
-        with _locks.hold((namespace, name)):
+    """Derive the status from the trainer Job and pods and write what changed. Level-triggered
+    and coalesced: when a refresh of this job already waits, it will read everything this
+    caller's event changed, so this one returns at once."""
+    with _locks.coalesced((namespace, name)) as mine:
+        if not mine:
+            metrics.refreshes_coalesced.inc()
+            return
+        started = time.monotonic()
+        try:
             _refresh_status_locked(namespace, name)
-    except Exception:
-        metrics.reconcile_errors.inc()
-        raise
-    finally:
-        metrics.reconcile_duration.observe(time.monotonic() - started)
+        except Exception:
+            metrics.reconcile_errors.inc()
+            raise
+        finally:
+            metrics.reconcile_duration.observe(time.monotonic() - started)
 
 
 def _refresh_status_locked(namespace: str, name: str) -> None:

@@ -5,8 +5,8 @@ Where things are inside the vLLM pod:
 
 | source | mounted at | served from |
 | --- | --- | --- |
-| adapter of FineTuneJob `j` | its claim (`<j>-workspace` or `storage.existingClaim`), read-only, at `/adapters/<j>` | `/adapters/<j>/artifacts/adapter` (`/adapters/<j>/jobs/<j>/artifacts/adapter` on a shared existingClaim) |
-| merged model of FineTuneJob `j` | its claim, read-only, at `/models/<j>` | `/models/<j>/artifacts/merged` (likewise under `jobs/<j>/`) |
+| adapter of FineTuneJob `j` | its claim (`<j>-workspace` or `storage.existingClaim`), read-only, at `/adapters/<claim>` (one volume per claim, however many jobs share it) | `/adapters/<claim>/artifacts/adapter` (`/adapters/<claim>/jobs/<j>/artifacts/adapter` on a shared existingClaim) |
+| merged model of FineTuneJob `j` | its claim, read-only, at `/models/<claim>` | `/models/<claim>/artifacts/merged` (likewise under `jobs/<j>/`) |
 | `pvc://<claim>/<path>` | the claim, read-only, at `/mnt/pvc/<claim>` | `/mnt/pvc/<claim>/<path>` |
 | `org/name`, `hf://org/name` | (downloaded by vLLM into `$HOME/.cache`) | the hub id |
 | `/absolute/path` | (inside the image) | the path |
@@ -16,9 +16,14 @@ dropped, RuntimeDefault seccomp). Exception: the root filesystem stays writable,
 vLLM, torch.compile and Triton write kernel and model caches under `$HOME` and `/tmp`;
 `$HOME` is an emptyDir so the image needs no user of its own.
 
-The pod template carries `finetune.dev/revision`, a hash of everything served (command,
-volumes, resources, and the identity of every referenced FineTuneJob's result): a new
-adapter version changes it and rolls the Deployment out, with maxUnavailable 0.
+Adapters are not in the pod template: vLLM runs with `--enable-lora` (unless it serves a
+merged model) and `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`, and the operator loads the spec's
+adapters into each ready replica at run time (`serving/adapters.py`). The pod template carries
+`finetune.dev/revision`, a hash of what needs a restart (command, volumes, resources, and the
+identity of a merged model's FineTuneJob): a new base or merged model, new vLLM arguments,
+resources, or an adapter on a claim no volume mounts yet change it and roll the Deployment
+out, with maxUnavailable 0. Jobs that deploy into one server should share a claim
+(`storage.existingClaim`) so that a new one adds no volume and restarts nothing.
 """
 
 from __future__ import annotations
@@ -36,8 +41,9 @@ from finetune_operator import names
 from finetune_operator.builders.placement import GPU_RESOURCE as GPU
 from finetune_operator.builders.placement import place
 from finetune_operator.builders.storage import claim_name
+from finetune_operator.serving.adapters import RUNTIME_LORA_ENV
 from finetune_operator.serving.common import (
-    PORT, PORT_NAME, REVISION_ANNOTATION, labels, meta, referenced_jobs, selector, served_model_name,
+    PORT, PORT_NAME, REVISION_ANNOTATION, labels, meta, selector, served_model_name,
 )
 
 # The operator's --vllm-image default (settings.OperatorConfig.vllm_image); spec.vllm.image wins.
@@ -72,10 +78,10 @@ class _Layout:
         self.mounts[volume] = {"name": volume, "mountPath": mount_path, "readOnly": True}
 
     def job_artifact(self, job: FineTuneJob, root: str, artifact: str) -> str:
-        name = job.metadata.name
-        self._claim(_volume_name(f"ftj-{root.strip('/')}", name), claim_name(job), f"{root}/{name}")
-        own = job_folder(name, shared_claim=bool(job.spec.storage.existing_claim))
-        return under(f"{root}/{name}", under(own, artifact) if own else artifact)
+        claim = claim_name(job)
+        self._claim(_volume_name(f"ftj-{root.strip('/')}", claim), claim, f"{root}/{claim}")
+        own = job_folder(job.metadata.name, shared_claim=bool(job.spec.storage.existing_claim))
+        return under(f"{root}/{claim}", under(own, artifact) if own else artifact)
 
     def source(self, location: str) -> str:
         source = parse_source(location)
@@ -86,9 +92,14 @@ class _Layout:
         return hub_id(location) or location
 
 
-def _resolve(isvc: InferenceService, jobs: Mapping[str, FineTuneJob]) -> tuple[str, list[tuple[str, str]], _Layout]:
-    """(model path or hub id, [(adapter name, path)], layout)."""
+def _resolve(isvc: InferenceService, jobs: Mapping[str, FineTuneJob],
+             keep: Mapping[str, FineTuneJob] | None = None) -> tuple[str, list[tuple[str, str]], _Layout]:
+    """(model path or hub id, [(adapter name, path)], layout). `keep`: jobs no longer in the
+    spec whose adapters still serve (the current version of a gated adapter, promotion.py):
+    their claims stay mounted."""
     layout = _Layout()
+    for job in (keep or {}).values():
+        layout.job_artifact(job, "/adapters", ADAPTER_ARTIFACT)
     merged = isvc.spec.merged_model
     if merged and merged.fine_tune_job_ref:
         model = layout.job_artifact(jobs[merged.fine_tune_job_ref.name], "/models", MERGED_ARTIFACT)
@@ -106,6 +117,16 @@ def _resolve(isvc: InferenceService, jobs: Mapping[str, FineTuneJob]) -> tuple[s
     return model, adapters, layout
 
 
+def adapter_paths(isvc: InferenceService, jobs: Mapping[str, FineTuneJob]) -> list[str]:
+    """Where a pod of this server reads each of spec.adapters (in spec order)."""
+    return [path for _, path in _resolve(isvc, jobs)[1]]
+
+
+def job_adapter_path(job: FineTuneJob) -> str:
+    """Where a pod of a server reads the adapter of FineTuneJob `job`."""
+    return _Layout().job_artifact(job, "/adapters", ADAPTER_ARTIFACT)
+
+
 # --- the vLLM command -------------------------------------------------------------------------
 
 
@@ -115,11 +136,17 @@ def vllm_command(isvc: InferenceService, jobs: Mapping[str, FineTuneJob]) -> lis
     `python -m vllm.entrypoints.openai.api_server`, not the `vllm` console script, which
     fails in the CPU build (it looks up a distribution named `vllm`).
     """
-    model, adapters, _ = _resolve(isvc, jobs)
-    return _command(isvc, model, adapters)
+    model, _, _ = _resolve(isvc, jobs)
+    return _command(isvc, model)
 
 
-def _command(isvc: InferenceService, model: str, adapters: list[tuple[str, str]]) -> list[str]:
+def uses_lora(isvc: InferenceService) -> bool:
+    """Whether vLLM runs with LoRA enabled: always, unless it serves a merged model (adapters
+    may be added to a running server, so this does not depend on spec.adapters)."""
+    return isvc.spec.merged_model is None
+
+
+def _command(isvc: InferenceService, model: str) -> list[str]:
     spec = isvc.spec
     vllm = spec.vllm or VLLM()
     cmd = ["python", "-m", "vllm.entrypoints.openai.api_server",
@@ -131,9 +158,8 @@ def _command(isvc: InferenceService, model: str, adapters: list[tuple[str, str]]
         cmd += ["--revision", spec.model.revision]
     if spec.model.trust_remote_code:
         cmd += ["--trust-remote-code"]
-    if adapters:
-        cmd += ["--enable-lora", "--lora-modules", *(f"{name}={path}" for name, path in adapters),
-                "--max-lora-rank", str(vllm.max_lora_rank), "--max-loras", str(vllm.max_loras)]
+    if uses_lora(isvc):
+        cmd += ["--enable-lora", "--max-lora-rank", str(vllm.max_lora_rank), "--max-loras", str(vllm.max_loras)]
     if vllm.max_model_len:
         cmd += ["--max-model-len", str(vllm.max_model_len)]
     cmd += ["--dtype", vllm.dtype,
@@ -177,6 +203,8 @@ def _memory_gib(quantity: Optional[str]) -> Optional[float]:
 
 def _env(isvc: InferenceService) -> list[dict]:
     env = [{"name": "HOME", "value": HOME}]
+    if uses_lora(isvc):
+        env.append({"name": RUNTIME_LORA_ENV, "value": "True"})  # adapters are loaded at run time
     ref = isvc.spec.model.token_secret_ref
     if ref:
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
@@ -239,27 +267,31 @@ def revision(isvc: InferenceService, jobs: Mapping[str, FineTuneJob],
 
 
 def _unrevisioned_pod_spec(isvc: InferenceService, jobs: Mapping[str, FineTuneJob],
-                           default_image: str) -> dict:
-    model, adapters, layout = _resolve(isvc, jobs)
-    return _pod_spec(isvc, _command(isvc, model, adapters), layout, default_image)
+                           default_image: str, keep: Mapping[str, FineTuneJob] | None = None) -> dict:
+    model, _, layout = _resolve(isvc, jobs, keep)
+    return _pod_spec(isvc, _command(isvc, model), layout, default_image)
 
 
 def _revision(pod_spec: dict, isvc: InferenceService, jobs: Mapping[str, FineTuneJob]) -> str:
-    # A FineTuneJob recreated under the same name writes a new adapter to the same path: its
-    # uid tells the versions apart (a job's own spec cannot change once it trained). Not its
-    # completion time: that is set only once the server already serves the adapter, and would
-    # roll every server out a second time.
-    results = {name: [job.metadata.uid, job.status.artifacts.adapter if job.status.artifacts else None]
-               for name, job in sorted(jobs.items()) if name in referenced_jobs(isvc)}
+    # A FineTuneJob recreated under the same name writes a new merged model to the same path:
+    # its uid tells the versions apart (a job's own spec cannot change once it trained). Not
+    # its completion time: that is set only once the server already serves the model, and would
+    # roll every server out a second time. Adapters' jobs are not here: a new adapter version
+    # is loaded at run time (serving/adapters.py).
+    merged = isvc.spec.merged_model
+    merged_job = merged.fine_tune_job_ref.name if merged and merged.fine_tune_job_ref else None
+    results = {name: [job.metadata.uid, job.status.artifacts.merged if job.status.artifacts else None]
+               for name, job in sorted(jobs.items()) if name == merged_job}
     blob = json.dumps({"pod": pod_spec, "jobs": results}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def build_deployment(isvc: InferenceService, jobs: Mapping[str, FineTuneJob],
-                     default_image: str = DEFAULT_IMAGE) -> dict:
+                     default_image: str = DEFAULT_IMAGE, keep: Mapping[str, FineTuneJob] | None = None) -> dict:
     """The vLLM Deployment; `jobs` holds every FineTuneJob the spec references (checked).
-    `default_image` is the operator's --vllm-image, used unless spec.vllm.image is set."""
-    pod_spec = _unrevisioned_pod_spec(isvc, jobs, default_image)
+    `default_image` is the operator's --vllm-image, used unless spec.vllm.image is set.
+    `keep`: jobs whose adapters serve though the spec names another version (promotion.py)."""
+    pod_spec = _unrevisioned_pod_spec(isvc, jobs, default_image, keep)
     rev = _revision(pod_spec, isvc, jobs)
     spec = {
         "selector": {"matchLabels": selector(isvc)},

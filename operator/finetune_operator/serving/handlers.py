@@ -16,6 +16,7 @@ finished training: it creates the InferenceService or adds the job's adapter to 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -30,11 +31,14 @@ from finetune_operator import kube, metrics, settings
 from finetune_operator.conditions import now_iso
 from finetune_operator.labels import APP, MANAGED_BY
 from finetune_operator.locks import KeyedLocks
-from finetune_operator.serving import autoscaling, deployment, disruption, monitoring, service
+from finetune_operator.serving import (
+    adapters, autoscaling, common, deployment, disruption, monitoring, promotion, promptcheck, service,
+)
 from finetune_operator.serving.checks import check
 from finetune_operator.serving.common import (
     INFERENCESERVICE_LABEL, REVISION_ANNOTATION, referenced_jobs, selector, service_url,
 )
+from finetune_operator.serving.references import references
 from finetune_operator.serving.status import READY, status_for
 
 PLURAL = "inferenceservices"
@@ -42,7 +46,7 @@ PROMETHEUS_URL = os.environ.get("FINETUNE_PROMETHEUS_URL", autoscaling.DEFAULT_P
 PODMONITOR_CRD = "podmonitors.monitoring.coreos.com"
 KEDA_CRD = "scaledobjects.keda.sh"
 log = logging.getLogger("finetune_operator.inferenceservice")
-_locks = KeyedLocks()  # one reconciliation at a time per InferenceService
+_locks = KeyedLocks(metrics.reconcile_queue_depth)  # one reconciliation at a time per InferenceService
 
 
 # --- reconciliation ---------------------------------------------------------------------------
@@ -67,17 +71,60 @@ def reconcile(namespace: str, name: str) -> None:
         isvc = InferenceService.from_resource(obj)
         jobs = {n: _read_job(namespace, n) for n in referenced_jobs(isvc)}
         problems = check(isvc, jobs)
-        revision = (obj.get("status") or {}).get("revision")
+        old = obj.get("status") or {}
+        revision = old.get("revision")
+        want, gated = None, {}
         if not problems:
-            revision = _apply_children(isvc, jobs)
+            want, gated, keep = _plan(isvc, jobs, old)
+            revision = _apply_children(isvc, jobs, keep)
         current = kube.read(kube.apps().read_namespaced_deployment, name, namespace)
         pods = _pods(isvc) if current else []
-        _write_status(obj, isvc, problems, current, pods, revision)
+        replicas = adapters.sync(isvc, want, pods, revision, old, _simulated_node)
+        if gated:
+            decided = promotion.decide(isvc, jobs, gated, replicas, _server_for_pod(pods))
+            if any(r.result != decided[n].result for n, r in gated.items()):
+                # promoted or refused: load what now serves under each name
+                old = {**old, "replicaAdapters": [r.to_status() for r in replicas],
+                       "promotions": [r.to_status() for r in decided.values()]}
+                want, gated, _ = _plan(isvc, jobs, old)
+                replicas = adapters.sync(isvc, want, pods, revision, old, _simulated_node)
+            else:
+                gated = decided  # still evaluating (not loaded yet, or scoring failed): retried below
+        prompts = promptcheck.check(isvc, jobs, replicas, _server_for_pod(pods)) if want is not None else None
+        _write_status(obj, isvc, problems, current, pods, revision, replicas, want or {}, gated, prompts)
+        failed = [f"pod {r.pod}: {r.error}" for r in replicas if r.error]
+        failed += [f"{r.name}: {r.message}" for r in gated.values() if r.result == promotion.EVALUATING]
+        if failed:
+            raise adapters.AdapterSyncError("; ".join(failed))
 
 
-def _apply_children(isvc: InferenceService, jobs: dict[str, FineTuneJob]) -> str:
+def _plan(isvc: InferenceService, jobs: dict, status: dict):
+    return promotion.plan(isvc, jobs, adapters.wanted(isvc, jobs), promotion.records(status),
+                          lambda n: _read_job(isvc.metadata.namespace, n), deployment.job_adapter_path)
+
+
+def _server_for_pod(pods: list[dict]):
+    ips = {p["metadata"]["name"]: (p.get("status") or {}).get("podIP") for p in pods}
+    return lambda pod: adapters.HTTPServer(f"http://{ips[pod]}:{common.PORT}")
+
+
+_simulated: dict[str, bool] = {}
+
+
+def _simulated_node(node_name: str) -> bool:
+    """Whether pods on this node run nothing (kwok's fake nodes), cached per node."""
+    if not node_name:
+        return False
+    if node_name not in _simulated:
+        node = kube.read(kube.core().read_node, node_name)
+        annotations = ((node or {}).get("metadata") or {}).get("annotations") or {}
+        _simulated[node_name] = adapters.SIMULATED_NODE_ANNOTATION in annotations
+    return _simulated[node_name]
+
+
+def _apply_children(isvc: InferenceService, jobs: dict[str, FineTuneJob], keep: dict[str, FineTuneJob]) -> str:
     ns, name = isvc.metadata.namespace, isvc.metadata.name
-    desired = deployment.build_deployment(isvc, jobs, settings.current.vllm_image)
+    desired = deployment.build_deployment(isvc, jobs, settings.current.vllm_image, keep)
     kube.apply(desired)
     kube.apply(service.build_service(isvc))
     if disruption.wants_pdb(isvc):
@@ -99,10 +146,13 @@ def _apply_children(isvc: InferenceService, jobs: dict[str, FineTuneJob]) -> str
     return desired["spec"]["template"]["metadata"]["annotations"][REVISION_ANNOTATION]
 
 
-def _write_status(obj: dict, isvc: InferenceService, problems, current, pods, revision) -> None:
+def _write_status(obj: dict, isvc: InferenceService, problems, current, pods, revision, replicas, want,
+                  gated, prompts) -> None:
     old = obj.get("status") or {}
-    status = status_for(isvc, problems, current, pods, revision, old.get("conditions") or [], now_iso())
+    status = status_for(isvc, problems, current, pods, revision, old.get("conditions") or [], now_iso(),
+                        replicas, want, gated, prompts)
     changed = {k: v for k, v in status.items() if old.get(k) != v}
+    changed.update({k: None for k in ("promotions", "replicaAdapters") if k in old and k not in status})
     if not changed:
         return
     if old.get("phase") != status["phase"]:
@@ -164,12 +214,17 @@ def on_child_event(body: dict, namespace: str) -> None:
         reconcile_logged(namespace, owner)
 
 
+def on_inferenceservice_event(event_type: str | None, body: dict, namespace: str, name: str) -> None:
+    references.observe(event_type, body)
+    if event_type != "DELETED":
+        reconcile_logged(namespace, name)
+
+
 def on_finetunejob_event(namespace: str, name: str) -> None:
-    """A referenced job that succeeds (or is recreated) changes what is served."""
-    for obj in kube.custom().list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]:
-        isvc = InferenceService.from_resource(obj)
-        if name in referenced_jobs(isvc):
-            reconcile_logged(namespace, isvc.metadata.name)
+    """A referenced job that succeeds (or is recreated) changes what is served. The servers
+    that read it come from the InferenceServices' own events (no LIST per job event)."""
+    for server in references.servers_of(namespace, name):
+        reconcile_logged(namespace, server)
 
 
 def _owner(body: dict) -> Optional[str]:
@@ -188,7 +243,12 @@ def _owner(body: dict) -> Optional[str]:
 
 
 class DeployConflict(Exception):
-    """The job cannot be added to the named InferenceService (the message says why)."""
+    """The job cannot be added to the named InferenceService (the message says why; `reason`
+    becomes the job's condition reason)."""
+
+    def __init__(self, message: str, reason: str = "DeployFailed"):
+        super().__init__(message)
+        self.reason = reason
 
 
 def ensure_for_finetunejob(job: FineTuneJob | dict, api_client: Optional[client.ApiClient] = None,
@@ -212,7 +272,8 @@ def ensure_for_finetunejob(job: FineTuneJob | dict, api_client: Optional[client.
             done = kube.call(custom.create_namespaced_custom_object, GROUP, VERSION, ns, PLURAL,
                              _new_isvc(job, target), conflict=True)
         else:
-            spec = _with_job(current["spec"], job, target)
+            spec = with_deploy_settings(_with_job(current["spec"], job, target), job,
+                                        _served_jobs(current, job, api_client))
             if spec == current["spec"]:
                 break
             body = {"apiVersion": current["apiVersion"], "kind": current["kind"],
@@ -229,28 +290,83 @@ def ensure_for_finetunejob(job: FineTuneJob | dict, api_client: Optional[client.
 
 
 def _new_isvc(job: FineTuneJob, target: str) -> dict:
-    deploy = job.spec.deploy
     model = to_dict(job.spec.model)
-    resources: dict = {"gpus": deploy.gpus}
-    if deploy.node_selector:
-        resources["nodeSelector"] = dict(deploy.node_selector)
-    if deploy.tolerations:
-        resources["tolerations"] = [to_dict(t) for t in deploy.tolerations]
-    spec: dict = {"model": model, "replicas": deploy.replicas, "resources": resources}
-    if deploy.vllm:
-        spec["vllm"] = to_dict(deploy.vllm)
-        if deploy.gpus == 0:
-            spec["vllm"]["tensorParallelSize"] = 1
+    spec: dict = {"model": model, "replicas": 1, "resources": {"gpus": 1}}
     ref = {"fineTuneJobRef": {"name": job.metadata.name}}
     if job.spec.method.uses_adapter:
-        spec["adapters"] = [{"name": job.metadata.name, **ref}]
+        spec["adapters"] = [{"name": adapter_name(job), **ref}]
     else:
         spec["mergedModel"] = ref
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": InferenceService.KIND,
             "metadata": {"name": target, "namespace": job.metadata.namespace,
                          "labels": {MANAGED_BY: APP},
                          "annotations": {f"{GROUP}/created-by-finetunejob": job.metadata.name}},
-            "spec": spec}
+            "spec": with_deploy_settings(spec, job, [])}
+
+
+# spec.deploy field -> where it goes in the InferenceService's spec
+_DEPLOY_FIELDS = {"replicas": ("replicas",), "gpus": ("resources", "gpus"),
+                  "nodeSelector": ("resources", "nodeSelector"),
+                  "tolerations": ("resources", "tolerations")}
+
+
+def deploy_settings(job: FineTuneJob) -> dict[str, tuple[tuple[str, ...], object]]:
+    """The InferenceService values a job's spec.deploy sets: `{"spec.deploy.<field>": (path in
+    the InferenceService's spec, value)}`. Unset fields (and empty maps/lists) set nothing."""
+    deploy = job.spec.deploy
+    if deploy is None:
+        return {}
+    given = to_dict(deploy)
+    out: dict[str, tuple[tuple[str, ...], object]] = {}
+    for key, path in _DEPLOY_FIELDS.items():
+        if given.get(key) not in (None, {}, []):
+            out[f"spec.deploy.{key}"] = (path, given[key])
+    for key, value in (given.get("vllm") or {}).items():
+        if value not in (None, []):
+            out[f"spec.deploy.vllm.{key}"] = (("vllm", key), value)
+    return out
+
+
+def _targets(job: FineTuneJob, target: str) -> bool:
+    return job.spec.deploy is not None and (job.spec.deploy.inference_service or job.metadata.name) == target
+
+
+def with_deploy_settings(spec: dict, job: FineTuneJob, others: list[FineTuneJob]) -> dict:
+    """`spec` (an InferenceService's) with the values `job`'s spec.deploy sets applied: the job's
+    value replaces the server's (last deploy wins over a hand edit). `others` are the other jobs
+    the server already serves; one whose spec.deploy targets this server and sets the same field
+    to another value makes this a DeployConflict naming the field and both values. gpus 0 also
+    sets vllm.tensorParallelSize to 1 unless the job sets it (vLLM on CPU shards over nothing)."""
+    mine = deploy_settings(job)
+    target = job.spec.deploy.inference_service or job.metadata.name
+    for other in others:
+        if other.metadata.name == job.metadata.name or not _targets(other, target):
+            continue
+        theirs = deploy_settings(other)
+        for field_name, (_, value) in mine.items():
+            if field_name in theirs and theirs[field_name][1] != value:
+                raise DeployConflict(
+                    f"{field_name} is {_show(value)} here but {_show(theirs[field_name][1])} in FineTuneJob "
+                    f"{other.metadata.name}, which InferenceService {target} already serves; make "
+                    "them agree or unset one of them", reason="DeployConflict")
+    spec = {**spec, "resources": dict(spec.get("resources") or {})}
+    if "vllm" in spec or any(path[0] == "vllm" for path, _ in mine.values()):
+        spec["vllm"] = dict(spec.get("vllm") or {})
+    for path, value in mine.values():
+        if len(path) == 1:
+            spec[path[0]] = value
+        else:
+            spec[path[0]][path[1]] = value
+    if spec["resources"].get("gpus") == 0 and "spec.deploy.vllm.tensorParallelSize" not in mine \
+            and spec.get("vllm"):
+        spec["vllm"]["tensorParallelSize"] = 1
+    if not spec["resources"]:
+        spec.pop("resources")
+    return spec
+
+
+def _show(value: object) -> str:
+    return json.dumps(value, sort_keys=True)
 
 
 def _with_job(spec: dict, job: FineTuneJob, target: str) -> dict:
@@ -267,15 +383,34 @@ def _with_job(spec: dict, job: FineTuneJob, target: str) -> dict:
         raise DeployConflict(f"InferenceService {target} serves a merged model and cannot take the adapter "
                              f"of FineTuneJob {job.metadata.name}; deploy it to another InferenceService")
     adapters = [dict(a) for a in spec.get("adapters") or []]
-    entry = {"name": job.metadata.name, **ref}
+    entry = {"name": adapter_name(job), **ref}
     for i, adapter in enumerate(adapters):
-        if adapter["name"] == job.metadata.name:
-            adapters[i] = entry
+        if adapter["name"] == entry["name"]:
+            adapters[i] = {**adapter, **ref}  # a new version: its promotion gate, if any, stays
             break
     else:
         adapters.append(entry)
     spec["adapters"] = adapters
     return spec
+
+
+def adapter_name(job: FineTuneJob) -> str:
+    """The name a job's adapter is served under (spec.deploy.adapterName, else the job's name)."""
+    return (job.spec.deploy.adapter_name if job.spec.deploy else None) or job.metadata.name
+
+
+def _served_jobs(current: dict, job: FineTuneJob, api_client: Optional[client.ApiClient]) -> list[FineTuneJob]:
+    """The other FineTuneJobs the InferenceService `current` serves (those that still exist)."""
+    if not deploy_settings(job):
+        return []  # this job sets nothing, so nothing can conflict
+    isvc = InferenceService.from_resource(current)
+    out = []
+    for other in referenced_jobs(isvc):
+        if other != job.metadata.name:
+            obj = kube.read_own("finetunejobs", job.metadata.namespace, other, api_client)
+            if obj is not None:
+                out.append(FineTuneJob.from_resource(obj))
+    return out
 
 
 def served_by(job: FineTuneJob, api_client: Optional[client.ApiClient] = None) -> Optional[str]:

@@ -17,9 +17,8 @@ CHILD_SELECTOR = {MANAGED_BY: APP, INFERENCESERVICE_LABEL: kopf.PRESENT}
 
 
 @kopf.on.event(GROUP, VERSION, handlers.PLURAL)
-def inferenceservice_event(type: str, namespace: str, name: str, **_) -> None:
-    if type != "DELETED":
-        handlers.reconcile_logged(namespace, name)
+def inferenceservice_event(type: str, body: dict, namespace: str, name: str, **_) -> None:
+    handlers.on_inferenceservice_event(type, body, namespace, name)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=CHILD_SELECTOR)

@@ -5,8 +5,8 @@ checks the node exists) or REFUSED (field -> the id of an INVALID_JOBS / INVALID
 of tests/cluster/test_api_admission.py that the API server refuses).
 
 KNOWN_GAPS lists the fields the audit has not yet tied to an effect test, each with what is
-missing. It may only shrink: a field listed there that gains an entry above fails the test
-until it is removed from the gaps.
+missing (empty since issue 17 was closed out; keep it so). A field listed there that gains an
+entry above fails the test until it is removed from the gaps.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ EFFECT_TESTS: dict[str, str] = {
     "spec.dataset.format": "unit/trainer/test_trainer_run.py::test_chat_and_text_datasets_train",
     "spec.dataset.fieldMap": "unit/trainer/test_data_formats.py::test_field_map_renames_instruction_columns",
     "spec.dataset.evalFraction": "unit/trainer/test_data_prepare.py::test_split_is_deterministic_for_a_seed_and_changes_with_it",
+    "spec.dataset.maxEvalExamples": "unit/trainer/test_data_prepare.py::test_the_held_out_set_is_capped_by_max_eval_examples",
     "spec.dataset.evalSource": "unit/trainer/test_data_prepare.py::test_eval_source_is_used_and_leaked_records_leave_train",
     "spec.dataset.dedup.exact": "unit/trainer/test_data_clean.py::test_exact_duplicates_are_removed_on_normalised_text",
     "spec.dataset.dedup.nearThreshold": "unit/trainer/test_field_effects.py::test_near_threshold_one_disables_near_dedup",
@@ -125,6 +126,32 @@ EFFECT_TESTS: dict[str, str] = {
     "spec.storage.storageClassName": "unit/operator/test_builders_manifests.py::test_workspace_claim_is_owned_only_with_reclaim_policy_delete",
     "spec.deploy.requireApproval": "cluster/test_approval_gate.py::test_a_gated_job_waits_then_deploys_once_approved",
     "spec.deploy.inferenceService": "unit/operator/test_inference_checks.py::test_a_job_deployed_to_a_server_of_its_own_name_serves_the_base_as_name_base",
+    # deploy: applied to a new or an existing InferenceService
+    "spec.deploy.replicas": "cluster/test_deploy_into_existing_server.py::test_an_existing_server_takes_the_deploying_jobs_settings_and_a_conflicting_job_waits",
+    "spec.deploy.gpus": "cluster/test_deploy_into_existing_server.py::test_an_existing_server_takes_the_deploying_jobs_settings_and_a_conflicting_job_waits",
+    "spec.deploy.nodeSelector": "cluster/test_deploy_into_existing_server.py::test_an_existing_server_takes_the_deploying_jobs_settings_and_a_conflicting_job_waits",
+    "spec.deploy.vllm.maxLoraRank": "cluster/test_deploy_into_existing_server.py::test_an_existing_server_takes_the_deploying_jobs_settings_and_a_conflicting_job_waits",
+    "spec.deploy.vllm.maxModelLen": "cluster/test_deploy_into_existing_server.py::test_an_existing_server_takes_the_deploying_jobs_settings_and_a_conflicting_job_waits",
+    "spec.deploy.vllm.dtype": "cluster/test_deploy_into_existing_server.py::test_an_existing_server_takes_the_deploying_jobs_settings_and_a_conflicting_job_waits",
+    **{f"spec.deploy.tolerations[].{k}": "cluster/test_deploy_into_existing_server.py::test_an_existing_server_takes_the_deploying_jobs_settings_and_a_conflicting_job_waits"
+       for k in ("key", "operator", "value", "effect")},
+    "spec.deploy.tolerations[].tolerationSeconds": "unit/operator/test_deploy_settings.py::test_every_deploy_field_reaches_the_inferenceservice_spec_and_its_deployment",
+    **{f"spec.deploy.vllm.{k}": "unit/operator/test_deploy_settings.py::test_every_deploy_field_reaches_the_inferenceservice_spec_and_its_deployment"
+       for k in ("image", "servedModelName", "gpuMemoryUtilization", "tensorParallelSize", "maxLoras",
+                 "extraArgs")},
+    # the rest of the audit (issue 17)
+    "spec.method.quantization.bits": "unit/trainer/test_field_audit_effects.py::test_quantization_fields_shape_the_bitsandbytes_config",
+    "spec.method.quantization.doubleQuant": "unit/trainer/test_field_audit_effects.py::test_quantization_fields_shape_the_bitsandbytes_config",
+    "spec.method.quantization.computeDtype": "unit/trainer/test_field_audit_effects.py::test_quantization_fields_shape_the_bitsandbytes_config",
+    "spec.dataset.split": "unit/trainer/test_field_audit_effects.py::test_dataset_split_is_the_split_asked_of_a_hub_dataset",
+    "spec.training.maxSeqLength": "unit/trainer/test_field_audit_effects.py::test_max_seq_length_is_trls_max_length",
+    "spec.resources.tolerations[].tolerationSeconds": "unit/operator/test_placement_fields.py::test_trainer_pods_take_the_affinity_toleration_seconds_and_image_of_the_spec",
+    "spec.resources.affinity": "unit/operator/test_placement_fields.py::test_trainer_pods_take_the_affinity_toleration_seconds_and_image_of_the_spec",
+    "spec.resources.image": "unit/operator/test_placement_fields.py::test_trainer_pods_take_the_affinity_toleration_seconds_and_image_of_the_spec",
+    "spec.tracking.mlflow.experiment": "unit/trainer/test_trainer_tracking.py::test_mlflow_tensorboard_and_wandb_record_params_per_step_loss_and_artifacts",
+    "spec.tracking.wandb.project": "unit/trainer/test_trainer_tracking.py::test_mlflow_tensorboard_and_wandb_record_params_per_step_loss_and_artifacts",
+    "spec.tracking.wandb.entity": "unit/trainer/test_trainer_tracking.py::test_mlflow_tensorboard_and_wandb_record_params_per_step_loss_and_artifacts",
+    "spec.tracking.wandb.apiKeySecretRef.key": "unit/observability/test_tracking_spec.py::test_trainer_gets_tracker_credentials_from_named_secret_keys_only",
 }
 
 INFERENCE_EFFECT_TESTS: dict[str, str] = {
@@ -152,41 +179,30 @@ INFERENCE_EFFECT_TESTS: dict[str, str] = {
     "spec.autoscaling.targetRequestsWaiting": "cluster/test_autoscaling_objects.py::test_the_rendered_hpa_is_accepted_and_kept_by_the_api_server",
     "spec.autoscaling.minReplicas": "cluster/test_autoscaling_objects.py::test_min_replicas_zero_renders_a_floor_of_one_because_the_api_server_refuses_zero",
     "spec.vllm.extraArgs": "faults/test_security_shell.py::test_vllm_command_carries_extra_args_as_whole_escaped_elements",
+    "spec.model.revision": "unit/operator/test_placement_fields.py::test_vllm_pods_take_revision_trust_remote_code_and_the_placement_fields",
+    "spec.model.trustRemoteCode": "unit/operator/test_placement_fields.py::test_vllm_pods_take_revision_trust_remote_code_and_the_placement_fields",
+    "spec.mergedModel.path": "unit/operator/test_placement_fields.py::test_a_merged_model_path_on_a_claim_is_mounted_and_served",
+    **{f"spec.resources.tolerations[].{k}": "unit/operator/test_placement_fields.py::test_vllm_pods_take_revision_trust_remote_code_and_the_placement_fields"
+       for k in ("key", "operator", "value", "effect", "tolerationSeconds")},
+    "spec.resources.affinity": "unit/operator/test_placement_fields.py::test_vllm_pods_take_revision_trust_remote_code_and_the_placement_fields",
+    "spec.resources.priorityClassName": "unit/operator/test_placement_fields.py::test_vllm_pods_take_revision_trust_remote_code_and_the_placement_fields",
 }
+
+# serving (#21): promotion gated on evaluation.
+INFERENCE_EFFECT_TESTS.update({
+    "spec.adapters[].promotion.metric": "cluster/test_runtime_adapters_cluster.py::test_a_worse_version_is_refused_and_the_current_one_keeps_answering",
+    "spec.adapters[].promotion.requireImprovementOver": "cluster/test_runtime_adapters_cluster.py::test_a_worse_version_is_refused_and_the_current_one_keeps_answering",
+    "spec.adapters[].promotion.margin": "unit/operator/test_runtime_adapters.py::test_a_candidate_is_promoted_only_when_it_beats_the_current_version_by_the_margin",
+})
+EFFECT_TESTS["spec.deploy.adapterName"] = "unit/operator/test_runtime_adapters.py::test_a_job_deploying_under_a_served_name_is_a_new_version_and_ends_not_promoted_when_refused"
 
 # field -> (kind, the id of a refused case in tests/cluster/test_api_admission.py)
 REFUSED: dict[str, str] = {
     "spec.method.lora.bias": "lora-bias",
 }
 
-_AUDIT = "not yet tied to a test of its effect"
-KNOWN_GAPS: dict[str, str] = {f: _AUDIT for f in (
-    "spec.method.quantization.bits", "spec.method.quantization.doubleQuant",
-    "spec.method.quantization.computeDtype",
-    "spec.dataset.split",
-    "spec.training.maxSeqLength",
-    "spec.resources.tolerations[].tolerationSeconds", "spec.resources.affinity",
-    "spec.resources.image",
-    "spec.tracking.mlflow.experiment", "spec.tracking.wandb.project", "spec.tracking.wandb.entity",
-    "spec.tracking.wandb.apiKeySecretRef.key",
-)}
-KNOWN_GAPS.update({
-    "spec.deploy.replicas": "ignored when the InferenceService already exists (issue 17)",
-    "spec.deploy.gpus": "ignored when the InferenceService already exists (issue 17)",
-    "spec.deploy.nodeSelector": "ignored when the InferenceService already exists (issue 17)",
-    **{f"spec.deploy.tolerations[].{k}": "ignored when the InferenceService already exists (issue 17)"
-       for k in ("key", "operator", "value", "effect", "tolerationSeconds")},
-    **{f"spec.deploy.vllm.{k}": "ignored when the InferenceService already exists (issue 17)"
-       for k in ("image", "servedModelName", "maxModelLen", "gpuMemoryUtilization",
-                 "tensorParallelSize", "maxLoraRank", "maxLoras", "dtype", "extraArgs")},
-})
-INFERENCE_KNOWN_GAPS: dict[str, str] = {f: _AUDIT for f in (
-    "spec.model.revision", "spec.model.trustRemoteCode", "spec.mergedModel.path",
-    "spec.resources.tolerations[].key", "spec.resources.tolerations[].operator",
-    "spec.resources.tolerations[].value", "spec.resources.tolerations[].effect",
-    "spec.resources.tolerations[].tolerationSeconds", "spec.resources.affinity",
-    "spec.resources.priorityClassName",
-)}
+KNOWN_GAPS: dict[str, str] = {}
+INFERENCE_KNOWN_GAPS: dict[str, str] = {}
 
 
 def leaf_fields(node: dict, path: str = "spec"):
@@ -250,3 +266,7 @@ def test_every_listed_test_exists(kind, effects, refused, gaps):
     assert not missing, f"listed effect tests that do not exist: {missing}"
     cases = refused_case_ids()
     assert not [c for c in refused.values() if c not in cases]
+
+
+def test_no_field_is_left_as_a_known_gap():
+    assert not KNOWN_GAPS and not INFERENCE_KNOWN_GAPS, "every accepted field works or is refused"

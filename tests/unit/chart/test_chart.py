@@ -758,3 +758,35 @@ def test_capacity_policy_log_format_and_lease_timings_reach_the_operator(helm):
     r = run_helm(helm, "template", "x", str(CHART), "--kube-version", kube_version(),
                  "--set", "capacityPolicy=sometimes", check=False)
     assert r.returncode != 0 and "capacityPolicy" in r.stderr
+
+
+def test_openai_api_with_object_storage_needs_no_claim_and_may_read_only_the_named_secret(helm):
+    from finetune_openai.cli import _parser
+
+    objects = render(helm, *OPENAI_ON, "--set", "openaiApi.filesClaim=", "--set",
+                     "openaiApi.filesStore.uri=s3://uploads/openai", "--set",
+                     "openaiApi.filesStore.endpoint=http://minio.storage:9000")
+    deployment = one(objects, "Deployment", OPENAI_API)["spec"]["template"]["spec"]
+    args = _parser().parse_args(deployment["containers"][0]["args"])
+    assert (args.files_store, args.files_store_secret, args.files_store_endpoint) == (
+        "s3://uploads/openai", "finetune-object-storage", "http://minio.storage:9000")
+    assert not any("persistentVolumeClaim" in v for v in deployment["volumes"])
+    secrets = [r for r in one(objects, "ClusterRole", OPENAI_API)["rules"] if "secrets" in r["resources"]]
+    assert secrets == [{"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["finetune-object-storage"],
+                        "verbs": ["get"]}]
+    # Without filesStore the API reads no Secret outside its release namespace.
+    plain = render(helm, *OPENAI_ON)
+    assert not [r for r in one(plain, "ClusterRole", OPENAI_API)["rules"] if "secrets" in r["resources"]]
+
+
+def test_the_operator_has_startup_readiness_and_liveness_probes_on_its_event_loop_check(helm):
+    container = operator_container(render(helm))
+    probes = {k: container[k] for k in ("startupProbe", "readinessProbe", "livenessProbe")}
+    for probe in probes.values():
+        assert probe["httpGet"] == {"path": "/healthz", "port": "health"}
+    # The startup probe gives a slow start (listing thousands of jobs) minutes, then hands over
+    # to liveness, which no longer needs an initial delay.
+    startup = probes["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
+    assert probes["livenessProbe"]["initialDelaySeconds"] == 0
+    assert probes["readinessProbe"]["failureThreshold"] >= 2

@@ -156,7 +156,7 @@ def test_a_result_file_is_read_from_its_jobs_folder_on_the_files_claim(tmp_path)
 
     store = FileStore(tmp_path, "openai-files", max_stored_bytes=100, max_file_bytes=100)
     job_id = "ftjob-" + "e" * 24
-    assert store.results_location(job_id) == f"pvc://openai-files/results/{job_id}/results.csv"
+    assert store.results_location("team-a", job_id) == f"pvc://openai-files/results/{job_id}/results.csv"
     assert store.result_record("team-a", job_id) is None, "no file before the trainer wrote one"
     path = store.results_path("team-a", job_id)
     path.parent.mkdir(parents=True)

@@ -182,6 +182,15 @@ def test_a_results_file_on_the_job_claim_needs_no_other_mount():
     assert trainer_config.build_trainer_config(job)["output"]["resultsFile"] == "/workspace/exports/results.csv"
 
 
+def test_an_s3_results_file_is_uploaded_by_the_trainer_and_mounts_nothing():
+    job = make_job({**MULTI, "output": {"resultsFile": "s3://uploads/openai/team/results/ftjob-1/results.csv"},
+                    "objectStorage": {"secretRef": {"name": "finetune-object-storage"}}})
+    pod = trainer_job.build_trainer_job(job, IMAGE)["spec"]["template"]["spec"]
+    assert "results" not in {v["name"] for v in pod["volumes"]}
+    assert trainer_config.build_trainer_config(job)["output"]["resultsFile"] == \
+        "s3://uploads/openai/team/results/ftjob-1/results.csv"
+
+
 def test_two_jobs_on_one_existing_claim_never_share_checkpoints_or_artifacts():
     """#14 item 2: the second job on a shared claim resumed from the first job's checkpoint."""
     from finetune_api.trainer_config import TrainerConfig

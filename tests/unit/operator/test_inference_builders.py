@@ -6,6 +6,8 @@ Update the golden files after an intended change with
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import yaml
 
@@ -76,19 +78,27 @@ def render_deployment(isvc_body, *jobs):
     return deployment.build_deployment(isvc, parsed)
 
 
-def test_command_is_the_openai_server_module_with_every_adapter():
+def test_command_is_the_openai_server_module_with_lora_enabled_and_no_adapter_in_it():
     isvc, jobs = parse(*_flatten(two_adapters_case()))
     cmd = deployment.vllm_command(isvc, jobs)
     assert cmd[:3] == ["python", "-m", "vllm.entrypoints.openai.api_server"]
     assert cmd[cmd.index("--model") + 1] == "Qwen/Qwen2.5-0.5B-Instruct"
     assert cmd[cmd.index("--served-model-name") + 1] == "qwen-base"
     assert cmd[cmd.index("--port") + 1] == "8000" and cmd[cmd.index("--host") + 1] == "0.0.0.0"
-    modules = cmd[cmd.index("--lora-modules") + 1: cmd.index("--max-lora-rank")]
+    # Adapters are loaded at run time (serving/adapters.py), never named in the command.
+    assert "--enable-lora" in cmd and "--lora-modules" not in cmd
+    assert cmd[cmd.index("--max-lora-rank") + 1] == "16"
+    env = deployment.build_deployment(isvc, jobs)["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"} in env
     # legal-lora's job trained on a shared storage.existingClaim: its outputs are in jobs/<name>/.
-    assert modules == ["support-lora=/adapters/support-lora/artifacts/adapter",
-                       "legal-lora=/adapters/legal-lora/jobs/legal-lora/artifacts/adapter",
-                       "faq-v1=/mnt/pvc/adapters/faq-v1"]
+    assert deployment.adapter_paths(isvc, jobs) == [
+        "/adapters/support-lora-workspace/artifacts/adapter",
+        "/adapters/legal-data/jobs/legal-lora/artifacts/adapter",
+        "/mnt/pvc/adapters/faq-v1"]
     assert cmd[-1] == "--enable-prefix-caching"
+    # A server created without adapters can take one later: LoRA is on all the same.
+    bare, _ = parse(inferenceservice())
+    assert "--enable-lora" in deployment.vllm_command(bare, {})
 
 
 def test_adapters_of_a_job_mount_its_claim_read_only():
@@ -98,15 +108,28 @@ def test_adapters_of_a_job_mount_its_claim_read_only():
               if "persistentVolumeClaim" in v}
     assert claims.keys() == {"support-lora-workspace", "legal-data", "adapters"}
     mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
-    assert mounts[claims["support-lora-workspace"]]["mountPath"] == "/adapters/support-lora"
-    assert mounts[claims["legal-data"]]["mountPath"] == "/adapters/legal-lora"
+    assert mounts[claims["support-lora-workspace"]]["mountPath"] == "/adapters/support-lora-workspace"
+    assert mounts[claims["legal-data"]]["mountPath"] == "/adapters/legal-data"
     assert all(mounts[v]["readOnly"] for v in claims.values())
+
+
+def test_adapters_on_a_mounted_claim_change_nothing_in_the_template():
+    """Only what needs a restart is in the template: a second job on the shared claim, or a
+    retrained adapter, is loaded at run time; a claim not mounted yet needs a new volume."""
+    isvc_body, jobs = two_adapters_case()
+    before = render_deployment(isvc_body, *jobs)["spec"]["template"]
+    more = copy.deepcopy(isvc_body)
+    more["spec"]["adapters"].append({"name": "hr", "fineTuneJobRef": {"name": "hr"}})
+    hr = finetunejob("hr", uid="uid-3", existing_claim="legal-data")
+    assert render_deployment(more, *jobs, hr)["spec"]["template"] == before  # and back: removing it
+    own_claim = finetunejob("hr", uid="uid-3")
+    assert render_deployment(more, *jobs, own_claim)["spec"]["template"] != before
 
 
 def test_merged_model_of_a_full_job_is_the_served_model():
     isvc, jobs = parse(*_flatten(merged_case()))
     cmd = deployment.vllm_command(isvc, jobs)
-    assert cmd[cmd.index("--model") + 1] == "/models/chat-full/artifacts/merged"
+    assert cmd[cmd.index("--model") + 1] == "/models/chat-full-workspace/artifacts/merged"
     assert "--enable-lora" not in cmd
     assert cmd[cmd.index("--tensor-parallel-size") + 1] == "2"
 
@@ -121,14 +144,17 @@ def test_rolling_update_never_drops_a_serving_replica():
     assert c["readinessProbe"]["httpGet"]["path"] == c["livenessProbe"]["httpGet"]["path"] == "/health"
 
 
-def test_a_new_adapter_version_changes_the_revision():
+def test_a_new_adapter_version_keeps_the_revision_and_a_new_merged_model_changes_it():
     isvc_body, jobs = two_adapters_case()
     before = render_deployment(isvc_body, *jobs)["spec"]["template"]["metadata"]["annotations"]
     retrained = [finetunejob("support-lora", uid="uid-1b", completion_time="2025-02-01T00:00:00Z"), jobs[1]]
     after = render_deployment(isvc_body, *retrained)["spec"]["template"]["metadata"]["annotations"]
+    assert before[common.REVISION_ANNOTATION] == after[common.REVISION_ANNOTATION]
+    isvc_body, jobs = merged_case()
+    before = render_deployment(isvc_body, *jobs)["spec"]["template"]["metadata"]["annotations"]
+    retrained = [dict(jobs[0], metadata=dict(jobs[0]["metadata"], uid="uid-new"))]
+    after = render_deployment(isvc_body, *retrained)["spec"]["template"]["metadata"]["annotations"]
     assert before[common.REVISION_ANNOTATION] != after[common.REVISION_ANNOTATION]
-    again = render_deployment(isvc_body, *jobs)["spec"]["template"]["metadata"]["annotations"]
-    assert before == again
 
 
 def test_gpus_are_limits_and_gpu_taints_are_tolerated():

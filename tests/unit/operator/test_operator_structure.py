@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import ast
 import threading
+import time
 from pathlib import Path
+
+import pytest
 
 from finetune_operator import names
 from finetune_operator.labels import label_value
@@ -90,3 +93,109 @@ def test_a_deleted_job_is_released_within_seconds_even_while_its_timer_runs():
     assert settings.background.cancellation_polling >= 60  # kopf's default, the cause
     configure_kopf(settings)
     assert settings.background.cancellation_polling <= 2
+
+
+def test_a_reconciliation_waiting_for_its_objects_lock_is_counted_in_the_queue_depth():
+    from prometheus_client import Gauge, CollectorRegistry
+
+    depth = Gauge("depth", "test", registry=CollectorRegistry())
+    locks = KeyedLocks(depth)
+    entered, release, waiting_done = threading.Event(), threading.Event(), threading.Event()
+
+    def holder():
+        with locks.hold(("ns", "a")):
+            entered.set()
+            release.wait(5)
+
+    def waiter():
+        with locks.hold(("ns", "a")):
+            waiting_done.set()
+
+    first = threading.Thread(target=holder)
+    first.start()
+    assert entered.wait(5)
+    with locks.hold(("ns", "other")):
+        assert depth._value.get() == 0, "another object's lock does not wait"
+    second = threading.Thread(target=waiter)
+    second.start()
+    deadline = time.monotonic() + 5
+    while depth._value.get() != 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert depth._value.get() == 1
+    release.set()
+    assert waiting_done.wait(5)
+    first.join(5), second.join(5)
+    assert depth._value.get() == 0
+
+
+def test_every_request_the_handlers_make_is_counted_by_method_and_status():
+    import http.server
+    import json as _json
+
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    from finetune_operator import kube, metrics
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            found = self.path.endswith("/present")
+            body = _json.dumps({"kind": "ConfigMap", "apiVersion": "v1", "metadata": {"name": "present"}}
+                               if found else {"kind": "Status", "code": 404}).encode()
+            self.send_response(200 if found else 404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cfg = client.Configuration(host=f"http://127.0.0.1:{server.server_port}")
+        core = client.CoreV1Api(kube.CountingApiClient(cfg))
+        ok, missing = metrics.api_requests.labels("GET", "200"), metrics.api_requests.labels("GET", "404")
+        before = ok._value.get(), missing._value.get()
+        assert core.read_namespaced_config_map("present", "ns").metadata.name == "present"
+        with pytest.raises(ApiException):
+            core.read_namespaced_config_map("absent", "ns")
+        assert (ok._value.get(), missing._value.get()) == (before[0] + 1, before[1] + 1)
+    finally:
+        server.shutdown()
+
+
+def test_refreshes_of_one_object_coalesce_behind_the_running_one():
+    """A burst of events for one job: one refresh runs, one waits behind it, the rest return at
+    once (the waiting one reads what they would have)."""
+    locks = KeyedLocks()
+    entered, release = threading.Event(), threading.Event()
+    ran: list[str] = []
+
+    def refresh(tag: str, hold_until: threading.Event | None = None):
+        with locks.coalesced(("ns", "a")) as mine:
+            if mine:
+                ran.append(tag)
+                if hold_until is not None:
+                    entered.set()
+                    hold_until.wait(5)
+
+    first = threading.Thread(target=refresh, args=("running", release))
+    first.start()
+    assert entered.wait(5)
+    second = threading.Thread(target=refresh, args=("waiting",))
+    second.start()
+    deadline = time.monotonic() + 5
+    while locks._locks[("ns", "a")].refreshes_waiting != 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for tag in ("burst-1", "burst-2", "burst-3"):
+        refresh(tag)  # return at once: a refresh already waits
+    with locks.coalesced(("ns", "b")) as mine:
+        assert mine, "another object is not coalesced with this one"
+    release.set()
+    first.join(5), second.join(5)
+    assert ran == ["running", "waiting"]
+    assert len(locks) == 0
+    with locks.coalesced(("ns", "a")) as mine:
+        assert mine, "with nobody waiting, a refresh runs"

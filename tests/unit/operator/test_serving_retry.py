@@ -41,3 +41,24 @@ def test_events_during_a_pending_retry_do_not_stack_more_retries(monkeypatch):
     finally:
         _, timer = handlers._retries.pop(("ns", "busy"))
         timer.cancel()
+
+
+def test_a_finetunejob_event_finds_its_servers_from_their_own_events_without_a_list():
+    from finetune_operator.serving.references import References
+
+    def isvc(name, *jobs, namespace="team-a"):
+        return {"apiVersion": "finetune.dev/v1alpha1", "kind": "InferenceService",
+                "metadata": {"name": name, "namespace": namespace},
+                "spec": {"model": {"source": "org/base"},
+                         "adapters": [{"name": j, "fineTuneJobRef": {"name": j}} for j in jobs]}}
+
+    refs = References()
+    refs.observe("ADDED", isvc("shared", "support", "legal"))
+    refs.observe("ADDED", isvc("solo", "support"))
+    refs.observe(None, isvc("other-ns", "support", namespace="team-b"))
+    assert refs.servers_of("team-a", "support") == ["shared", "solo"]
+    assert refs.servers_of("team-a", "legal") == ["shared"]
+    refs.observe("MODIFIED", isvc("shared", "legal"))  # support's adapter entry removed
+    assert refs.servers_of("team-a", "support") == ["solo"]
+    refs.observe("DELETED", isvc("solo", "support"))
+    assert refs.servers_of("team-a", "support") == [] and refs.servers_of("team-b", "support") == ["other-ns"]

@@ -188,3 +188,28 @@ def test_everything_removed_makes_the_dataset_unusable(tmp_path, policy):
 
     with pytest.raises(DataValidationError, match="only 0 usable examples"):
         prepare_dataset(cfg, seed=0, max_seq_length=10, tokenizer=word_tokenizer())
+
+
+def test_a_shared_system_prompt_does_not_make_conversations_near_duplicates(tmp_path):
+    """Issue 16 item 8: 200 distinct conversations sharing one 600-word system prompt lost 199
+    of them to near-dedup. Likeness is judged on the user and assistant turns; a real near-copy
+    of one conversation is still removed, and the system prompt still counts for exact dedup."""
+    rng = random.Random(3)
+    system = random_text(rng, 600)
+    turns = [(random_text(rng, 12), random_text(rng, 12)) for _ in range(200)]
+
+    def conversation(user: str, answer: str, system_text: str = system) -> dict:
+        return {"messages": [{"role": "system", "content": system_text}, {"role": "user", "content": user},
+                             {"role": "assistant", "content": answer}]}
+
+    near_copy = conversation(turns[0][0], turns[0][1].rsplit(" ", 1)[0] + " keep")
+    other_system = conversation(*turns[1], system_text="be brief")
+    records = [conversation(u, a) for u, a in turns] + [near_copy, other_system]
+    cfg = DatasetConfig(source=str(write_jsonl(tmp_path / "d.jsonl", records)), format="chat",
+                        eval_fraction=0.0, min_examples=1, dedup=DedupConfig(exact=True, near_threshold=0.8))
+
+    prepared = prepare_dataset(cfg, seed=0, max_seq_length=8192)
+
+    assert prepared.report.near_duplicates_removed == 2, "the near-copy, and the same turns under another system prompt"
+    assert len(prepared.train) == 200
+    assert prepared.report.duplicates_removed == 0

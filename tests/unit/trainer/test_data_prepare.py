@@ -45,6 +45,20 @@ def test_split_is_deterministic_for_a_seed_and_changes_with_it(tmp_path):
     assert len(all_records) == 60
 
 
+def test_the_held_out_set_is_capped_by_max_eval_examples(tmp_path):
+    """Issue 16 item 7: evalFraction had no cap (50,000 evaluations every saveSteps at a
+    million records); the rest of the records train."""
+    cfg = config(write_jsonl(tmp_path / "d.jsonl", RECORDS), eval_fraction=0.5, max_eval_examples=7)
+
+    prepared = prepare_dataset(cfg, seed=42, max_seq_length=512)
+
+    assert len(prepared.eval) == 7 and len(prepared.train) == 53
+    assert any("maxEvalExamples (7)" in w for w in prepared.report.warnings)
+    uncapped = prepare_dataset(config(write_jsonl(tmp_path / "e.jsonl", RECORDS), eval_fraction=0.5),
+                               seed=42, max_seq_length=512)
+    assert len(uncapped.eval) == 30, "the default cap (1000) leaves small sets alone"
+
+
 def test_eval_source_is_used_and_leaked_records_leave_train(tmp_path):
     train_path = write_jsonl(tmp_path / "train.jsonl", RECORDS[:40])
     eval_path = write_jsonl(tmp_path / "eval.jsonl", RECORDS[35:45])

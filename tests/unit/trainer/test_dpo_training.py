@@ -117,6 +117,9 @@ def test_lora_dpo_learns_the_preference_and_reports_it(tiny_model, tmp_path, fak
     final = bodies[-1]
     assert final["evaluation"]["preferenceAccuracy"] == {k: v for k, v in accuracy.items()}
     assert "perplexity" not in final["metrics"]
+    # OpenAI's trained_tokens for a DPO job: the non-padding tokens of both answers of each pair.
+    assert final["progress"]["tokensSeen"] > 0
+    assert any(b.get("metrics", {}).get("tokensPerSecond", 0) > 0 for b in bodies)
 
 
 @pytest.mark.slow

@@ -114,3 +114,30 @@ def test_termination_message_goes_where_the_env_says(tmp_path, monkeypatch):
     write_termination_message({"reason": "InvalidData", "message": "x" * 10000, "step": 3})
     data = json.loads((tmp_path / "term").read_text())
     assert data["reason"] == "InvalidData" and len(json.dumps(data)) < 4096
+
+
+def test_tokens_per_second_is_the_rate_between_training_logs_not_zeroed_by_an_eval_log(tmp_path, monkeypatch):
+    """Issue 14: the evaluation log at the last step (same token count as the training log
+    before it) set tokensPerSecond to 0, and status kept that 0."""
+    from types import SimpleNamespace
+
+    from finetune_trainer import callbacks
+    from finetune_trainer.config import TrainerConfig
+
+    cfg = TrainerConfig.from_dict({"model": {"source": "/m"}, "dataset": {"source": "x.jsonl"},
+                                   "training": {"precision": "fp32"}, "paths": {"root": str(tmp_path)}})
+    reporter = SimpleNamespace(progress=Progress(), publish=lambda force=False: None,
+                               log_step=lambda logs, step: None)
+    report = next(c for c in callbacks.make_callbacks(cfg, reporter, has_eval=True, guard=callbacks.SignalGuard())
+                  if type(c).__name__ == "ReportCallback")
+    clock = iter([100.0, 102.0, 104.0, 104.5])
+    monkeypatch.setattr(callbacks.time, "monotonic", lambda: next(clock))
+    state = SimpleNamespace(global_step=2, epoch=0.5, num_input_tokens_seen=1000)
+    report.on_log(None, state, None, logs={"loss": 2.0})
+    state.global_step, state.num_input_tokens_seen = 4, 1400
+    report.on_log(None, state, None, logs={"loss": 1.5})
+    assert reporter.progress.tokens_per_second == 200.0  # 400 tokens in 2 s
+    state.global_step, state.num_input_tokens_seen = 6, 2000
+    report.on_log(None, state, None, logs={"loss": 1.2})
+    report.on_log(None, state, None, logs={"eval_loss": 1.3})  # the evaluation at the same step
+    assert reporter.progress.tokens_per_second == 300.0 and reporter.progress.tokens_seen == 2000

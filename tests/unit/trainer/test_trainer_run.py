@@ -6,6 +6,7 @@ Given a tiny Llama and a small learnable dataset, on CPU.
 from __future__ import annotations
 
 import json
+import math
 import re
 import signal
 import subprocess
@@ -89,6 +90,9 @@ def test_lora_lowers_the_loss_and_writes_a_servable_adapter(trainer_config, tmp_
     assert set(report["scores"]) == {"base", "finetuned"}
     assert {"bleu", "rouge1", "rougeL", "exactMatch"} <= set(report["scores"]["finetuned"])
     assert report["perplexity"] > 1
+    # Base vs fine-tuned on the same eval set: the adapter learned the data, the base did not.
+    assert report["baseEvalLoss"] > report["evalLoss"]
+    assert report["basePerplexity"] == pytest.approx(math.exp(report["baseEvalLoss"]))
     assert termination(tmp_path)["reason"] == "Succeeded"
     assert {path for path, _, _ in patches} == {
         "/apis/finetune.dev/v1alpha1/namespaces/team-a/finetunejobs/tune/status"}
@@ -97,6 +101,8 @@ def test_lora_lowers_the_loss_and_writes_a_servable_adapter(trainer_config, tmp_
     assert final["progress"]["step"] == final["progress"]["totalSteps"] == 16
     assert final["progress"]["percent"] == 100.0
     assert {"trainLoss", "evalLoss", "perplexity", "learningRate"} <= set(final["metrics"])
+    assert {k: final["evaluation"][k] for k in ("evalLoss", "perplexity", "baseEvalLoss", "basePerplexity")} == \
+        pytest.approx({k: report[k] for k in ("evalLoss", "perplexity", "baseEvalLoss", "basePerplexity")})
     assert final["checkpoints"]["latest"] == "checkpoint-16"
     assert final["progress"]["tokensSeen"] == summary(root)["tokensSeen"] > 0
     on_disk = sorted(int(p.parent.name.split("-")[1]) for p in (root / "checkpoints").glob("checkpoint-*/COMPLETE"))
@@ -111,6 +117,8 @@ def test_lora_lowers_the_loss_and_writes_a_servable_adapter(trainer_config, tmp_
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     again = json.loads((root / "reports" / "eval.json").read_text())
     assert again["evalLoss"] == pytest.approx(report["evalLoss"], rel=1e-3)
+    assert again["baseEvalLoss"] == pytest.approx(report["baseEvalLoss"], rel=1e-3), \
+        "the separate pass of `evaluate` measures the base as the training run's own evaluation did"
     assert again["generations"][0]["finetuned"] == report["generations"][0]["finetuned"]
 
 
@@ -141,6 +149,8 @@ def test_full_fine_tuning_lowers_the_loss_and_writes_a_merged_model(trainer_conf
     merged = root / "artifacts" / "merged"
     assert (merged / "config.json").is_file() and (merged / "tokenizer.json").is_file()
     assert not (root / "artifacts" / "adapter").exists()
+    report = json.loads((root / "reports" / "eval.json").read_text())
+    assert report["baseEvalLoss"] > report["evalLoss"], "the base model, loaded again, is measured too"
 
 
 def test_killed_run_resumes_from_last_complete_checkpoint(trainer_config, tmp_path):

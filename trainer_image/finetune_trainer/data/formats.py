@@ -18,10 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-INSTRUCTION_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
-INSTRUCTION_WITH_INPUT_TEMPLATE = (
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
+from finetune_api.prompts import INSTRUCTION_TEMPLATE, INSTRUCTION_WITH_INPUT_TEMPLATE  # noqa: F401 - re-exported
+
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 # Keys of a chat message that TRL and chat templates understand; others are dropped.
 MESSAGE_KEYS = ("role", "content", "name", "tool_calls", "tool_call_id")
@@ -48,9 +46,17 @@ class Example:
 
     where: str  # "line 41", "record 3", "row 7"
     record: dict[str, Any]  # the SFTTrainer record
-    dedup_text: str  # the record's own text (no template), for duplicate detection
+    dedup_text: str  # the record's own text (no template), for exact duplicate detection
     category: str | None = None
     tokens: int = 0  # length after the length policy
+    # What the model learns from, for near-duplicate detection: the text without system
+    # messages (None: dedup_text). 200 distinct conversations sharing one long system prompt
+    # were near-duplicates of each other (issue 16 item 8).
+    near_text: str | None = None
+
+    @property
+    def similarity_text(self) -> str:
+        return self.dedup_text if self.near_text is None else self.near_text
 
 
 def _type_name(value: Any) -> str:
@@ -297,4 +303,20 @@ def convert(raw: Any, fmt: str, field_map: dict[str, str], where: str,
     if category_field:
         value = record.get(category_field)
         category = "(missing)" if value is None else str(value)
-    return Example(where, converted, dedup_text, category)
+    return Example(where, converted, dedup_text, category, near_text=_learned_text(converted))
+
+
+def _learned_text(converted: dict[str, Any]) -> str | None:
+    """The texts of every non-system message of a chat record (or a preference prompt given as
+    messages, with its answers); None when the record has no system message to leave out."""
+    def contents(messages: Any) -> list[tuple[str, str]]:
+        return [(m["role"], m["content"]) for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
+
+    turns = contents(converted.get("messages")) + contents(converted.get("prompt"))
+    if not any(role == "system" for role, _ in turns):
+        return None
+    texts = [text for role, text in turns if role != "system"]
+    for key in ("chosen", "rejected"):
+        answer = converted.get(key)
+        texts += [answer] if isinstance(answer, str) else [text for _, text in contents(answer)]
+    return "\n".join(texts)

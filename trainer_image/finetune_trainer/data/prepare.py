@@ -75,7 +75,12 @@ def inspect_dataset(cfg: DatasetConfig, *, seed: int, max_seq_length: int, token
     if cfg.eval_source:
         train_examples = examples
     else:
-        train_examples, eval_examples = split(examples, cfg.eval_fraction, seed)
+        train_examples, eval_examples = split(examples, cfg.eval_fraction, seed,
+                                              max_eval=cfg.max_eval_examples)
+        if cfg.max_eval_examples is not None and round(len(examples) * cfg.eval_fraction) > cfg.max_eval_examples:
+            report.warnings.append(f"evalFraction {cfg.eval_fraction} would hold out "
+                                   f"{round(len(examples) * cfg.eval_fraction)} records; held out "
+                                   f"dataset.maxEvalExamples ({cfg.max_eval_examples})")
         if cfg.eval_fraction > 0 and len(examples) == 1:
             report.warnings.append("too few examples to hold any out for evaluation")
 
@@ -105,13 +110,15 @@ def inspect_dataset(cfg: DatasetConfig, *, seed: int, max_seq_length: int, token
     return PreparedDataset(train, evals, report)
 
 
-def split(examples: list[Example], eval_fraction: float,
-          seed: int) -> tuple[list[Example], list[Example]]:
-    """A seeded random hold-out; both parts keep the file's order."""
+def split(examples: list[Example], eval_fraction: float, seed: int,
+          max_eval: int | None = None) -> tuple[list[Example], list[Example]]:
+    """A seeded random hold-out of at most `max_eval` records; both parts keep the file's order."""
     n = len(examples)
     n_eval = round(n * eval_fraction)
     if eval_fraction > 0 and n_eval == 0 and n >= 2:
         n_eval = 1
+    if max_eval is not None:
+        n_eval = min(n_eval, max_eval)
     held_out = set(random.Random(seed).sample(range(n), n_eval))
     train = [e for i, e in enumerate(examples) if i not in held_out]
     evals = [e for i, e in enumerate(examples) if i in held_out]
@@ -221,7 +228,8 @@ class _Pipeline:
             examples = [e for e, dup in zip(examples, flags) if not dup]
             texts = [e.dedup_text for e in examples]
         if cfg.dedup.near_threshold and 0 < cfg.dedup.near_threshold < 1:  # 1: off
-            flags = dedup.near_duplicates(texts, cfg.dedup.near_threshold)
+            # Judged on what the model learns from: a shared system prompt is no likeness.
+            flags = dedup.near_duplicates([e.similarity_text for e in examples], cfg.dedup.near_threshold)
             if count:
                 report.near_duplicates_removed += sum(flags)
             examples = [e for e, dup in zip(examples, flags) if not dup]
