@@ -209,6 +209,9 @@ state = "{d / 'state'}"
   # every pod sandbox) fails runc's nsexec ("can't get final child's PID from pipe: EOF").
   # Clamp containers' oom_score_adj at containerd's own (0), as for rootless containerd.
   restrict_oom_score_adj = true
+  # Pods' network namespaces under containerd's state (not /var/run/netns), so that stopping
+  # the node unmounts them with the rest of its state.
+  netns_mounts_under_state_dir = true
   [plugins."io.containerd.cri.v1.runtime".cni]
     bin_dirs = ["{self.bin_dir / 'cni'}"]
     conf_dir = "{self.dir / 'cni' / 'net.d'}"
