@@ -95,15 +95,7 @@ class FileStore:
         data.unlink(missing_ok=True)
 
     def data_file(self, namespace: str, file_id: str, param: str) -> DataFile:
-        try:
-            record = self.get(namespace, file_id)
-        except ApiError:
-            raise bad_request(f"invalid {param}: {file_id} (no such file in this namespace)",
-                              param=param, code=f"invalid_{param}") from None
-        if record.get("purpose") != "fine-tune":
-            raise bad_request(f"invalid {param}: {file_id} was uploaded with purpose {record.get('purpose')!r}, "
-                              "not 'fine-tune'", param=param, code=f"invalid_{param}")
-        return DataFile(file_id, f"pvc://{self.claim}/files/{file_id}.jsonl", record[FORMAT_KEY])
+        return training_data(self, namespace, file_id, param, f"pvc://{self.claim}/files/{file_id}.jsonl")
 
     # Result files: results.csv that a job's trainer writes (spec.output.resultsFile) on this
     # claim at results/<job id>/, read back as a `file` with purpose fine-tune-results.
@@ -123,6 +115,23 @@ class FileStore:
 
     def open_results(self, namespace: str, job_id: str) -> BinaryIO:
         return open(self.results_path(namespace, job_id), "rb")
+
+
+def training_data(store, namespace: str, file_id: str, param: str, location: str) -> DataFile:
+    """The upload a job request names as `param` (training_file, validation_file), read from
+    either store, as the DataFile the job reads at `location`; a 400 naming the parameter when
+    it is not a fine-tune file of this namespace."""
+    try:
+        record = store.get(namespace, file_id)
+    except ApiError as e:
+        if e.status != 404:
+            raise
+        raise bad_request(f"invalid {param}: {file_id} (no such file in this namespace)",
+                          param=param, code=f"invalid_{param}") from None
+    if record.get("purpose") != "fine-tune":
+        raise bad_request(f"invalid {param}: {file_id} was uploaded with purpose {record.get('purpose')!r}, "
+                          "not 'fine-tune'", param=param, code=f"invalid_{param}")
+    return DataFile(file_id, location, record[FORMAT_KEY])
 
 
 def result_record_of(job_id: str, size: int, created_at: int) -> dict:

@@ -27,7 +27,7 @@ from finetune_api.sources import parse_source
 from finetune_trainer.objectstore import Credentials, ObjectStoreError, S3Client
 
 from .errors import ApiError, bad_request, not_found, too_many
-from .files import FORMAT_KEY, RESULTS, RESULTS_NAME, Upload, public, result_record_of
+from .files import FORMAT_KEY, RESULTS, RESULTS_NAME, Upload, public, result_record_of, training_data
 from .mapping import FILE_ID, DataFile
 
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_ENDPOINT_URL")
@@ -104,9 +104,9 @@ class ObjectFileStore:
             upload.discard()
         return public(record)
 
-    def get(self, namespace: str, file_id: str) -> dict:
+    def get(self, namespace: str, file_id: str, s3: Optional[S3Client] = None) -> dict:
         _, meta = self._file_keys(namespace, file_id)
-        s3 = self.client(namespace)
+        s3 = s3 or self.client(namespace)
         try:
             return json.loads(s3.get_bytes(self.bucket, meta))
         except ObjectStoreError as exc:
@@ -115,8 +115,9 @@ class ObjectFileStore:
             raise _unavailable(exc) from None
 
     def open_content(self, namespace: str, file_id: str) -> BinaryIO:
-        self.get(namespace, file_id)
-        return _store(lambda: self.client(namespace).open(self.bucket, self._file_keys(namespace, file_id)[0]))
+        s3 = self.client(namespace)
+        self.get(namespace, file_id, s3)
+        return _store(lambda: s3.open(self.bucket, self._file_keys(namespace, file_id)[0]))
 
     def list(self, namespace: str) -> list[dict]:
         s3 = self.client(namespace)
@@ -127,23 +128,13 @@ class ObjectFileStore:
 
     def delete(self, namespace: str, file_id: str) -> None:
         data, meta = self._file_keys(namespace, file_id)
-        self.get(namespace, file_id)
         s3 = self.client(namespace)
+        self.get(namespace, file_id, s3)
         _store(lambda: s3.delete(self.bucket, meta))  # unlisted first, then its content
         _store(lambda: s3.delete(self.bucket, data))
 
     def data_file(self, namespace: str, file_id: str, param: str) -> DataFile:
-        try:
-            record = self.get(namespace, file_id)
-        except ApiError as e:
-            if e.status != 404:
-                raise
-            raise bad_request(f"invalid {param}: {file_id} (no such file in this namespace)",
-                              param=param, code=f"invalid_{param}") from None
-        if record.get("purpose") != "fine-tune":
-            raise bad_request(f"invalid {param}: {file_id} was uploaded with purpose {record.get('purpose')!r}, "
-                              "not 'fine-tune'", param=param, code=f"invalid_{param}")
-        return DataFile(file_id, self._uri(self._file_keys(namespace, file_id)[0]), record[FORMAT_KEY])
+        return training_data(self, namespace, file_id, param, self._uri(self._file_keys(namespace, file_id)[0]))
 
     # result files ------------------------------------------------------------------------------
     def results_location(self, namespace: str, job_id: str) -> str:

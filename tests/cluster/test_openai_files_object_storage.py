@@ -20,6 +20,7 @@ from openai import OpenAI
 
 from finetune_devcluster.cluster import S3_ACCESS_KEY, free_port
 from finetune_devcluster.openai_local import LocalOpenAIApi
+from finetune_openai.mapping import result_file_id
 from finetune_trainer.objectstore import Credentials, S3Client
 from tests.cluster.test_openai_api_e2e import JOB_TEMPLATE, client_for, follow
 from tests.fixtures.cluster import get_json, wait_for
@@ -104,7 +105,6 @@ def test_uploads_live_in_object_storage_and_the_trainer_reads_them_with_the_name
     client.fine_tuning.jobs.cancel(job.id)
     follow(client, job.id, lambda j: j.status == "cancelled", timeout=300)
 
-    from finetune_openai.mapping import result_file_id
     csv = client.files.content(result_file_id(job.id)).read().decode()
     assert csv.splitlines()[0] == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy"
     assert len(csv.splitlines()) >= 2
