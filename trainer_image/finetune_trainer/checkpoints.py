@@ -155,6 +155,26 @@ def find_resumable(root: str | os.PathLike, *, quarantine_bad: bool = True) -> C
     return newest_good
 
 
+def agreed_resumable(root: str | os.PathLike, *, is_main: bool) -> Checkpoint | None:
+    """The checkpoint every rank resumes from: rank 0's choice, broadcast to the others.
+
+    Ranks on other nodes may see the volume differently (a checkpoint completing between two
+    listings, a cache that lags); each choosing for itself would start the ranks at different
+    steps. Without torch.distributed this is `find_resumable`.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return find_resumable(root, quarantine_bad=is_main)
+    mine = find_resumable(root, quarantine_bad=True) if dist.get_rank() == 0 else None
+    box = [(str(mine.path), mine.step) if mine else None]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is None:
+        return None
+    path, step = box[0]
+    return Checkpoint(Path(path), step)
+
+
 def rotate(root: str | os.PathLike, *, keep_last: int | None, best: str | os.PathLike | None) -> list[Path]:
     """Delete complete checkpoints beyond the newest `keep_last`, always keeping the best.
 

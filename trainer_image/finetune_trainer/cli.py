@@ -1,6 +1,7 @@
 """`finetune-trainer` / `python -m finetune_trainer`.
 
     finetune-trainer train --config /etc/finetune/config.json
+    finetune-trainer launch --config ... --nproc-per-node G [--nnodes N --rdzv-endpoint H:P ...]
     finetune-trainer validate-data ...        (see finetune_trainer.data)
     finetune-trainer evaluate --config /etc/finetune/config.json
     finetune-trainer compare --config /etc/finetune/config.json [--gpu-hour-price P --gpus N]
@@ -80,6 +81,10 @@ def _guarded(command: Callable[[], dict[str, Any]]) -> int:
             log.error("%s: %s\n%s", reason, exc, traceback.format_exc())
         write_termination_message({"reason": reason, "message": str(exc), "exitCode": code,
                                    "step": _last_step()})
+        if code == exitcodes.PERMANENT:
+            from .launch import freeze_agent_on_permanent_failure
+
+            freeze_agent_on_permanent_failure()
         return code
     if _is_main_rank():
         summary.setdefault("reason", "Succeeded")
@@ -156,61 +161,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def launch_workers(config: str, nproc_per_node: int) -> int:
-    """Run `train` under torchrun and give the pod the exit code its workers mean.
+    """`train --nproc-per-node N`: the launcher on one node (see launch.py)."""
+    from .launch import LaunchPlan, run
 
-    torchrun's own exit code says only "a worker failed"; the Job needs 42 vs 43. Each
-    worker writes its termination summary to a private file; the worst one wins (42 over
-    43), and SIGTERM is forwarded so every worker checkpoints and exits 43. Multi-node
-    settings come from torchrun's PET_* environment variables (PET_NNODES, PET_NODE_RANK,
-    PET_MASTER_ADDR, PET_MASTER_PORT).
-    """
-    import json
-    import signal
-    import subprocess
-    import tempfile
-    from pathlib import Path
+    return run(LaunchPlan(config=config, nproc_per_node=nproc_per_node))
 
-    from .reporting import write_termination_message
 
-    with tempfile.TemporaryDirectory(prefix="finetune-workers-") as tmp:
-        env = dict(os.environ, FINETUNE_WORKER_TERMINATION_DIR=tmp)
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc_per_node)]
-        if "PET_NNODES" not in os.environ and "PET_RDZV_ENDPOINT" not in os.environ:
-            command.append("--standalone")
-        command += ["-m", "finetune_trainer", "train", "--config", config]
-        proc = subprocess.Popen(command, env=env)
-        terminated = []
+def cmd_launch(args: argparse.Namespace) -> int:
+    from .launch import LaunchPlan, run
 
-        def forward(signum, frame):
-            terminated.append(signum)
-            proc.send_signal(signum)
-
-        previous = signal.signal(signal.SIGTERM, forward)
-        try:
-            returncode = proc.wait()
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-        summaries = []
-        for path in sorted(Path(tmp).glob("rank-*.json")):
-            try:
-                summaries.append(json.loads(path.read_text()))
-            except ValueError:
-                pass
-    if returncode == 0 and not terminated:
-        main_summary = next((s for s in summaries if s.get("rank") == 0), {"reason": "Succeeded"})
-        write_termination_message(main_summary)
-        return exitcodes.SUCCESS
-    failures = [s for s in summaries if s.get("exitCode") not in (None, exitcodes.SUCCESS)]
-    permanent = [s for s in failures if s["exitCode"] == exitcodes.PERMANENT]
-    if permanent:
-        write_termination_message(permanent[0])
-        return exitcodes.PERMANENT
-    summary = failures[0] if failures else {
-        "reason": "Terminated" if terminated else "Error",
-        "message": "stopped by SIGTERM" if terminated else f"torchrun exited with {returncode}"}
-    summary["exitCode"] = exitcodes.RETRYABLE
-    write_termination_message(summary)
-    return exitcodes.RETRYABLE
+    node_rank = args.node_rank if args.node_rank is not None else \
+        int(os.environ.get("JOB_COMPLETION_INDEX", "0") or 0)
+    return run(LaunchPlan(
+        config=args.config, nproc_per_node=args.nproc_per_node, nnodes=args.nnodes,
+        node_rank=node_rank, rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id,
+        max_restarts=args.max_restarts, grace_seconds=args.grace_seconds,
+        local_addr=args.local_addr, join_timeout=args.join_timeout))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -246,6 +212,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="TrainerConfig JSON/YAML file")
     train.add_argument("--nproc-per-node", type=int, default=int(os.environ.get("FINETUNE_NPROC_PER_NODE", "1")),
                        help="worker processes on this node (one per GPU); above 1, runs under torchrun")
+    launch = sub.add_parser("launch", help="run `train` under torchrun on this node (one worker per "
+                            "GPU; several nodes through an elastic c10d rendezvous) with the pod's "
+                            "exit codes, termination message and grace period")
+    launch.add_argument("--config", required=True, help="TrainerConfig JSON/YAML file")
+    launch.add_argument("--nproc-per-node", type=int, default=1, help="worker processes on this node")
+    launch.add_argument("--nnodes", type=int, default=1, help="nodes (pods) in the training group")
+    launch.add_argument("--node-rank", type=int, default=None,
+                        help="this pod's index (default: $JOB_COMPLETION_INDEX); node 0 hosts the "
+                        "rendezvous store")
+    launch.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of node 0's rendezvous store")
+    launch.add_argument("--rdzv-id", default="finetune", help="the rendezvous' id (the FineTuneJob's uid)")
+    launch.add_argument("--max-restarts", type=int, default=0,
+                        help="times the group may re-form (a node lost or replaced) before the pod fails")
+    launch.add_argument("--grace-seconds", type=int, default=110,
+                        help="how long workers get after SIGTERM to checkpoint (the pod's grace period)")
+    launch.add_argument("--local-addr", default=None, help="this node's address as the others reach it")
+    launch.add_argument("--join-timeout", type=int, default=900,
+                        help="seconds the rendezvous waits for every node (a replacement pod) to join")
     sub.add_parser("validate-data", help="validate a dataset without training (see its own --help)",
                    add_help=False)
     evaluate = sub.add_parser("evaluate", help="evaluate the artifacts of a finished run")
@@ -267,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train":
         return cmd_train(args)
+    if args.command == "launch":
+        return cmd_launch(args)
     if args.command == "compare":
         return cmd_compare(args)
     return cmd_evaluate(args)

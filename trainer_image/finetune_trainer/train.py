@@ -123,7 +123,7 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
                                       tokenizer=tokenizer, packing=packing)
     with probe_args.main_process_first(local=False, desc="prepare dataset"):
         data = prepare_data(cfg, tokenizer, is_main=is_main)
-        resume = checkpoints.find_resumable(cfg.paths.checkpoints, quarantine_bad=is_main)
+    resume = checkpoints.agreed_resumable(cfg.paths.checkpoints, is_main=is_main)
     if not data.train:
         raise ConfigError("the prepared dataset has no training records")
     kind = objective.data_kind(data.train)
@@ -153,7 +153,7 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
             cfg, model, args, tokenizer, data.train, data.eval,
             callbacks=make_callbacks(cfg, reporter, has_eval, guard, objective.metrics))
         if resume is not None:
-            log.info("resuming from %s (step %d)", resume.path, resume.step)
+            log.info("resuming from %s (step %d), chosen by rank 0", resume.path, resume.step)
         guard.in_loop = True
         started = time.monotonic()
         result = trainer.train(resume_from_checkpoint=str(resume.path) if resume else None)

@@ -34,20 +34,36 @@ MASTER_PORT = 29500
 RUN_AS_USER = 1000
 
 
+# Restarts of the worker group (a node lost or replaced) before the pods fail; the Job's
+# backoffLimit counts what is left after that.
+MAX_RESTARTS = 3
+# The launcher's share of the grace period: workers checkpoint within it, the rest is slack.
+WORKER_GRACE_SECONDS = TERMINATION_GRACE_SECONDS - 10
+
+
 def trainer_command(job: FineTuneJob) -> list[str]:
-    """The container command, as a list (no shell ever sees a user string)."""
-    train = ["-m", "finetune_trainer", "train", "--config", CONFIG_PATH]
+    """The container command, as a list (no shell ever sees a user string).
+
+    Several processes (GPUs or nodes) go through the trainer's launcher (`finetune_trainer
+    launch`, wrapping torchrun): it gives the pod one exit code (42 or 43) and one termination
+    message, forwards SIGTERM with the pod's grace period, and for several nodes joins an
+    elastic c10d rendezvous whose store pod 0's launcher hosts under the headless Service.
+    """
     res = job.spec.resources
+    if res.nodes <= 1 and res.gpus_per_node <= 1:
+        return ["python", "-m", "finetune_trainer", "train", "--config", CONFIG_PATH]
+    command = ["python", "-m", "finetune_trainer", "launch", "--config", CONFIG_PATH,
+               "--nproc-per-node", str(max(res.gpus_per_node, 1)),
+               "--grace-seconds", str(WORKER_GRACE_SECONDS)]
     if res.nodes > 1:
         job_name = names.trainer_job(job.metadata.name)
-        master = f"{job_name}-0.{names.trainer_service(job.metadata.name)}"
-        return ["torchrun", "--nnodes", str(res.nodes), "--nproc-per-node", str(res.gpus_per_node),
-                "--node-rank", "$(JOB_COMPLETION_INDEX)", "--master-addr", master,
-                "--master-port", str(MASTER_PORT), *train]
-    if res.gpus_per_node > 1:
-        return ["torchrun", "--standalone", "--nnodes", "1",
-                "--nproc-per-node", str(res.gpus_per_node), *train]
-    return ["python", *train]
+        service = names.trainer_service(job.metadata.name)
+        command += ["--nnodes", str(res.nodes), "--node-rank", "$(JOB_COMPLETION_INDEX)",
+                    "--rdzv-endpoint", f"{job_name}-0.{service}:{MASTER_PORT}",
+                    "--rdzv-id", job.metadata.uid or job.metadata.name,
+                    "--max-restarts", str(MAX_RESTARTS),
+                    "--local-addr", f"{job_name}-$(JOB_COMPLETION_INDEX).{service}"]
+    return command
 
 
 def _resources(job: FineTuneJob) -> dict:

@@ -136,7 +136,7 @@ def test_cpu_only_job_asks_for_no_gpu_and_no_gpu_toleration():
     assert "tolerations" not in pod
 
 
-def test_multi_node_trainer_job_is_indexed_with_torchrun_and_queued_for_kueue():
+def test_multi_node_trainer_job_is_indexed_through_the_launcher_and_queued_for_kueue():
     job = make_job(MULTI, name="big")
     manifest = trainer_job.build_trainer_job(job, IMAGE)
     service = trainer_job.build_headless_service(job)
@@ -145,11 +145,26 @@ def test_multi_node_trainer_job_is_indexed_with_torchrun_and_queued_for_kueue():
     assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == 2
     assert spec["suspend"] is True
     assert manifest["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
-    command = spec["template"]["spec"]["containers"][0]["command"]
-    assert command[:9] == ["torchrun", "--nnodes", "2", "--nproc-per-node", "8", "--node-rank",
-                           "$(JOB_COMPLETION_INDEX)", "--master-addr", "big-trainer-0.big-trainer"]
-    assert spec["template"]["spec"]["subdomain"] == service["metadata"]["name"] == "big-trainer"
+    pod = spec["template"]["spec"]
+    command = pod["containers"][0]["command"]
+    assert command[:4] == ["python", "-m", "finetune_trainer", "launch"], "not torchrun directly"
+    flags = dict(zip(command[4::2], command[5::2]))
+    assert flags["--nnodes"] == "2" and flags["--nproc-per-node"] == "8"
+    assert flags["--node-rank"] == "$(JOB_COMPLETION_INDEX)"
+    assert flags["--rdzv-endpoint"] == "big-trainer-0.big-trainer:29500"
+    assert flags["--rdzv-id"] == "1234-uid", "one rendezvous per FineTuneJob"
+    assert int(flags["--max-restarts"]) > 0, "a replacement pod can rejoin"
+    assert int(flags["--grace-seconds"]) < pod["terminationGracePeriodSeconds"]
+    assert pod["subdomain"] == service["metadata"]["name"] == "big-trainer"
     assert service["spec"]["clusterIP"] == "None"
+
+
+def test_one_node_with_several_gpus_goes_through_the_launcher_and_one_gpu_does_not():
+    eight = trainer_job.trainer_command(make_job({**MULTI, "resources": {"gpusPerNode": 8}}))
+    assert eight[:4] == ["python", "-m", "finetune_trainer", "launch"]
+    assert "--nnodes" not in eight and "--rdzv-endpoint" not in eight
+    one = trainer_job.trainer_command(make_job({**MULTI, "resources": {"gpusPerNode": 1}}))
+    assert one == ["python", "-m", "finetune_trainer", "train", "--config", "/etc/finetune/config.json"]
 
 
 def test_names_are_deterministic_and_short_enough():

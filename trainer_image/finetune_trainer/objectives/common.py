@@ -60,6 +60,9 @@ def training_kwargs(cfg: TrainerConfig, precision, *, has_eval: bool) -> dict[st
         fp16=precision.effective == "fp16",
         use_cpu=use_cpu,
         ddp_backend="gloo" if use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        # How long a collective may wait for a lost node before the group fails and re-forms
+        # (the launcher sets it; transformers' default is 1,800 s).
+        ddp_timeout=int(os.environ.get("FINETUNE_COLLECTIVE_TIMEOUT_SECONDS", "1800")),
         # Every trainable weight takes part in each step (LoRA or full), so DDP need not search.
         ddp_find_unused_parameters=False,
         report_to="none",
