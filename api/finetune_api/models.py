@@ -138,6 +138,7 @@ class Training:
     weight_decay: float = 0.0
     max_seq_length: int = 1024
     packing: str = "auto"
+    sharding: str = "auto"
     precision: str = "bf16"
     optimizer: str = "adamw_torch"
     max_grad_norm: float = 1.0

@@ -67,6 +67,7 @@ DPO_LOSS_TYPES = ["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "
                   "sigmoid_norm"]
 LENGTH_POLICIES = ["truncate", "drop"]
 PACKING_MODES = ["auto", "on", "off"]
+SHARDING_MODES = ["auto", "none", "fsdp"]
 PRECISIONS = ["bf16", "fp16", "fp32"]
 SOURCE_HELP = (
     "a Hugging Face id (org/name), hf://org/name, pvc://<claim>/<path>, s3://<bucket>/<key>, "
@@ -391,6 +392,16 @@ TRAINING = obj("Hyperparameters of the training loop.", {
                       "device and a variable-length attention kernel (flash-attn, which the model "
                       "is then loaded with) are both there, off elsewhere; on: always.",
                       default="auto", enum=PACKING_MODES),
+    "sharding": string("How the model is spread over the training processes (GPUs x nodes). "
+                       "none: every process holds the whole model (DDP). fsdp: weights, "
+                       "gradients and optimizer state are sharded across all processes (PyTorch "
+                       "FSDP2 through accelerate; checkpoints are sharded too, the saved model is "
+                       "whole, in the training precision); needs at least 2 processes and not "
+                       "qlora or dpo. auto: fsdp when there are several GPUs and the replicated "
+                       "training state of one process (full: 16 bytes per parameter for fp32 "
+                       "weights, gradients and AdamW's two moments; lora: 2 bytes per base "
+                       "parameter) would take more than 60% of one GPU's memory; none otherwise.",
+                       default="auto", enum=SHARDING_MODES),
     "precision": string("Training precision.", default="bf16", enum=PRECISIONS),
     "optimizer": string("Optimizer (transformers' names).", default="adamw_torch",
                         enum=["adamw_torch", "adamw_torch_fused", "adamw_8bit",
@@ -706,6 +717,14 @@ FINETUNEJOB_SPEC = obj("Desired state of a FineTuneJob. Once training started (s
          "(has(self.method.objective) && self.method.objective == 'dpo')",
          "spec.dataset.format preference is only for spec.method.objective dpo (sft needs single "
          "examples)", field_path=".dataset.format"),
+    rule("self.training.sharding != 'fsdp' || self.resources.nodes * self.resources.gpusPerNode >= 2",
+         "spec.training.sharding fsdp needs at least 2 training processes (spec.resources.nodes x "
+         "spec.resources.gpusPerNode): one process has nothing to shard across",
+         field_path=".training.sharding"),
+    rule("self.training.sharding != 'fsdp' || (self.method.type != 'qlora' && "
+         "(!has(self.method.objective) || self.method.objective != 'dpo'))",
+         "spec.training.sharding fsdp is for sft with method.type full or lora (qlora and dpo "
+         "are not sharded); use auto or none", field_path=".training.sharding"),
     rule("!has(self.method.objective) || self.method.objective != 'dpo' || "
          "self.training.packing != 'on'",
          "spec.training.packing on is not allowed with spec.method.objective dpo (pairs are not "

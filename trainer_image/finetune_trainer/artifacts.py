@@ -54,22 +54,26 @@ def check_adapter_servable(adapter_dir: Path) -> None:
         raise RuntimeError(f"adapter targets {bad}, which vLLM cannot serve")
 
 
-def _save_dtype(cfg: TrainerConfig):
-    import torch
+def save(cfg: TrainerConfig, model, tokenizer, *, state_dict=None) -> dict[str, Path]:
+    """Write adapter/ (LoRA, QLoRA) and merged/ (full, or output.merge); return their paths.
 
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.training.precision, torch.float32)
-
-
-def save(cfg: TrainerConfig, model, tokenizer) -> dict[str, Path]:
-    """Write adapter/ (LoRA, QLoRA) and merged/ (full, or output.merge); return their paths."""
+    `state_dict` is the whole model gathered from a sharded (FSDP) run. A full model is
+    saved in the base model's own dtype (bf16 for today's models), not in the fp32 of the
+    master weights, which would double the files and what vLLM loads."""
     root = cfg.paths.artifacts
     root.mkdir(parents=True, exist_ok=True)
     out: dict[str, Path] = {}
     model = getattr(model, "module", model)  # unwrap DDP
     if cfg.method.type == "full":
+        from .model import native_dtype
+
+        dtype = native_dtype(cfg, cfg.training.precision)
+        state = state_dict if state_dict is not None else model.state_dict()
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         merged = root / "merged"
         staging = _staging(merged)
-        model.save_pretrained(staging, safe_serialization=True)
+        model.config.dtype = dtype
+        model.save_pretrained(staging, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         _replace_dir(staging, merged)
         out["merged"] = merged
@@ -77,7 +81,7 @@ def save(cfg: TrainerConfig, model, tokenizer) -> dict[str, Path]:
 
     adapter = root / "adapter"
     staging = _staging(adapter)
-    model.save_pretrained(staging, safe_serialization=True)
+    model.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(staging)
     check_adapter_servable(staging)
     _replace_dir(staging, adapter)
@@ -88,14 +92,15 @@ def save(cfg: TrainerConfig, model, tokenizer) -> dict[str, Path]:
 
 
 def merge_adapter(cfg: TrainerConfig, adapter: Path, tokenizer) -> Path:
-    """Merge into a fresh, unquantized base (merging into 4-bit weights would lose precision)."""
+    """Merge into a fresh, unquantized base (merging into 4-bit weights would lose precision):
+    on the GPU when there is one, in the base model's own dtype (model.load_base_for_inference)."""
     from peft import PeftModel
 
-    from .model import load_base_for_inference
+    from .model import load_base_for_inference, native_dtype
 
     base = load_base_for_inference(cfg)
     merged_model = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
-    merged_model = merged_model.to(_save_dtype(cfg))
+    merged_model = merged_model.to(native_dtype(cfg, cfg.training.precision))
     merged = cfg.paths.artifacts / "merged"
     staging = _staging(merged)
     merged_model.save_pretrained(staging, safe_serialization=True)

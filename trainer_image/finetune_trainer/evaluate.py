@@ -65,6 +65,39 @@ def _base_eval_loss(cfg: TrainerConfig, objective, model, base_loader, tokenizer
     return metrics.get("eval_loss")
 
 
+def release_training_state(trainer, saved_model: Path | None = None):
+    """The fully trained model for evaluation, once the optimizer's state is freed (AdamW keeps
+    8 bytes per parameter: evaluation must not load a second model next to it).
+
+    Unsharded, that is the trained model itself. A sharded (FSDP) model lives in pieces on
+    every rank and the others have left, so the whole model is read back from `saved_model`
+    (the artifact just written) in its own dtype, on the GPU when there is one."""
+    import gc
+
+    import torch
+
+    trainer.optimizer = None
+    trainer.lr_scheduler = None
+    model = getattr(trainer.model, "module", trainer.model)
+    if saved_model is not None:
+        from transformers import AutoModelForCausalLM
+
+        from .model import cpu_supports_bf16, inference_placement
+
+        trainer.model = trainer.model_wrapped = model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        loaded = AutoModelForCausalLM.from_pretrained(str(saved_model), dtype="auto")
+        device, dtype = inference_placement(loaded.dtype, cuda=torch.cuda.is_available(),
+                                            cpu_bf16=cpu_supports_bf16())
+        return loaded.to(device=device, dtype=dtype)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return model
+
+
 def score(predictions: list[str], references: list[str], metrics: list[str]) -> dict[str, float]:
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
@@ -199,7 +232,7 @@ def evaluate_run(cfg: TrainerConfig, model, tokenizer, *, eval_metrics: dict[str
         loaded: list = []
 
         def base_loader():  # loaded once, for the base loss and the generations
-            if not loaded:
+            if not loaded:  # in the model's own dtype (bf16), beside the tuned model
                 loaded.append(load_base_for_inference(cfg).to(next(model.parameters()).device))
             return loaded[0]
     if objective.lm_loss and eval_loss is not None:

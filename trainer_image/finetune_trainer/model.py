@@ -175,6 +175,103 @@ def check_gpus_usable() -> None:
         f"for the driver's CUDA")
 
 
+# training.sharding auto: shard once the training state one process would hold passes this
+# share of one GPU's memory (activations, the CUDA context and fragmentation need the rest).
+SHARDING_MEMORY_FRACTION = 0.6
+# Bytes per model parameter that every process holds without sharding: full fine-tuning keeps
+# fp32 weights, fp32 gradients and AdamW's two fp32 moments; LoRA the base in bf16/fp16.
+REPLICATED_BYTES_PER_PARAMETER = {"full": 16, "lora": 2}
+
+
+def choose_sharding(mode: str, *, method: str, objective: str, world_size: int,
+                    gpu_memory: int | None, parameters: int | None) -> bool:
+    """Whether training shards the model with FSDP (training.sharding).
+
+    `fsdp` is refused where it cannot work: one process has nothing to shard across, and
+    qlora and dpo are not sharded. `auto` shards several GPUs when the replicated state
+    (REPLICATED_BYTES_PER_PARAMETER) would take more than SHARDING_MEMORY_FRACTION of one
+    GPU's memory; never on CPU, with one process, or for qlora/dpo."""
+    if mode == "none":
+        return False
+    if mode == "fsdp":
+        if world_size < 2:
+            raise ConfigError("training.sharding fsdp needs at least 2 training processes "
+                              "(resources.nodes x resources.gpusPerNode); this run has 1")
+        if method == "qlora" or objective == "dpo":
+            raise ConfigError("training.sharding fsdp is for sft with method.type full or lora; "
+                              f"this run is {method}/{objective}")
+        return True
+    if world_size < 2 or not gpu_memory or not parameters or method == "qlora" or objective == "dpo":
+        return False
+    return parameters * REPLICATED_BYTES_PER_PARAMETER[method] > SHARDING_MEMORY_FRACTION * gpu_memory
+
+
+_SHARDING: dict[str, bool] = {}
+
+
+def sharding_enabled(cfg: TrainerConfig) -> bool:
+    """choose_sharding for this run and this device, decided once per process."""
+    key = cfg.model.source
+    if key not in _SHARDING:
+        import torch
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        gpu_memory = parameters = None
+        if cfg.training.sharding == "auto" and world > 1 and torch.cuda.is_available():
+            gpu_memory = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
+            parameters = count_parameters(cfg)
+        _SHARDING[key] = choose_sharding(cfg.training.sharding, method=cfg.method.type,
+                                         objective=cfg.method.objective, world_size=world,
+                                         gpu_memory=gpu_memory, parameters=parameters)
+        log.info("sharding %s (asked %s)", "fsdp" if _SHARDING[key] else "none", cfg.training.sharding)
+    return _SHARDING[key]
+
+
+def count_parameters(cfg: TrainerConfig) -> int:
+    """The model's parameter count from its config, without loading a weight (meta device)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    name, kwargs = model_location(cfg.model, cfg.paths.resolve)
+    config = AutoConfig.from_pretrained(name, **kwargs)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    return sum(p.numel() for p in model.parameters())
+
+
+def fsdp_arguments(gradient_checkpointing: bool) -> dict[str, Any]:
+    """TrainingArguments for FSDP2 (torch's fully_shard through accelerate): every decoder layer
+    sharded, sharded checkpoints (each rank writes its shard; resume reads them back), and
+    activation checkpointing by FSDP itself instead of transformers' gradient checkpointing
+    (which would all-gather the weights a second time in the backward pass)."""
+    return {"fsdp": True, "gradient_checkpointing": False, "gradient_checkpointing_kwargs": None,
+            "fsdp_config": {"version": 2, "reshard_after_forward": True,
+                            "state_dict_type": "SHARDED_STATE_DICT",
+                            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                            "activation_checkpointing": gradient_checkpointing}}
+
+
+def enable_fsdp_on_cpu(args) -> None:
+    """Let accelerate shard on CPU processes (gloo) too: it enables its FSDP plugin only for
+    GPU-like devices, although torch's fully_shard and sharded checkpoints work on CPU. Called
+    after the TrainingArguments set up the process group, before the trainer's Accelerator
+    reads the shared state."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, TorchDynamoPlugin
+
+    partial = PartialState()
+    if partial.distributed_type != DistributedType.MULTI_CPU or args.fsdp_plugin_args is None:
+        return
+    plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+    partial.distributed_type = DistributedType.FSDP
+    state = AcceleratorState(mixed_precision="bf16" if args.bf16 else "no", fsdp_plugin=plugin,
+                             dynamo_plugin=TorchDynamoPlugin(), _from_accelerator=True)
+    state.distributed_type = DistributedType.FSDP
+    if args.bf16:
+        plugin.set_mixed_precision("bf16")
+    state.fsdp_plugin = plugin
+
+
 def varlen_attention() -> str | None:
     """The variable-length attention kernel packing can use, as transformers names it, or None:
     flash-attn 2 on a CUDA device when installed."""
@@ -281,11 +378,49 @@ def linear_layer_names(model) -> list[str]:
     return sorted(names)
 
 
+def native_dtype(cfg: TrainerConfig, fallback: str = "fp32"):
+    """The dtype the base model's weights are stored in (its config.json), or `fallback` (a
+    precision name) when the config does not say."""
+    import torch
+    from transformers import AutoConfig
+
+    name, kwargs = model_location(cfg.model, cfg.paths.resolve)
+    config = AutoConfig.from_pretrained(name, **kwargs)
+    return artifact_dtype(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None),
+                          Precision(fallback, fallback).torch_dtype)
+
+
+def artifact_dtype(config_dtype, fallback):
+    """What artifacts and inference copies are kept in: the model's own floating dtype."""
+    import torch
+
+    if isinstance(config_dtype, str):
+        config_dtype = getattr(torch, config_dtype.replace("torch.", ""), None)
+    return config_dtype if config_dtype in (torch.float32, torch.bfloat16, torch.float16) else fallback
+
+
+def inference_placement(dtype, *, cuda: bool, cpu_bf16: bool):
+    """(device, dtype) for a model that only runs forward passes (merge, evaluation): the GPU
+    in the model's own dtype when there is one; on a CPU, half precision only where the CPU
+    computes it natively (emulated bf16 is slower than fp32, and CPUs have no fast fp16)."""
+    import torch
+
+    if cuda:
+        return "cuda", dtype
+    if dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_bf16):
+        return "cpu", dtype
+    return "cpu", torch.float32
+
+
 def load_base_for_inference(cfg: TrainerConfig, dtype=None):
-    """The untouched base model, unquantized, for merging adapters and base-vs-tuned evals."""
+    """The untouched base model, unquantized, for merging adapters and base-vs-tuned evals:
+    on the GPU when there is one, in the model's own dtype (inference_placement), or in
+    `dtype` when given."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    device, native = inference_placement(native_dtype(cfg, cfg.training.precision),
+                                         cuda=torch.cuda.is_available(), cpu_bf16=cpu_supports_bf16())
     name, kwargs = model_location(cfg.model, cfg.paths.resolve)
-    kwargs["dtype"] = dtype or torch.float32
-    return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    kwargs["dtype"] = dtype or native
+    return AutoModelForCausalLM.from_pretrained(name, **kwargs).to(device)

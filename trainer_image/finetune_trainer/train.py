@@ -130,6 +130,10 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
     has_eval = bool(data.eval)
     args = objective.build_args(cfg, precision, has_eval=has_eval, kind=kind, tokenizer=tokenizer,
                                 packing=packing)
+    if not cuda and getattr(args, "fsdp", False):
+        from .model import enable_fsdp_on_cpu
+
+        enable_fsdp_on_cpu(args)
 
     reporter = Reporter(cfg.reporting, cfg.job) if is_main else None
     if reporter is not None:
@@ -165,11 +169,15 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
         eval_metrics = trainer.evaluate() if has_eval else {}
         if has_eval and objective.lm_loss:
             eval_metrics.update(evaluate.base_eval_with_trainer(trainer))  # every rank: collective
+        from .model import sharding_enabled
+
+        # A sharded model is gathered whole (to rank 0's CPU memory) by every rank together.
+        full_state = trainer.accelerator.get_state_dict(trainer.model) if sharding_enabled(cfg) else None
         _barrier()
         if not is_main:
             return {}
         summary = _finish(cfg, objective, trainer, tokenizer, data, result, eval_metrics,
-                          train_seconds, precision, packing, resume, reporter, sources)
+                          train_seconds, precision, packing, resume, reporter, sources, full_state)
         finished = True
         return summary
     finally:
@@ -180,11 +188,14 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
 
 
 def _finish(cfg, objective, trainer, tokenizer, data, result, eval_metrics, train_seconds,
-            precision, packing, resume, reporter, sources=()) -> dict[str, Any]:
+            precision, packing, resume, reporter, sources=(), full_state=None) -> dict[str, Any]:
     from . import artifacts
 
     model = trainer.model
-    artifact_paths = artifacts.save(cfg, model, tokenizer)
+    artifact_paths = artifacts.save(cfg, model, tokenizer, state_dict=full_state)
+    if cfg.method.type == "full":
+        # The optimizer's state (8 bytes per parameter) goes before evaluation loads anything.
+        model = evaluate.release_training_state(trainer, artifact_paths["merged"] if full_state else None)
     from .renderings import prompt_renderings, write as write_renderings
 
     renderings = prompt_renderings(tokenizer, data.eval)

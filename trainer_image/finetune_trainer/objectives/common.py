@@ -26,7 +26,10 @@ def training_kwargs(cfg: TrainerConfig, precision, *, has_eval: bool) -> dict[st
     # perplexity = exp(eval_loss): the same checkpoints in the same order, lower is better.
     metric = "eval_loss" if t.metric_for_best_model == "perplexity" else t.metric_for_best_model
     use_cpu = not torch.cuda.is_available()
-    return dict(
+    from ..model import fsdp_arguments, sharding_enabled
+
+    sharded = fsdp_arguments(t.gradient_checkpointing) if sharding_enabled(cfg) else {}
+    kwargs = dict(
         output_dir=str(cfg.paths.checkpoints),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps if t.max_steps else -1,
@@ -70,6 +73,8 @@ def training_kwargs(cfg: TrainerConfig, precision, *, has_eval: bool) -> dict[st
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
+    kwargs.update(sharded)
+    return kwargs
 
 
 def records_dataset(records: list[dict]):
