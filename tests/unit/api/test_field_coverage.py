@@ -57,6 +57,7 @@ EFFECT_TESTS: dict[str, str] = {
     "spec.training.maxSteps": "e2e/test_operator_realrun.py::test_the_local_node_trains_the_tiny_model_and_the_job_succeeds",
     "spec.training.learningRate": "unit/trainer/test_trainer_run.py::test_absurd_learning_rate_diverges_with_permanent_exit",
     "spec.training.packing": "unit/trainer/test_trainer_masks.py::test_packing_auto_packs_only_with_cuda",
+    "spec.training.sharding": "unit/trainer/test_fsdp_sharding.py::test_fsdp_full_fine_tuning_resumes_from_its_sharded_checkpoint_after_sigkill",
     "spec.training.precision": "unit/trainer/test_trainer_masks.py::test_bf16_on_a_cpu_without_bf16_falls_back_to_fp32",
     "spec.training.saveTotalLimit": "unit/trainer/test_trainer_checkpoints.py::test_rotation_keeps_last_k_and_the_best",
     "spec.training.saveSteps": "unit/trainer/test_trainer_run.py::test_killed_run_resumes_from_last_complete_checkpoint",
@@ -76,9 +77,9 @@ EFFECT_TESTS: dict[str, str] = {
     "spec.training.earlyStopping.threshold": "unit/trainer/test_field_effects.py::test_lora_alpha_and_dropout_shape_the_adapter_and_early_stopping_takes_its_threshold",
     # resources
     "spec.resources.gpusPerNode": "cluster/test_operator_lifecycle.py::test_more_gpus_than_any_node_fails_when_the_cluster_cannot_grow",
-    "spec.resources.nodes": "unit/operator/test_builders_manifests.py::test_multi_node_trainer_job_is_indexed_with_torchrun_and_queued_for_kueue",
+    "spec.resources.nodes": "unit/operator/test_builders_manifests.py::test_multi_node_trainer_job_is_indexed_through_the_launcher_and_queued_for_kueue",
     "spec.resources.cpu": "unit/operator/test_object_storage_operator.py::test_resources_cpu_is_both_request_and_limit",
-    "spec.resources.queueName": "unit/operator/test_builders_manifests.py::test_multi_node_trainer_job_is_indexed_with_torchrun_and_queued_for_kueue",
+    "spec.resources.queueName": "unit/operator/test_builders_manifests.py::test_multi_node_trainer_job_is_indexed_through_the_launcher_and_queued_for_kueue",
     "spec.resources.activeDeadlineSeconds": "unit/operator/test_builders_status.py::test_deadline_exceeded",
     # storage
     "spec.storage.existingClaim": "unit/operator/test_builders_manifests.py::test_existing_claim_is_neither_created_nor_owned",
