@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements/*.txt | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: help install node images test test-fast cluster cluster-down demo demo-down generate bench reliability clean
+.PHONY: help install node images test test-fast cluster cluster-down demo demo-down generate bench gpu-check gpu-check-dry reliability clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -62,6 +62,12 @@ generate: ## regenerate CRDs, docs/api.md, the API package's models and trainer 
 
 bench: install ## benchmarks; results in bench/results/ and docs/benchmarks.md
 	$(PY) bench/run_all.py
+
+gpu-check: install ## the trainer on one GPU (LoRA/QLoRA 1B and 8B, FSDP, resume, merge, vLLM): bench/results/gpu.json, docs/benchmarks.md
+	$(PY) bench/gpu_check.py
+
+gpu-check-dry: install ## the same code path on CPU with the tiny model (bench/results/gpu-dry.json)
+	$(PY) bench/gpu_check.py --dry
 
 clean: cluster-down ## remove local state (keeps the cached binaries)
 	rm -rf .cluster .demo

@@ -184,17 +184,19 @@ REPLICATED_BYTES_PER_PARAMETER = {"full": 16, "lora": 2}
 
 
 def choose_sharding(mode: str, *, method: str, objective: str, world_size: int,
-                    gpu_memory: int | None, parameters: int | None) -> bool:
+                    gpu_memory: int | None, parameters: int | None, launched: bool = False) -> bool:
     """Whether training shards the model with FSDP (training.sharding).
 
-    `fsdp` is refused where it cannot work: one process has nothing to shard across, and
-    qlora and dpo are not sharded. `auto` shards several GPUs when the replicated state
+    `fsdp` is refused where it cannot work: one process has nothing to shard across (unless
+    the launcher started that one process, as `make gpu-check` does on one GPU: FSDP then runs
+    over a mesh of one, the same code path with nothing sharded), and qlora and dpo are not
+    sharded. `auto` shards several GPUs when the replicated state
     (REPLICATED_BYTES_PER_PARAMETER) would take more than SHARDING_MEMORY_FRACTION of one
     GPU's memory; never on CPU, with one process, or for qlora/dpo."""
     if mode == "none":
         return False
     if mode == "fsdp":
-        if world_size < 2:
+        if world_size < 2 and not launched:
             raise ConfigError("training.sharding fsdp needs at least 2 training processes "
                               "(resources.nodes x resources.gpusPerNode); this run has 1")
         if method == "qlora" or objective == "dpo":
@@ -222,7 +224,8 @@ def sharding_enabled(cfg: TrainerConfig) -> bool:
             parameters = count_parameters(cfg)
         _SHARDING[key] = choose_sharding(cfg.training.sharding, method=cfg.method.type,
                                          objective=cfg.method.objective, world_size=world,
-                                         gpu_memory=gpu_memory, parameters=parameters)
+                                         gpu_memory=gpu_memory, parameters=parameters,
+                                         launched="TORCHELASTIC_RUN_ID" in os.environ)
         log.info("sharding %s (asked %s)", "fsdp" if _SHARDING[key] else "none", cfg.training.sharding)
     return _SHARDING[key]
 

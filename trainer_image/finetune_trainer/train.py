@@ -216,6 +216,7 @@ def _finish(cfg, objective, trainer, tokenizer, data, result, eval_metrics, trai
         "perplexity": eval_report.get("perplexity"),
         "trainSeconds": round(train_seconds, 2),
         "tokensSeen": state.num_input_tokens_seen,
+        "peakMemoryBytes": _peak_memory_bytes(),
         "resumedFrom": resume.path.name if resume else None,
         "bestCheckpoint": Path(state.best_model_checkpoint).name if state.best_model_checkpoint else None,
         "precision": precision.effective,
@@ -275,6 +276,17 @@ def _finish(cfg, objective, trainer, tokenizer, data, result, eval_metrics, trai
             reporter.progress.best_checkpoint = str(state.best_model_checkpoint)
         reporter.publish(force=True)
     return summary
+
+
+def _peak_memory_bytes() -> int:
+    """This process's peak: GPU memory allocated by torch on CUDA, resident memory on CPU."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 # status.evaluation keeps the first answers, each cut short (the API server stores the object).
