@@ -158,7 +158,8 @@ def peak_flops() -> tuple[float | None, str]:
 
 
 def measure(case: str, root: Path, code: int, log: str, seconds: float, n_params: int, method: str,
-            peak: float | None, world: int = 1) -> dict[str, Any]:
+            peak: float | None, world: int = 1, tokens_before: int = 0) -> dict[str, Any]:
+    """A case's figures from the trainer's summary; a resumed run counts only its own tokens."""
     entry: dict[str, Any] = {"rc": code, "seconds": round(seconds, 1)}
     summary_path = root / "reports" / "summary.json"
     if code != 0 or not summary_path.is_file():
@@ -166,7 +167,7 @@ def measure(case: str, root: Path, code: int, log: str, seconds: float, n_params
         return entry
     summary = json.loads(summary_path.read_text())
     tokens, train_seconds = summary.get("tokensSeen") or 0, summary.get("trainSeconds") or 0
-    tokens_per_second = tokens / train_seconds if train_seconds else None
+    tokens_per_second = (tokens - tokens_before) / train_seconds if train_seconds else None
     flops_per_token = (6 if method == "full" else 4) * n_params
     entry.update({
         "step": summary.get("step"), "resumedFrom": summary.get("resumedFrom"),
@@ -308,8 +309,9 @@ def run(dry: bool, out: Path, work: Path, budget: float, docs: Path | None) -> d
                                 save_steps=case.get("save_steps", 1000), merge=case.get("merge", False), dry=dry)
         processes = case.get("processes", 1)
         code, log, seconds = run_trainer(config, root, processes=processes, timeout=max(budget - elapsed, 60))
+        before = results["cases"].get(case.get("after"), {}).get("tokens", 0) if case.get("after") else 0
         results["cases"][name] = measure(name, root, code, log, seconds, parameters(model), case["method"],
-                                         peak, world=processes)
+                                         peak, world=processes, tokens_before=before)
         print(f"{name}: {json.dumps(results['cases'][name])[:300]}", flush=True)
     results["seconds"] = round(time.monotonic() - started, 1)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -331,7 +333,7 @@ def table(results: dict[str, Any]) -> str:
         peak = c.get("peakMemoryBytes")
         note = c.get("skipped") or (f"resumed from {c['resumedFrom']}" if c.get("resumedFrom") else "") \
             or ("failed: see gpu.json" if c.get("rc") not in (None, 0) else "")
-        lines.append(f"| {name} | {c.get('tokensPerSecond', '-')} | {c.get('mfu', '-')} | "
+        lines.append(f"| {name} | {c.get('tokensPerSecond') or '-'} | {c.get('mfu') or '-'} | "
                      f"{round(peak / 2**30, 2) if peak else '-'} | {c.get('step', '-')} | {note} |")
     return "\n".join(lines) + "\n"
 

@@ -65,37 +65,38 @@ def _base_eval_loss(cfg: TrainerConfig, objective, model, base_loader, tokenizer
     return metrics.get("eval_loss")
 
 
-def release_training_state(trainer, saved_model: Path | None = None):
-    """The fully trained model for evaluation, once the optimizer's state is freed (AdamW keeps
-    8 bytes per parameter: evaluation must not load a second model next to it).
+def evaluation_model(cfg: TrainerConfig, trainer, artifact_paths: dict[str, Path], *, sharded: bool):
+    """The trained model for evaluation on rank 0, with the optimizer's state freed first
+    (AdamW keeps 8 bytes per parameter: evaluation must not load a second model beside it).
 
-    Unsharded, that is the trained model itself. A sharded (FSDP) model lives in pieces on
-    every rank and the others have left, so the whole model is read back from `saved_model`
-    (the artifact just written) in its own dtype, on the GPU when there is one."""
+    Unsharded full fine-tuning evaluates the trained model itself; an adapter model is kept
+    as it is (its base is the same model with the adapter disabled). A sharded (FSDP) model
+    lives in pieces on ranks that have left, so it is read back from the artifacts just
+    written: the whole model in its own dtype, or the base with the adapter, on the GPU when
+    there is one."""
     import gc
 
     import torch
 
+    if not sharded and cfg.method.type != "full":
+        return trainer.model
     trainer.optimizer = None
     trainer.lr_scheduler = None
     model = getattr(trainer.model, "module", trainer.model)
-    if saved_model is not None:
-        from transformers import AutoModelForCausalLM
-
-        from .model import cpu_supports_bf16, inference_placement
-
+    if sharded:
         trainer.model = trainer.model_wrapped = model = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        loaded = AutoModelForCausalLM.from_pretrained(str(saved_model), dtype="auto")
-        device, dtype = inference_placement(loaded.dtype, cuda=torch.cuda.is_available(),
-                                            cpu_bf16=cpu_supports_bf16())
-        return loaded.to(device=device, dtype=dtype)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return model
+    if not sharded:
+        return model
+    from .model import load_base_for_inference, load_saved_for_inference
+
+    if cfg.method.type == "full":
+        return load_saved_for_inference(artifact_paths["merged"])
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_base_for_inference(cfg), str(artifact_paths["adapter"]))
 
 
 def score(predictions: list[str], references: list[str], metrics: list[str]) -> dict[str, float]:
@@ -282,9 +283,9 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
 
         model = PeftModel.from_pretrained(load_base_for_inference(cfg), str(artifacts / "adapter"))
     elif (artifacts / "merged" / "config.json").is_file():
-        from transformers import AutoModelForCausalLM
+        from .model import load_saved_for_inference
 
-        model = AutoModelForCausalLM.from_pretrained(str(artifacts / "merged"), dtype=torch.float32)
+        model = load_saved_for_inference(artifacts / "merged")
     else:
         raise ConfigError(f"no artifacts to evaluate under {artifacts} (adapter/ or merged/)")
     model = model.to(device)

@@ -427,3 +427,13 @@ def load_base_for_inference(cfg: TrainerConfig, dtype=None):
     name, kwargs = model_location(cfg.model, cfg.paths.resolve)
     kwargs["dtype"] = dtype or native
     return AutoModelForCausalLM.from_pretrained(name, **kwargs).to(device)
+
+
+def load_saved_for_inference(folder: str | os.PathLike):
+    """A saved model (an artifact) for forward passes, placed by inference_placement."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype="auto")
+    device, dtype = inference_placement(model.dtype, cuda=torch.cuda.is_available(), cpu_bf16=cpu_supports_bf16())
+    return model.to(device=device, dtype=dtype)

@@ -31,8 +31,8 @@ GROUP_VERSION = "finetune.dev/v1alpha1"
 def write_termination_message(summary: dict[str, Any]) -> None:
     """Write the JSON summary Kubernetes shows in the pod's terminated state (max 4 KiB).
 
-    Under `finetune-trainer train --nproc-per-node N` each worker writes its own file and
-    the launcher writes the pod's.
+    Under the launcher (`finetune-trainer launch`, or `train --nproc-per-node N`) each worker
+    writes its own file and the launcher writes the pod's.
     """
     worker_dir = os.environ.get("FINETUNE_WORKER_TERMINATION_DIR")
     if worker_dir and "RANK" in os.environ:

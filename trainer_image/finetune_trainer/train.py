@@ -193,9 +193,7 @@ def _finish(cfg, objective, trainer, tokenizer, data, result, eval_metrics, trai
 
     model = trainer.model
     artifact_paths = artifacts.save(cfg, model, tokenizer, state_dict=full_state)
-    if cfg.method.type == "full":
-        # The optimizer's state (8 bytes per parameter) goes before evaluation loads anything.
-        model = evaluate.release_training_state(trainer, artifact_paths["merged"] if full_state else None)
+    model = evaluate.evaluation_model(cfg, trainer, artifact_paths, sharded=full_state is not None)
     from .renderings import prompt_renderings, write as write_renderings
 
     renderings = prompt_renderings(tokenizer, data.eval)

@@ -130,9 +130,10 @@ def test_full_fine_tuning_and_merges_save_the_models_dtype_and_merge_where_evalu
 def test_evaluation_after_full_fine_tuning_frees_the_optimizer_and_reuses_the_trained_model():
     from types import SimpleNamespace
 
-    from finetune_trainer.evaluate import release_training_state
+    from finetune_trainer.evaluate import evaluation_model
 
     model = torch.nn.Linear(2, 2)
     trainer = SimpleNamespace(model=model, model_wrapped=model, optimizer=object(), lr_scheduler=object())
-    assert release_training_state(trainer) is model
+    full = SimpleNamespace(method=SimpleNamespace(type="full"))
+    assert evaluation_model(full, trainer, {}, sharded=False) is model
     assert trainer.optimizer is None and trainer.lr_scheduler is None
