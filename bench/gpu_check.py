@@ -272,12 +272,14 @@ def run(dry: bool, out: Path, work: Path, budget: float, docs: Path | None) -> d
     results: dict[str, Any] = {"device": device_name, "dry": dry, "peakBf16Flops": peak,
                                "mfuFormula": "tokens/s x (6 full | 4 lora, qlora) x parameters / peak",
                                "cases": {}}
-    try:
-        import flash_attn  # noqa: F401
+    import importlib.util
 
-        results["varlenKernel"] = "flash_attention_2"
-    except ImportError:
-        results["varlenKernel"] = None  # packing then runs padding-free over SDPA
+    from finetune_trainer.model import varlen_attention
+
+    # What packing runs on: flash-attn's kernel (the trainer loads the model with it), or
+    # padding-free rows over SDPA when it is absent. The `kernels` package is recorded too.
+    results["varlenKernel"] = varlen_attention()
+    results["kernelsPackage"] = importlib.util.find_spec("kernels") is not None
     models: dict[str, Path] = {"tiny": tiny}
     volumes: dict[str, Path] = {}
     for case in plan(dry):

@@ -187,6 +187,14 @@ def adapter_section(data: dict) -> list[str]:
             f"| {fmt(data['serverStartSeconds'])} |", ""]
 
 
+def gpu_section(data: dict) -> list[str]:
+    """`make gpu-check`'s table (bench/gpu_check.py writes it too, when it runs)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_check import table
+
+    return [table(data)]
+
+
 def render(notes: str) -> str:
     m = machine()
     lines = ["# Benchmarks", "",
@@ -197,7 +205,7 @@ def render(notes: str) -> str:
              f"{', '.join(f'{k} {v}' for k, v in m['versions'].items())}. Written {m['date']}.", ""]
     for name, section in (("operator_scale", scale_section), ("trainer", trainer_section), ("data", data_section),
                           ("resume", resume_section), ("time_to_serve", serve_section),
-                          ("runtime_adapter", adapter_section)):
+                          ("runtime_adapter", adapter_section), ("gpu", gpu_section)):
         data = load(name)
         if data:
             lines += section(data)
