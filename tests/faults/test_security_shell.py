@@ -59,7 +59,10 @@ def test_trainer_job_runs_a_fixed_argument_list_and_carries_user_strings_as_json
     assert_no_shell(rendered)
     argv = containers(rendered)[0]["command"]
     assert not any(value in a for a in argv)
-    assert argv[-5:] == ["-m", "finetune_trainer", "train", "--config", trainer_config.CONFIG_PATH]
+    if nodes == 1:
+        assert argv[-5:] == ["-m", "finetune_trainer", "train", "--config", trainer_config.CONFIG_PATH]
+    else:  # the launcher: generated names and numbers only
+        assert argv[1:6] == ["-m", "finetune_trainer", "launch", "--config", trainer_config.CONFIG_PATH]
     assert config["dataset"]["fieldMap"] == {"instruction": value, "output": value}
     assert config["evaluation"]["prompts"] == [{"prompt": value, "reference": value}]
 
