@@ -20,7 +20,8 @@ cases once its time budget (default 8 minutes) is spent and records the rest as 
 `make gpu-check-dry` (`--dry`) runs the same code path on CPU with the repo's tiny model and
 a few steps: LoRA padded and packed with a merge, FSDP over two gloo processes with a
 checkpoint and a resume; QLoRA and vLLM are recorded as skipped (CUDA only). The test suite
-runs it (tests/unit/trainer/test_gpu_check_dry.py).
+runs its LoRA cases (tests/unit/trainer/test_gpu_check_dry.py; FSDP with a sharded
+checkpoint and a resume is tests/unit/trainer/test_fsdp_sharding.py, which also SIGKILLs it).
 
     PYTHONPATH=api:trainer_image:hack:. .venv/bin/python bench/gpu_check.py [--dry] [--out FILE]
 """
@@ -231,7 +232,7 @@ def serve_with_vllm(model: Path, adapter: Path, timeout: float) -> dict[str, Any
 def plan(dry: bool) -> list[dict[str, Any]]:
     """The cases, in order. `after` names a case whose volume a case continues (resume)."""
     if dry:
-        common = dict(steps=3, batch=2, seq=128)
+        common = dict(steps=2, batch=2, seq=128)
         return [
             dict(name="lora-tiny-padded", model="tiny", method="lora", packing=False, merge=True, **common),
             dict(name="lora-tiny-packed", model="tiny", method="lora", packing=True, **common),
@@ -265,7 +266,8 @@ def plan(dry: bool) -> list[dict[str, Any]]:
     ]
 
 
-def run(dry: bool, out: Path, work: Path, budget: float, docs: Path | None) -> dict[str, Any]:
+def run(dry: bool, out: Path, work: Path, budget: float, docs: Path | None,
+        only: set[str] | None = None) -> dict[str, Any]:
     import torch
 
     from finetune_devcluster.tiny_model import build_tiny_model, default_cache_dir
@@ -289,8 +291,8 @@ def run(dry: bool, out: Path, work: Path, budget: float, docs: Path | None) -> d
     volumes: dict[str, Path] = {}
     for case in plan(dry):
         name = case["name"]
-        if case.get("skip"):
-            results["cases"][name] = {"skipped": case["skip"]}
+        if case.get("skip") or (only is not None and name not in only):
+            results["cases"][name] = {"skipped": case.get("skip") or "not selected (--only)"}
             continue
         elapsed = time.monotonic() - started
         if elapsed > budget:
@@ -369,14 +371,16 @@ def main(argv: list[str] | None = None) -> int:
                         "none with --dry)")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--budget-seconds", type=float, default=480.0)
+    parser.add_argument("--only", default=None, help="comma-separated case names to run (default: all)")
     args = parser.parse_args(argv)
     out = args.out or REPO / "bench" / "results" / ("gpu-dry.json" if args.dry else "gpu.json")
     docs = args.docs if args.docs or args.dry else REPO / "docs" / "benchmarks.md"
+    only = set(args.only.split(",")) if args.only else None
     if args.work:
-        results = run(args.dry, out, args.work, args.budget_seconds, docs)
+        results = run(args.dry, out, args.work, args.budget_seconds, docs, only)
     else:
         with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
-            results = run(args.dry, out, Path(work), args.budget_seconds, docs)
+            results = run(args.dry, out, Path(work), args.budget_seconds, docs, only)
     failed = [n for n, c in results["cases"].items() if c.get("rc") not in (None, 0)]
     print(table(results))
     return 1 if failed else 0
