@@ -396,11 +396,11 @@ TRAINING = obj("Hyperparameters of the training loop.", {
                        "none: every process holds the whole model (DDP). fsdp: weights, "
                        "gradients and optimizer state are sharded across all processes (PyTorch "
                        "FSDP2 through accelerate; checkpoints are sharded too, the saved model is "
-                       "whole, in the training precision); needs at least 2 processes and not "
-                       "qlora or dpo. auto: fsdp when there are several GPUs and the replicated "
-                       "training state of one process (full: 16 bytes per parameter for fp32 "
-                       "weights, gradients and AdamW's two moments; lora: 2 bytes per base "
-                       "parameter) would take more than 60% of one GPU's memory; none otherwise.",
+                       "whole, in the model's own dtype); for full fine-tuning with objective sft "
+                       "on at least 2 processes. auto: fsdp for full fine-tuning on several GPUs "
+                       "when one process's replicated training state (16 bytes per parameter: "
+                       "fp32 weights, gradients and AdamW's two moments) would take more than "
+                       "60% of one GPU's memory; none otherwise.",
                        default="auto", enum=SHARDING_MODES),
     "precision": string("Training precision.", default="bf16", enum=PRECISIONS),
     "optimizer": string("Optimizer (transformers' names).", default="adamw_torch",
@@ -721,10 +721,10 @@ FINETUNEJOB_SPEC = obj("Desired state of a FineTuneJob. Once training started (s
          "spec.training.sharding fsdp needs at least 2 training processes (spec.resources.nodes x "
          "spec.resources.gpusPerNode): one process has nothing to shard across",
          field_path=".training.sharding"),
-    rule("self.training.sharding != 'fsdp' || (self.method.type != 'qlora' && "
+    rule("self.training.sharding != 'fsdp' || (self.method.type == 'full' && "
          "(!has(self.method.objective) || self.method.objective != 'dpo'))",
-         "spec.training.sharding fsdp is for sft with method.type full or lora (qlora and dpo "
-         "are not sharded); use auto or none", field_path=".training.sharding"),
+         "spec.training.sharding fsdp is for sft with method.type full (lora, qlora and dpo are "
+         "not sharded); use auto or none", field_path=".training.sharding"),
     rule("!has(self.method.objective) || self.method.objective != 'dpo' || "
          "self.training.packing != 'on'",
          "spec.training.packing on is not allowed with spec.method.objective dpo (pairs are not "

@@ -43,11 +43,13 @@ def test_sharding_defaults_to_auto_and_fsdp_over_several_processes_is_admitted(c
 REFUSED = [
     ("one-process", {"training": {"sharding": "fsdp"}, "resources": {"gpusPerNode": 1}},
      "spec.training.sharding fsdp needs at least 2 training processes"),
+    ("lora", {"training": {"sharding": "fsdp"}, "method": {"type": "lora"}},
+     "spec.training.sharding fsdp is for sft with method.type full"),
     ("qlora", {"training": {"sharding": "fsdp"}, "method": {"type": "qlora"}},
-     "spec.training.sharding fsdp is for sft with method.type full or lora"),
+     "spec.training.sharding fsdp is for sft with method.type full"),
     ("dpo", {"training": {"sharding": "fsdp"}, "method": {"type": "full", "objective": "dpo"},
              "dataset": {"source": "pvc://datasets/pairs.jsonl", "format": "preference"}},
-     "spec.training.sharding fsdp is for sft with method.type full or lora"),
+     "spec.training.sharding fsdp is for sft with method.type full"),
     ("unknown", {"training": {"sharding": "deepspeed"}}, 'spec.training.sharding: Unsupported value: "deepspeed"'),
 ]
 

@@ -71,9 +71,8 @@ def evaluation_model(cfg: TrainerConfig, trainer, artifact_paths: dict[str, Path
 
     Unsharded full fine-tuning evaluates the trained model itself; an adapter model is kept
     as it is (its base is the same model with the adapter disabled). A sharded (FSDP) model
-    lives in pieces on ranks that have left, so it is read back from the artifacts just
-    written: the whole model in its own dtype, or the base with the adapter, on the GPU when
-    there is one."""
+    lives in pieces on ranks that have left, so it is read back from the artifact just
+    written, in its own dtype, on the GPU when there is one."""
     import gc
 
     import torch
@@ -90,13 +89,9 @@ def evaluation_model(cfg: TrainerConfig, trainer, artifact_paths: dict[str, Path
         torch.cuda.empty_cache()
     if not sharded:
         return model
-    from .model import load_base_for_inference, load_saved_for_inference
+    from .model import load_saved_for_inference
 
-    if cfg.method.type == "full":
-        return load_saved_for_inference(artifact_paths["merged"])
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(load_base_for_inference(cfg), str(artifact_paths["adapter"]))
+    return load_saved_for_inference(artifact_paths["merged"])  # only full fine-tuning is sharded
 
 
 def score(predictions: list[str], references: list[str], metrics: list[str]) -> dict[str, float]:

@@ -178,9 +178,9 @@ def check_gpus_usable() -> None:
 # training.sharding auto: shard once the training state one process would hold passes this
 # share of one GPU's memory (activations, the CUDA context and fragmentation need the rest).
 SHARDING_MEMORY_FRACTION = 0.6
-# Bytes per model parameter that every process holds without sharding: full fine-tuning keeps
-# fp32 weights, fp32 gradients and AdamW's two fp32 moments; LoRA the base in bf16/fp16.
-REPLICATED_BYTES_PER_PARAMETER = {"full": 16, "lora": 2}
+# Bytes per model parameter that every process holds without sharding in full fine-tuning:
+# fp32 weights, fp32 gradients and AdamW's two fp32 moments.
+REPLICATED_BYTES_PER_PARAMETER = 16
 
 
 def choose_sharding(mode: str, *, method: str, objective: str, world_size: int,
@@ -189,23 +189,24 @@ def choose_sharding(mode: str, *, method: str, objective: str, world_size: int,
 
     `fsdp` is refused where it cannot work: one process has nothing to shard across (unless
     the launcher started that one process, as `make gpu-check` does on one GPU: FSDP then runs
-    over a mesh of one, the same code path with nothing sharded), and qlora and dpo are not
-    sharded. `auto` shards several GPUs when the replicated state
+    over a mesh of one, the same code path with nothing sharded), and only full fine-tuning
+    with sft is sharded (an FSDP-wrapped LoRA model hung after training in the CPU check).
+    `auto` shards full fine-tuning on several GPUs when the replicated state
     (REPLICATED_BYTES_PER_PARAMETER) would take more than SHARDING_MEMORY_FRACTION of one
-    GPU's memory; never on CPU, with one process, or for qlora/dpo."""
+    GPU's memory; never on CPU, with one process, or for lora/qlora/dpo."""
     if mode == "none":
         return False
     if mode == "fsdp":
         if world_size < 2 and not launched:
             raise ConfigError("training.sharding fsdp needs at least 2 training processes "
                               "(resources.nodes x resources.gpusPerNode); this run has 1")
-        if method == "qlora" or objective == "dpo":
-            raise ConfigError("training.sharding fsdp is for sft with method.type full or lora; "
+        if method != "full" or objective != "sft":
+            raise ConfigError("training.sharding fsdp is for sft with method.type full; "
                               f"this run is {method}/{objective}")
         return True
-    if world_size < 2 or not gpu_memory or not parameters or method == "qlora" or objective == "dpo":
+    if world_size < 2 or not gpu_memory or not parameters or method != "full" or objective != "sft":
         return False
-    return parameters * REPLICATED_BYTES_PER_PARAMETER[method] > SHARDING_MEMORY_FRACTION * gpu_memory
+    return parameters * REPLICATED_BYTES_PER_PARAMETER > SHARDING_MEMORY_FRACTION * gpu_memory
 
 
 _SHARDING: dict[str, bool] = {}
