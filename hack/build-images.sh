@@ -10,6 +10,8 @@
 #
 #   bash hack/build-images.sh [NAME...]      (default: all of them)
 #   bash hack/build-images.sh --key NAME...  (prints NAME KEY, builds nothing)
+#   bash hack/build-images.sh --cached NAME... (NAME REF ARCHIVE of cached archives, builds
+#                                              nothing; exits 3 when one is missing)
 #
 # Registries are unreachable here, so every build gets BASE_IMAGE (and the
 # trainer CUDA_IMAGE) swapped for a base made from Debian's packages with
@@ -82,6 +84,25 @@ if [ "${1:-}" = --key ]; then
   exit 0
 fi
 
+pause_key() { { sha256sum <"$1/pause" | cut -d' ' -f1; echo "recipe=$RECIPE"; } | sha256sum | cut -c1-12; }
+
+# --cached NAME...: the NAME REF ARCHIVE lines of images whose archive exists for the
+# current content; builds nothing, exits 3 if one is missing.
+if [ "${1:-}" = --cached ]; then
+  shift
+  for n in "$@"; do
+    if [ "$n" = pause ]; then
+      bin=$(bash "$here/build-node.sh" --cached) || exit 3
+      a="$out/pause-$(pause_key "$bin").tar"
+    else
+      a="$out/$n-$(key "$n").tar"
+    fi
+    [ -s "$a" ] || exit 3
+    echo "$n $(ref "$n") $a"
+  done
+  exit 0
+fi
+
 for tool in buildah mmdebstrap; do
   command -v "$tool" >/dev/null && continue
   log "installing $tool (Debian package)"
@@ -120,7 +141,7 @@ build_pause() {
   lock pause
   bin=$(bash "$here/build-node.sh")
   ref=$(ref pause)
-  h=$( { sha256sum <"$bin/pause" | cut -d' ' -f1; echo "recipe=$RECIPE"; } | sha256sum | cut -c1-12)
+  h=$(pause_key "$bin")
   archive="$out/pause-$h.tar"
   if [ ! -s "$archive" ]; then
     c=$(buildah from scratch)
