@@ -359,7 +359,7 @@ state = "{d / 'state'}"
         for archive in archives:
             # Once unpacked into snapshots, a layer's compressed blob is garbage: without it a
             # demo's containerd root is ~6 GB smaller (the trainer's and vLLM's CUDA wheels).
-            out = self.ctr("images", "import", "--discard-unpacked-layers", str(archive))
+            out = self.ctr("images", "import", "--local", "--discard-unpacked-layers", str(archive))
             if out.returncode != 0:
                 raise RealNodeError(f"ctr images import {archive} failed: {out.stderr.strip()}")
 
