@@ -284,7 +284,8 @@ def test_two_process_torchrun_trains_once_and_writes_one_set_of_artifacts(traine
     assert result.returncode == 0, result.stderr[-4000:]
     root = workspace(config)
     assert summary(root)["step"] == 8
-    assert sorted(p.name for p in (root / "artifacts").iterdir()) == ["README.md", "adapter", "loss.png", "merged",
+    assert sorted(p.name for p in (root / "artifacts").iterdir()) == ["README.md", "adapter", "chat_template.jinja",
+                                                                      "loss.png", "merged",
                                                                       "prompt_renderings.json"]
     assert (root / "artifacts" / "merged" / "model.safetensors").is_file()
     assert len(list((root / "data-cache").iterdir())) == 1
