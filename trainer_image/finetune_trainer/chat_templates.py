@@ -82,7 +82,7 @@ class TemplateError(RecordError):
 def select(tokenizer, choice, resolve: Callable[[str], str] = lambda s: s) -> None:
     """Give `tokenizer` the template `dataset.chatTemplate` asks for (`choice`: its config;
     None keeps the model's own). Its special tokens must be single tokens of the vocabulary."""
-    if choice is None:
+    if not chosen(choice):
         return
     if choice.file:
         path = Path(resolve(choice.file))
@@ -90,8 +90,6 @@ def select(tokenizer, choice, resolve: Callable[[str], str] = lambda s: s) -> No
             tokenizer.chat_template = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"dataset.chatTemplate.file {choice.file}: cannot read it ({exc})") from None
-        return
-    if choice.name in (None, "model"):
         return
     if choice.name not in BUILTIN:
         raise ConfigError(f"dataset.chatTemplate.name {choice.name!r} is not one of model, "
@@ -131,6 +129,18 @@ def write_artifact(folder: Path, tokenizer) -> Path | None:
     path = folder / ARTIFACT
     path.write_text(template, encoding="utf-8")
     return path
+
+
+def chosen(choice) -> bool:
+    """Whether dataset.chatTemplate replaces the model's own template (name or file)."""
+    return choice is not None and bool(choice.file or choice.name not in (None, "model"))
+
+
+def served_template(cfg) -> Path | None:
+    """The template vLLM must be given (--chat-template) to render as training did: the
+    artifact, when the job chose another template than the model's own."""
+    path = cfg.paths.artifacts / ARTIFACT
+    return path if chosen(cfg.dataset.chat_template) and path.is_file() else None
 
 
 @dataclass

@@ -202,3 +202,29 @@ def test_a_template_file_on_the_claim_is_the_tokenizers_template(tmp_path, llama
     cfg.dataset.chat_template.file = "pvc://claim/templates/missing.jinja"
     with pytest.raises(ConfigError, match="dataset.chatTemplate.file pvc://claim/templates/missing.jinja"):
         load_tokenizer(cfg)
+
+
+def test_the_comparison_serves_both_models_with_the_chosen_template(tmp_path):
+    from finetune_trainer import compare
+    from finetune_trainer.chat_templates import served_template
+    from finetune_trainer.prepared import dataset_digest
+
+    def config(chat_template: dict) -> TrainerConfig:
+        return TrainerConfig.from_dict({"model": {"source": "m"}, "paths": {"root": str(tmp_path)},
+                                        "dataset": {"source": "d.jsonl", "format": "chat",
+                                                    "chatTemplate": chat_template}})
+
+    artifact = tmp_path / "artifacts" / "chat_template.jinja"
+    artifact.parent.mkdir()
+    artifact.write_text(STRICT)
+    (tmp_path / "t.jinja").write_text(STRICT)
+
+    assert served_template(config({})) is None  # the model's own: vLLM finds it in the model
+    assert served_template(config({"name": "chatml"})) == artifact
+    assert served_template(config({"file": "volume://t.jinja"})) == artifact
+    cmd = compare.server_command("/m", "base", 8000, adapter="/a", chat_template=artifact)
+    assert cmd[cmd.index("--chat-template") + 1] == str(artifact)
+    # The prepared dataset is keyed by the template file's content.
+    before = dataset_digest(config({"file": "volume://t.jinja"}))
+    (tmp_path / "t.jinja").write_text(STRICT + " ")
+    assert dataset_digest(config({"file": "volume://t.jinja"})) != before
