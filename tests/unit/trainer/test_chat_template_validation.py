@@ -99,6 +99,8 @@ def test_validate_data_renders_with_a_template_file_and_names_the_line(tmp_path,
     report = json.loads(capsys.readouterr().out)
     assert report["firstErrors"] == ["line 2: the chat template cannot render this conversation: "
                                 "Conversation roles must alternate user/assistant/user/assistant"]
+    assert validate_cli([str(data), "--format", "chat", "--chat-template", "chatml"]) == 2
+    assert "--chat-template renders with a tokenizer" in capsys.readouterr().err
 
 
 def test_a_base_model_without_a_template_fails_fast_and_permanently(trainer_config, tiny_model, tmp_path):

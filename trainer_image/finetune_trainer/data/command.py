@@ -108,6 +108,8 @@ def validate_cli(argv: list[str]) -> int:
             parser.error("the following arguments are required: PATH")
         field_map = _field_map(args.field_map)
         chat_template = _chat_template(args.chat_template)
+        if args.chat_template and not args.tokenizer:
+            raise argparse.ArgumentTypeError("--chat-template renders with a tokenizer: give --tokenizer too")
     except argparse.ArgumentTypeError as exc:
         parser.print_usage(sys.stderr)
         print(f"validate-data: error: {exc}", file=sys.stderr)
