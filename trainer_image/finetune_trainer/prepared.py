@@ -73,6 +73,8 @@ def dataset_digest(cfg: TrainerConfig) -> str:
     _hash_source(digest, resolve(cfg.dataset.source))
     _hash_source(digest, resolve(cfg.dataset.eval_source) if cfg.dataset.eval_source else None)
     _hash_source(digest, resolve(cfg.dataset.mix.source) if cfg.dataset.mix else None)
+    template = cfg.dataset.chat_template.file
+    _hash_source(digest, resolve(template) if template else None)  # it shapes lengths and errors
     return digest.hexdigest()[:20]
 
 

@@ -52,11 +52,19 @@ def inspect_dataset(cfg: DatasetConfig, *, seed: int, max_seq_length: int, token
                     max_prompt_length: int | None = None,
                     max_completion_length: int | None = None) -> PreparedDataset:
     """Like prepare_dataset, but an unusable dataset is only marked so in the report."""
+    from .. import chat_templates
+
     counter = make_counter(tokenizer)
     report = DatasetReport(token_lengths_approximate=counter.approximate)
     pipeline = _Pipeline(cfg, report, counter, max_seq_length,
                          pair_limits={"max_prompt_length": max_prompt_length,
-                                      "max_completion_length": max_completion_length})
+                                      "max_completion_length": max_completion_length},
+                         renderer=chat_templates.dataset_renderer(tokenizer, cfg.chat_template))
+    problem = chat_templates.missing_template_problem(
+        tokenizer, [cfg.format] + ([cfg.mix.format] if cfg.mix and cfg.mix.format else []))
+    if problem:
+        report.fail(problem)
+        return PreparedDataset([], [], report)
 
     eval_examples: list[Example] = []
     eval_keys: set[bytes] = set()
@@ -158,8 +166,10 @@ def category_balance(examples: list[Example], field_name: str,
 
 class _Pipeline:
     def __init__(self, cfg: DatasetConfig, report: DatasetReport, counter: TokenCounter,
-                 max_seq_length: int, pair_limits: dict[str, int | None] | None = None) -> None:
+                 max_seq_length: int, pair_limits: dict[str, int | None] | None = None,
+                 renderer: Any = None) -> None:
         self.pair_limits = pair_limits or {}
+        self.renderer = renderer  # chat records are rendered with the chat template
         self.cfg = cfg
         self.report = report
         self.counter = counter
@@ -177,7 +187,8 @@ class _Pipeline:
             if error is None:
                 try:
                     examples.append(convert(raw, fmt, field_map, where, category_field,
-                                            parse_json_strings=tabular))
+                                            parse_json_strings=tabular,
+                                            render=self.renderer.count if self.renderer else None))
                     continue
                 except RecordError as exc:
                     error = f"{where}: {exc}"
@@ -234,7 +245,7 @@ class _Pipeline:
                 report.near_duplicates_removed += sum(flags)
             examples = [e for e, dup in zip(examples, flags) if not dup]
         result = apply_length_policy(examples, self.counter, self.max_seq_length,
-                                     cfg.length_policy, **self.pair_limits)
+                                     cfg.length_policy, renderer=self.renderer, **self.pair_limits)
         if count:
             report.truncated += result.truncated
             report.dropped_too_long += result.dropped_too_long
