@@ -18,6 +18,7 @@ texts when it verifies them.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -99,16 +100,29 @@ def word_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     ends[:-1] &= space[1:]
     first = np.flatnonzero(begins)
     last = np.flatnonzero(ends) + 1
-    powers = _BYTE_POWERS.upto(size)
+    terms = np.add(raw, 1, dtype=np.uint64)
+    np.multiply(terms, _BYTE_POWERS.upto(size)[:-1], out=terms)
     prefix = np.zeros(size + 1, dtype=np.uint64)
-    np.cumsum((raw.astype(np.uint64) + np.uint64(1)) * powers[:-1], out=prefix[1:])
-    hashes = (prefix[last] - prefix[first]) * _BYTE_INVERSE_POWERS.upto(size)[first]
+    np.cumsum(terms, out=prefix[1:])
+    del terms
+    hashes = prefix[last]
+    hashes -= prefix[first]
+    hashes *= _BYTE_INVERSE_POWERS.upto(size)[first]
     hashes ^= (last - first).astype(np.uint64) * _MIX2
-    hashes = _finalise(hashes)
-    counts = np.bincount(np.searchsorted(starts, first, side="right") - 1, minlength=n)
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(counts[:n], out=offsets[1:])
-    return hashes, offsets
+    # Text i's words are those starting in [starts[i], starts[i+1]).
+    offsets = np.searchsorted(first, starts).astype(np.int64)
+    return _finalise(hashes), offsets
+
+
+def select_rows(flat: np.ndarray, offsets: np.ndarray, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The (flat, offsets) of word_hashes() for the given rows only."""
+    rows = np.asarray(rows, dtype=np.int64)
+    counts = np.diff(offsets)
+    keep = np.zeros(len(counts), dtype=bool)
+    keep[rows] = True
+    chosen = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(counts[rows], out=chosen[1:])
+    return flat[np.repeat(keep, counts)], chosen
 
 
 def exact_keys_of(hashes: np.ndarray, offsets: np.ndarray) -> list[int]:
@@ -217,9 +231,12 @@ class NearDuplicateIndex:
     position (the caller keeps them on disk).
     """
 
-    def __init__(self, threshold: float) -> None:
+    def __init__(self, threshold: float, work_dir: str | None = None) -> None:
         import rensa
 
+        # Each batch's shingle hashes wait on disk for the second pass (8 bytes a shingle).
+        self.shingle_file = tempfile.TemporaryFile(dir=work_dir)
+        self.batches: list[tuple[int, int, np.ndarray]] = []  # (first position, shingles, offsets)
         self.threshold = threshold
         self.rows = lsh_rows_per_band(threshold)
         self.bands = NUM_PERM // self.rows
@@ -233,8 +250,12 @@ class NearDuplicateIndex:
 
     def add_words(self, flat: np.ndarray, offsets: np.ndarray) -> None:
         """Like add(), from word_hashes() the caller already has."""
-        flags = self.lsh.insert_matrix_and_query_duplicate_flags(_digests(flat, offsets), self.size)
+        shingles, shingle_offsets = _shingles(flat, offsets)
+        flags = self.lsh.insert_matrix_and_query_duplicate_flags(
+            _digest_matrix(shingles, shingle_offsets), self.size)
         self.later.extend(np.flatnonzero(np.asarray(flags, dtype=bool)) + self.size)
+        self.shingle_file.write(shingles.tobytes())
+        self.batches.append((self.size, len(shingles), shingle_offsets))
         self.size += len(offsets) - 1
 
     def duplicates(self, read: Callable[[list[int]], Sequence[str]],
@@ -243,6 +264,7 @@ class NearDuplicateIndex:
 
         del self.lsh
         if not self.later:
+            self.close()
             return []
         # Every record that shares a band with another one shares it with one of `later`.
         flagged = rensa.RMinHashLSH(self.threshold, NUM_PERM, self.bands)
@@ -250,24 +272,32 @@ class NearDuplicateIndex:
             chunk = self.later[start:start + batch]
             flagged.insert_matrix(_digests(*word_hashes(read(chunk))), start)
         candidates: list[int] = []
-        for start in range(0, self.size, batch):
-            positions = list(range(start, min(start + batch, self.size)))
+        self.shingle_file.seek(0)
+        for start, count, offsets in self.batches:
+            shingles = np.frombuffer(self.shingle_file.read(8 * count), dtype=np.uint64)
             # one_shot: a band shared with any indexed key counts (query_duplicate_flags_matrix
             # wants two keys in the bucket, as if the queried rows were indexed themselves).
-            flags = flagged.query_duplicate_flags_matrix_one_shot(
-                _digests(*word_hashes(read(positions))))
+            flags = flagged.query_duplicate_flags_matrix_one_shot(_digest_matrix(shingles, offsets))
             candidates.extend((np.flatnonzero(np.asarray(flags, dtype=bool)) + start).tolist())
         del flagged
+        self.close()
         return _verify(read, candidates, self.threshold, self.rows, batch)
 
 
+    def close(self) -> None:
+        self.shingle_file.close()
+        self.batches.clear()
+
+
 def _digests(flat: np.ndarray, offsets: np.ndarray):
+    return _digest_matrix(*_shingles(flat, offsets))
+
+
+def _digest_matrix(shingles: np.ndarray, offsets: np.ndarray):
     import rensa
 
-    shingles, shingle_offsets = _shingles(flat, offsets)
     return rensa.RMinHash.digest_matrix_from_flat_token_hashes(
-        shingles, shingle_offsets.astype(np.uint64), NUM_PERM, MINHASH_SEED
-    )
+        shingles, offsets.astype(np.uint64), NUM_PERM, MINHASH_SEED)
 
 
 def near_duplicates(texts: Sequence[str], threshold: float) -> list[bool]:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import numpy as np
 
 from ..config import DatasetConfig
 from . import dedup
@@ -46,7 +47,9 @@ BATCH_RECORDS = 4096
 BATCH_CHARS = 4_000_000
 
 _encode = msgspec.json.Encoder(order="sorted").encode
+_encode_lines = msgspec.json.Encoder(order="sorted").encode_lines
 _decode = msgspec.json.Decoder().decode
+_decode_lines = msgspec.json.Decoder().decode_lines
 
 
 @dataclass
@@ -147,37 +150,66 @@ def category_balance(categories: list[str | None], field_name: str,
 
 
 class _Spill:
-    """Encoded records appended to a file, read back by position once writing is done."""
+    """Records appended to a file, one JSON line each, read back by position once writing
+    is done."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.file = path.open("w+b")
         self.ends = array("q")
         self.size = 0
-        self.view: mmap.mmap | None = None
+        self.view: mmap.mmap | bytes | None = None
 
-    def append(self, encoded: list[bytes]) -> None:
-        for item in encoded:
-            self.size += len(item)
-            self.ends.append(self.size)
-        self.file.write(b"".join(encoded))
+    def _append(self, data: bytes, ends: np.ndarray) -> None:
+        self.file.write(data)
+        self.ends.extend((ends + self.size).tolist())
+        self.size += len(data)
+
+    def append_lines(self, items: list) -> None:
+        if items:
+            data = _encode_lines(items)
+            # Encoded JSON has no raw newline: each one ends a record.
+            self._append(data, np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10) + 1)
+
+    def append_texts(self, texts: list[str]) -> None:
+        """Plain UTF-8 texts, for get_text()."""
+        if texts:
+            encoded = [t.encode("utf-8", "surrogatepass") for t in texts]
+            self._append(b"".join(encoded), np.cumsum([len(e) for e in encoded]))
 
     def __len__(self) -> int:
         return len(self.ends)
 
-    def get(self, i: int) -> bytes:
+    def _view(self) -> mmap.mmap | bytes:
         if self.view is None:
             self.file.flush()
             self.view = mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_READ) if self.size else b""
-        return self.view[self.ends[i - 1] if i else 0:self.ends[i]]
+        return self.view
 
-    def decode(self, positions) -> list:
+    def get(self, i: int) -> bytes:
+        return self._view()[self.ends[i - 1] if i else 0:self.ends[i]]
+
+    def get_text(self, i: int) -> str:
+        return self.get(i).decode("utf-8", "surrogatepass")
+
+    def decode(self, positions: list[int]) -> list:
         return [_decode(self.get(i)) for i in positions]
+
+    def decode_range(self, start: int, stop: int) -> list:
+        """The records at positions start..stop-1, parsed in one call."""
+        if start >= stop:
+            return []
+        return _decode_lines(self._view()[self.ends[start - 1] if start else 0:self.ends[stop - 1]])
 
     def close(self) -> None:
         if isinstance(self.view, mmap.mmap):
             self.view.close()
         self.file.close()
+
+
+def _record_and_category(row: list) -> tuple[dict, str, str | None]:
+    """Example's record, dedup_text (not needed any more) and category from a spilled row."""
+    return row[0], "", row[1]
 
 
 @dataclass
@@ -323,7 +355,7 @@ class _Pipeline:
         errors: list[str] = []
         read = [0]
         exact = cfg.dedup.exact
-        near = (dedup.NearDuplicateIndex(cfg.dedup.near_threshold)
+        near = (dedup.NearDuplicateIndex(cfg.dedup.near_threshold, str(self.work_dir))
                 if 0 < cfg.dedup.near_threshold < 1 else None)  # 1: off
         seen: set[int] = set(leaked)
         survivors = self._spill("read")
@@ -346,14 +378,14 @@ class _Pipeline:
                 kept = [batch[i] for i in kept_at]
                 if near is not None and kept:
                     # Judged on what the model learns from: a shared system prompt is no likeness.
-                    if len(kept) == len(batch) and all(e.near_text is None for e in kept):
-                        near.add_words(*words)
+                    if all(e.near_text is None for e in kept):
+                        near.add_words(*(words if len(kept) == len(batch)
+                                         else dedup.select_rows(*words, kept_at)))
                     else:
                         near.add([e.similarity_text for e in kept])
+                    texts.append_texts([e.similarity_text for e in kept])
                 survivor_keys.extend(keys[i] for i in kept_at)
-                survivors.append([_encode((e.record, e.category)) + b"\n" for e in kept])
-                if near is not None:
-                    texts.append([e.similarity_text.encode("utf-8", "surrogatepass") for e in kept])
+                survivors.append_lines([(e.record, e.category) for e in kept])
         except SourceError as exc:
             report.fail(f"{label}{exc}")
             return None
@@ -362,7 +394,7 @@ class _Pipeline:
         near_removed: set[int] = set()
         if near is not None:
             near_removed = set(near.duplicates(
-                lambda positions: [texts.get(i).decode("utf-8", "surrogatepass") for i in positions]))
+                lambda positions: [texts.get_text(i) for i in positions]))
         if count:
             report.duplicates_removed += exact_removed
             report.near_duplicates_removed += len(near_removed)
@@ -402,11 +434,11 @@ class _Pipeline:
         """The length policy over the survivors that are no near-duplicates, in batches."""
         report = self.report
         cleaned = _Cleaned(self._spill("kept"), array("l"), [], [])
-        position = [i for i in range(len(survivors)) if i not in removed]
-        for start in range(0, len(position), BATCH_RECORDS):
-            at = position[start:start + BATCH_RECORDS]
-            examples = [Example("", record, "", category)
-                        for record, category in survivors.decode(at)]
+        for start in range(0, len(survivors), BATCH_RECORDS):
+            stop = min(start + BATCH_RECORDS, len(survivors))
+            rows = survivors.decode_range(start, stop)
+            at = [i for i in range(start, stop) if i not in removed]
+            examples = [Example("", *_record_and_category(rows[i - start])) for i in at]
             where = {id(e): i for e, i in zip(examples, at)}
             result = apply_length_policy(examples, self.counter, self.max_seq_length,
                                          self.cfg.length_policy, **self.pair_limits)
@@ -415,7 +447,7 @@ class _Pipeline:
                 report.dropped_too_long += result.dropped_too_long
                 report.dropped_no_trainable_tokens += result.dropped_no_trainable
             kept = result.kept
-            cleaned.records.append([_encode(e.record) + b"\n" for e in kept])
+            cleaned.records.append_lines([e.record for e in kept])
             cleaned.tokens.extend(e.tokens for e in kept)
             cleaned.categories.extend(e.category for e in kept)
             cleaned.keys.extend(keys[where[id(e)]] for e in kept)
