@@ -159,6 +159,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 200_000, 1_000_000])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "data.json"))
+    parser.add_argument("--note", action="append", default=[],
+                        help="a sentence for docs/benchmarks.md (what else ran, what was missed)")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -185,6 +187,7 @@ def main() -> None:
         "python": platform.python_version(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "results": results,
+        "notes": args.note,
     }, indent=2) + "\n")
 
 

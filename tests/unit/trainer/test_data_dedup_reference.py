@@ -120,3 +120,17 @@ def test_exact_keys_follow_casefold_and_whitespace_in_any_batch():
     assert ascii_batch[2] == mixed_batch[2], "\\x1c is whitespace to str.split()"
     assert len({*ascii_batch, *mixed_batch}) == 4
     assert exact_keys(["", " "])[0] == exact_keys(["\n"])[0] != exact_keys(["a"])[0]
+
+
+def test_a_lone_surrogate_escape_is_an_error_with_its_line_not_a_crash(tmp_path):
+    """json.loads accepts "\\ud800", but such text cannot be hashed as UTF-8 or spilled to disk."""
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "fine text"}\n{"text": "bad \\ud800 text"}\n')
+    cfg = DatasetConfig(source=str(path), format="text", eval_fraction=0.0, min_examples=1,
+                        max_invalid_fraction=0.5)
+
+    prepared = prepare_dataset(cfg, seed=0, max_seq_length=4096)
+
+    assert prepared.report.first_errors == [
+        "line 2: text holds an unpaired surrogate \\ud800 (a JSON escape that is not valid Unicode)"]
+    assert prepared.train == [{"text": "fine text"}]
