@@ -146,8 +146,9 @@ def data_section(data: dict) -> list[str]:
                    f"| {r['ratioToAnchor']:.2f} ({r['cpuRatioToAnchor']:.2f}) | {r['rensaBulkSeconds']:.1f} | {growth} "
                    f"| {r['duplicatesRemoved']:,} / {r['nearDuplicatesRemoved']:,} "
                    f"| {r['loadAverage1mBefore']} / {r['loadAverage1mAfter']} |")
-    out += [""] + list(data.get("notes", [])) + [""]
-    return out
+    for note in data.get("notes", []):
+        out += ["", note]
+    return out + [""]
 
 
 def resume_section(data: dict) -> list[str]:

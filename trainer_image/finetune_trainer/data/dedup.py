@@ -154,20 +154,6 @@ def exact_keys(texts: Sequence[str]) -> list[int]:
     return exact_keys_of(*word_hashes(texts))
 
 
-def exact_key(text: str) -> int:
-    return exact_keys([text])[0]
-
-
-def exact_duplicates(texts: Sequence[str], seen: set[int] | None = None) -> list[bool]:
-    """Flags for records whose normalised text appeared earlier (or is in `seen`)."""
-    seen = set() if seen is None else seen
-    flags = []
-    for key in exact_keys(texts):
-        flags.append(key in seen)
-        seen.add(key)
-    return flags
-
-
 def lsh_rows_per_band(threshold: float, num_perm: int = NUM_PERM) -> int:
     """The most rows per band that still proposes a pair at `threshold` with p >= 0.995.
 
