@@ -119,6 +119,9 @@ def prepare_data(cfg: TrainerConfig, tokenizer, *, is_main: bool) -> PreparedDat
         from .data import DataValidationError, prepare_dataset
 
         cache.parent.mkdir(parents=True, exist_ok=True)
+        # A pod killed while preparing leaves its spill files behind; only one prepares at once.
+        for stale in cache.parent.glob(".prepare-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         try:
             # Records being cleaned spill to the claim, not to the pod's memory or /tmp.
             prepared = prepare_dataset(cfg.dataset, seed=cfg.training.seed,

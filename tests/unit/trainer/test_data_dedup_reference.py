@@ -134,3 +134,22 @@ def test_a_lone_surrogate_escape_is_an_error_with_its_line_not_a_crash(tmp_path)
     assert prepared.report.first_errors == [
         "line 2: text holds an unpaired surrogate \\ud800 (a JSON escape that is not valid Unicode)"]
     assert prepared.train == [{"text": "fine text"}]
+
+
+def test_the_trainer_spills_to_the_data_cache_and_clears_what_a_killed_pod_left(tmp_path):
+    from finetune_trainer.config import TrainerConfig
+    from finetune_trainer.prepared import prepare_data
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"record number {i}"}) + "\n" for i in range(20)))
+    cfg = TrainerConfig.from_dict({"model": {"source": "/models/x"},
+                                   "dataset": {"source": str(data), "format": "text", "minExamples": 1},
+                                   "paths": {"root": str(tmp_path / "claim")}})
+    stale = cfg.paths.data_cache / ".prepare-killed"
+    stale.mkdir(parents=True)
+    (stale / "1-read.jsonl").write_text("left by a SIGKILLed pod\n")
+
+    prepared = prepare_data(cfg, None, is_main=True)
+
+    assert len(prepared.train) + len(prepared.eval) == 20
+    assert [p.name for p in cfg.paths.data_cache.iterdir()] == [prepared.digest]
