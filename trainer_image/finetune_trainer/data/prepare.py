@@ -38,7 +38,7 @@ from . import dedup
 from .formats import OUTPUT_KIND, Example, RecordError, conversational_pair, convert
 from .length import TokenCounter, apply_length_policy, make_counter, percentiles
 from .load import SourceError, is_tabular, read_records
-from .report import DatasetReport, DataValidationError
+from .report import MAX_ERRORS, DatasetReport, DataValidationError
 
 # Warn when the largest category has more than this many times the examples of the smallest.
 IMBALANCE_RATIO = 10
@@ -319,15 +319,15 @@ class _Pipeline:
         return PreparedDataset(records(train_parts), records(eval_parts), report)
 
     def _examples(self, source: str, fmt: str, field_map: dict[str, str], label: str,
-                  errors: list[str], read: list[int]) -> Iterator[list[Example]]:
-        """Batches of valid examples; errors appended to `errors`, records read counted in
-        read[0]."""
+                  errors: list[str], counts: list[int]) -> Iterator[list[Example]]:
+        """Batches of valid examples; the first errors appended to `errors`, records read and
+        rejected counted in counts[0] and counts[1]."""
         tabular = is_tabular(source)
         category_field = self.cfg.category_field
         batch: list[Example] = []
         chars = 0
         for where, raw, error in read_records(source, split=self.cfg.split):
-            read[0] += 1
+            counts[0] += 1
             if error is None:
                 try:
                     example = convert(raw, fmt, field_map, where, category_field,
@@ -341,7 +341,9 @@ class _Pipeline:
                         yield batch
                         batch, chars = [], 0
                     continue
-            errors.append(label + error)
+            counts[1] += 1
+            if len(errors) < MAX_ERRORS:
+                errors.append(label + error)
         if batch:
             yield batch
 
@@ -353,7 +355,7 @@ class _Pipeline:
         records are only a warning."""
         cfg, report = self.cfg, self.report
         errors: list[str] = []
-        read = [0]
+        counts = [0, 0]  # records read, rejected
         exact = cfg.dedup.exact
         near = (dedup.NearDuplicateIndex(cfg.dedup.near_threshold, str(self.work_dir))
                 if 0 < cfg.dedup.near_threshold < 1 else None)  # 1: off
@@ -363,7 +365,7 @@ class _Pipeline:
         survivor_keys: list[int] = []
         exact_removed = 0
         try:
-            for batch in self._examples(source, fmt, field_map, label, errors, read):
+            for batch in self._examples(source, fmt, field_map, label, errors, counts):
                 words = dedup.word_hashes([e.dedup_text for e in batch])
                 keys = dedup.exact_keys_of(*words)
                 kept_at: list[int] = []
@@ -389,7 +391,7 @@ class _Pipeline:
         except SourceError as exc:
             report.fail(f"{label}{exc}")
             return None
-        if not self._check_read(source, label, errors, read[0], count):
+        if not self._check_read(source, label, errors, *counts, count):
             return None
         near_removed: set[int] = set()
         if near is not None:
@@ -401,30 +403,30 @@ class _Pipeline:
         return self._apply_length(survivors, survivor_keys, near_removed, count)
 
     def _check_read(self, source: str, label: str, errors: list[str], read: int,
-                    count: bool) -> bool:
+                    rejected: int, count: bool) -> bool:
         """Count what was read and rejected; False: the source is unusable."""
         report, cfg = self.report, self.cfg
         if not count:
-            if errors:
-                report.warnings.append(f"{label}{len(errors)} invalid records skipped "
+            if rejected:
+                report.warnings.append(f"{label}{rejected} invalid records skipped "
                                        f"(first: {errors[0].removeprefix(label)})")
             return True
         report.examples_read += read
-        report.rejected += len(errors)
-        for error in errors[:20]:
+        report.rejected += rejected
+        for error in errors:
             report.add_error(error)
         if read == 0:
             report.fail(f"{label}{source}: no records")
             return False
-        fraction = len(errors) / read
+        fraction = rejected / read
         if fraction > cfg.max_invalid_fraction:
             report.fail(
-                f"{label}{len(errors)} of {read} records are invalid ({fraction:.1%}); "
+                f"{label}{rejected} of {read} records are invalid ({fraction:.1%}); "
                 f"dataset.maxInvalidFraction allows {cfg.max_invalid_fraction:.1%}"
             )
-        elif errors:
+        elif rejected:
             report.warnings.append(
-                f"{label}{len(errors)} invalid records dropped ({fraction:.1%}, "
+                f"{label}{rejected} invalid records dropped ({fraction:.1%}, "
                 f"dataset.maxInvalidFraction allows {cfg.max_invalid_fraction:.1%})"
             )
         return True
