@@ -138,7 +138,8 @@ def validate_cli(argv: list[str]) -> int:
     prepared = inspect_dataset(cfg, seed=args.seed, max_seq_length=args.max_seq_length,
                                tokenizer=tokenizer,
                                max_prompt_length=args.max_prompt_length,
-                               max_completion_length=args.max_completion_length)
+                               max_completion_length=args.max_completion_length,
+                               keep_records=False)
     report = prepared.report
     if args.report:
         write_report(report, args.report)
