@@ -103,6 +103,20 @@ def call(method: Callable[..., Any], *args: Any, absent: bool = False, conflict:
         raise
 
 
+def again_on_conflict(first: Callable[[], Any], again: Callable[[], Any],
+                      counted: Optional[Callable[[], None]] = None) -> Any:
+    """`first()`; when a write of it was refused with a 409 (written against an old version),
+    `again()` (which reads afresh). A second 409 raises."""
+    try:
+        return first()
+    except ApiException as e:
+        if e.status != CONFLICT:
+            raise
+        if counted is not None:
+            counted()
+        return again()
+
+
 def exists(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Optional[bool]:
     """Whether the object `method` reads exists; None when the operator may not look (403)."""
     try:
@@ -167,9 +181,17 @@ def read_own(plural: str, namespace: str, name: str,
                 plural, name)
 
 
-def patch_status(plural: str, namespace: str, name: str, status: dict) -> None:
-    custom().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, plural, name,
-                                                   {"status": status})
+def patch_status(plural: str, namespace: str, name: str, status: dict,
+                 resource_version: Optional[str] = None) -> dict:
+    """A merge patch of the status; with `resource_version`, only onto that version of the
+    object (optimistic concurrency: a 409 when someone wrote since it was read). Returns the
+    object as written."""
+    body: dict = {"status": status}
+    if resource_version:
+        body["metadata"] = {"resourceVersion": resource_version}
+    written = custom().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, plural,
+                                                             name, body)
+    return written if isinstance(written, dict) else as_dict(written)
 
 
 @contextmanager

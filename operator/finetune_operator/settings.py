@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import kopf
 
+from finetune_operator.labels import APP, MANAGED_BY
 from finetune_operator.serving.deployment import DEFAULT_IMAGE
 
 GROUP = "finetune.dev"
@@ -74,3 +75,7 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
     # kopf's own peering is off: with several replicas, only the holder of the leader Lease
     # runs kopf at all (leader.py, --leader-elect); a standby makes no request but the Lease's.
     settings.peering.standalone = True
+    # Watch only the operator's own pods, Jobs and Deployments: the server filters by label,
+    # so other workloads' churn never reaches the operator (nor its caches).
+    for resource in (("v1", "pods"), ("batch", "jobs"), ("apps", "deployments")):
+        settings.watching.label_selectors[resource] = f"{MANAGED_BY}={APP}"

@@ -20,7 +20,7 @@ import kopf
 from finetune_api.models import FineTuneJob
 from finetune_api.schema import GROUP, VERSION
 
-from finetune_operator import admission, kube, metrics, names, settings
+from finetune_operator import admission, cache, kube, metrics, names, settings
 from finetune_operator.builders import comparison_job, identity, review, storage, trainer_config, trainer_job
 from finetune_operator.conditions import now_iso
 from finetune_operator.handlers import facts, records
@@ -119,7 +119,8 @@ def _read_trainer_job(job: FineTuneJob) -> dict | None:
 
 
 def _read_own_job(job: FineTuneJob, name: str) -> dict | None:
-    obj = kube.read(kube.batch().read_namespaced_job, name, job.metadata.namespace)
+    ns = job.metadata.namespace
+    obj = cache.job(ns, name, lambda: kube.read(kube.batch().read_namespaced_job, name, ns))
     if obj is None:
         return None
     refs = obj["metadata"].get("ownerReferences") or []
@@ -184,7 +185,22 @@ def _trainer_image(job: FineTuneJob) -> str:
 
 
 def _patch_status(job: FineTuneJob, status: dict) -> None:
-    kube.patch_status(PLURAL, job.metadata.namespace, job.metadata.name, status)
+    """Onto the version of the job that `status` was computed from (a 409 when someone wrote
+    since); the written object goes to the cache and `job` moves on to its version."""
+    written = kube.patch_status(PLURAL, job.metadata.namespace, job.metadata.name, status,
+                                resource_version=job.metadata.resource_version)
+    _wrote(job, written)
+
+
+def _patch_metadata(job: FineTuneJob, metadata: dict) -> None:
+    written = kube.custom().patch_namespaced_custom_object(
+        GROUP, VERSION, job.metadata.namespace, PLURAL, job.metadata.name, {"metadata": metadata})
+    _wrote(job, written if isinstance(written, dict) else kube.as_dict(written))
+
+
+def _wrote(job: FineTuneJob, written: dict) -> None:
+    cache.remember(written)
+    job.metadata.resource_version = (written.get("metadata") or {}).get("resourceVersion")
 
 
 # --- admission -----------------------------------------------------------------------------------
@@ -229,23 +245,12 @@ def ensure_children(namespace: str, name: str) -> None:
     started = time.monotonic()
     try:
         with _locks.hold((namespace, name)):
-            obj = kube.read_own(PLURAL, namespace, name)
-            if obj is None or obj["metadata"].get("deletionTimestamp"):
+            # Status writes carry the version read here; one refused because the job changed
+            # in between (a 409) is done again from a fresh read.
+            if not kube.again_on_conflict(lambda: _ensure_children_locked(namespace, name),
+                                          lambda: _ensure_children_locked(namespace, name),
+                                          metrics.status_conflicts.inc):
                 return
-            job = FineTuneJob.from_resource(obj)
-            if job.status.phase in (Phase.SUCCEEDED.value, Phase.FAILED.value) and not late_deploy(job):
-                return
-            # A trained job (Comparing, AwaitingApproval, Deploying, or Succeeded with a late
-            # spec.deploy) only goes on: refresh_status below; its trainer is never created again.
-            if job.status.phase not in TRAINED:
-                if not _admit(job, obj, obj):
-                    return  # failed for good: nothing is created for it
-                _ensure_claim(job)
-                _ensure_identity(job)
-                _ensure_config(job)
-                _ensure_review_config_map(job)
-                _ensure_service(job)
-                _ensure_trainer_job(job, obj)
     except (kopf.TemporaryError, kopf.PermanentError):
         raise
     except Exception:
@@ -254,6 +259,28 @@ def ensure_children(namespace: str, name: str) -> None:
     finally:
         metrics.reconcile_duration.observe(time.monotonic() - started)
     refresh_status(namespace, name)
+
+
+def _ensure_children_locked(namespace: str, name: str) -> bool:
+    """Whether the job goes on to a status refresh."""
+    obj = kube.read_own(PLURAL, namespace, name)
+    if obj is None or obj["metadata"].get("deletionTimestamp"):
+        return False
+    job = FineTuneJob.from_resource(obj)
+    if job.status.phase in (Phase.SUCCEEDED.value, Phase.FAILED.value) and not late_deploy(job):
+        return False
+    # A trained job (Comparing, AwaitingApproval, Deploying, or Succeeded with a late
+    # spec.deploy) only goes on: refresh_status below; its trainer is never created again.
+    if job.status.phase not in TRAINED:
+        if not _admit(job, obj, obj):
+            return False  # failed for good: nothing is created for it
+        _ensure_claim(job)
+        _ensure_identity(job)
+        _ensure_config(job)
+        _ensure_review_config_map(job)
+        _ensure_service(job)
+        _ensure_trainer_job(job, obj)
+    return True
 
 
 def release(namespace: str, name: str, body: dict) -> None:
@@ -280,16 +307,20 @@ def release(namespace: str, name: str, body: dict) -> None:
                                                               {"metadata": {"ownerReferences": kept or None}},
                                                               _content_type=kube.MERGE_PATCH)
     records.forget(namespace, name)
+    cache.forget(namespace, name)
 
 
 # --- status -------------------------------------------------------------------------------------
 
 
 def _trainer_pods(trainer: dict) -> list[dict]:
-    uid = trainer["metadata"]["uid"]
-    pods = kube.core().list_namespaced_pod(trainer["metadata"]["namespace"],
-                                           label_selector=f"batch.kubernetes.io/controller-uid={uid}")
-    return [kube.as_dict(p) for p in pods.items]
+    uid, ns = trainer["metadata"]["uid"], trainer["metadata"]["namespace"]
+
+    def list_pods() -> list[dict]:
+        pods = kube.core().list_namespaced_pod(ns, label_selector=f"{cache.CONTROLLER_UID}={uid}")
+        return [kube.as_dict(p) for p in pods.items]
+
+    return cache.trainer_pods(ns, uid, list_pods)
 
 
 def _deploy(job: FineTuneJob, obs: Observation) -> Observation:
@@ -301,9 +332,7 @@ def _deploy(job: FineTuneJob, obs: Observation) -> Observation:
     endpoint = serving.ensure_for_finetunejob(job, kube.api())
     digest = deploy_digest(job)
     if job.metadata.annotations.get(DEPLOYED_SETTINGS_ANNOTATION) != digest:
-        kube.custom().patch_namespaced_custom_object(
-            GROUP, VERSION, job.metadata.namespace, PLURAL, job.metadata.name,
-            {"metadata": {"annotations": {DEPLOYED_SETTINGS_ANNOTATION: digest}}})
+        _patch_metadata(job, {"annotations": {DEPLOYED_SETTINGS_ANNOTATION: digest}})
     isvc = kube.read_own(serving.PLURAL, job.metadata.namespace, endpoint["name"])
     return deployment_observation(job, obs, endpoint, isvc)
 
@@ -318,7 +347,10 @@ def refresh_status(namespace: str, name: str) -> None:
             return
         started = time.monotonic()
         try:
-            _refresh_status_locked(namespace, name)
+            # When our copy was behind (someone wrote since), read the job itself and go again.
+            kube.again_on_conflict(lambda: _refresh_status_locked(namespace, name),
+                                   lambda: _refresh_status_locked(namespace, name, fresh=True),
+                                   metrics.status_conflicts.inc)
         except Exception:
             metrics.reconcile_errors.inc()
             raise
@@ -326,8 +358,12 @@ def refresh_status(namespace: str, name: str) -> None:
             metrics.reconcile_duration.observe(time.monotonic() - started)
 
 
-def _refresh_status_locked(namespace: str, name: str) -> None:
-    obj = kube.read_own(PLURAL, namespace, name)
+def _refresh_status_locked(namespace: str, name: str, fresh: bool = False) -> None:
+    """Reads come from the watch caches (cache.py): no request unless something changed."""
+    def read() -> dict | None:
+        return kube.read_own(PLURAL, namespace, name)
+
+    obj = read() if fresh else cache.finetunejob(namespace, name, read)
     if obj is None or obj["metadata"].get("deletionTimestamp"):
         return
     job = FineTuneJob.from_resource(obj)
@@ -361,9 +397,7 @@ def _refresh_status_locked(namespace: str, name: str) -> None:
     records.transition(obj, job.status.phase, obs.phase.value, obs.reason, obs.message)
     records.observe(job, obs, obj, now)
     if _gpu_seconds_drifted(recorded, obs.gpu_seconds):
-        kube.custom().patch_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, name,
-            {"metadata": {"annotations": {GPU_SECONDS_ANNOTATION: json.dumps(obs.gpu_seconds, sort_keys=True)}}})
+        _patch_metadata(job, {"annotations": {GPU_SECONDS_ANNOTATION: json.dumps(obs.gpu_seconds, sort_keys=True)}})
     if obs.phase.terminal:
         _expire(job, obj, now)
 
@@ -389,9 +423,7 @@ def _expire(job: FineTuneJob, obj: dict, now: dt.datetime) -> None:
         if not job.metadata.annotations.get(KEPT_ANNOTATION):
             kopf.info(obj, reason="KeptWhileServed", message=f"ttlSecondsAfterFinished has passed, but "
                       f"InferenceService {server} serves this job: it is kept until it no longer does")
-            kube.custom().patch_namespaced_custom_object(GROUP, VERSION, job.metadata.namespace, PLURAL,
-                                                         job.metadata.name,
-                                                         {"metadata": {"annotations": {KEPT_ANNOTATION: server}}})
+            _patch_metadata(job, {"annotations": {KEPT_ANNOTATION: server}})
         return
     kopf.info(obj, reason="Expired", message=f"deleting: finished {ttl}s ago (ttlSecondsAfterFinished)")
     kube.delete(kube.custom().delete_namespaced_custom_object, GROUP, VERSION, job.metadata.namespace,
