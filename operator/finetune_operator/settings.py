@@ -65,7 +65,11 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
     settings.watching.connect_timeout = 10
     settings.watching.reconnect_backoff = 1.0
     settings.networking.request_timeout = 30
-    settings.posting.level = 20  # INFO and above become Kubernetes Events
+    # kopf's own log lines become Events only from WARNING up (a handler that failed or
+    # waits); its INFO lines ("Handler ... succeeded", "Creation is processed") were two or
+    # three Events per job that told the user nothing. The operator's own Normal events are
+    # posted with kopf.event(type="Normal"), which this level does not filter.
+    settings.posting.level = 30
     settings.execution.max_workers = 8
     # A FineTuneJob deleted while its resync timer runs in a worker thread keeps kopf's
     # finalizer until kopf looks again at the exiting timer: every 60 s by default, so

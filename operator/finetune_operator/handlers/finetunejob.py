@@ -147,7 +147,7 @@ def _ensure_trainer_job(job: FineTuneJob, body: dict) -> None:
             return  # suspended before (re)creation; the Job is created on resume
         manifest = trainer_job.build_trainer_job(job, _trainer_image(job))
         current = kube.create(manifest, batch.create_namespaced_job, batch.read_namespaced_job)
-        kopf.info(body, reason="TrainerJobCreated", message=f"created trainer Job {manifest['metadata']['name']}")
+        kopf.event(body, type="Normal", reason="TrainerJobCreated", message=f"created trainer Job {manifest['metadata']['name']}")
     image = job.status.trainer_image or current["spec"]["template"]["spec"]["containers"][0]["image"]
     if job.status.trainer_job != current["metadata"]["name"] or job.status.trainer_image != image:
         # startTime comes later, from the Job's own (refresh_status): a Job that Kueue holds
@@ -160,12 +160,12 @@ def _ensure_trainer_job(job: FineTuneJob, body: dict) -> None:
         if wants:
             batch.delete_namespaced_job(current["metadata"]["name"], job.metadata.namespace,
                                         propagation_policy="Background")
-            kopf.info(body, reason="Suspending", message="deleted the trainer Job; checkpoints are kept")
+            kopf.event(body, type="Normal", reason="Suspending", message="deleted the trainer Job; checkpoints are kept")
         return
     if bool(current["spec"].get("suspend")) != wants:
         batch.patch_namespaced_job(current["metadata"]["name"], job.metadata.namespace,
                                    {"spec": {"suspend": wants}})
-        kopf.info(body, reason="Suspending" if wants else "Resuming",
+        kopf.event(body, type="Normal", reason="Suspending" if wants else "Resuming",
                   message=("suspended the trainer Job; its pods checkpoint on SIGTERM" if wants else
                            "resumed the trainer Job; training continues from the latest checkpoint"))
 
@@ -175,7 +175,7 @@ def _ensure_comparison_job(job: FineTuneJob, body: dict) -> None:
                                                    settings.current.gpu_hour_price)
     batch = kube.batch()
     kube.create(manifest, batch.create_namespaced_job, batch.read_namespaced_job)
-    kopf.info(body, reason="Comparing", message=f"created comparison Job {manifest['metadata']['name']}: "
+    kopf.event(body, type="Normal", reason="Comparing", message=f"created comparison Job {manifest['metadata']['name']}: "
               "base vs fine-tuned through vLLM")
 
 
@@ -223,7 +223,7 @@ def _admit(job: FineTuneJob, body: dict, obj: dict) -> bool:
         _patch_status(job, patch)
     if problem is None:
         if patch is not None:
-            kopf.info(body, reason="Admitted", message="the spec's references exist; creating the trainer")
+            kopf.event(body, type="Normal", reason="Admitted", message="the spec's references exist; creating the trainer")
             if note and not has_trainer:
                 kopf.warn(body, reason="WaitingForGPUCapacity",
                           message=f"{note}; creating the trainer Job anyway, so that an autoscaler or "
@@ -294,7 +294,7 @@ def release(namespace: str, name: str, body: dict) -> None:
     if serving is not None:
         done = serving.withdraw_finetunejob(job, kube.api())
         if done:
-            kopf.info(body, reason="Undeployed", message=done)
+            kopf.event(body, type="Normal", reason="Undeployed", message=done)
     if job.spec.storage.existing_claim is None and not storage.owns_claim(job):
         core = kube.core()
         claim = storage.claim_name(job)
@@ -421,11 +421,11 @@ def _expire(job: FineTuneJob, obj: dict, now: dt.datetime) -> None:
         # Kept while served: the claim may go with the job (reclaimPolicy Delete) and vLLM reads
         # the adapter from it. It expires once the InferenceService no longer names it.
         if not job.metadata.annotations.get(KEPT_ANNOTATION):
-            kopf.info(obj, reason="KeptWhileServed", message=f"ttlSecondsAfterFinished has passed, but "
+            kopf.event(obj, type="Normal", reason="KeptWhileServed", message=f"ttlSecondsAfterFinished has passed, but "
                       f"InferenceService {server} serves this job: it is kept until it no longer does")
             _patch_metadata(job, {"annotations": {KEPT_ANNOTATION: server}})
         return
-    kopf.info(obj, reason="Expired", message=f"deleting: finished {ttl}s ago (ttlSecondsAfterFinished)")
+    kopf.event(obj, type="Normal", reason="Expired", message=f"deleting: finished {ttl}s ago (ttlSecondsAfterFinished)")
     kube.delete(kube.custom().delete_namespaced_custom_object, GROUP, VERSION, job.metadata.namespace,
                 PLURAL, job.metadata.name)
 
