@@ -20,7 +20,7 @@ import kopf
 from finetune_api.models import FineTuneJob
 from finetune_api.schema import GROUP, VERSION
 
-from finetune_operator import admission, cache, kube, metrics, names, settings
+from finetune_operator import admission, cache, kube, kueue, metrics, names, settings
 from finetune_operator.builders import comparison_job, identity, review, storage, trainer_config, trainer_job
 from finetune_operator.conditions import now_iso
 from finetune_operator.handlers import facts, records
@@ -155,12 +155,8 @@ def _ensure_trainer_job(job: FineTuneJob, body: dict) -> None:
         _patch_status(job, {"trainerJob": current["metadata"]["name"], "trainerImage": image})
     wants = job.spec.suspend
     if queued:
-        # Kueue owns the Job's suspend; suspending a queued job deletes its Job instead
-        # (pods get SIGTERM and checkpoint), and resuming creates it again, suspended, for Kueue.
-        if wants:
-            batch.delete_namespaced_job(current["metadata"]["name"], job.metadata.namespace,
-                                        propagation_policy="Background")
-            kopf.event(body, type="Normal", reason="Suspending", message="deleted the trainer Job; checkpoints are kept")
+        if wants or job.status.phase == Phase.SUSPENDED.value:
+            _suspend_queued(job, body, current, wants)
         return
     if bool(current["spec"].get("suspend")) != wants:
         batch.patch_namespaced_job(current["metadata"]["name"], job.metadata.namespace,
@@ -168,6 +164,30 @@ def _ensure_trainer_job(job: FineTuneJob, body: dict) -> None:
         kopf.event(body, type="Normal", reason="Suspending" if wants else "Resuming",
                   message=("suspended the trainer Job; its pods checkpoint on SIGTERM" if wants else
                            "resumed the trainer Job; training continues from the latest checkpoint"))
+
+
+def _suspend_queued(job: FineTuneJob, body: dict, current: dict, wants: bool) -> None:
+    """Kueue owns a queued Job's suspend. Suspending deactivates the Job's Workload (Kueue
+    evicts it: the Job is suspended and its pods checkpoint on SIGTERM) and resuming activates
+    it again, in its old place in the queue. With no Workload to find (no Kueue, or none made
+    yet), suspending deletes the Job instead, and resuming creates it again for Kueue."""
+    found = kueue.workload_of(current)
+    if found is not None:
+        version, workload = found
+        if kueue.is_active(workload) == wants:
+            kueue.set_active(version, workload, not wants)
+            name = workload["metadata"]["name"]
+            kopf.event(body, type="Normal", reason="Suspending" if wants else "Resuming",
+                       message=(f"deactivated Kueue Workload {name}: Kueue suspends the trainer Job "
+                                "(its pods checkpoint on SIGTERM) and keeps its place in the queue"
+                                if wants else f"activated Kueue Workload {name} again: it waits for "
+                                "admission in its old place in the queue"))
+        return
+    if wants:
+        kube.batch().delete_namespaced_job(current["metadata"]["name"], job.metadata.namespace,
+                                           propagation_policy="Background")
+        kopf.event(body, type="Normal", reason="Suspending",
+                   message="deleted the trainer Job (no Kueue Workload found for it); checkpoints are kept")
 
 
 def _ensure_comparison_job(job: FineTuneJob, body: dict) -> None:
