@@ -35,14 +35,22 @@ _api: client.ApiClient | None = None
 _api_lock = threading.Lock()
 
 
-class CountingApiClient(client.ApiClient):
-    """Counts every request by method and status code (finetune_operator_api_requests_total)."""
+# Every request of the handlers ends: (connect, read) seconds, unless a call says otherwise. A
+# request with no timeout parks a handler thread for good when a connection dies silently.
+REQUEST_TIMEOUT = (5.0, 30.0)
 
-    def call_api(self, method, url, *args, **kwargs):
+
+class CountingApiClient(client.ApiClient):
+    """Counts every request by method and status code (finetune_operator_api_requests_total),
+    and gives every request a timeout (REQUEST_TIMEOUT)."""
+
+    def call_api(self, method, url, header_params=None, body=None, post_params=None,
+                 _request_timeout=None):
         from finetune_operator import metrics
 
         try:
-            response = super().call_api(method, url, *args, **kwargs)
+            response = super().call_api(method, url, header_params, body, post_params,
+                                        _request_timeout=_request_timeout or REQUEST_TIMEOUT)
         except ApiException as exc:
             metrics.api_requests.labels(method, str(exc.status or "error")).inc()
             raise
