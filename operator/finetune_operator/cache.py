@@ -134,6 +134,19 @@ def remember(obj: Optional[dict]) -> None:
             _written[key] = trim(obj)
 
 
+def all_finetunejobs() -> list[dict]:
+    """Every watched FineTuneJob (a snapshot); [] when the index is not bound."""
+    index = _indexes.get("finetunejobs")
+    if index is None:
+        return []
+    for _ in range(5):  # the event loop may change the index while this thread copies it
+        try:
+            return [values[0] for values in (list(store) for store in list(index.values())) if values]
+        except RuntimeError:
+            continue
+    return []
+
+
 def forget(namespace: str, name: str) -> None:
     with _written_guard:
         _written.pop((namespace, name), None)

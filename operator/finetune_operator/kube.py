@@ -38,6 +38,7 @@ _api_lock = threading.Lock()
 # Every request of the handlers ends: (connect, read) seconds, unless a call says otherwise. A
 # request with no timeout parks a handler thread for good when a connection dies silently.
 REQUEST_TIMEOUT = (5.0, 30.0)
+CONNECTION_POOL_SIZE = 64
 
 
 class CountingApiClient(client.ApiClient):
@@ -70,7 +71,11 @@ def api() -> client.ApiClient:
                 config.load_incluster_config()
             except config.ConfigException:
                 config.load_kube_config()
-            _api = CountingApiClient()
+            cfg = client.Configuration.get_default_copy()
+            # Handler threads and the child-creating pool share these connections (urllib3
+            # opens and drops extra ones past the pool's size, one TLS handshake each).
+            cfg.connection_pool_maxsize = CONNECTION_POOL_SIZE
+            _api = CountingApiClient(cfg)
         return _api
 
 

@@ -8,13 +8,15 @@ No ML library is imported here or below.
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import threading
 
 import kopf
 
 from finetune_api.schema import GROUP, VERSION
 
-from finetune_operator import cache, kube, review_http, settings
+from finetune_operator import cache, kube, resync, review_http, settings
 from finetune_operator.builders.trainer_job import COMPONENT as TRAINER
 from finetune_operator.handlers import finetunejob
 from finetune_operator.labels import APP, COMPONENT, MANAGED_BY
@@ -67,9 +69,25 @@ def trainer_pods_cache(**kwargs) -> dict:
     return cache.index_trainer_pod(**kwargs)
 
 
+# One resync loop for every job (resync.py), not a kopf timer per job.
+_resync = resync.Resync(settings.current.resync_seconds, finetunejob.due_for_resync,
+                        finetunejob.refresh_status)
+_resync_guard = threading.Lock()
+
+
 def _bind(kwargs: dict) -> None:
     cache.bind(finetunejobs=kwargs.get("finetunejobs_cache"), jobs=kwargs.get("jobs_cache"),
                trainer_pods=kwargs.get("trainer_pods_cache"))
+    if not _resync.started:
+        with _resync_guard:
+            if not _resync.started:
+                # Started from the first handler, whose context lets the loop post kopf events.
+                _resync.start(contextvars.copy_context())
+
+
+@kopf.on.cleanup()
+def stop_resync(**_) -> None:
+    _resync.stop()
 
 
 @kopf.on.create(GROUP, VERSION, FINETUNEJOBS)
@@ -83,13 +101,6 @@ def finetunejob_spec(namespace: str, name: str, **kwargs) -> None:
 @kopf.on.delete(GROUP, VERSION, FINETUNEJOBS)
 def finetunejob_deleted(namespace: str, name: str, body: dict, **_) -> None:
     finetunejob.release(namespace, name, body)
-
-
-@kopf.timer(GROUP, VERSION, FINETUNEJOBS, interval=settings.current.resync_seconds, initial_delay=2,
-            idle=None, when=finetunejob.needs_resync)
-def finetunejob_resync(namespace: str, name: str, **kwargs) -> None:
-    _bind(kwargs)
-    finetunejob.refresh_status(namespace, name)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={MANAGED_BY: APP})

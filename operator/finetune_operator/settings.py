@@ -34,6 +34,9 @@ class OperatorConfig:
     capacity_policy: str = "wait"
     # Where the leader-election Lease lives by default (the chart sets POD_NAMESPACE).
     leader_election_namespace: str = ""
+    # Threads running the (synchronous) handlers. Handlers mostly wait for the API server, so
+    # many jobs arriving at once need many more than the CPUs.
+    workers: int = 32
 
     @classmethod
     def from_env(cls) -> "OperatorConfig":
@@ -70,7 +73,7 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
     # three Events per job that told the user nothing. The operator's own Normal events are
     # posted with kopf.event(type="Normal"), which this level does not filter.
     settings.posting.level = 30
-    settings.execution.max_workers = 8
+    settings.execution.max_workers = current.workers
     # A FineTuneJob deleted while its resync timer runs in a worker thread keeps kopf's
     # finalizer until kopf looks again at the exiting timer: every 60 s by default, so
     # `kubectl delete ftj` hung for a minute now and then (the lifecycle suite's deletion test

@@ -10,6 +10,8 @@ are detected against the phase stored in status.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextvars
 import datetime as dt
 import json
 import logging
@@ -81,16 +83,44 @@ def _create_owned(job: FineTuneJob, body: dict, create, read) -> dict:
     return current
 
 
-def _ensure_identity(job: FineTuneJob) -> None:
-    core, rbac = kube.core(), kube.rbac()
+def _ensure_service_account(job: FineTuneJob) -> None:
+    core = kube.core()
     _create_owned(job, identity.build_service_account(job), core.create_namespaced_service_account,
                   core.read_namespaced_service_account)
+
+
+def _ensure_role(job: FineTuneJob) -> None:
+    rbac = kube.rbac()
     role = identity.build_role(job)
     current = _create_owned(job, role, rbac.create_namespaced_role, rbac.read_namespaced_role)
     if current["rules"] != role["rules"]:
         rbac.patch_namespaced_role(role["metadata"]["name"], job.metadata.namespace, {"rules": role["rules"]})
+
+
+def _ensure_role_binding(job: FineTuneJob) -> None:
+    # A RoleBinding may name its Role before the Role exists: no order between the two.
+    rbac = kube.rbac()
     _create_owned(job, identity.build_role_binding(job), rbac.create_namespaced_role_binding,
                   rbac.read_namespaced_role_binding)
+
+
+# The trainer Job's prerequisites, created at the same time (each is one or two requests; one
+# after the other they were most of the time from a FineTuneJob to its Job under load). The
+# Job comes after them: its pods need the ServiceAccount to exist.
+_PREREQUISITES = (lambda job: _ensure_claim(job), lambda job: _ensure_service_account(job),
+                  lambda job: _ensure_role(job), lambda job: _ensure_role_binding(job),
+                  lambda job: _ensure_config(job), lambda job: _ensure_review_config_map(job),
+                  lambda job: _ensure_service(job))
+_pool = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="children")
+
+
+def _ensure_prerequisites(job: FineTuneJob) -> None:
+    """All at once; the first error (in the order above) is raised once all have finished."""
+    futures = [_pool.submit(contextvars.copy_context().run, ensure, job) for ensure in _PREREQUISITES]
+    errors = [f.exception() for f in futures]
+    for error in errors:
+        if error is not None:
+            raise error
 
 
 def _ensure_config(job: FineTuneJob) -> None:
@@ -294,11 +324,7 @@ def _ensure_children_locked(namespace: str, name: str) -> bool:
     if job.status.phase not in TRAINED:
         if not _admit(job, obj, obj):
             return False  # failed for good: nothing is created for it
-        _ensure_claim(job)
-        _ensure_identity(job)
-        _ensure_config(job)
-        _ensure_review_config_map(job)
-        _ensure_service(job)
+        _ensure_prerequisites(job)
         _ensure_trainer_job(job, obj)
     return True
 
@@ -457,6 +483,19 @@ def needs_resync(status, spec, **_) -> bool:
     """A finished job has nothing left to observe, unless its TTL is still to run out."""
     return (status or {}).get("phase") not in (Phase.SUCCEEDED, Phase.FAILED) \
         or (spec or {}).get("ttlSecondsAfterFinished") is not None
+
+
+def due_for_resync() -> list[tuple[str, str]]:
+    """The cached jobs whose status can still move with time alone (resync.py). A job not yet
+    admitted is its spec handler's: admission retries on its own schedule."""
+    due = []
+    for obj in cache.all_finetunejobs():
+        meta, status = obj.get("metadata") or {}, obj.get("status") or {}
+        admitted = any(c.get("type") == "Admitted" and c.get("status") == "True"
+                       for c in status.get("conditions") or [])
+        if admitted and not meta.get("deletionTimestamp") and needs_resync(status, obj.get("spec")):
+            due.append((meta.get("namespace"), meta.get("name")))
+    return due
 
 
 def _owner_name(body: dict) -> str | None:
