@@ -163,8 +163,9 @@ def _read_own_job(job: FineTuneJob, name: str) -> dict | None:
     return obj
 
 
-def _ensure_trainer_job(job: FineTuneJob, body: dict) -> None:
-    """Create the Job (once), then make its suspend follow spec.suspend."""
+def _ensure_trainer_job(job: FineTuneJob, body: dict, pending: dict) -> None:
+    """Create the Job (once), then make its suspend follow spec.suspend. Status updates go
+    into `pending` (written by the caller, in one patch with admission's)."""
     batch = kube.batch()
     queued = bool(job.spec.resources.queue_name)
     current = _read_trainer_job(job)
@@ -177,12 +178,14 @@ def _ensure_trainer_job(job: FineTuneJob, body: dict) -> None:
             return  # suspended before (re)creation; the Job is created on resume
         manifest = trainer_job.build_trainer_job(job, _trainer_image(job))
         current = kube.create(manifest, batch.create_namespaced_job, batch.read_namespaced_job)
-        kopf.event(body, type="Normal", reason="TrainerJobCreated", message=f"created trainer Job {manifest['metadata']['name']}")
+        admitted = "admitted (the spec's references exist); " if pending.get("conditions") else ""
+        kopf.event(body, type="Normal", reason="TrainerJobCreated",
+                   message=f"{admitted}created trainer Job {manifest['metadata']['name']}")
     image = job.status.trainer_image or current["spec"]["template"]["spec"]["containers"][0]["image"]
     if job.status.trainer_job != current["metadata"]["name"] or job.status.trainer_image != image:
         # startTime comes later, from the Job's own (refresh_status): a Job that Kueue holds
         # suspended has not started.
-        _patch_status(job, {"trainerJob": current["metadata"]["name"], "trainerImage": image})
+        pending.update({"trainerJob": current["metadata"]["name"], "trainerImage": image})
     wants = job.spec.suspend
     if queued:
         if wants or job.status.phase == Phase.SUSPENDED.value:
@@ -256,10 +259,11 @@ def _wrote(job: FineTuneJob, written: dict) -> None:
 # --- admission -----------------------------------------------------------------------------------
 
 
-def _admit(job: FineTuneJob, body: dict, obj: dict) -> bool:
-    """Write the admission's outcome and say whether the job may go on; raise TemporaryError to
-    be called again when the problem may go away (a missing Secret or claim). A status patch
-    and an event only when the outcome changes, not on every retry."""
+def _admit(job: FineTuneJob, body: dict, obj: dict, pending: dict) -> bool:
+    """Say whether the job may go on, and record the admission's outcome: a refusal is written
+    at once; an admission goes into `pending`, written with the trainer Job's name in one patch.
+    Raise TemporaryError to be called again when the problem may go away (a missing Secret or
+    claim). A status patch and an event only when the outcome changes, not on every retry."""
     cluster = facts.gather(job)
     # Only a job that no current node fits needs to know whether its trainer Job exists (one
     # GET, skipped in the common case).
@@ -269,11 +273,9 @@ def _admit(job: FineTuneJob, body: dict, obj: dict) -> bool:
                               has_trainer=has_trainer)
     patch = admission_status(job, problem, (obj.get("status") or {}).get("conditions") or [],
                              now=now_iso())
-    if patch is not None:
-        _patch_status(job, patch)
     if problem is None:
         if patch is not None:
-            kopf.event(body, type="Normal", reason="Admitted", message="the spec's references exist; creating the trainer")
+            pending.update(patch)
             if note and not has_trainer:
                 kopf.warn(body, reason="WaitingForGPUCapacity",
                           message=f"{note}; creating the trainer Job anyway, so that an autoscaler or "
@@ -281,6 +283,7 @@ def _admit(job: FineTuneJob, body: dict, obj: dict) -> bool:
                                   "message until one fits)")
         return True
     if patch is not None:
+        _patch_status(job, patch)
         records.transition(body, job.status.phase, patch["phase"], problem.reason, problem.message)
         kopf.warn(body, reason=problem.reason, message=problem.message)
     if problem.retryable:
@@ -322,10 +325,13 @@ def _ensure_children_locked(namespace: str, name: str) -> bool:
     # A trained job (Comparing, AwaitingApproval, Deploying, or Succeeded with a late
     # spec.deploy) only goes on: refresh_status below; its trainer is never created again.
     if job.status.phase not in TRAINED:
-        if not _admit(job, obj, obj):
+        pending: dict = {}
+        if not _admit(job, obj, obj, pending):
             return False  # failed for good: nothing is created for it
         _ensure_prerequisites(job)
-        _ensure_trainer_job(job, obj)
+        _ensure_trainer_job(job, obj, pending)
+        if pending:
+            _patch_status(job, pending)
     return True
 
 
