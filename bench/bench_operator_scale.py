@@ -256,7 +256,7 @@ def wait_until(predicate, timeout: float, what: str) -> float:
 
 class Operator:
     def __init__(self, cluster: AuditedCluster, kubeconfig: Path, ns: str, log: Path,
-                 pythonpath_first: Path | None = None) -> None:
+                 pythonpath_first: Path | None = None, extra_args: tuple[str, ...] = ()) -> None:
         self.metrics_port, self.liveness_port = free_port(), free_port()
         env = {**cluster.env(), "KUBECONFIG": str(kubeconfig)}
         if pythonpath_first:
@@ -266,7 +266,7 @@ class Operator:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "finetune_operator", "--namespace", ns,
                  "--metrics-port", str(self.metrics_port), "--liveness-port", str(self.liveness_port),
-                 "--trainer-image", "finetune-trainer:test", "--log-level", "INFO"],
+                 "--trainer-image", "finetune-trainer:test", "--log-level", "INFO", *extra_args],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=REPO,
                 start_new_session=True)
         import urllib.request
