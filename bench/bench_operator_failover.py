@@ -27,8 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_operator_scale import (  # noqa: E402
-    NODES, REPO, AuditedCluster, Operator, Watcher, add_gpu_nodes, create_all, finetunejob, make_namespace,
-    wait_until,
+    NODES, REPO, AuditedCluster, Operator, Watcher, create_all, finetunejob, make_namespace, prepare, wait_until,
 )
 
 LEASE_SECONDS = 15.0
@@ -49,13 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     cluster.start()
     replicas: list[Operator] = []
     try:
-        cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-        cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunejobs.finetune.dev")
-        api = cluster.api_client()
-        api.configuration.connection_pool_maxsize = 32
-        api.rest_client.pool_manager.connection_pool_kw["maxsize"] = 32
-        add_gpu_nodes(cluster, api)
-        kubeconfig = cluster.operator_kubeconfig()
+        api, kubeconfig = prepare(cluster)
         ns = "failover"
         make_namespace(cluster, ns)
 
