@@ -25,13 +25,16 @@ from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
 from finetune_operator import kube
+from finetune_operator.labels import FINETUNEJOB, label_value
 
 # Batch's own label on a Job's pods: the Job's uid.
 CONTROLLER_UID = "batch.kubernetes.io/controller-uid"
 Key = tuple[str, str]
 
 _indexes: dict[str, Any] = {}
-_written: dict[Key, dict] = {}  # our own latest status writes, until the watch catches up
+# Our own latest writes, by (kind, namespace, name), until the watch catches up: FineTuneJob
+# status and metadata patches, Jobs just created.
+_written: dict[tuple[str, str, str], dict] = {}
 _written_guard = threading.Lock()
 
 
@@ -102,32 +105,38 @@ def _rv(obj: Optional[dict]) -> int:
 # --- reads -----------------------------------------------------------------------------------
 
 
-def finetunejob(namespace: str, name: str, read: Callable[[], Optional[dict]]) -> Optional[dict]:
-    """The FineTuneJob: the newer of the watched copy and our last write; `read()` (a GET)
-    when not cached."""
-    found = _values("finetunejobs", (namespace, name))
-    if found is None:
-        return read()
-    watched = found[0] if found else None
+def _newest(kind: str, namespace: str, name: str, watched: Optional[dict]) -> Optional[dict]:
+    """The newer of the watched copy and our own last write of it (dropped once the watch has
+    caught up); a write of an object of another uid (deleted, re-created) never counts."""
+    key = (kind, namespace, name)
     with _written_guard:
-        mine = _written.get((namespace, name))
+        mine = _written.get(key)
         if mine is not None and watched is not None and _rv(watched) >= _rv(mine):
-            del _written[(namespace, name)]  # the watch has caught up
+            del _written[key]
             mine = None
-    if watched is None:
-        # Not (or no longer) in the watch: gone, or created a moment ago and not yet seen.
-        return read()
-    if mine is not None and (mine["metadata"].get("uid") == watched["metadata"].get("uid")):
+    if mine is None:
+        return watched
+    if watched is None or mine["metadata"].get("uid") == watched["metadata"].get("uid"):
         return mine
     return watched
 
 
+def finetunejob(namespace: str, name: str, read: Callable[[], Optional[dict]]) -> Optional[dict]:
+    """The FineTuneJob: the newer of the watched copy and our last write; `read()` (a GET)
+    when the watch has not got it (gone, or created a moment ago and not yet seen)."""
+    found = _values("finetunejobs", (namespace, name))
+    if not found:
+        return read()
+    return _newest("FineTuneJob", namespace, name, found[0])
+
+
 def remember(obj: Optional[dict]) -> None:
-    """Our own write's response: newer than the watch until the watch delivers it."""
+    """Our own write's response (a FineTuneJob patched, a Job created): newer than the watch
+    until the watch delivers it."""
     if not obj:
         return
     meta = obj.get("metadata") or {}
-    key = (meta.get("namespace"), meta.get("name"))
+    key = (obj.get("kind") or "", meta.get("namespace"), meta.get("name"))
     with _written_guard:
         current = _written.get(key)
         if current is None or _rv(obj) >= _rv(current):
@@ -148,16 +157,22 @@ def all_finetunejobs() -> list[dict]:
 
 
 def forget(namespace: str, name: str) -> None:
+    """The job is gone: drop our writes of it and of its Jobs."""
     with _written_guard:
-        _written.pop((namespace, name), None)
+        for key in list(_written):
+            labels = _written[key]["metadata"].get("labels") or {}
+            if key == ("FineTuneJob", namespace, name) or (
+                    key[:2] == ("Job", namespace) and labels.get(FINETUNEJOB) == label_value(name)):
+                del _written[key]
 
 
 def job(namespace: str, name: str, read: Callable[[], Optional[dict]]) -> Optional[dict]:
-    """A Job of the operator's (label managed-by); `read()` when the index is not bound."""
+    """A Job of the operator's (label managed-by), or one it has just created; `read()` when
+    the index is not bound."""
     found = _values("jobs", (namespace, name))
     if found is None:
         return read()
-    return found[0] if found else None
+    return _newest("Job", namespace, name, found[0] if found else None)
 
 
 def trainer_pods(namespace: str, job_uid: str,

@@ -61,6 +61,11 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration")
+    # After its own patch, kopf waits this long for the watch to bring that version before it
+    # handles the object again. Past it, kopf handles an older copy without the annotations
+    # above and runs the creation handlers again: with the default 5 s that happened two or
+    # three times per job when 300 arrived at once on a loaded API server.
+    settings.persistence.consistency_timeout = 30.0
     # Watches end on the server's side after server_timeout and are abandoned by the client
     # after client_timeout, so a restarted API server is noticed within a minute.
     settings.watching.server_timeout = 60

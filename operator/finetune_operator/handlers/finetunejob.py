@@ -178,6 +178,7 @@ def _ensure_trainer_job(job: FineTuneJob, body: dict, pending: dict) -> None:
             return  # suspended before (re)creation; the Job is created on resume
         manifest = trainer_job.build_trainer_job(job, _trainer_image(job))
         current = kube.create(manifest, batch.create_namespaced_job, batch.read_namespaced_job)
+        cache.remember(current)  # refreshes see it before the watch brings it
         admitted = "admitted (the spec's references exist); " if pending.get("conditions") else ""
         kopf.event(body, type="Normal", reason="TrainerJobCreated",
                    message=f"{admitted}created trainer Job {manifest['metadata']['name']}")
@@ -227,7 +228,7 @@ def _ensure_comparison_job(job: FineTuneJob, body: dict) -> None:
     manifest = comparison_job.build_comparison_job(job, settings.current.vllm_image,
                                                    settings.current.gpu_hour_price)
     batch = kube.batch()
-    kube.create(manifest, batch.create_namespaced_job, batch.read_namespaced_job)
+    cache.remember(kube.create(manifest, batch.create_namespaced_job, batch.read_namespaced_job))
     kopf.event(body, type="Normal", reason="Comparing", message=f"created comparison Job {manifest['metadata']['name']}: "
               "base vs fine-tuned through vLLM")
 
@@ -328,7 +329,11 @@ def _ensure_children_locked(namespace: str, name: str) -> bool:
         pending: dict = {}
         if not _admit(job, obj, obj, pending):
             return False  # failed for good: nothing is created for it
-        _ensure_prerequisites(job)
+        trainer = _read_trainer_job(job)
+        if trainer is None or trainer["metadata"].get("deletionTimestamp"):
+            # With this job's Job there (owned by its uid), its prerequisites were created
+            # before it: a handler run again (a resume, a suspend) does not recreate them.
+            _ensure_prerequisites(job)
         _ensure_trainer_job(job, obj, pending)
         if pending:
             _patch_status(job, pending)

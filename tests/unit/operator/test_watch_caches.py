@@ -30,6 +30,7 @@ def ftj(rv: int, uid: str = UID, **status) -> dict:
 
 
 TRAINER = {"metadata": {"name": f"{NAME}-trainer", "namespace": NS, "uid": "job-uid",
+                        "labels": {"finetune.dev/finetunejob": NAME},
                         "ownerReferences": [{"kind": "FineTuneJob", "name": NAME, "uid": UID}]},
            "spec": {"suspend": False, "template": {"spec": {"containers": [{"image": "img"}]}}},
            "status": {"startTime": "2025-01-01T10:01:00Z", "active": 1}}
@@ -161,3 +162,16 @@ def test_without_bound_indexes_every_read_goes_to_the_api():
     assert cache.job(NS, "j", lambda: {"read": True}) == {"read": True}
     assert cache.trainer_pods(NS, "u", lambda: [POD]) == [POD]
     assert cache.finetunejob(NS, NAME, lambda: "fetched") == "fetched"
+
+
+def test_a_job_just_created_is_seen_before_the_watch_brings_it(caches):
+    created = {**TRAINER, "kind": "Job", "metadata": {**TRAINER["metadata"], "resourceVersion": "4"}}
+    assert cache.job(NS, f"{NAME}-trainer", lambda: pytest.fail("no read")) is None
+    cache.remember(created)
+    assert cache.job(NS, f"{NAME}-trainer", lambda: pytest.fail("no read"))["metadata"]["uid"] == "job-uid"
+    caches["jobs"].put((NS, f"{NAME}-trainer"), {**created, "metadata": {**created["metadata"], "resourceVersion": "6"}})
+    assert cache.job(NS, f"{NAME}-trainer", lambda: None)["metadata"]["resourceVersion"] == "6"
+    cache.remember(created)
+    cache.forget(NS, NAME)  # the job is gone: so are our writes of its Jobs
+    del caches["jobs"][(NS, f"{NAME}-trainer")]
+    assert cache.job(NS, f"{NAME}-trainer", lambda: pytest.fail("no read")) is None
