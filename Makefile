@@ -25,6 +25,7 @@ install: $(STAMP) ## everything the tests and the demo need (idempotent, cached)
 	bash hack/build-prometheus.sh >/dev/null
 	bash hack/build-minio.sh >/dev/null
 	bash hack/fetch-keda-crd.sh >/dev/null
+	bash hack/fetch-kueue-crd.sh >/dev/null
 	bash hack/install-mlflow-server.sh >/dev/null
 	bash hack/install-chromium.sh >/dev/null
 

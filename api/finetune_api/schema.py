@@ -699,7 +699,9 @@ FINETUNEJOB_SPEC = obj("Desired state of a FineTuneJob. Once training started (s
     "objectStorage": OBJECT_STORAGE,
     "deploy": DEPLOY,
     "suspend": boolean("Stop training (pods deleted, volume and checkpoints kept); setting it back "
-                       "to false resumes from the latest checkpoint.", default=False),
+                       "to false resumes from the latest checkpoint. A job queued in Kueue "
+                       "(resources.queueName) is suspended through its Workload (spec.active "
+                       "false), so it keeps its place in the queue.", default=False),
     "ttlSecondsAfterFinished": integer("Delete the FineTuneJob this many seconds after it "
                                        "succeeded or failed (kept forever when unset). A job that an "
                                        "InferenceService serves is kept until it no longer does "

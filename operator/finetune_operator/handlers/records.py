@@ -28,7 +28,7 @@ def transition(body: dict, old: str | None, new: str, reason: str, message: str)
     if new == Phase.FAILED.value:
         kopf.warn(body, reason=reason, message=text)
     else:
-        kopf.info(body, reason=new, message=text)
+        kopf.event(body, type="Normal", reason=new, message=text)
     log.info("%s/%s %s", body["metadata"].get("namespace"), body["metadata"].get("name"), text)
 
 
