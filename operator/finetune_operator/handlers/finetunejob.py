@@ -365,6 +365,7 @@ def release(namespace: str, name: str, body: dict) -> None:
                                                               _content_type=kube.MERGE_PATCH)
     records.forget(namespace, name)
     cache.forget(namespace, name)
+    _status_written.pop((namespace, name), None)
 
 
 # --- status -------------------------------------------------------------------------------------
@@ -449,14 +450,27 @@ def _refresh_status_locked(namespace: str, name: str, fresh: bool = False) -> No
         status["startTime"] = parse_time(str(started)).strftime("%Y-%m-%dT%H:%M:%SZ")
     old = obj.get("status") or {}
     changed = {k: v for k, v in status.items() if old.get(k) != v}
-    if changed:
+    if changed and not _only_gpu_hours_moved(namespace, name, changed, obs):
         _patch_status(job, changed)
+        _status_written[(namespace, name)] = time.monotonic()
     records.transition(obj, job.status.phase, obs.phase.value, obs.reason, obs.message)
     records.observe(job, obs, obj, now)
     if _gpu_seconds_drifted(recorded, obs.gpu_seconds):
         _patch_metadata(job, {"annotations": {GPU_SECONDS_ANNOTATION: json.dumps(obs.gpu_seconds, sort_keys=True)}})
     if obs.phase.terminal:
         _expire(job, obj, now)
+
+
+# While a job runs its GPU hours grow at every refresh; alone, they are written at most this often
+# (every other change, and the final figure, at once).
+GPU_HOURS_WRITE_SECONDS = 60.0
+_status_written: dict[tuple[str, str], float] = {}  # when each job's status was last written
+
+
+def _only_gpu_hours_moved(namespace: str, name: str, changed: dict, obs: Observation) -> bool:
+    last = _status_written.get((namespace, name))
+    return (not obs.phase.terminal and set(changed) <= {"gpuHours", "estimatedCost"}
+            and last is not None and time.monotonic() - last < GPU_HOURS_WRITE_SECONDS)
 
 
 def _gpu_seconds_drifted(recorded: dict[str, float], current: dict[str, float]) -> bool:

@@ -41,6 +41,9 @@ POD = {"metadata": {"name": "p0", "namespace": NS, "uid": "pod-uid", "creationTi
            {"name": "trainer", "image": "img", "state": {"running": {"startedAt": "2025-01-01T10:02:00Z"}}}]}}
 
 
+ORIGINAL_OBSERVE = records.observe
+
+
 class FakeIndex(dict):
     """kopf.Index's shape: key -> a collection of values."""
 
@@ -175,3 +178,36 @@ def test_a_job_just_created_is_seen_before_the_watch_brings_it(caches):
     cache.forget(NS, NAME)  # the job is gone: so are our writes of its Jobs
     del caches["jobs"][(NS, f"{NAME}-trainer")]
     assert cache.job(NS, f"{NAME}-trainer", lambda: pytest.fail("no read")) is None
+
+
+def test_growing_gpu_hours_alone_are_written_once_a_minute_and_counted_once(caches, api, monkeypatch):
+    """A running job's GPU hours change at every refresh; writing them each time was most of
+    the operator's status writes. The metric must still count each GPU second once."""
+    from finetune_operator import metrics
+
+    monkeypatch.setattr(records, "observe", ORIGINAL_OBSERVE)
+    monkeypatch.setattr(finetunejob, "_patch_metadata", lambda job, metadata: None)  # the GPU-seconds record
+    gpu_pod = copy.deepcopy(POD)
+    gpu_pod["spec"]["containers"][0]["resources"] = {"limits": {"nvidia.com/gpu": "1"}}
+    obj = ftj(10)
+    api["state"]["current"] = obj
+    caches["finetunejobs"].put((NS, NAME), cache.trim(obj))
+    caches["jobs"].put((NS, f"{NAME}-trainer"), TRAINER)
+    caches["trainer_pods"].put((NS, "job-uid"), gpu_pod)
+    clock = {"now": 0.0}
+    monkeypatch.setattr(finetunejob.time, "monotonic", lambda: clock["now"])
+    import datetime as dt
+    start = dt.datetime(2025, 1, 1, 11, 0, tzinfo=dt.timezone.utc)
+    monkeypatch.setattr(finetunejob, "_now", lambda: start + dt.timedelta(seconds=clock["now"]))
+    counted = metrics.gpu_seconds._value.get()
+
+    finetunejob.refresh_status(NS, NAME)  # the phase changes: written
+    first = api["status"][-1][0]["gpuHours"]
+    clock["now"] = 30.0
+    finetunejob.refresh_status(NS, NAME)  # only GPU hours moved, 30 s later: not written
+    assert len(api["status"]) == 1
+    clock["now"] = 61.0
+    finetunejob.refresh_status(NS, NAME)  # a minute on: written
+    assert len(api["status"]) == 2 and api["status"][-1][0]["gpuHours"] > first
+    total = api["status"][-1][0]["gpuHours"] * 3600
+    assert metrics.gpu_seconds._value.get() - counted == pytest.approx(total, abs=1.0)
