@@ -25,6 +25,7 @@ install: $(STAMP) ## everything the tests and the demo need (idempotent, cached)
 	bash hack/build-prometheus.sh >/dev/null
 	bash hack/build-minio.sh >/dev/null
 	bash hack/fetch-keda-crd.sh >/dev/null
+	bash hack/fetch-kueue-crd.sh >/dev/null
 	bash hack/install-mlflow-server.sh >/dev/null
 	bash hack/install-chromium.sh >/dev/null
 
@@ -50,8 +51,12 @@ cluster: install ## start the local control plane in the background (.cluster/ku
 cluster-down: ## stop every process `make cluster` started
 	$(PY) -m finetune_devcluster down
 
-demo: install ## the whole pipeline on this machine: fine-tune, serve, answer
-	$(PY) -m finetune_devcluster.demo up
+# `make demo` runs on the real node (kubelet + containerd, the project's images) unless
+# FINETUNE_NODE=local asks for the stand-in node; `make test` keeps FINETUNE_NODE's own default.
+DEMO_NODE := $(or $(FINETUNE_NODE),kubelet)
+
+demo: install $(if $(filter kubelet,$(DEMO_NODE)),node images) ## the whole pipeline on this machine: fine-tune, serve, answer (FINETUNE_NODE=local: the stand-in node)
+	FINETUNE_NODE=$(DEMO_NODE) $(PY) -m finetune_devcluster.demo up
 
 demo-down: ## stop and remove everything the demo started
 	$(PY) -m finetune_devcluster.demo down

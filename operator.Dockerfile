@@ -17,23 +17,28 @@ ENV PATH=/opt/build-venv/bin:${PATH}
 # Only what the wheel is built from: the operator and the API package it shares with the
 # trainer (schema, models, trainer config, exit codes). No trainer code; hack/ is dev tooling.
 COPY pyproject.toml README.md ./
-COPY requirements/constraints.txt requirements/constraints.txt
 COPY api/ api/
 COPY operator/ operator/
-RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
- && cp requirements/constraints.txt /wheels/constraints.txt
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 FROM ${BASE_IMAGE}
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-COPY --from=build /wheels /wheels
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:${PATH}
-# The project's pins apply to what is installed (kopf, kubernetes, prometheus-client).
-RUN pip install -c /wheels/constraints.txt /wheels/finetune_operator-*.whl \
+# The dependencies first, in a layer of their own (pyproject's `dependencies` under the
+# project's pins: kopf, kubernetes, prometheus-client, ...), so that a change to the
+# project's sources rebuilds only the small layers below.
+COPY pyproject.toml requirements/constraints.txt /tmp/deps/
+RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/deps/pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/deps/requirements.txt \
+ && pip install -c /tmp/deps/constraints.txt -r /tmp/deps/requirements.txt \
+ && rm -rf /tmp/deps
+COPY --from=build /wheels /wheels
+RUN pip install --no-deps /wheels/finetune_operator-*.whl \
  && rm -rf /wheels \
+ && pip check \
  && python -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) for m in ('torch', 'transformers', 'peft', 'trl', 'finetune_trainer')))"
 # A fixed non-root UID that the chart's securityContext (runAsUser 65532) matches.
 # (Debian bases already have a group named `operator`, GID 37: the user is `finetune`.)

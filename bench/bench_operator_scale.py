@@ -256,7 +256,7 @@ def wait_until(predicate, timeout: float, what: str) -> float:
 
 class Operator:
     def __init__(self, cluster: AuditedCluster, kubeconfig: Path, ns: str, log: Path,
-                 pythonpath_first: Path | None = None) -> None:
+                 pythonpath_first: Path | None = None, extra_args: tuple[str, ...] = ()) -> None:
         self.metrics_port, self.liveness_port = free_port(), free_port()
         env = {**cluster.env(), "KUBECONFIG": str(kubeconfig)}
         if pythonpath_first:
@@ -266,7 +266,7 @@ class Operator:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "finetune_operator", "--namespace", ns,
                  "--metrics-port", str(self.metrics_port), "--liveness-port", str(self.liveness_port),
-                 "--trainer-image", "finetune-trainer:test", "--log-level", "INFO"],
+                 "--trainer-image", "finetune-trainer:test", "--log-level", "INFO", *extra_args],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=REPO,
                 start_new_session=True)
         import urllib.request
@@ -470,6 +470,17 @@ def run_operator(cluster: AuditedCluster, api, kubeconfig: Path, n: int, timeout
     }
 
 
+def prepare(cluster: AuditedCluster):
+    """CRDs, the GPU nodes, a client for this process and the operator's kubeconfig."""
+    cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunejobs.finetune.dev")
+    api = cluster.api_client()
+    api.configuration.connection_pool_maxsize = 32
+    api.rest_client.pool_manager.connection_pool_kw["maxsize"] = 32
+    add_gpu_nodes(cluster, api)
+    return api, cluster.operator_kubeconfig()
+
+
 def baseline_tree(ref: str, into: Path) -> Path:
     """The operator package at `ref`, for the before/after comparison."""
     archive = subprocess.run(["git", "archive", ref, "operator/finetune_operator"], cwd=REPO,
@@ -509,13 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     cluster.start()
     results: list[dict] = []
     try:
-        cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-        cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunejobs.finetune.dev")
-        api = cluster.api_client()
-        api.configuration.connection_pool_maxsize = 32
-        api.rest_client.pool_manager.connection_pool_kw["maxsize"] = 32
-        add_gpu_nodes(cluster, api)
-        kubeconfig = cluster.operator_kubeconfig()
+        api, kubeconfig = prepare(cluster)
         print(f"control plane with {NODES} GPU nodes up in {time.monotonic() - started:.0f}s", file=sys.stderr)
         baseline = baseline_tree(args.baseline_ref, tmp) if args.baseline_ref else None
         for n in args.sizes:

@@ -7,6 +7,8 @@
 # conntrack come from Debian's packages and are installed when missing; runc is
 # built by hack/build-runc.sh (its own cache key, hack/runc.env).
 # Prints the directory holding the binaries on stdout; a warm cache returns at once.
+# `build-node.sh --cached` builds nothing: it prints the directory if it is complete,
+# or exits 3.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
@@ -27,6 +29,13 @@ packages() {
   command -v apt-get >/dev/null || { log "need ${missing[*]} (no apt-get here)"; exit 1; }
   apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >&2
 }
+# --cached: print the directory only if everything is there already; build and install nothing
+# (exit 3 otherwise). The test suite's real-node tests run without FINETUNE_NODE=kubelet then.
+if [ "${1:-}" = --cached ]; then
+  for d in "${debs[@]}"; do command -v "${d%%:*}" >/dev/null || exit 3; done
+  complete && echo "$bin" && exit 0
+  exit 3
+fi
 packages
 if complete; then echo "$bin"; exit 0; fi
 

@@ -4,7 +4,8 @@
 # caches it under ${XDG_CACHE_HOME:-~/.cache}/finetune-operator/bin/runc-<key>, the
 # key a hash of hack/runc.env. containerd's runc shim runs this binary (BinaryName
 # in the real node's containerd configuration).
-# Prints the directory holding the binary on stdout; a warm cache returns at once.
+# Prints the directory holding the binary on stdout; a warm cache returns at once
+# (`--cached`: builds nothing, exits 3 when it is not there).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=runc.env
@@ -15,6 +16,7 @@ bin="$cache/bin/runc-$key"
 log() { echo "[build-runc] $*" >&2; }
 complete() { [ -x "$bin/runc" ] && "$bin/runc" --version >/dev/null 2>&1; }
 if complete; then echo "$bin"; exit 0; fi
+[ "${1:-}" != --cached ] || exit 3   # --cached: build nothing
 
 mkdir -p "$bin" "$cache/work"
 exec 9>"$cache/build-runc.lock"

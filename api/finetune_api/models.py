@@ -88,6 +88,18 @@ class Dedup:
 
 
 @dataclass(kw_only=True)
+class ChatTemplate:
+    """The chat template conversations are rendered with, in training, in validation (every
+    record is rendered before any GPU time) and in serving (the trainer writes it to
+    artifacts/chat_template.jinja and the tokenizer config beside the adapter or merged
+    model; vLLM serves with it)."""
+
+    name: str = "model"
+    file: Optional[str] = None
+    loss_on: str = "assistant"
+
+
+@dataclass(kw_only=True)
 class DatasetMix:
     """General-domain data mixed into the training set (to limit forgetting)."""
 
@@ -112,6 +124,7 @@ class Dataset:
     max_invalid_fraction: float = 0.1
     length_policy: str = "truncate"
     category_field: Optional[str] = None
+    chat_template: ChatTemplate = field(default_factory=ChatTemplate)
     mix: Optional[DatasetMix] = None
 
 

@@ -313,6 +313,30 @@ DATASET_SOURCE_HELP = ("a Hugging Face dataset id (org/name), hf://org/name, pvc
                        "(a .jsonl, .json, .parquet or .csv file or folder), s3://<bucket>/<key>, "
                        "https://<url>, or an absolute path")
 
+# dataset.chatTemplate (#16): the one template training, validation and serving render with.
+CHAT_TEMPLATE_NAMES = ["model", "chatml", "llama-3.1"]
+CHAT_TEMPLATE_LOSS = ["assistant", "all"]
+CHAT_TEMPLATE_FILE = r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/[^\s]+\.(jinja|j2)$"
+
+CHAT_TEMPLATE = obj("The chat template conversations are rendered with, in training, in "
+                    "validation (every record is rendered before any GPU time) and in serving "
+                    "(the trainer writes it to artifacts/chat_template.jinja and the tokenizer "
+                    "config beside the adapter or merged model; vLLM serves with it).", {
+    "name": string("model: the base model's own template (a model without one cannot train on "
+                   "chat records); chatml or llama-3.1: a template built into the trainer.",
+                   default="model", enum=CHAT_TEMPLATE_NAMES),
+    "file": location("A Jinja chat template on the job's claim, pvc://<claim>/<path>.jinja; "
+                     "replaces the model's own (name must then be model).",
+                     "pvc://<claim>/<path>.jinja (or .j2)", CHAT_TEMPLATE_FILE),
+    "lossOn": string("assistant: loss only on the assistant turns, each with its end-of-turn "
+                     "token (a record whose assistant turns cannot be located in the rendering "
+                     "is an error at validation); all: on the whole rendered conversation.",
+                     default="assistant", enum=CHAT_TEMPLATE_LOSS),
+}, rules=[
+    rule("!has(self.file) || !has(self.name) || self.name == 'model'",
+         "spec.dataset.chatTemplate: set name or file, not both", field_path=".file"),
+], default={})
+
 DATASET = obj("Training data, its format, how it is split and cleaned.", {
     "source": location("Where the training data comes from: " + DATASET_SOURCE_HELP + ".",
                        DATASET_SOURCE_HELP, DATASET_SOURCE),
@@ -353,6 +377,7 @@ DATASET = obj("Training data, its format, how it is split and cleaned.", {
                            default="truncate", enum=LENGTH_POLICIES),
     "categoryField": string("Field whose value is reported per category in the dataset report.",
                             min_length=1, max_length=128),
+    "chatTemplate": CHAT_TEMPLATE,
     "mix": obj("General-domain data mixed into the training set (to limit forgetting).", {
         "source": location("Where the mixed-in data comes from: " + DATASET_SOURCE_HELP + ".",
                            DATASET_SOURCE_HELP, DATASET_SOURCE),
@@ -685,7 +710,9 @@ FINETUNEJOB_SPEC = obj("Desired state of a FineTuneJob. Once training started (s
     "objectStorage": OBJECT_STORAGE,
     "deploy": DEPLOY,
     "suspend": boolean("Stop training (pods deleted, volume and checkpoints kept); setting it back "
-                       "to false resumes from the latest checkpoint.", default=False),
+                       "to false resumes from the latest checkpoint. A job queued in Kueue "
+                       "(resources.queueName) is suspended through its Workload (spec.active "
+                       "false), so it keeps its place in the queue.", default=False),
     "ttlSecondsAfterFinished": integer("Delete the FineTuneJob this many seconds after it "
                                        "succeeded or failed (kept forever when unset). A job that an "
                                        "InferenceService serves is kept until it no longer does "
@@ -1289,6 +1316,7 @@ PYTHON_CLASSES: dict[str, dict[str, str]] = {
         "spec.dataset": "Dataset",
         "spec.dataset.dedup": "Dedup",
         "spec.dataset.mix": "DatasetMix",
+        "spec.dataset.chatTemplate": "ChatTemplate",
         "spec.training": "Training",
         "spec.training.earlyStopping": "EarlyStopping",
         "spec.evaluation": "Evaluation",

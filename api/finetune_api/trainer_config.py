@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from finetune_api import _runtime
 from finetune_api._runtime import InvalidResource as ConfigError  # noqa: F401
-from finetune_api.models import Comparison, Dataset, DatasetMix, Dedup, Dpo, EarlyStopping, EvalPrompt, LoRA, Method, Quantization, TensorboardTracking, Training
+from finetune_api.models import ChatTemplate, Comparison, Dataset, DatasetMix, Dedup, Dpo, EarlyStopping, EvalPrompt, LoRA, Method, Quantization, TensorboardTracking, Training
 
 
 @dataclass(kw_only=True)

@@ -15,8 +15,9 @@
 
 `make demo-down` stops everything it started and removes `.demo/`.
 
-With `FINETUNE_NODE=kubelet` the `local` node is a real kubelet with containerd (see
-`realnode.py`): the demo builds the project's images (`make images`), installs the operator
+`make demo` sets `FINETUNE_NODE=kubelet` unless told otherwise (`FINETUNE_NODE=local make
+demo`: the stand-in node, as the steps above describe). With `FINETUNE_NODE=kubelet` the
+`local` node is a real kubelet with containerd (see `realnode.py`): the demo builds the project's images (`make images`), installs the operator
 with its Helm chart as users do (the operator runs from the operator image in a pod), trains
 in the trainer image, serves from the vLLM image, and prints `export INFERENCE_URL=...` for
 the InferenceService's Service, reachable from this machine while the demo runs.

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(autoscaler, Karpenter, Kueue; default) or fail the job (clusters that cannot grow)")
     p.add_argument("--resync-seconds", type=float, default=defaults.resync_seconds,
                    help=argparse.SUPPRESS)
+    p.add_argument("--workers", type=int, default=defaults.workers, metavar="N",
+                   help="threads running handlers (default %(default)s); they mostly wait for the "
+                        "API server, so many jobs arriving at once need many more than the CPUs")
     le = p.add_argument_group("leader election (several replicas, one active; client-go's semantics)")
     le.add_argument("--leader-elect", action="store_true",
                     help="run only while holding the Lease `finetune-operator`; stand by otherwise")
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         namespaces=args.namespaces, metrics_port=args.metrics_port, liveness_port=args.liveness_port,
         log_level=args.log_level, gpu_hour_price=args.gpu_hour_price, trainer_image=args.trainer_image,
         vllm_image=args.vllm_image, capacity_policy=args.capacity_policy,
-        resync_seconds=args.resync_seconds)
+        resync_seconds=args.resync_seconds, workers=args.workers)
     from finetune_operator import logs
 
     logs.configure(args.log_level, args.log_format)

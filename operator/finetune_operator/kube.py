@@ -35,14 +35,23 @@ _api: client.ApiClient | None = None
 _api_lock = threading.Lock()
 
 
-class CountingApiClient(client.ApiClient):
-    """Counts every request by method and status code (finetune_operator_api_requests_total)."""
+# Every request of the handlers ends: (connect, read) seconds, unless a call says otherwise. A
+# request with no timeout parks a handler thread for good when a connection dies silently.
+REQUEST_TIMEOUT = (5.0, 30.0)
+CONNECTION_POOL_SIZE = 64
 
-    def call_api(self, method, url, *args, **kwargs):
+
+class CountingApiClient(client.ApiClient):
+    """Counts every request by method and status code (finetune_operator_api_requests_total),
+    and gives every request a timeout (REQUEST_TIMEOUT)."""
+
+    def call_api(self, method, url, header_params=None, body=None, post_params=None,
+                 _request_timeout=None):
         from finetune_operator import metrics
 
         try:
-            response = super().call_api(method, url, *args, **kwargs)
+            response = super().call_api(method, url, header_params, body, post_params,
+                                        _request_timeout=_request_timeout or REQUEST_TIMEOUT)
         except ApiException as exc:
             metrics.api_requests.labels(method, str(exc.status or "error")).inc()
             raise
@@ -62,7 +71,11 @@ def api() -> client.ApiClient:
                 config.load_incluster_config()
             except config.ConfigException:
                 config.load_kube_config()
-            _api = CountingApiClient()
+            cfg = client.Configuration.get_default_copy()
+            # Handler threads and the child-creating pool share these connections (urllib3
+            # opens and drops extra ones past the pool's size, one TLS handshake each).
+            cfg.connection_pool_maxsize = CONNECTION_POOL_SIZE
+            _api = CountingApiClient(cfg)
         return _api
 
 
@@ -101,6 +114,20 @@ def call(method: Callable[..., Any], *args: Any, absent: bool = False, conflict:
                 or (e.status == FORBIDDEN and forbidden):
             return None
         raise
+
+
+def again_on_conflict(first: Callable[[], Any], again: Callable[[], Any],
+                      counted: Optional[Callable[[], None]] = None) -> Any:
+    """`first()`; when a write of it was refused with a 409 (written against an old version),
+    `again()` (which reads afresh). A second 409 raises."""
+    try:
+        return first()
+    except ApiException as e:
+        if e.status != CONFLICT:
+            raise
+        if counted is not None:
+            counted()
+        return again()
 
 
 def exists(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Optional[bool]:
@@ -167,9 +194,17 @@ def read_own(plural: str, namespace: str, name: str,
                 plural, name)
 
 
-def patch_status(plural: str, namespace: str, name: str, status: dict) -> None:
-    custom().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, plural, name,
-                                                   {"status": status})
+def patch_status(plural: str, namespace: str, name: str, status: dict,
+                 resource_version: Optional[str] = None) -> dict:
+    """A merge patch of the status; with `resource_version`, only onto that version of the
+    object (optimistic concurrency: a 409 when someone wrote since it was read). Returns the
+    object as written."""
+    body: dict = {"status": status}
+    if resource_version:
+        body["metadata"] = {"resourceVersion": resource_version}
+    written = custom().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, plural,
+                                                             name, body)
+    return written if isinstance(written, dict) else as_dict(written)
 
 
 @contextmanager

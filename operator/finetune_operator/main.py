@@ -8,13 +8,15 @@ No ML library is imported here or below.
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import threading
 
 import kopf
 
 from finetune_api.schema import GROUP, VERSION
 
-from finetune_operator import kube, review_http, settings
+from finetune_operator import cache, kube, resync, review_http, settings
 from finetune_operator.builders.trainer_job import COMPONENT as TRAINER
 from finetune_operator.handlers import finetunejob
 from finetune_operator.labels import APP, COMPONENT, MANAGED_BY
@@ -48,10 +50,51 @@ async def event_loop_alive(**_) -> bool:
     return True
 
 
+# --- caches: kopf indexes fed by the watches (cache.py). kopf starts no other handler before
+# each of these has its initial list, so a refresh never reads a half-filled cache.
+
+
+@kopf.index(GROUP, VERSION, FINETUNEJOBS)
+def finetunejobs_cache(**kwargs) -> dict:
+    return cache.index_finetunejob(**kwargs)
+
+
+@kopf.index("batch", "v1", "jobs", labels={MANAGED_BY: APP})
+def jobs_cache(**kwargs) -> dict:
+    return cache.index_job(**kwargs)
+
+
+@kopf.index("v1", "pods", labels={MANAGED_BY: APP, COMPONENT: TRAINER})
+def trainer_pods_cache(**kwargs) -> dict:
+    return cache.index_trainer_pod(**kwargs)
+
+
+# One resync loop for every job (resync.py), not a kopf timer per job.
+_resync = resync.Resync(settings.current.resync_seconds, finetunejob.due_for_resync,
+                        finetunejob.refresh_status)
+_resync_guard = threading.Lock()
+
+
+def _bind(kwargs: dict) -> None:
+    cache.bind(finetunejobs=kwargs.get("finetunejobs_cache"), jobs=kwargs.get("jobs_cache"),
+               trainer_pods=kwargs.get("trainer_pods_cache"))
+    if not _resync.started:
+        with _resync_guard:
+            if not _resync.started:
+                # Started from the first handler, whose context lets the loop post kopf events.
+                _resync.start(contextvars.copy_context())
+
+
+@kopf.on.cleanup()
+def stop_resync(**_) -> None:
+    _resync.stop()
+
+
 @kopf.on.create(GROUP, VERSION, FINETUNEJOBS)
 @kopf.on.resume(GROUP, VERSION, FINETUNEJOBS)
 @kopf.on.update(GROUP, VERSION, FINETUNEJOBS, field="spec")
-def finetunejob_spec(namespace: str, name: str, **_) -> None:
+def finetunejob_spec(namespace: str, name: str, **kwargs) -> None:
+    _bind(kwargs)
     finetunejob.ensure_children(namespace, name)
 
 
@@ -60,19 +103,15 @@ def finetunejob_deleted(namespace: str, name: str, body: dict, **_) -> None:
     finetunejob.release(namespace, name, body)
 
 
-@kopf.timer(GROUP, VERSION, FINETUNEJOBS, interval=settings.current.resync_seconds, initial_delay=2,
-            idle=None, when=finetunejob.needs_resync)
-def finetunejob_resync(namespace: str, name: str, **_) -> None:
-    finetunejob.refresh_status(namespace, name)
-
-
 @kopf.on.event("batch", "v1", "jobs", labels={MANAGED_BY: APP})
-def trainer_job_event(body: dict, **_) -> None:
+def trainer_job_event(body: dict, **kwargs) -> None:
+    _bind(kwargs)
     finetunejob.on_trainer_job_event(body)
 
 
 @kopf.on.event("v1", "pods", labels={MANAGED_BY: APP, COMPONENT: TRAINER})
-def trainer_pod_event(body: dict, **_) -> None:
+def trainer_pod_event(body: dict, **kwargs) -> None:
+    _bind(kwargs)
     finetunejob.on_trainer_pod_event(body)
 
 

@@ -32,11 +32,14 @@ API_REQUESTS = f"{PREFIX}_api_requests_total"
 RECONCILE_QUEUE_DEPTH = f"{PREFIX}_reconcile_queue_depth"
 # Status refreshes skipped because one of the same job was already waiting (it covers them).
 REFRESHES_COALESCED = f"{PREFIX}_refreshes_coalesced_total"
+# Status writes refused because the object changed since it was read (optimistic concurrency);
+# each is followed by a fresh read and a second try.
+STATUS_CONFLICTS = f"{PREFIX}_status_conflicts_total"
 
 METRIC_NAMES: tuple[str, ...] = (
     JOBS, PHASE_TRANSITIONS, RECONCILE_DURATION, RECONCILE_ERRORS,
     TIME_TO_TRAINING_START, JOB_DURATION, GPU_SECONDS, LEADER, BUILD_INFO, API_REQUESTS,
-    RECONCILE_QUEUE_DEPTH, REFRESHES_COALESCED,
+    RECONCILE_QUEUE_DEPTH, REFRESHES_COALESCED, STATUS_CONFLICTS,
 )
 
 registry = CollectorRegistry()
@@ -71,6 +74,8 @@ reconcile_queue_depth = Gauge(RECONCILE_QUEUE_DEPTH, "Reconciliations waiting fo
                               "object to finish.", registry=registry)
 refreshes_coalesced = Counter(_strip_total(REFRESHES_COALESCED), "Status refreshes skipped because one "
                               "of the same job was already waiting.", registry=registry)
+status_conflicts = Counter(_strip_total(STATUS_CONFLICTS), "Status writes refused because the object "
+                           "changed since it was read (then read again and retried).", registry=registry)
 build_info = Gauge(BUILD_INFO, "Always 1; the operator's version and Python's are labels.",
                    ["version", "python"], registry=registry)
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import kopf
 
+from finetune_operator.labels import APP, MANAGED_BY
 from finetune_operator.serving.deployment import DEFAULT_IMAGE
 
 GROUP = "finetune.dev"
@@ -33,6 +34,9 @@ class OperatorConfig:
     capacity_policy: str = "wait"
     # Where the leader-election Lease lives by default (the chart sets POD_NAMESPACE).
     leader_election_namespace: str = ""
+    # Threads running the (synchronous) handlers. Handlers mostly wait for the API server, so
+    # many jobs arriving at once need many more than the CPUs.
+    workers: int = 32
 
     @classmethod
     def from_env(cls) -> "OperatorConfig":
@@ -57,6 +61,11 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration")
+    # After its own patch, kopf waits this long for the watch to bring that version before it
+    # handles the object again. Past it, kopf handles an older copy without the annotations
+    # above and runs the creation handlers again: with the default 5 s that happened two or
+    # three times per job when 300 arrived at once on a loaded API server.
+    settings.persistence.consistency_timeout = 30.0
     # Watches end on the server's side after server_timeout and are abandoned by the client
     # after client_timeout, so a restarted API server is noticed within a minute.
     settings.watching.server_timeout = 60
@@ -64,8 +73,12 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
     settings.watching.connect_timeout = 10
     settings.watching.reconnect_backoff = 1.0
     settings.networking.request_timeout = 30
-    settings.posting.level = 20  # INFO and above become Kubernetes Events
-    settings.execution.max_workers = 8
+    # kopf's own log lines become Events only from WARNING up (a handler that failed or
+    # waits); its INFO lines ("Handler ... succeeded", "Creation is processed") were two or
+    # three Events per job that told the user nothing. The operator's own Normal events are
+    # posted with kopf.event(type="Normal"), which this level does not filter.
+    settings.posting.level = 30
+    settings.execution.max_workers = current.workers
     # A FineTuneJob deleted while its resync timer runs in a worker thread keeps kopf's
     # finalizer until kopf looks again at the exiting timer: every 60 s by default, so
     # `kubectl delete ftj` hung for a minute now and then (the lifecycle suite's deletion test
@@ -74,3 +87,7 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
     # kopf's own peering is off: with several replicas, only the holder of the leader Lease
     # runs kopf at all (leader.py, --leader-elect); a standby makes no request but the Lease's.
     settings.peering.standalone = True
+    # Watch only the operator's own pods, Jobs and Deployments: the server filters by label,
+    # so other workloads' churn never reaches the operator (nor its caches).
+    for resource in (("v1", "pods"), ("batch", "jobs"), ("apps", "deployments")):
+        settings.watching.label_selectors[resource] = f"{MANAGED_BY}={APP}"

@@ -19,7 +19,7 @@ import pytest
 from finetune_devcluster.cluster import Cluster, KWOK_NODE_ANNOTATION
 from finetune_devcluster.manifests import node_status
 from tests.fixtures.cluster import REPO_ROOT, get_json, wait_for
-from tests.fixtures.operator import OperatorProcess
+from tests.fixtures.operator import ReplicatedOperator
 from tests.cluster.test_operator_lifecycle import apply, ftj, status, trainer_jobs, trainer_pods
 
 pytestmark = [pytest.mark.reliability, pytest.mark.cluster, pytest.mark.slow]
@@ -49,11 +49,13 @@ def own_namespace(own_cluster):
 
 @pytest.fixture
 def operator(own_cluster, own_namespace, tmp_path):
-    """The operator against this module's cluster (named `operator` so a failing test gets its log)."""
-    proc = OperatorProcess(own_cluster, own_namespace, tmp_path / "operator.log", [])
-    proc.start()
-    yield proc
-    proc.stop()
+    """Two leader-electing replicas against this module's cluster, as the chart runs them (named
+    `operator` so a failing test gets their logs). A leader that cannot renew its Lease while
+    the API server is away exits and is started again, as the kubelet would."""
+    replicas = ReplicatedOperator(own_cluster, own_namespace, tmp_path, [])
+    replicas.start()
+    yield replicas
+    replicas.stop()
 
 
 def add_kwok_node(cluster, name: str) -> None:
@@ -115,13 +117,12 @@ def retry(cluster, *args, **kwargs):
 @pytest.mark.parametrize("component", ["kube-apiserver", "etcd"])
 def test_watches_recover_after_a_control_plane_restart(own_cluster, own_namespace, operator, component):
     """Given a job running (simulated kubelet status) when kube-apiserver or etcd is SIGKILLed and
-    started again, then the operator keeps its process, sees the pod's exit that is written as soon
+    started again under two operator replicas, then a replica leads again, sees the pod's exit that is written as soon
     as the API answers again (while its watches are still broken), and a job created right after
     the restart goes through to Succeeded on kwok."""
     c, ns = own_cluster, own_namespace
     add_kwok_node(c, f"run-{ns}-{component}")
     pod = training_on(c, ns, "during", f"run-{ns}-{component}")
-    pid = operator.process.pid
 
     c.restart_component(component)
     if component == "etcd":
@@ -138,7 +139,11 @@ def test_watches_recover_after_a_control_plane_restart(own_cluster, own_namespac
     for name in ("during", "after"):
         wait_for(lambda: status(c, ns, name).get("phase") == "Succeeded", timeout=120,
                  what=f"{name} to be Succeeded after the {component} restart", interval=1)
-    assert operator.process.poll() is None and operator.process.pid == pid
+    # Every replica runs (one that lost the Lease while the API was away exited and came back),
+    # one leads, and no job got a second trainer Job.
+    operator.leader()
+    assert operator.all_running()
+    print(f"replicas restarted after exiting during the {component} restart: {operator.exits_restarted}")
     assert [len(trainer_jobs(c, ns, n)) for n in ("during", "after")] == [1, 1]
 
 

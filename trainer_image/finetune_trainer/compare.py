@@ -223,9 +223,10 @@ def lora_rank_limit(rank: int) -> int:
 
 def server_command(model: str, served_name: str, port: int, *, adapter: str | None = None,
                    adapter_name: str = FINETUNED, lora_rank: int = 16,
-                   max_model_len: int | None = None) -> list[str]:
+                   max_model_len: int | None = None, chat_template: Path | None = None) -> list[str]:
     """vLLM's OpenAI server, as a list. `python -m vllm.entrypoints.openai.api_server`: the
-    `vllm` console script fails in the CPU build."""
+    `vllm` console script fails in the CPU build. `chat_template`: the one training rendered
+    with, when the job chose one (dataset.chatTemplate); both models are asked with it."""
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
            "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
            "--seed", "0"]
@@ -234,6 +235,8 @@ def server_command(model: str, served_name: str, port: int, *, adapter: str | No
                 "--max-lora-rank", str(lora_rank_limit(lora_rank)), "--max-loras", "1"]
     if max_model_len:
         cmd += ["--max-model-len", str(max_model_len)]
+    if chat_template is not None:
+        cmd += ["--chat-template", str(chat_template)]
     return cmd
 
 
@@ -373,6 +376,9 @@ def measure(cfg: TrainerConfig, items: list[Item], *, base: str, adapter: Path |
     n = cfg.evaluation.max_new_tokens
     runs = {BASE: ModelRun(), FINETUNED: ModelRun()}
     max_len = _max_model_len(cfg, base)
+    from .chat_templates import served_template
+
+    template = served_template(cfg)
 
     def ask_all(url: str, order: list[tuple[str, str]]) -> None:
         for model, served in order:  # warm-up: the first request pays for compilation
@@ -389,13 +395,14 @@ def measure(cfg: TrainerConfig, items: list[Item], *, base: str, adapter: Path |
         port = _free_port()
         lora_rank = cfg.method.lora.r if cfg.method.lora else 16
         argv = server_command(base, BASE, port, adapter=str(adapter), lora_rank=lora_rank,
-                              max_model_len=max_len)
+                              max_model_len=max_len, chat_template=template)
         with serving(argv, port, cpu=cpu) as url:
             ask_all(url, [(BASE, BASE), (FINETUNED, FINETUNED)])
     else:
         for model, path in ((BASE, base), (FINETUNED, str(merged))):
             port = _free_port()
-            with serving(server_command(path, model, port, max_model_len=max_len), port, cpu=cpu) as url:
+            with serving(server_command(path, model, port, max_model_len=max_len, chat_template=template),
+                         port, cpu=cpu) as url:
                 ask_all(url, [(model, model)])
     return runs, {BASE: BASE, FINETUNED: FINETUNED}
 

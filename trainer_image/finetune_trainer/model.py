@@ -115,6 +115,9 @@ def load_tokenizer(cfg: TrainerConfig):
 
     name, kwargs = model_location(cfg.model, cfg.paths.resolve)
     tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    from .chat_templates import select
+
+    select(tokenizer, cfg.dataset.chat_template, cfg.paths.resolve)  # saved with the artifacts
     if tokenizer.pad_token is None:
         # Padding with EOS would mask the EOS labels too; a model without a pad token is
         # trained with EOS as pad only as a last resort (TRL does the same).

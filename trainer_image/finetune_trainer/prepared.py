@@ -73,6 +73,8 @@ def dataset_digest(cfg: TrainerConfig) -> str:
     _hash_source(digest, resolve(cfg.dataset.source))
     _hash_source(digest, resolve(cfg.dataset.eval_source) if cfg.dataset.eval_source else None)
     _hash_source(digest, resolve(cfg.dataset.mix.source) if cfg.dataset.mix else None)
+    template = cfg.dataset.chat_template.file
+    _hash_source(digest, resolve(template) if template else None)  # it shapes lengths and errors
     return digest.hexdigest()[:20]
 
 
@@ -118,11 +120,16 @@ def prepare_data(cfg: TrainerConfig, tokenizer, *, is_main: bool) -> PreparedDat
             raise RuntimeError(f"the prepared dataset {cache} is missing after the main process ran")
         from .data import DataValidationError, prepare_dataset
 
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        # A pod killed while preparing leaves its spill files behind; only one prepares at once.
+        for stale in cache.parent.glob(".prepare-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         try:
+            # Records being cleaned spill to the claim, not to the pod's memory or /tmp.
             prepared = prepare_dataset(cfg.dataset, seed=cfg.training.seed,
                                        max_seq_length=cfg.training.max_seq_length,
                                        tokenizer=tokenizer, resolve=cfg.paths.resolve,
-                                       **data_options(cfg))
+                                       work_dir=cache.parent, **data_options(cfg))
         except DataValidationError as exc:
             report_unusable_dataset(cfg, exc)
             raise

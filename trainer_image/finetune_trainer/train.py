@@ -198,6 +198,11 @@ def _finish(cfg, objective, trainer, tokenizer, data, result, eval_metrics, trai
 
     renderings = prompt_renderings(tokenizer, data.eval)
     write_renderings(cfg.paths.artifacts, renderings)
+    from .chat_templates import write_artifact
+
+    template = write_artifact(cfg.paths.artifacts, tokenizer)  # what vLLM serves with
+    if template is not None:
+        artifact_paths["chatTemplate"] = template
     reference = getattr(trainer, "finetune_reference", None)
     eval_report = evaluate.evaluate_run(cfg, model, tokenizer, eval_metrics=eval_metrics,
                                         base_loader=(lambda: reference) if reference is not None else None,

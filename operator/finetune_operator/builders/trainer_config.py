@@ -85,7 +85,7 @@ def resolve_results_file(job: FineTuneJob) -> str | None:
 def _sources(job: FineTuneJob) -> list[str]:
     d = job.spec.dataset
     return [s for s in (job.spec.model.source, d.source, d.eval_source,
-                        d.mix.source if d.mix else None) if s]
+                        d.mix.source if d.mix else None, d.chat_template.file) if s]
 
 
 def resolve_source(job: FineTuneJob, location: str | None) -> str | None:
@@ -126,6 +126,8 @@ def build_trainer_config(job: FineTuneJob) -> dict:
         dataset["evalSource"] = resolve_source(job, spec.dataset.eval_source)
     if spec.dataset.mix:
         dataset["mix"]["source"] = resolve_source(job, spec.dataset.mix.source)
+    if spec.dataset.chat_template.file:
+        dataset["chatTemplate"]["file"] = resolve_source(job, spec.dataset.chat_template.file)
 
     output: dict = {"merge": spec.output.merge}
     if spec.output.push:

@@ -10,6 +10,8 @@ are detected against the phase stored in status.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextvars
 import datetime as dt
 import json
 import logging
@@ -20,7 +22,7 @@ import kopf
 from finetune_api.models import FineTuneJob
 from finetune_api.schema import GROUP, VERSION
 
-from finetune_operator import admission, kube, metrics, names, settings
+from finetune_operator import admission, cache, kube, kueue, metrics, names, settings
 from finetune_operator.builders import comparison_job, identity, review, storage, trainer_config, trainer_job
 from finetune_operator.conditions import now_iso
 from finetune_operator.handlers import facts, records
@@ -81,16 +83,44 @@ def _create_owned(job: FineTuneJob, body: dict, create, read) -> dict:
     return current
 
 
-def _ensure_identity(job: FineTuneJob) -> None:
-    core, rbac = kube.core(), kube.rbac()
+def _ensure_service_account(job: FineTuneJob) -> None:
+    core = kube.core()
     _create_owned(job, identity.build_service_account(job), core.create_namespaced_service_account,
                   core.read_namespaced_service_account)
+
+
+def _ensure_role(job: FineTuneJob) -> None:
+    rbac = kube.rbac()
     role = identity.build_role(job)
     current = _create_owned(job, role, rbac.create_namespaced_role, rbac.read_namespaced_role)
     if current["rules"] != role["rules"]:
         rbac.patch_namespaced_role(role["metadata"]["name"], job.metadata.namespace, {"rules": role["rules"]})
+
+
+def _ensure_role_binding(job: FineTuneJob) -> None:
+    # A RoleBinding may name its Role before the Role exists: no order between the two.
+    rbac = kube.rbac()
     _create_owned(job, identity.build_role_binding(job), rbac.create_namespaced_role_binding,
                   rbac.read_namespaced_role_binding)
+
+
+# The trainer Job's prerequisites, created at the same time (each is one or two requests; one
+# after the other they were most of the time from a FineTuneJob to its Job under load). The
+# Job comes after them: its pods need the ServiceAccount to exist.
+_PREREQUISITES = (lambda job: _ensure_claim(job), lambda job: _ensure_service_account(job),
+                  lambda job: _ensure_role(job), lambda job: _ensure_role_binding(job),
+                  lambda job: _ensure_config(job), lambda job: _ensure_review_config_map(job),
+                  lambda job: _ensure_service(job))
+_pool = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="children")
+
+
+def _ensure_prerequisites(job: FineTuneJob) -> None:
+    """All at once; the first error (in the order above) is raised once all have finished."""
+    futures = [_pool.submit(contextvars.copy_context().run, ensure, job) for ensure in _PREREQUISITES]
+    errors = [f.exception() for f in futures]
+    for error in errors:
+        if error is not None:
+            raise error
 
 
 def _ensure_config(job: FineTuneJob) -> None:
@@ -119,7 +149,8 @@ def _read_trainer_job(job: FineTuneJob) -> dict | None:
 
 
 def _read_own_job(job: FineTuneJob, name: str) -> dict | None:
-    obj = kube.read(kube.batch().read_namespaced_job, name, job.metadata.namespace)
+    ns = job.metadata.namespace
+    obj = cache.job(ns, name, lambda: kube.read(kube.batch().read_namespaced_job, name, ns))
     if obj is None:
         return None
     refs = obj["metadata"].get("ownerReferences") or []
@@ -132,8 +163,9 @@ def _read_own_job(job: FineTuneJob, name: str) -> dict | None:
     return obj
 
 
-def _ensure_trainer_job(job: FineTuneJob, body: dict) -> None:
-    """Create the Job (once), then make its suspend follow spec.suspend."""
+def _ensure_trainer_job(job: FineTuneJob, body: dict, pending: dict) -> None:
+    """Create the Job (once), then make its suspend follow spec.suspend. Status updates go
+    into `pending` (written by the caller, in one patch with admission's)."""
     batch = kube.batch()
     queued = bool(job.spec.resources.queue_name)
     current = _read_trainer_job(job)
@@ -146,35 +178,58 @@ def _ensure_trainer_job(job: FineTuneJob, body: dict) -> None:
             return  # suspended before (re)creation; the Job is created on resume
         manifest = trainer_job.build_trainer_job(job, _trainer_image(job))
         current = kube.create(manifest, batch.create_namespaced_job, batch.read_namespaced_job)
-        kopf.info(body, reason="TrainerJobCreated", message=f"created trainer Job {manifest['metadata']['name']}")
+        cache.remember(current)  # refreshes see it before the watch brings it
+        admitted = "admitted (the spec's references exist); " if pending.get("conditions") else ""
+        kopf.event(body, type="Normal", reason="TrainerJobCreated",
+                   message=f"{admitted}created trainer Job {manifest['metadata']['name']}")
     image = job.status.trainer_image or current["spec"]["template"]["spec"]["containers"][0]["image"]
     if job.status.trainer_job != current["metadata"]["name"] or job.status.trainer_image != image:
         # startTime comes later, from the Job's own (refresh_status): a Job that Kueue holds
         # suspended has not started.
-        _patch_status(job, {"trainerJob": current["metadata"]["name"], "trainerImage": image})
+        pending.update({"trainerJob": current["metadata"]["name"], "trainerImage": image})
     wants = job.spec.suspend
     if queued:
-        # Kueue owns the Job's suspend; suspending a queued job deletes its Job instead
-        # (pods get SIGTERM and checkpoint), and resuming creates it again, suspended, for Kueue.
-        if wants:
-            batch.delete_namespaced_job(current["metadata"]["name"], job.metadata.namespace,
-                                        propagation_policy="Background")
-            kopf.info(body, reason="Suspending", message="deleted the trainer Job; checkpoints are kept")
+        if wants or job.status.phase == Phase.SUSPENDED.value:
+            _suspend_queued(job, body, current, wants)
         return
     if bool(current["spec"].get("suspend")) != wants:
         batch.patch_namespaced_job(current["metadata"]["name"], job.metadata.namespace,
                                    {"spec": {"suspend": wants}})
-        kopf.info(body, reason="Suspending" if wants else "Resuming",
+        kopf.event(body, type="Normal", reason="Suspending" if wants else "Resuming",
                   message=("suspended the trainer Job; its pods checkpoint on SIGTERM" if wants else
                            "resumed the trainer Job; training continues from the latest checkpoint"))
+
+
+def _suspend_queued(job: FineTuneJob, body: dict, current: dict, wants: bool) -> None:
+    """Kueue owns a queued Job's suspend. Suspending deactivates the Job's Workload (Kueue
+    evicts it: the Job is suspended and its pods checkpoint on SIGTERM) and resuming activates
+    it again, in its old place in the queue. With no Workload to find (no Kueue, or none made
+    yet), suspending deletes the Job instead, and resuming creates it again for Kueue."""
+    found = kueue.workload_of(current)
+    if found is not None:
+        version, workload = found
+        if kueue.is_active(workload) == wants:
+            kueue.set_active(version, workload, not wants)
+            name = workload["metadata"]["name"]
+            kopf.event(body, type="Normal", reason="Suspending" if wants else "Resuming",
+                       message=(f"deactivated Kueue Workload {name}: Kueue suspends the trainer Job "
+                                "(its pods checkpoint on SIGTERM) and keeps its place in the queue"
+                                if wants else f"activated Kueue Workload {name} again: it waits for "
+                                "admission in its old place in the queue"))
+        return
+    if wants:
+        kube.batch().delete_namespaced_job(current["metadata"]["name"], job.metadata.namespace,
+                                           propagation_policy="Background")
+        kopf.event(body, type="Normal", reason="Suspending",
+                   message="deleted the trainer Job (no Kueue Workload found for it); checkpoints are kept")
 
 
 def _ensure_comparison_job(job: FineTuneJob, body: dict) -> None:
     manifest = comparison_job.build_comparison_job(job, settings.current.vllm_image,
                                                    settings.current.gpu_hour_price)
     batch = kube.batch()
-    kube.create(manifest, batch.create_namespaced_job, batch.read_namespaced_job)
-    kopf.info(body, reason="Comparing", message=f"created comparison Job {manifest['metadata']['name']}: "
+    cache.remember(kube.create(manifest, batch.create_namespaced_job, batch.read_namespaced_job))
+    kopf.event(body, type="Normal", reason="Comparing", message=f"created comparison Job {manifest['metadata']['name']}: "
               "base vs fine-tuned through vLLM")
 
 
@@ -184,16 +239,32 @@ def _trainer_image(job: FineTuneJob) -> str:
 
 
 def _patch_status(job: FineTuneJob, status: dict) -> None:
-    kube.patch_status(PLURAL, job.metadata.namespace, job.metadata.name, status)
+    """Onto the version of the job that `status` was computed from (a 409 when someone wrote
+    since); the written object goes to the cache and `job` moves on to its version."""
+    written = kube.patch_status(PLURAL, job.metadata.namespace, job.metadata.name, status,
+                                resource_version=job.metadata.resource_version)
+    _wrote(job, written)
+
+
+def _patch_metadata(job: FineTuneJob, metadata: dict) -> None:
+    written = kube.custom().patch_namespaced_custom_object(
+        GROUP, VERSION, job.metadata.namespace, PLURAL, job.metadata.name, {"metadata": metadata})
+    _wrote(job, written if isinstance(written, dict) else kube.as_dict(written))
+
+
+def _wrote(job: FineTuneJob, written: dict) -> None:
+    cache.remember(written)
+    job.metadata.resource_version = (written.get("metadata") or {}).get("resourceVersion")
 
 
 # --- admission -----------------------------------------------------------------------------------
 
 
-def _admit(job: FineTuneJob, body: dict, obj: dict) -> bool:
-    """Write the admission's outcome and say whether the job may go on; raise TemporaryError to
-    be called again when the problem may go away (a missing Secret or claim). A status patch
-    and an event only when the outcome changes, not on every retry."""
+def _admit(job: FineTuneJob, body: dict, obj: dict, pending: dict) -> bool:
+    """Say whether the job may go on, and record the admission's outcome: a refusal is written
+    at once; an admission goes into `pending`, written with the trainer Job's name in one patch.
+    Raise TemporaryError to be called again when the problem may go away (a missing Secret or
+    claim). A status patch and an event only when the outcome changes, not on every retry."""
     cluster = facts.gather(job)
     # Only a job that no current node fits needs to know whether its trainer Job exists (one
     # GET, skipped in the common case).
@@ -203,11 +274,9 @@ def _admit(job: FineTuneJob, body: dict, obj: dict) -> bool:
                               has_trainer=has_trainer)
     patch = admission_status(job, problem, (obj.get("status") or {}).get("conditions") or [],
                              now=now_iso())
-    if patch is not None:
-        _patch_status(job, patch)
     if problem is None:
         if patch is not None:
-            kopf.info(body, reason="Admitted", message="the spec's references exist; creating the trainer")
+            pending.update(patch)
             if note and not has_trainer:
                 kopf.warn(body, reason="WaitingForGPUCapacity",
                           message=f"{note}; creating the trainer Job anyway, so that an autoscaler or "
@@ -215,6 +284,7 @@ def _admit(job: FineTuneJob, body: dict, obj: dict) -> bool:
                                   "message until one fits)")
         return True
     if patch is not None:
+        _patch_status(job, patch)
         records.transition(body, job.status.phase, patch["phase"], problem.reason, problem.message)
         kopf.warn(body, reason=problem.reason, message=problem.message)
     if problem.retryable:
@@ -229,23 +299,12 @@ def ensure_children(namespace: str, name: str) -> None:
     started = time.monotonic()
     try:
         with _locks.hold((namespace, name)):
-            obj = kube.read_own(PLURAL, namespace, name)
-            if obj is None or obj["metadata"].get("deletionTimestamp"):
+            # Status writes carry the version read here; one refused because the job changed
+            # in between (a 409) is done again from a fresh read.
+            if not kube.again_on_conflict(lambda: _ensure_children_locked(namespace, name),
+                                          lambda: _ensure_children_locked(namespace, name),
+                                          metrics.status_conflicts.inc):
                 return
-            job = FineTuneJob.from_resource(obj)
-            if job.status.phase in (Phase.SUCCEEDED.value, Phase.FAILED.value) and not late_deploy(job):
-                return
-            # A trained job (Comparing, AwaitingApproval, Deploying, or Succeeded with a late
-            # spec.deploy) only goes on: refresh_status below; its trainer is never created again.
-            if job.status.phase not in TRAINED:
-                if not _admit(job, obj, obj):
-                    return  # failed for good: nothing is created for it
-                _ensure_claim(job)
-                _ensure_identity(job)
-                _ensure_config(job)
-                _ensure_review_config_map(job)
-                _ensure_service(job)
-                _ensure_trainer_job(job, obj)
     except (kopf.TemporaryError, kopf.PermanentError):
         raise
     except Exception:
@@ -254,6 +313,31 @@ def ensure_children(namespace: str, name: str) -> None:
     finally:
         metrics.reconcile_duration.observe(time.monotonic() - started)
     refresh_status(namespace, name)
+
+
+def _ensure_children_locked(namespace: str, name: str) -> bool:
+    """Whether the job goes on to a status refresh."""
+    obj = kube.read_own(PLURAL, namespace, name)
+    if obj is None or obj["metadata"].get("deletionTimestamp"):
+        return False
+    job = FineTuneJob.from_resource(obj)
+    if job.status.phase in (Phase.SUCCEEDED.value, Phase.FAILED.value) and not late_deploy(job):
+        return False
+    # A trained job (Comparing, AwaitingApproval, Deploying, or Succeeded with a late
+    # spec.deploy) only goes on: refresh_status below; its trainer is never created again.
+    if job.status.phase not in TRAINED:
+        pending: dict = {}
+        if not _admit(job, obj, obj, pending):
+            return False  # failed for good: nothing is created for it
+        trainer = _read_trainer_job(job)
+        if trainer is None or trainer["metadata"].get("deletionTimestamp"):
+            # With this job's Job there (owned by its uid), its prerequisites were created
+            # before it: a handler run again (a resume, a suspend) does not recreate them.
+            _ensure_prerequisites(job)
+        _ensure_trainer_job(job, obj, pending)
+        if pending:
+            _patch_status(job, pending)
+    return True
 
 
 def release(namespace: str, name: str, body: dict) -> None:
@@ -267,7 +351,7 @@ def release(namespace: str, name: str, body: dict) -> None:
     if serving is not None:
         done = serving.withdraw_finetunejob(job, kube.api())
         if done:
-            kopf.info(body, reason="Undeployed", message=done)
+            kopf.event(body, type="Normal", reason="Undeployed", message=done)
     if job.spec.storage.existing_claim is None and not storage.owns_claim(job):
         core = kube.core()
         claim = storage.claim_name(job)
@@ -280,16 +364,21 @@ def release(namespace: str, name: str, body: dict) -> None:
                                                               {"metadata": {"ownerReferences": kept or None}},
                                                               _content_type=kube.MERGE_PATCH)
     records.forget(namespace, name)
+    cache.forget(namespace, name)
+    _status_written.pop((namespace, name), None)
 
 
 # --- status -------------------------------------------------------------------------------------
 
 
 def _trainer_pods(trainer: dict) -> list[dict]:
-    uid = trainer["metadata"]["uid"]
-    pods = kube.core().list_namespaced_pod(trainer["metadata"]["namespace"],
-                                           label_selector=f"batch.kubernetes.io/controller-uid={uid}")
-    return [kube.as_dict(p) for p in pods.items]
+    uid, ns = trainer["metadata"]["uid"], trainer["metadata"]["namespace"]
+
+    def list_pods() -> list[dict]:
+        pods = kube.core().list_namespaced_pod(ns, label_selector=f"{cache.CONTROLLER_UID}={uid}")
+        return [kube.as_dict(p) for p in pods.items]
+
+    return cache.trainer_pods(ns, uid, list_pods)
 
 
 def _deploy(job: FineTuneJob, obs: Observation) -> Observation:
@@ -301,9 +390,7 @@ def _deploy(job: FineTuneJob, obs: Observation) -> Observation:
     endpoint = serving.ensure_for_finetunejob(job, kube.api())
     digest = deploy_digest(job)
     if job.metadata.annotations.get(DEPLOYED_SETTINGS_ANNOTATION) != digest:
-        kube.custom().patch_namespaced_custom_object(
-            GROUP, VERSION, job.metadata.namespace, PLURAL, job.metadata.name,
-            {"metadata": {"annotations": {DEPLOYED_SETTINGS_ANNOTATION: digest}}})
+        _patch_metadata(job, {"annotations": {DEPLOYED_SETTINGS_ANNOTATION: digest}})
     isvc = kube.read_own(serving.PLURAL, job.metadata.namespace, endpoint["name"])
     return deployment_observation(job, obs, endpoint, isvc)
 
@@ -318,7 +405,10 @@ def refresh_status(namespace: str, name: str) -> None:
             return
         started = time.monotonic()
         try:
-            _refresh_status_locked(namespace, name)
+            # When our copy was behind (someone wrote since), read the job itself and go again.
+            kube.again_on_conflict(lambda: _refresh_status_locked(namespace, name),
+                                   lambda: _refresh_status_locked(namespace, name, fresh=True),
+                                   metrics.status_conflicts.inc)
         except Exception:
             metrics.reconcile_errors.inc()
             raise
@@ -326,8 +416,12 @@ def refresh_status(namespace: str, name: str) -> None:
             metrics.reconcile_duration.observe(time.monotonic() - started)
 
 
-def _refresh_status_locked(namespace: str, name: str) -> None:
-    obj = kube.read_own(PLURAL, namespace, name)
+def _refresh_status_locked(namespace: str, name: str, fresh: bool = False) -> None:
+    """Reads come from the watch caches (cache.py): no request unless something changed."""
+    def read() -> dict | None:
+        return kube.read_own(PLURAL, namespace, name)
+
+    obj = read() if fresh else cache.finetunejob(namespace, name, read)
     if obj is None or obj["metadata"].get("deletionTimestamp"):
         return
     job = FineTuneJob.from_resource(obj)
@@ -356,16 +450,27 @@ def _refresh_status_locked(namespace: str, name: str) -> None:
         status["startTime"] = parse_time(str(started)).strftime("%Y-%m-%dT%H:%M:%SZ")
     old = obj.get("status") or {}
     changed = {k: v for k, v in status.items() if old.get(k) != v}
-    if changed:
+    if changed and not _only_gpu_hours_moved(namespace, name, changed, obs):
         _patch_status(job, changed)
+        _status_written[(namespace, name)] = time.monotonic()
     records.transition(obj, job.status.phase, obs.phase.value, obs.reason, obs.message)
     records.observe(job, obs, obj, now)
     if _gpu_seconds_drifted(recorded, obs.gpu_seconds):
-        kube.custom().patch_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, name,
-            {"metadata": {"annotations": {GPU_SECONDS_ANNOTATION: json.dumps(obs.gpu_seconds, sort_keys=True)}}})
+        _patch_metadata(job, {"annotations": {GPU_SECONDS_ANNOTATION: json.dumps(obs.gpu_seconds, sort_keys=True)}})
     if obs.phase.terminal:
         _expire(job, obj, now)
+
+
+# While a job runs its GPU hours grow at every refresh; alone, they are written at most this often
+# (every other change, and the final figure, at once).
+GPU_HOURS_WRITE_SECONDS = 60.0
+_status_written: dict[tuple[str, str], float] = {}  # when each job's status was last written
+
+
+def _only_gpu_hours_moved(namespace: str, name: str, changed: dict, obs: Observation) -> bool:
+    last = _status_written.get((namespace, name))
+    return (not obs.phase.terminal and set(changed) <= {"gpuHours", "estimatedCost"}
+            and last is not None and time.monotonic() - last < GPU_HOURS_WRITE_SECONDS)
 
 
 def _gpu_seconds_drifted(recorded: dict[str, float], current: dict[str, float]) -> bool:
@@ -387,13 +492,11 @@ def _expire(job: FineTuneJob, obj: dict, now: dt.datetime) -> None:
         # Kept while served: the claim may go with the job (reclaimPolicy Delete) and vLLM reads
         # the adapter from it. It expires once the InferenceService no longer names it.
         if not job.metadata.annotations.get(KEPT_ANNOTATION):
-            kopf.info(obj, reason="KeptWhileServed", message=f"ttlSecondsAfterFinished has passed, but "
+            kopf.event(obj, type="Normal", reason="KeptWhileServed", message=f"ttlSecondsAfterFinished has passed, but "
                       f"InferenceService {server} serves this job: it is kept until it no longer does")
-            kube.custom().patch_namespaced_custom_object(GROUP, VERSION, job.metadata.namespace, PLURAL,
-                                                         job.metadata.name,
-                                                         {"metadata": {"annotations": {KEPT_ANNOTATION: server}}})
+            _patch_metadata(job, {"annotations": {KEPT_ANNOTATION: server}})
         return
-    kopf.info(obj, reason="Expired", message=f"deleting: finished {ttl}s ago (ttlSecondsAfterFinished)")
+    kopf.event(obj, type="Normal", reason="Expired", message=f"deleting: finished {ttl}s ago (ttlSecondsAfterFinished)")
     kube.delete(kube.custom().delete_namespaced_custom_object, GROUP, VERSION, job.metadata.namespace,
                 PLURAL, job.metadata.name)
 
@@ -405,6 +508,19 @@ def needs_resync(status, spec, **_) -> bool:
     """A finished job has nothing left to observe, unless its TTL is still to run out."""
     return (status or {}).get("phase") not in (Phase.SUCCEEDED, Phase.FAILED) \
         or (spec or {}).get("ttlSecondsAfterFinished") is not None
+
+
+def due_for_resync() -> list[tuple[str, str]]:
+    """The cached jobs whose status can still move with time alone (resync.py). A job not yet
+    admitted is its spec handler's: admission retries on its own schedule."""
+    due = []
+    for obj in cache.all_finetunejobs():
+        meta, status = obj.get("metadata") or {}, obj.get("status") or {}
+        admitted = any(c.get("type") == "Admitted" and c.get("status") == "True"
+                       for c in status.get("conditions") or [])
+        if admitted and not meta.get("deletionTimestamp") and needs_resync(status, obj.get("spec")):
+            due.append((meta.get("namespace"), meta.get("name")))
+    return due
 
 
 def _owner_name(body: dict) -> str | None:

@@ -18,6 +18,9 @@ log = logging.getLogger("finetune_operator.finetunejob")
 
 _phases: dict[tuple[str, str], str] = {}  # for the finetune_operator_jobs gauge
 _phases_guard = threading.Lock()
+# GPU hours already added to finetune_operator_gpu_seconds_total, per job: status.gpuHours is
+# written at most once a minute while only it moves, so it alone would count the same hours twice.
+_gpu_counted: dict[tuple[str, str], float] = {}
 
 
 def transition(body: dict, old: str | None, new: str, reason: str, message: str) -> None:
@@ -28,7 +31,7 @@ def transition(body: dict, old: str | None, new: str, reason: str, message: str)
     if new == Phase.FAILED.value:
         kopf.warn(body, reason=reason, message=text)
     else:
-        kopf.info(body, reason=new, message=text)
+        kopf.event(body, type="Normal", reason=new, message=text)
     log.info("%s/%s %s", body["metadata"].get("namespace"), body["metadata"].get("name"), text)
 
 
@@ -43,6 +46,7 @@ def _publish_counts() -> None:
 def forget(namespace: str, name: str) -> None:
     with _phases_guard:
         _phases.pop((namespace, name), None)
+        _gpu_counted.pop((namespace, name), None)
     _publish_counts()
 
 
@@ -50,9 +54,12 @@ def observe(job: FineTuneJob, obs: Observation, obj: dict, now: dt.datetime) -> 
     with _phases_guard:
         _phases[(job.metadata.namespace, job.metadata.name)] = obs.phase.value
     _publish_counts()
-    delta = obs.gpu_hours - (job.status.gpu_hours or 0.0)
-    if delta > 0:
-        metrics.gpu_seconds.inc(delta * 3600)
+    key = (job.metadata.namespace, job.metadata.name)
+    with _phases_guard:
+        counted = max(job.status.gpu_hours or 0.0, _gpu_counted.get(key, 0.0))
+        _gpu_counted[key] = max(counted, obs.gpu_hours)
+    if obs.gpu_hours > counted:
+        metrics.gpu_seconds.inc((obs.gpu_hours - counted) * 3600)
     created = parse_time(obj["metadata"].get("creationTimestamp"))
     old = job.status.phase
     if created and obs.phase.running and old in (None, Phase.PENDING.value) and obs.restarts == 0 \

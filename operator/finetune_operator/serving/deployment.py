@@ -33,7 +33,7 @@ import json
 import re
 from typing import Mapping, Optional
 
-from finetune_api.layout import ADAPTER, MERGED, job_folder, under
+from finetune_api.layout import ADAPTER, ARTIFACTS, MERGED, job_folder, under
 from finetune_api.models import VLLM, FineTuneJob, InferenceService
 from finetune_api.sources import PVC, hub_id, parse_source
 
@@ -51,6 +51,7 @@ DEFAULT_IMAGE = "vllm/vllm-openai:v0.32.0"
 CONTAINER = "vllm"
 ADAPTER_ARTIFACT = ADAPTER
 MERGED_ARTIFACT = MERGED
+CHAT_TEMPLATE_ARTIFACT = f"{ARTIFACTS}/chat_template.jinja"  # chat_templates.ARTIFACT, by the trainer
 HOME = "/home/vllm"
 RUN_AS = 1000
 # Model loading may take long (download, weights, CUDA graphs): 120 x 10 s before liveness.
@@ -136,8 +137,24 @@ def vllm_command(isvc: InferenceService, jobs: Mapping[str, FineTuneJob]) -> lis
     `python -m vllm.entrypoints.openai.api_server`, not the `vllm` console script, which
     fails in the CPU build (it looks up a distribution named `vllm`).
     """
-    model, _, _ = _resolve(isvc, jobs)
-    return _command(isvc, model)
+    model, _, layout = _resolve(isvc, jobs)
+    return _command(isvc, model, _chat_template(isvc, jobs, layout))
+
+
+def _chat_template(isvc: InferenceService, jobs: Mapping[str, FineTuneJob], layout: _Layout) -> str | None:
+    """`--chat-template` for adapters trained with another template than the base model's own
+    (dataset.chatTemplate name or file): the first such job's artifacts/chat_template.jinja,
+    in spec order. A merged model carries its template in its tokenizer files. Adapters of
+    one server trained with different templates cannot all be served right: the prompt check
+    (promptcheck.py) reports it."""
+    if isvc.spec.merged_model:
+        return None
+    for adapter in isvc.spec.adapters:
+        job = jobs.get(adapter.fine_tune_job_ref.name) if adapter.fine_tune_job_ref else None
+        choice = job.spec.dataset.chat_template if job else None
+        if choice and (choice.file or choice.name != "model"):
+            return layout.job_artifact(job, "/adapters", CHAT_TEMPLATE_ARTIFACT)
+    return None
 
 
 def uses_lora(isvc: InferenceService) -> bool:
@@ -146,7 +163,7 @@ def uses_lora(isvc: InferenceService) -> bool:
     return isvc.spec.merged_model is None
 
 
-def _command(isvc: InferenceService, model: str) -> list[str]:
+def _command(isvc: InferenceService, model: str, chat_template: str | None = None) -> list[str]:
     spec = isvc.spec
     vllm = spec.vllm or VLLM()
     cmd = ["python", "-m", "vllm.entrypoints.openai.api_server",
@@ -162,6 +179,8 @@ def _command(isvc: InferenceService, model: str) -> list[str]:
         cmd += ["--enable-lora", "--max-lora-rank", str(vllm.max_lora_rank), "--max-loras", str(vllm.max_loras)]
     if vllm.max_model_len:
         cmd += ["--max-model-len", str(vllm.max_model_len)]
+    if chat_template:
+        cmd += ["--chat-template", chat_template]
     cmd += ["--dtype", vllm.dtype,
             "--gpu-memory-utilization", str(vllm.gpu_memory_utilization),
             "--tensor-parallel-size", str(vllm.tensor_parallel_size)]
@@ -269,7 +288,7 @@ def revision(isvc: InferenceService, jobs: Mapping[str, FineTuneJob],
 def _unrevisioned_pod_spec(isvc: InferenceService, jobs: Mapping[str, FineTuneJob],
                            default_image: str, keep: Mapping[str, FineTuneJob] | None = None) -> dict:
     model, _, layout = _resolve(isvc, jobs, keep)
-    return _pod_spec(isvc, _command(isvc, model), layout, default_image)
+    return _pod_spec(isvc, _command(isvc, model, _chat_template(isvc, jobs, layout)), layout, default_image)
 
 
 def _revision(pod_spec: dict, isvc: InferenceService, jobs: Mapping[str, FineTuneJob]) -> str:

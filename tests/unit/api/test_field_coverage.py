@@ -53,6 +53,9 @@ EFFECT_TESTS: dict[str, str] = {
     "spec.dataset.mix.source": "unit/trainer/test_data_prepare.py::test_mix_in_is_appended_to_train_deterministically",
     "spec.dataset.mix.ratio": "unit/trainer/test_data_prepare.py::test_mix_in_is_appended_to_train_deterministically",
     "spec.dataset.mix.format": "unit/trainer/test_field_effects.py::test_a_mix_without_format_takes_the_datasets_format",
+    "spec.dataset.chatTemplate.name": "unit/trainer/test_chat_template_validation.py::test_named_templates_replace_the_models_own",
+    "spec.dataset.chatTemplate.file": "unit/trainer/test_chat_template_validation.py::test_a_template_file_on_the_claim_is_the_tokenizers_template",
+    "spec.dataset.chatTemplate.lossOn": "unit/trainer/test_chat_template_masks.py::test_loss_on_all_trains_the_whole_rendering",
     # training
     "spec.training.maxSteps": "e2e/test_operator_realrun.py::test_the_local_node_trains_the_tiny_model_and_the_job_succeeds",
     "spec.training.learningRate": "unit/trainer/test_trainer_run.py::test_absurd_learning_rate_diverges_with_permanent_exit",

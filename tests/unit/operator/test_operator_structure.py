@@ -166,6 +166,33 @@ def test_every_request_the_handlers_make_is_counted_by_method_and_status():
         server.shutdown()
 
 
+def test_every_request_of_the_handlers_client_has_a_timeout(monkeypatch):
+    """A server that accepts the connection and never answers: without a timeout the handler
+    thread would wait for good."""
+    import socket
+    import time
+
+    from kubernetes import client
+
+    from finetune_operator import kube
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    monkeypatch.setattr(kube, "REQUEST_TIMEOUT", (1.0, 1.0))
+    try:
+        cfg = client.Configuration(host=f"http://127.0.0.1:{listener.getsockname()[1]}")
+        cfg.retries = False
+        core = client.CoreV1Api(kube.CountingApiClient(cfg))
+        started = time.monotonic()
+        with pytest.raises(Exception) as raised:
+            core.read_namespaced_config_map("silent", "ns")
+        assert "timed out" in str(raised.value).lower() or "timeout" in type(raised.value).__name__.lower()
+        assert time.monotonic() - started < 10
+    finally:
+        listener.close()
+
+
 def test_refreshes_of_one_object_coalesce_behind_the_running_one():
     """A burst of events for one job: one refresh runs, one waits behind it, the rest return at
     once (the waiting one reads what they would have)."""

@@ -133,7 +133,10 @@ def test_chat_and_text_datasets_train(trainer_config, tmp_path, fmt):
     losses = logged_losses(root)
     assert losses[-1] < losses[0], losses
     assert (root / "artifacts" / "adapter" / "adapter_model.safetensors").is_file()
-    assert "training on whole conversations" not in result.stderr  # assistant-only loss is on
+    # The template trained with is what serving renders with (dataset.chatTemplate, #16).
+    template = (root / "artifacts" / "chat_template.jinja").read_text()
+    assert template == (root / "artifacts" / "adapter" / "chat_template.jinja").read_text()
+    assert "<|im_start|>" in template
 
 
 def test_full_fine_tuning_lowers_the_loss_and_writes_a_merged_model(trainer_config, tmp_path):
@@ -281,7 +284,8 @@ def test_two_process_torchrun_trains_once_and_writes_one_set_of_artifacts(traine
     assert result.returncode == 0, result.stderr[-4000:]
     root = workspace(config)
     assert summary(root)["step"] == 8
-    assert sorted(p.name for p in (root / "artifacts").iterdir()) == ["README.md", "adapter", "loss.png", "merged",
+    assert sorted(p.name for p in (root / "artifacts").iterdir()) == ["README.md", "adapter", "chat_template.jinja",
+                                                                      "loss.png", "merged",
                                                                       "prompt_renderings.json"]
     assert (root / "artifacts" / "merged" / "model.safetensors").is_file()
     assert len(list((root / "data-cache").iterdir())) == 1

@@ -6,7 +6,11 @@ import argparse
 import json
 import sys
 
-from ..config import DATASET_FORMATS, LENGTH_POLICIES, DatasetConfig, DedupConfig, TrainingConfig
+from finetune_api.models import ChatTemplate
+from finetune_api.schema import CHAT_TEMPLATE_NAMES
+
+from ..config import (DATASET_FORMATS, LENGTH_POLICIES, ConfigError, DatasetConfig, DedupConfig,
+                      TrainingConfig)
 from .prepare import inspect_dataset
 from .report import render_table, write_report
 
@@ -59,17 +63,35 @@ def _parser() -> argparse.ArgumentParser:
                         help="preference pairs: keep the first N tokens of each answer (DPO)")
     parser.add_argument("--tokenizer", help="a hub id or path to count real tokens with "
                                             "(default: a whitespace approximation)")
+    parser.add_argument("--chat-template", metavar="NAME|FILE",
+                        help="with --tokenizer: render chat records with this template (a name: "
+                             "model (the tokenizer's own, the default), "
+                             f"{', '.join(CHAT_TEMPLATE_NAMES[1:])}; or a .jinja file), as "
+                             "dataset.chatTemplate does")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--report", metavar="FILE", help="also write the JSON report here")
     return parser
 
 
-def _load_tokenizer(name: str | None):
+def _load_tokenizer(name: str | None, chat_template: ChatTemplate):
     if not name:
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(name)
+    from ..chat_templates import select
+
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    select(tokenizer, chat_template)
+    return tokenizer
+
+
+def _chat_template(value: str | None) -> ChatTemplate:
+    if value is None or value in CHAT_TEMPLATE_NAMES:
+        return ChatTemplate(name=value or "model")
+    if value.endswith((".jinja", ".j2")):
+        return ChatTemplate(file=value)
+    raise argparse.ArgumentTypeError(f"--chat-template {value!r}: expected one of "
+                                     f"{', '.join(CHAT_TEMPLATE_NAMES)} or a .jinja file")
 
 
 def validate_cli(argv: list[str]) -> int:
@@ -85,6 +107,9 @@ def validate_cli(argv: list[str]) -> int:
         if args.path is None:
             parser.error("the following arguments are required: PATH")
         field_map = _field_map(args.field_map)
+        chat_template = _chat_template(args.chat_template)
+        if args.chat_template and not args.tokenizer:
+            raise argparse.ArgumentTypeError("--chat-template renders with a tokenizer: give --tokenizer too")
     except argparse.ArgumentTypeError as exc:
         parser.print_usage(sys.stderr)
         print(f"validate-data: error: {exc}", file=sys.stderr)
@@ -103,11 +128,18 @@ def validate_cli(argv: list[str]) -> int:
         max_invalid_fraction=args.max_invalid_fraction,
         length_policy=args.length_policy,
         category_field=args.category_field,
+        chat_template=chat_template,
     )
+    try:
+        tokenizer = _load_tokenizer(args.tokenizer, chat_template)
+    except ConfigError as exc:
+        print(f"validate-data: error: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
     prepared = inspect_dataset(cfg, seed=args.seed, max_seq_length=args.max_seq_length,
-                               tokenizer=_load_tokenizer(args.tokenizer),
+                               tokenizer=tokenizer,
                                max_prompt_length=args.max_prompt_length,
-                               max_completion_length=args.max_completion_length)
+                               max_completion_length=args.max_completion_length,
+                               keep_records=False)
     report = prepared.report
     if args.report:
         write_report(report, args.report)

@@ -1,45 +1,157 @@
-"""Exact and near-duplicate detection.
+"""Exact and near-duplicate detection, in batches of numpy arrays.
 
-Both work on normalised text: case-folded, whitespace collapsed. Near-duplicates are
-pairs whose sets of word 3-gram shingles have a Jaccard similarity >= the threshold.
-rensa's MinHash + LSH proposes candidate pairs over the whole dataset in bulk; only the
-few candidates are then checked with the exact Jaccard similarity, so the result does
-not depend on MinHash estimation noise. The first record of a group is kept.
+Both work on normalised text: case-folded, split into words on whitespace (so case and
+spacing never make two records differ). Each word becomes a 64-bit hash, computed for a
+whole batch of texts at once (from its UTF-8 bytes, eight at a time, vectorised with numpy);
+no per-word Python object is made.
+
+Exact duplicates share a 128-bit key of their word sequence. Near-duplicates are pairs whose
+sets of word 3-gram shingles have a Jaccard similarity >= the threshold. rensa's MinHash +
+LSH proposes candidate pairs over the whole dataset in bulk; only the few candidates are then
+checked with the exact Jaccard similarity, so the result does not depend on MinHash
+estimation noise. The first record of a group is kept.
+
+`NearDuplicateIndex` takes the texts a batch at a time (the caller streams its records and
+keeps nothing but the compact digest matrices here) and reads back only the candidates'
+texts when it verifies them.
 """
 
 from __future__ import annotations
 
-import hashlib
-import itertools
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 NUM_PERM = 128
 MINHASH_SEED = 42
-_CHUNK = 50_000
 # Odd 64-bit multipliers that combine three word hashes into one shingle hash.
 _MIX1 = np.uint64(0x9E3779B97F4A7C15)
 _MIX2 = np.uint64(0xC2B2AE3D27D4EB4F)
+# The polynomial hash of a text's word sequence (two bases: 128 bits).
+_WORD_BASE1 = 0xFF51AFD7ED558CCD
+_WORD_BASE2 = 0xC4CEB9FE1A85EC53
+_MASK = (1 << 64) - 1
+# Masks keeping the low 0..8 bytes of a 64-bit word.
+_LOW_BYTES = np.array([(1 << (8 * n)) - 1 for n in range(9)], dtype=np.uint64)
+
+
+class _Powers:
+    """base**0, base**1, ... (mod 2**64), grown on demand and kept between batches."""
+
+    def __init__(self, base: int) -> None:
+        self.base = np.uint64(base)
+        self.table = np.ones(1, dtype=np.uint64)
+
+    def upto(self, n: int) -> np.ndarray:
+        if len(self.table) < n + 1:
+            size = max(n + 1, 2 * len(self.table))
+            table = np.full(size, self.base, dtype=np.uint64)
+            table[0] = 1
+            self.table = np.cumprod(table, dtype=np.uint64)
+        return self.table[:n + 1]
+
+
+_WORD_POWERS1 = _Powers(_WORD_BASE1)
+_WORD_POWERS2 = _Powers(_WORD_BASE2)
+
+
+def _finalise(h: np.ndarray) -> np.ndarray:
+    """Spread the bits of `h` (a 64-bit finaliser, in place)."""
+    h ^= h >> np.uint64(33)
+    h *= np.uint64(0xFF51AFD7ED558CCD)
+    h ^= h >> np.uint64(33)
+    h *= np.uint64(0xC4CEB9FE1A85EC53)
+    h ^= h >> np.uint64(33)
+    return h
 
 
 def normalise(text: str) -> str:
     return " ".join(text.casefold().split())
 
 
-def exact_key(text: str) -> bytes:
-    return hashlib.blake2b(normalise(text).encode("utf-8"), digest_size=16).digest()
+def word_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Hashes of each text's case-folded words, flat, with row offsets (len(texts)+1).
+
+    The words are those of `text.casefold().split()`: equal words hash equal in every batch.
+    """
+    n = len(texts)
+    joined = "\n".join(texts)
+    if joined.isascii():  # casefold is lower() and the byte offsets are the str offsets
+        data = joined.lower().encode("ascii")
+        lengths = np.fromiter(map(len, texts), dtype=np.int64, count=n)
+    else:  # only single spaces left between words, so the separator and spaces split
+        normal = [normalise(t).encode("utf-8", "surrogatepass") for t in texts]
+        data = b"\n".join(normal)
+        lengths = np.fromiter(map(len, normal), dtype=np.int64, count=n)
+    starts = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths + 1, out=starts[1:])
+    raw = np.frombuffer(data, dtype=np.uint8)
+    space = (raw == 32) | ((raw >= 9) & (raw <= 13)) | ((raw >= 28) & (raw <= 31))
+    edges = np.diff((~space).view(np.int8), prepend=np.int8(0), append=np.int8(0))
+    first = np.flatnonzero(edges == 1)
+    hashes = _hash_spans(raw, first, np.flatnonzero(edges == -1) - first)
+    # Text i's words are those starting in [starts[i], starts[i+1]).
+    offsets = np.searchsorted(first, starts).astype(np.int64)
+    return hashes, offsets
 
 
-def exact_duplicates(texts: Sequence[str], seen: set[bytes] | None = None) -> list[bool]:
-    """Flags for records whose normalised text appeared earlier (or is in `seen`)."""
-    seen = set() if seen is None else seen
-    flags = []
-    for text in texts:
-        key = exact_key(text)
-        flags.append(key in seen)
-        seen.add(key)
-    return flags
+def select_rows(flat: np.ndarray, offsets: np.ndarray, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The (flat, offsets) of word_hashes() for the given rows only."""
+    rows = np.asarray(rows, dtype=np.int64)
+    counts = np.diff(offsets)
+    keep = np.zeros(len(counts), dtype=bool)
+    keep[rows] = True
+    chosen = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(counts[rows], out=chosen[1:])
+    return flat[np.repeat(keep, counts)], chosen
+
+
+def _hash_spans(raw: np.ndarray, first: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each byte span raw[first:first+length], eight bytes at a time."""
+    size = len(raw)
+    padded = np.zeros(size + 16, dtype=np.uint8)
+    padded[:size] = raw
+    words = (size + 8) // 8
+    # The eight bytes at position p are lanes[p % 8, p // 8] (little-endian).
+    lanes = np.stack([padded[shift:shift + 8 * words].view("<u8") for shift in range(8)])
+    low = np.minimum(lengths, 8)
+    chunk = lanes[first & 7, first >> 3]
+    chunk &= _LOW_BYTES[low]
+    hashes = _finalise((lengths.astype(np.uint64) * _MIX2 ^ chunk) * _MIX1)
+    longer = np.flatnonzero(lengths > 8)  # words past their first eight bytes
+    skip = 8
+    while len(longer):
+        at, left = first[longer] + skip, lengths[longer] - skip
+        chunk = lanes[at & 7, at >> 3]
+        chunk &= _LOW_BYTES[np.minimum(left, 8)]
+        hashes[longer] = _finalise((hashes[longer] ^ chunk) * _MIX1)
+        longer, skip = longer[left > 8], skip + 8
+    return hashes
+
+
+def exact_keys_of(hashes: np.ndarray, offsets: np.ndarray) -> list[int]:
+    """A 128-bit key per text: two polynomial hashes of its word-hash sequence and its length."""
+    n = len(offsets) - 1
+    counts = np.diff(offsets)
+    k1 = counts.astype(np.uint64) * _MIX1
+    k2 = counts.astype(np.uint64) * _MIX2
+    if len(hashes):
+        row = np.repeat(np.arange(n), counts)
+        position = np.arange(len(hashes), dtype=np.int64) - offsets[row]
+        top = int(counts.max())
+        filled = np.flatnonzero(counts)
+        at = offsets[filled]
+        k1[filled] += np.add.reduceat(hashes * _WORD_POWERS1.upto(top)[position], at)
+        k2[filled] += np.add.reduceat((hashes ^ (hashes >> np.uint64(29))) *
+                                      _WORD_POWERS2.upto(top)[position], at)
+    k1, k2 = _finalise(k1), _finalise(k2)
+    return [(a << 64) | b for a, b in zip(k1.tolist(), k2.tolist())]
+
+
+def exact_keys(texts: Sequence[str]) -> list[int]:
+    """The exact-duplicate key of each text (equal for texts equal after normalise())."""
+    return exact_keys_of(*word_hashes(texts))
 
 
 def lsh_rows_per_band(threshold: float, num_perm: int = NUM_PERM) -> int:
@@ -55,16 +167,15 @@ def lsh_rows_per_band(threshold: float, num_perm: int = NUM_PERM) -> int:
     return best
 
 
-def _shingle_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def shingle_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Word 3-gram shingle hashes of each text, flat, with row offsets (len(texts)+1)."""
-    import rensa
+    flat, starts = word_hashes(texts)
+    return _shingles(flat, starts)
 
-    words = [t.casefold().split() for t in texts]
-    hashed = rensa.RMinHash.hash_token_sets(words)
-    lengths = np.fromiter((len(h) for h in hashed), dtype=np.int64, count=len(hashed))
-    flat = np.fromiter(itertools.chain.from_iterable(hashed), dtype=np.uint64, count=int(lengths.sum()))
-    starts = np.zeros(len(texts) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=starts[1:])
+
+def _shingles(flat: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    n = len(starts) - 1
+    lengths = np.diff(starts)
     # A shingle starting at i is valid when i + 2 is still inside the same text.
     row_end = np.repeat(starts[1:], lengths)
     position = np.arange(len(flat), dtype=np.int64)
@@ -76,75 +187,165 @@ def _shingle_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     counts = np.maximum(lengths - 2, 0)
     # Texts shorter than three words are one shingle: the hash of their words together.
     short = np.flatnonzero(lengths < 3)
-    if len(short):
-        extra = np.array(
-            [hash_words(hashed[i]) for i in short], dtype=np.uint64
-        )
-        counts = counts.copy()
-        counts[short] = 1
-        out_starts = np.zeros(len(texts) + 1, dtype=np.int64)
-        np.cumsum(counts, out=out_starts[1:])
-        merged = np.empty(int(out_starts[-1]), dtype=np.uint64)
-        mask = np.ones(len(merged), dtype=bool)
-        mask[out_starts[short]] = False
-        merged[mask] = shingles
-        merged[out_starts[short]] = extra
-        return merged, out_starts
-    offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    if not len(short):
+        np.cumsum(counts, out=offsets[1:])
+        return shingles, offsets
+    extra = np.array([hash_words(flat[starts[i]:starts[i + 1]].tolist()) for i in short],
+                     dtype=np.uint64)
+    counts = counts.copy()
+    counts[short] = 1
     np.cumsum(counts, out=offsets[1:])
-    return shingles, offsets
+    merged = np.empty(int(offsets[-1]), dtype=np.uint64)
+    mask = np.ones(len(merged), dtype=bool)
+    mask[offsets[short]] = False
+    merged[mask] = shingles
+    merged[offsets[short]] = extra
+    return merged, offsets
 
 
 def hash_words(hashes: Sequence[int]) -> int:
     value = 0x243F6A8885A308D3
     for h in hashes:
-        value = ((value ^ h) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+        value = ((value ^ h) * 0x100000001B3) & _MASK
     return value
+
+
+class NearDuplicateIndex:
+    """Near-duplicate detection over texts given a batch at a time, in order.
+
+    `add(texts)` hashes a batch into MinHash digests and indexes them, noting which records
+    share an LSH band with an earlier one; nothing else is kept per record. `duplicates(read)`
+    then finds the earlier partners of those records (a second hashing pass against a
+    small index of them), verifies all these candidates with their exact Jaccard similarity
+    and returns the positions of near-duplicates. `read(positions)` gives texts back by
+    position (the caller keeps them on disk).
+    """
+
+    def __init__(self, threshold: float, work_dir: str | None = None) -> None:
+        import rensa
+
+        # Each batch's shingle hashes wait on disk for the second pass (8 bytes a shingle).
+        self.shingle_file = tempfile.TemporaryFile(dir=work_dir)
+        self.batches: list[tuple[int, int, np.ndarray]] = []  # (first position, shingles, offsets)
+        self.threshold = threshold
+        self.rows = lsh_rows_per_band(threshold)
+        self.bands = NUM_PERM // self.rows
+        self.lsh = rensa.RMinHashLSH(threshold, NUM_PERM, self.bands)
+        self.later: list[int] = []  # shares a band with an earlier record (or one in its batch)
+        self.size = 0
+
+    def add(self, texts: Sequence[str]) -> None:
+        if texts:
+            self.add_words(*word_hashes(texts))
+
+    def add_words(self, flat: np.ndarray, offsets: np.ndarray) -> None:
+        """Like add(), from word_hashes() the caller already has."""
+        shingles, shingle_offsets = _shingles(flat, offsets)
+        flags = self.lsh.insert_matrix_and_query_duplicate_flags(
+            _digest_matrix(shingles, shingle_offsets), self.size)
+        self.later.extend(np.flatnonzero(np.asarray(flags, dtype=bool)) + self.size)
+        self.shingle_file.write(shingles.tobytes())
+        self.batches.append((self.size, len(shingles), shingle_offsets))
+        self.size += len(offsets) - 1
+
+    def duplicates(self, read: Callable[[list[int]], Sequence[str]],
+                   batch: int = 4096) -> list[int]:
+        import rensa
+
+        del self.lsh
+        if not self.later:
+            self.close()
+            return []
+        # Every record that shares a band with another one shares it with one of `later`.
+        flagged = rensa.RMinHashLSH(self.threshold, NUM_PERM, self.bands)
+        for start in range(0, len(self.later), batch):
+            chunk = self.later[start:start + batch]
+            flagged.insert_matrix(_digests(*word_hashes(read(chunk))), start)
+        candidates: list[int] = []
+        self.shingle_file.seek(0)
+        for start, count, offsets in self.batches:
+            shingles = np.frombuffer(self.shingle_file.read(8 * count), dtype=np.uint64)
+            # one_shot: a band shared with any indexed key counts (query_duplicate_flags_matrix
+            # wants two keys in the bucket, as if the queried rows were indexed themselves).
+            flags = flagged.query_duplicate_flags_matrix_one_shot(_digest_matrix(shingles, offsets))
+            candidates.extend((np.flatnonzero(np.asarray(flags, dtype=bool)) + start).tolist())
+        del flagged
+        self.close()
+        return _verify(read, candidates, self.threshold, self.rows, batch)
+
+
+    def close(self) -> None:
+        self.shingle_file.close()
+        self.batches.clear()
+
+
+def _digests(flat: np.ndarray, offsets: np.ndarray):
+    return _digest_matrix(*_shingles(flat, offsets))
+
+
+def _digest_matrix(shingles: np.ndarray, offsets: np.ndarray):
+    import rensa
+
+    return rensa.RMinHash.digest_matrix_from_flat_token_hashes(
+        shingles, offsets.astype(np.uint64), NUM_PERM, MINHASH_SEED)
 
 
 def near_duplicates(texts: Sequence[str], threshold: float) -> list[bool]:
     """Flags for records that are near-duplicates of an earlier kept record."""
-    import rensa
-
     n = len(texts)
     flags = [False] * n
     if threshold <= 0 or n < 2:
         return flags
-    rows = lsh_rows_per_band(threshold)
-    lsh = rensa.RMinHashLSH(threshold, NUM_PERM, NUM_PERM // rows)
-    matrices = []
-    for start in range(0, n, _CHUNK):
-        flat, offsets = _shingle_hashes(texts[start:start + _CHUNK])
-        matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(
-            flat, offsets.astype(np.uint64), NUM_PERM, MINHASH_SEED
-        )
-        lsh.insert_matrix(matrix, start)
-        matrices.append(matrix)
-    candidates: list[int] = []
-    for index, matrix in enumerate(matrices):
-        chunk_flags = lsh.query_duplicate_flags_matrix(matrix)
-        candidates.extend(index * _CHUNK + i for i, f in enumerate(chunk_flags) if f)
-    del matrices, lsh
-    if not candidates:
-        return flags
-    return _verify(texts, candidates, threshold, rows, flags)
+    index = NearDuplicateIndex(threshold)
+    for start in range(0, n, 4096):
+        index.add(texts[start:start + 4096])
+    for i in index.duplicates(lambda positions: [texts[i] for i in positions]):
+        flags[i] = True
+    return flags
 
 
-def _verify(texts: Sequence[str], candidates: list[int], threshold: float, rows: int,
-            flags: list[bool]) -> list[bool]:
-    """Greedy pass over the LSH candidates in order, checking exact Jaccard similarity."""
+def _verify(read: Callable[[list[int]], Sequence[str]], candidates: list[int], threshold: float,
+            rows: int, batch: int) -> list[int]:
+    """Greedy pass over the LSH candidates in order, checking exact Jaccard similarity;
+    the positions of the candidates that are near-duplicates of an earlier kept one.
+
+    Two candidates are compared when a band of their digests is equal; each candidate keeps
+    only its sorted unique shingle hashes (a flat array) and one key per band.
+    """
+    bands = NUM_PERM // rows
+    shingle_parts: list[np.ndarray] = []
+    sizes = np.zeros(len(candidates), dtype=np.int64)
+    band_parts: list[np.ndarray] = []
     import rensa
 
-    flat, offsets = _shingle_hashes([texts[i] for i in candidates])
-    digests = rensa.RMinHash.digest_matrix_from_flat_token_hashes(
-        flat, offsets.astype(np.uint64), NUM_PERM, MINHASH_SEED
-    ).to_rows()
-    shingle_sets = [set(flat[offsets[k]:offsets[k + 1]].tolist()) for k in range(len(candidates))]
-    buckets: dict[tuple, list[int]] = {}
+    for start in range(0, len(candidates), batch):
+        flat, offsets = shingle_hashes(read(candidates[start:start + batch]))
+        m = len(offsets) - 1
+        digests = np.array(rensa.RMinHash.digest_matrix_from_flat_token_hashes(
+            flat, offsets.astype(np.uint64), NUM_PERM, MINHASH_SEED).to_rows(), dtype=np.uint64)
+        per_band = digests.reshape(m, bands, rows)
+        keys = np.zeros((m, bands), dtype=np.uint64)
+        for r in range(rows):
+            keys = _finalise(keys * _MIX1 + per_band[:, :, r])
+        keys ^= np.arange(bands, dtype=np.uint64) * _MIX2
+        band_parts.append(keys)
+        row = np.repeat(np.arange(m), np.diff(offsets))
+        order = np.lexsort((flat, row))
+        flat, row = flat[order], row[order]
+        unique = np.ones(len(flat), dtype=bool)
+        unique[1:] = (flat[1:] != flat[:-1]) | (row[1:] != row[:-1])
+        shingle_parts.append(flat[unique])
+        sizes[start:start + m] = np.bincount(row[unique], minlength=m)
+    shingles = np.concatenate(shingle_parts) if shingle_parts else np.zeros(0, dtype=np.uint64)
+    starts = np.zeros(len(candidates) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=starts[1:])
+    band_keys = np.concatenate(band_parts).tolist() if band_parts else []
+    buckets: dict[int, list[int]] = {}
+    found: list[int] = []
     for k in range(len(candidates)):
-        digest = digests[k]
-        keys = [(b, *digest[b * rows:(b + 1) * rows]) for b in range(NUM_PERM // rows)]
-        mine = shingle_sets[k]
+        keys = band_keys[k]
+        mine = shingles[starts[k]:starts[k + 1]]
         seen: set[int] = set()
         duplicate = False
         for key in keys:
@@ -152,16 +353,16 @@ def _verify(texts: Sequence[str], candidates: list[int], threshold: float, rows:
                 if other in seen:
                     continue
                 seen.add(other)
-                theirs = shingle_sets[other]
-                common = len(mine & theirs)
+                theirs = shingles[starts[other]:starts[other + 1]]
+                common = len(np.intersect1d(mine, theirs, assume_unique=True))
                 if common and common / (len(mine) + len(theirs) - common) >= threshold:
                     duplicate = True
                     break
             if duplicate:
                 break
         if duplicate:
-            flags[candidates[k]] = True
+            found.append(candidates[k])
         else:
             for key in keys:
                 buckets.setdefault(key, []).append(k)
-    return flags
+    return found

@@ -16,7 +16,7 @@ role values: {"conversations": "messages", "from": "role", "value": "content",
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from finetune_api.prompts import INSTRUCTION_TEMPLATE, INSTRUCTION_WITH_INPUT_TEMPLATE  # noqa: F401 - re-exported
 
@@ -53,6 +53,8 @@ class Example:
     # messages (None: dedup_text). 200 distinct conversations sharing one long system prompt
     # were near-duplicates of each other (issue 16 item 8).
     near_text: str | None = None
+    # Its length as the chat template renders it (headers, BOS/EOS, tools), when rendered.
+    rendered_tokens: int | None = None
 
     @property
     def similarity_text(self) -> str:
@@ -135,10 +137,13 @@ def _messages(messages: Any, field_map: dict[str, str], name: str,
                 " (rename roles with the field map, e.g. gpt=assistant)"
             )
         content = message.get("content")
-        if role == "assistant" and message.get("tool_calls") and not content:
-            content = ""  # an assistant turn that only calls tools
-        elif content is None and "content" not in message:
+        calls_tools = role == "assistant" and message.get("tool_calls")
+        if "content" not in message and not calls_tools:
             raise RecordError(f'{where}: field "content" is missing (format: {fmt})')
+        if isinstance(content, list):
+            content = _text_parts(content, f"{where}.content")
+        if calls_tools and not content:
+            content = ""  # an assistant turn that only calls tools
         elif not isinstance(content, str):
             raise RecordError(f"{where}.content must be a string, got {_type_name(content)}")
         elif not content.strip():
@@ -147,6 +152,20 @@ def _messages(messages: Any, field_map: dict[str, str], name: str,
         out.append({"role": role, "content": content, **converted})
         texts.append(content)
     return out, texts
+
+
+def _text_parts(parts: list, where: str) -> str:
+    """OpenAI's content-part array, text parts only, as the one string templates render."""
+    texts = []
+    for j, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            shown = repr(kind) if kind is not None else _type_name(part)
+            raise RecordError(f"{where}[{j}]: content part {shown} is not supported (text parts only)")
+        if not isinstance(part.get("text"), str):
+            raise RecordError(f'{where}[{j}]: field "text" must be a string, got {_type_name(part.get("text"))}')
+        texts.append(part["text"])
+    return "".join(texts)
 
 
 def _chat(record: dict, field_map: dict[str, str]) -> tuple[dict, str]:
@@ -270,8 +289,13 @@ def record_size(record: dict) -> int:
 
 
 def convert(raw: Any, fmt: str, field_map: dict[str, str], where: str,
-            category_field: str | None = None, *, parse_json_strings: bool = False) -> Example:
-    """Validate `raw` against `fmt`; raise RecordError naming the problem."""
+            category_field: str | None = None, *, parse_json_strings: bool = False,
+            render: Callable[[dict], int] | None = None) -> Example:
+    """Validate `raw` against `fmt`; raise RecordError naming the problem.
+
+    `render` (chat_templates.ChatRenderer.count) renders a chat record with the model's chat
+    template and returns its length; what the template cannot render is a RecordError here,
+    at validation, not an error inside the trainer."""
     if not isinstance(raw, dict):
         raise RecordError(f"expected a JSON object, got {_type_name(raw)}")
     record = apply_field_map(raw, field_map)
@@ -303,7 +327,9 @@ def convert(raw: Any, fmt: str, field_map: dict[str, str], where: str,
     if category_field:
         value = record.get(category_field)
         category = "(missing)" if value is None else str(value)
-    return Example(where, converted, dedup_text, category, near_text=_learned_text(converted))
+    rendered = render(converted) if render is not None and "messages" in converted else None
+    return Example(where, converted, dedup_text, category, near_text=_learned_text(converted),
+                   rendered_tokens=rendered)
 
 
 def _learned_text(converted: dict[str, Any]) -> str | None:

@@ -9,6 +9,12 @@ make more: give a tokenizer when it matters).
 Truncation cuts from the end, as the trainer would: the completion of a prompt/completion
 record, the last messages of a chat. An example whose trainable part (completion, assistant
 messages, text) is gone after truncation is removed: it would only add padding.
+
+Chat records, when the model's chat template renders them (a `renderer`,
+chat_templates.ChatRenderer), are measured as rendered: BOS, role headers, the date header,
+tools and every end-of-turn token count. Truncation then keeps whole turns, up to the last
+assistant turn that fits, so the trainer never cuts off an end-of-turn token; only a first
+answer longer than the limit on its own is shortened, and rendered again with its end.
 """
 
 from __future__ import annotations
@@ -304,9 +310,66 @@ def _pair_length(record: dict, counter: TokenCounter, max_len: int, policy: str,
     return {**record, **parts, "_tokens": total}
 
 
+def _template_truncate(record: dict, renderer: Any, counter: TokenCounter,
+                       max_len: int) -> tuple[dict | None, int]:
+    """A chat record cut to `max_len` rendered tokens: the longest run of whole turns that
+    ends with an assistant turn, else the first answer shortened. (None, 0): nothing fits."""
+    from ..chat_templates import TemplateError
+
+    messages = record["messages"]
+    for end in range(len(messages) - 1, 0, -1):
+        if messages[end - 1]["role"] != "assistant":
+            continue
+        candidate = {**record, "messages": messages[:end]}
+        try:
+            tokens = renderer.count(candidate)
+        except TemplateError:
+            continue
+        if tokens <= max_len:
+            return candidate, tokens
+    first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), None)
+    if first is None:
+        return None, 0
+    content = messages[first]["content"]
+    for _ in range(4):  # a cut can change how the rest tokenizes: measure again
+        candidate = {**record, "messages": messages[:first] + [{**messages[first], "content": content}]}
+        try:
+            tokens = renderer.count(candidate)
+        except TemplateError:
+            return None, 0
+        if tokens <= max_len:
+            return candidate, tokens
+        keep = counter.count([content])[0] - (tokens - max_len)
+        content = counter.cut(content, keep) if keep > 0 else ""
+        if not content.strip():
+            return None, 0
+    return None, 0
+
+
+def _template_length(example: Example, renderer: Any, counter: TokenCounter, max_len: int,
+                     policy: str, result: LengthResult) -> None:
+    total = example.rendered_tokens
+    if total is None:
+        total = renderer.count(example.record)
+    if total > max_len:
+        if policy == "drop":
+            result.dropped_too_long += 1
+            return
+        record, total = _template_truncate(example.record, renderer, counter, max_len)
+        if record is None:
+            result.dropped_no_trainable += 1
+            return
+        example.record = record
+        result.truncated += 1
+    example.tokens = total
+    result.kept.append(example)
+
+
 def apply_length_policy(examples: list[Example], counter: TokenCounter, max_len: int,
                         policy: str, *, max_prompt_length: int | None = None,
-                        max_completion_length: int | None = None) -> LengthResult:
+                        max_completion_length: int | None = None,
+                        renderer: Any = None) -> LengthResult:
+    """`renderer` (chat_templates.ChatRenderer): chat records are measured as rendered."""
     result = LengthResult()
     if examples and "chosen" in examples[0].record:
         for example in examples:
@@ -317,10 +380,16 @@ def apply_length_policy(examples: list[Example], counter: TokenCounter, max_len:
                 example.record = record
                 result.kept.append(example)
         return result
-    parts_per_example = [_segments(e.record) for e in examples]
+    def templated(example: Example) -> bool:
+        return renderer is not None and "messages" in example.record
+
+    parts_per_example = [[] if templated(e) else _segments(e.record) for e in examples]
     counts_flat = counter.count([text for parts in parts_per_example for text, _ in parts])
     position = 0
     for example, parts in zip(examples, parts_per_example):
+        if templated(example):
+            _template_length(example, renderer, counter, max_len, policy, result)
+            continue
         counts = counts_flat[position:position + len(parts)]
         position += len(parts)
         chat = "messages" in example.record

@@ -16,6 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
+import numpy as np
+
 from .formats import MAX_RECORD_BYTES
 
 Item = tuple[str, Any, str | None]
@@ -117,32 +120,82 @@ def _decode(raw: bytes, lineno: int) -> tuple[str | None, str | None]:
 
 
 def _read_jsonl(path: Path) -> Iterator[Item]:
-    loads = json.loads
+    lineno = 0
+    for block in _line_blocks(path):
+        records = _parse_block(block)
+        if records is not None:
+            for record in records:
+                lineno += 1
+                yield f"line {lineno}", record, None
+            continue
+        # Something in this block needs a closer look: line by line, with the exact errors.
+        for raw in block.split(b"\n"):
+            lineno += 1
+            item = _jsonl_line(lineno, raw)
+            if item is not None:
+                yield item
+
+
+_BLOCK_BYTES = 1 << 22
+_BLANK_LINE = re.compile(rb"(?:^|\n)[ \t\r\f\v]*(?:\n|$)")
+_parse_lines = msgspec.json.Decoder().decode_lines
+
+
+def _line_blocks(path: Path) -> Iterator[bytes]:
+    """The file in blocks of whole lines, without the newline that ends a block (and
+    without the file's byte order mark)."""
     with path.open("rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if lineno == 1:
-                raw = raw.removeprefix(_BOM)
-            raw = raw.rstrip(b"\r\n")
-            if len(raw) > MAX_RECORD_BYTES:
-                yield (f"line {lineno}", None,
-                       f"line {lineno}: record is {len(raw) / 1e6:.1f} MB, over the "
-                       f"{MAX_RECORD_BYTES / 1e6:g} MB limit per record")
-                continue
-            if not raw.strip():
-                continue
-            where = f"line {lineno}"
-            nul = raw.find(b"\x00")
-            if nul >= 0:
-                yield where, None, f"{where}: binary data (NUL byte at column {nul + 1})"
-                continue
-            text, error = _decode(raw, lineno)
-            if error:
-                yield where, None, error
-                continue
-            try:
-                yield where, loads(text), None
-            except json.JSONDecodeError as exc:
-                yield where, None, f"{where}: not valid JSON: {exc.msg} at column {exc.colno}"
+        carry: list[bytes] = []  # the start of a line that the next read completes
+        chunk = f.read(_BLOCK_BYTES).removeprefix(_BOM)
+        while chunk:
+            cut = chunk.rfind(b"\n")
+            if cut < 0:
+                carry.append(chunk)
+            else:
+                yield b"".join(carry) + chunk[:cut]
+                carry = [chunk[cut + 1:]]
+            chunk = f.read(_BLOCK_BYTES)
+        rest = b"".join(carry)
+        if rest:
+            yield rest
+
+
+def _parse_block(block: bytes) -> list | None:
+    """Every line of `block` parsed by msgspec in one call, or None when any line needs the
+    line-by-line checks (blank, too long, not UTF-8, not JSON, NaN, a lone surrogate...)."""
+    if not block or _BLANK_LINE.search(block):
+        return None
+    ends = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10)
+    lengths = np.diff(ends, prepend=-1, append=len(block)) - 1
+    if lengths.max() > MAX_RECORD_BYTES:
+        return None
+    try:
+        records = _parse_lines(block)
+    except (msgspec.DecodeError, ValueError):
+        return None
+    return records if len(records) == len(lengths) else None
+
+
+def _jsonl_line(lineno: int, raw: bytes) -> Item | None:
+    """One JSONL line: (where, record, None), (where, None, error), or None for a blank line."""
+    raw = raw.rstrip(b"\r\n")
+    where = f"line {lineno}"
+    if len(raw) > MAX_RECORD_BYTES:
+        return (where, None, f"{where}: record is {len(raw) / 1e6:.1f} MB, over the "
+                             f"{MAX_RECORD_BYTES / 1e6:g} MB limit per record")
+    if not raw.strip():
+        return None
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        return where, None, f"{where}: binary data (NUL byte at column {nul + 1})"
+    text, error = _decode(raw, lineno)
+    if error:
+        return where, None, error
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return where, None, f"{where}: not valid JSON: {exc.msg} at column {exc.colno}"
+    return (where, *_checked(where, record))
 
 
 def _read_json(path: Path) -> Iterator[Item]:
@@ -167,12 +220,25 @@ def _read_json(path: Path) -> Iterator[Item]:
             f"{path}: line {exc.lineno}: not valid JSON: {exc.msg} at column {exc.colno}"
         ) from None
     if isinstance(records, dict):
-        yield "record 1", records, None
+        yield "record 1", *_checked("record 1", records)
         return
     if not isinstance(records, list):
         raise SourceError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
     for i, record in enumerate(records, 1):
-        yield f"record {i}", record, None
+        yield f"record {i}", *_checked(f"record {i}", record)
+
+
+def _checked(where: str, record: Any) -> tuple[Any, str | None]:
+    """(record, None), or (None, error) when its text holds an escaped lone surrogate
+    ("\\ud800"): json.loads takes it, but it is no Unicode text and cannot be written."""
+    try:
+        msgspec.json.encode(record)
+    except UnicodeEncodeError as exc:
+        return None, (f"{where}: text holds an unpaired surrogate \\u{ord(exc.object[exc.start]):04x} "
+                      "(a JSON escape that is not valid Unicode)")
+    except (TypeError, ValueError):
+        pass  # NaN or a huge number: the format checks name the field
+    return record, None
 
 
 def _read_csv(path: Path, delimiter: str) -> Iterator[Item]:

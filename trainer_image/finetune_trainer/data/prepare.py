@@ -1,25 +1,55 @@
-"""Load, validate, clean, split and mix a dataset: everything before any GPU time."""
+"""Load, validate, clean, split and mix a dataset: everything before any GPU time.
+
+The records stream through in batches and never all sit in memory at once:
+
+1. read and convert each record (errors keep their line numbers), drop exact duplicates
+   (a 128-bit key per record in a set), index each batch for near-duplicates (MinHash
+   digests, 512 bytes a record), and append the survivors to a spill file on disk;
+2. verify the near-duplicate candidates, reading only their texts back;
+3. stream the spill again: apply the length policy, append what is kept to a second
+   spill file (canonical JSON: sorted keys), with its token count and category;
+4. split by position, hash the kept records' bytes, and read the records back only when the
+   caller wants them (`prepare_dataset`; `validate-data` wants only the report).
+
+The spill files live in `work_dir` (the trainer passes a folder on the job's claim), or in
+a temporary folder, and are removed at the end.
+"""
 
 from __future__ import annotations
 
+import gc
 import hashlib
-import json
+import mmap
 import random
+import tempfile
+from array import array
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import msgspec
+import numpy as np
 
 from ..config import DatasetConfig
 from . import dedup
-from .formats import OUTPUT_KIND, Example, RecordError, convert, unify_preference_records
+from .formats import OUTPUT_KIND, Example, RecordError, conversational_pair, convert
 from .length import TokenCounter, apply_length_policy, make_counter, percentiles
 from .load import SourceError, is_tabular, read_records
-from .report import DatasetReport, DataValidationError
+from .report import MAX_ERRORS, DatasetReport, DataValidationError
 
 # Warn when the largest category has more than this many times the examples of the smallest.
 IMBALANCE_RATIO = 10
-_CANONICAL_JSON = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+# Records per batch, and the most characters of text in one (a few huge records).
+BATCH_RECORDS = 4096
+BATCH_CHARS = 4_000_000
+
+_encode = msgspec.json.Encoder(order="sorted").encode
+_encode_lines = msgspec.json.Encoder(order="sorted").encode_lines
+_decode = msgspec.json.Decoder().decode
+_decode_lines = msgspec.json.Decoder().decode_lines
 
 
 @dataclass
@@ -32,7 +62,8 @@ class PreparedDataset:
 def prepare_dataset(cfg: DatasetConfig, *, seed: int, max_seq_length: int, tokenizer: Any = None,
                     resolve: Callable[[str], str] = lambda s: s,
                     max_prompt_length: int | None = None,
-                    max_completion_length: int | None = None) -> PreparedDataset:
+                    max_completion_length: int | None = None,
+                    work_dir: str | Path | None = None) -> PreparedDataset:
     """The cleaned train/eval records; raises DataValidationError when the data is unusable.
 
     `max_prompt_length` / `max_completion_length` (preference pairs, DPO) cut prompts to
@@ -41,102 +72,72 @@ def prepare_dataset(cfg: DatasetConfig, *, seed: int, max_seq_length: int, token
     prepared = inspect_dataset(cfg, seed=seed, max_seq_length=max_seq_length,
                                tokenizer=tokenizer, resolve=resolve,
                                max_prompt_length=max_prompt_length,
-                               max_completion_length=max_completion_length)
+                               max_completion_length=max_completion_length, work_dir=work_dir)
     if not prepared.report.usable:
         raise DataValidationError(prepared.report)
     return prepared
 
 
+@contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    """The pipeline makes millions of small acyclic objects; the cyclic collector would
+    rescan them again and again (a third of the run time) and free nothing."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def inspect_dataset(cfg: DatasetConfig, *, seed: int, max_seq_length: int, tokenizer: Any = None,
                     resolve: Callable[[str], str] = lambda s: s,
                     max_prompt_length: int | None = None,
-                    max_completion_length: int | None = None) -> PreparedDataset:
-    """Like prepare_dataset, but an unusable dataset is only marked so in the report."""
+                    max_completion_length: int | None = None,
+                    work_dir: str | Path | None = None,
+                    keep_records: bool = True) -> PreparedDataset:
+    """Like prepare_dataset, but an unusable dataset is only marked so in the report.
+
+    With `keep_records=False` (validate-data) the records are not read back into memory:
+    train and eval come back empty and only the report is filled in.
+    """
+    from .. import chat_templates
+
     counter = make_counter(tokenizer)
     report = DatasetReport(token_lengths_approximate=counter.approximate)
-    pipeline = _Pipeline(cfg, report, counter, max_seq_length,
-                         pair_limits={"max_prompt_length": max_prompt_length,
-                                      "max_completion_length": max_completion_length})
-
-    eval_examples: list[Example] = []
-    eval_keys: set[bytes] = set()
-    if cfg.eval_source:
-        loaded = pipeline.read(resolve(cfg.eval_source), label=f"eval source {cfg.eval_source}: ")
-        if loaded is None:
-            return PreparedDataset([], [], report)
-        eval_examples = pipeline.clean(loaded)
-        eval_keys = {dedup.exact_key(e.dedup_text) for e in eval_examples}
-
-    loaded = pipeline.read(resolve(cfg.source))
-    if loaded is None:
+    problem = chat_templates.missing_template_problem(
+        tokenizer, [cfg.format] + ([cfg.mix.format] if cfg.mix and cfg.mix.format else []))
+    if problem:
+        report.fail(problem)
         return PreparedDataset([], [], report)
-    examples = pipeline.clean(loaded, leaked=eval_keys)
-
-    if cfg.eval_source:
-        train_examples = examples
-    else:
-        train_examples, eval_examples = split(examples, cfg.eval_fraction, seed,
-                                              max_eval=cfg.max_eval_examples)
-        if cfg.max_eval_examples is not None and round(len(examples) * cfg.eval_fraction) > cfg.max_eval_examples:
-            report.warnings.append(f"evalFraction {cfg.eval_fraction} would hold out "
-                                   f"{round(len(examples) * cfg.eval_fraction)} records; held out "
-                                   f"dataset.maxEvalExamples ({cfg.max_eval_examples})")
-        if cfg.eval_fraction > 0 and len(examples) == 1:
-            report.warnings.append("too few examples to hold any out for evaluation")
-
-    own = train_examples + eval_examples
-    if cfg.category_field:
-        report.category_balance = category_balance(own, cfg.category_field, report)
-    if len(own) < cfg.min_examples and report.usable:
-        report.fail(f"only {len(own)} usable examples, fewer than dataset.minExamples "
-                    f"({cfg.min_examples})")
-
-    if cfg.mix is not None and report.usable:
-        mixed = pipeline.mix_in(cfg, train_examples, eval_examples, seed, resolve)
-        report.mix_examples = len(mixed)
-        train_examples = train_examples + mixed
-
-    train = [e.record for e in train_examples]
-    evals = [e.record for e in eval_examples]
-    if cfg.format == "preference":
-        both = unify_preference_records(train + evals)
-        train, evals = both[:len(train)], both[len(train):]
-    report.train_examples = len(train)
-    report.eval_examples = len(evals)
-    report.token_length_percentiles = percentiles(
-        [e.tokens for e in train_examples] + [e.tokens for e in eval_examples]
-    )
-    report.content_hash = content_hash(train, evals)
-    return PreparedDataset(train, evals, report)
+    with tempfile.TemporaryDirectory(prefix=".prepare-", dir=work_dir) as tmp, _no_cyclic_gc():
+        pipeline = _Pipeline(cfg, report, counter, max_seq_length, Path(tmp),
+                             pair_limits={"max_prompt_length": max_prompt_length,
+                                          "max_completion_length": max_completion_length},
+                             renderer=chat_templates.dataset_renderer(tokenizer, cfg.chat_template))
+        try:
+            return pipeline.run(seed, resolve, keep_records)
+        finally:
+            pipeline.close()
 
 
-def split(examples: list[Example], eval_fraction: float, seed: int,
-          max_eval: int | None = None) -> tuple[list[Example], list[Example]]:
-    """A seeded random hold-out of at most `max_eval` records; both parts keep the file's order."""
-    n = len(examples)
+def split(n: int, eval_fraction: float, seed: int,
+          max_eval: int | None = None) -> tuple[list[int], list[int]]:
+    """Positions of a seeded random hold-out of at most `max_eval` of `n` records, and of
+    the rest; both in the file's order."""
     n_eval = round(n * eval_fraction)
     if eval_fraction > 0 and n_eval == 0 and n >= 2:
         n_eval = 1
     if max_eval is not None:
         n_eval = min(n_eval, max_eval)
     held_out = set(random.Random(seed).sample(range(n), n_eval))
-    train = [e for i, e in enumerate(examples) if i not in held_out]
-    evals = [e for i, e in enumerate(examples) if i in held_out]
-    return train, evals
+    return [i for i in range(n) if i not in held_out], sorted(held_out)
 
 
-def content_hash(train: list[dict], evals: list[dict]) -> str:
-    digest = hashlib.sha256()
-    encode = _CANONICAL_JSON.encode
-    for record in (*train, *evals):
-        digest.update(encode(record).encode("utf-8"))
-        digest.update(b"\n")
-    return digest.hexdigest()
-
-
-def category_balance(examples: list[Example], field_name: str,
+def category_balance(categories: list[str | None], field_name: str,
                      report: DatasetReport) -> dict[str, Any] | None:
-    counts = Counter(e.category for e in examples)
+    counts = Counter(categories)
     if not counts:
         return None
     if set(counts) == {"(missing)"}:
@@ -156,93 +157,320 @@ def category_balance(examples: list[Example], field_name: str,
     }
 
 
+class _Spill:
+    """Records appended to a file, one JSON line each, read back by position once writing
+    is done."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file = path.open("w+b")
+        self.ends = array("q")
+        self.size = 0
+        self.view: mmap.mmap | bytes | None = None
+
+    def _append(self, data: bytes, ends: np.ndarray) -> None:
+        self.file.write(data)
+        self.ends.extend((ends + self.size).tolist())
+        self.size += len(data)
+
+    def append_lines(self, items: list) -> None:
+        if items:
+            data = _encode_lines(items)
+            # Encoded JSON has no raw newline: each one ends a record.
+            self._append(data, np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10) + 1)
+
+    def append_texts(self, texts: list[str]) -> None:
+        """Plain UTF-8 texts, for get_text()."""
+        if texts:
+            encoded = [t.encode("utf-8", "surrogatepass") for t in texts]
+            self._append(b"".join(encoded), np.cumsum([len(e) for e in encoded]))
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def _view(self) -> mmap.mmap | bytes:
+        if self.view is None:
+            self.file.flush()
+            self.view = mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_READ) if self.size else b""
+        return self.view
+
+    def get(self, i: int) -> bytes:
+        return self._view()[self.ends[i - 1] if i else 0:self.ends[i]]
+
+    def get_text(self, i: int) -> str:
+        return self.get(i).decode("utf-8", "surrogatepass")
+
+    def decode(self, positions: list[int]) -> list:
+        return [_decode(self.get(i)) for i in positions]
+
+    def decode_range(self, start: int, stop: int) -> list:
+        """The records at positions start..stop-1, parsed in one call."""
+        if start >= stop:
+            return []
+        return _decode_lines(self._view()[self.ends[start - 1] if start else 0:self.ends[stop - 1]])
+
+    def close(self) -> None:
+        if isinstance(self.view, mmap.mmap):
+            self.view.close()
+        self.file.close()
+
+
+def _spilled_example(row: list) -> Example:
+    """An Example back from a spilled row (record, category, rendered length); its dedup text
+    is not needed any more."""
+    return Example("", row[0], "", row[1], rendered_tokens=row[2] if len(row) > 2 else None)
+
+
+@dataclass
+class _Cleaned:
+    """A source after cleaning: its kept records in a spill, with their tokens, categories
+    and exact-duplicate keys, by position."""
+
+    records: _Spill
+    tokens: array
+    categories: list[str | None]
+    keys: list[int]
+    conversational: bool = False  # a preference pair with a message-list prompt is among them
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
 class _Pipeline:
     def __init__(self, cfg: DatasetConfig, report: DatasetReport, counter: TokenCounter,
-                 max_seq_length: int, pair_limits: dict[str, int | None] | None = None) -> None:
+                 max_seq_length: int, work_dir: Path,
+                 pair_limits: dict[str, int | None] | None = None, renderer: Any = None) -> None:
         self.pair_limits = pair_limits or {}
+        self.renderer = renderer  # chat records are rendered with the chat template
         self.cfg = cfg
         self.report = report
         self.counter = counter
         self.max_seq_length = max_seq_length
+        self.work_dir = work_dir
+        self.spills: list[_Spill] = []
+        self.preference = cfg.format == "preference"
 
-    def _convert_all(self, source: str, fmt: str, field_map: dict[str, str], label: str,
-                     errors: list[str]) -> tuple[list[Example], int]:
-        """Examples and the number of records read; errors appended to `errors`."""
-        examples: list[Example] = []
-        read = 0
+    def _spill(self, name: str) -> _Spill:
+        spill = _Spill(self.work_dir / f"{len(self.spills)}-{name}.jsonl")
+        self.spills.append(spill)
+        return spill
+
+    def close(self) -> None:
+        for spill in self.spills:
+            spill.close()
+
+    def run(self, seed: int, resolve: Callable[[str], str], keep_records: bool) -> PreparedDataset:
+        cfg, report = self.cfg, self.report
+        empty = PreparedDataset([], [], report)
+        evals: _Cleaned | None = None
+        if cfg.eval_source:
+            evals = self.clean_source(resolve(cfg.eval_source), cfg.format, cfg.field_map,
+                                      label=f"eval source {cfg.eval_source}: ")
+            if evals is None:
+                return empty
+        main = self.clean_source(resolve(cfg.source), cfg.format, cfg.field_map,
+                                 leaked=set(evals.keys) if evals else frozenset())
+        if main is None:
+            return empty
+
+        if evals is not None:
+            parts = [(main, list(range(len(main))))], [(evals, list(range(len(evals))))]
+        else:
+            train_at, eval_at = split(len(main), cfg.eval_fraction, seed,
+                                      max_eval=cfg.max_eval_examples)
+            wanted = round(len(main) * cfg.eval_fraction)
+            if cfg.max_eval_examples is not None and wanted > cfg.max_eval_examples:
+                report.warnings.append(f"evalFraction {cfg.eval_fraction} would hold out "
+                                       f"{wanted} records; held out "
+                                       f"dataset.maxEvalExamples ({cfg.max_eval_examples})")
+            if cfg.eval_fraction > 0 and len(main) == 1:
+                report.warnings.append("too few examples to hold any out for evaluation")
+            parts = [(main, train_at)], [(main, eval_at)]
+        train_parts, eval_parts = parts
+
+        own = sum(len(at) for _, at in train_parts + eval_parts)
+        if cfg.category_field:
+            report.category_balance = category_balance(
+                [c.categories[i] for c, at in train_parts + eval_parts for i in at],
+                cfg.category_field, report)
+        if own < cfg.min_examples and report.usable:
+            report.fail(f"only {own} usable examples, fewer than dataset.minExamples "
+                        f"({cfg.min_examples})")
+
+        if cfg.mix is not None and report.usable:
+            own_keys = {c.keys[i] for c, at in train_parts + eval_parts for i in at}
+            mixed = self.mix_in(cfg, sum(len(at) for _, at in train_parts), own_keys, seed,
+                                resolve)
+            if mixed is not None:
+                report.mix_examples = len(mixed[1])
+                train_parts.append(mixed)
+
+        conversational = self.preference and any(
+            c.conversational for c, _ in train_parts + eval_parts)
+        report.train_examples = sum(len(at) for _, at in train_parts)
+        report.eval_examples = sum(len(at) for _, at in eval_parts)
+        report.token_length_percentiles = percentiles(
+            [c.tokens[i] for c, at in train_parts + eval_parts for i in at])
+        digest = hashlib.sha256()
+        for part, at in train_parts + eval_parts:
+            for i in at:
+                line = part.records.get(i)
+                if conversational:
+                    line = _encode(conversational_pair(_decode(line))) + b"\n"
+                digest.update(line)
+        report.content_hash = digest.hexdigest()
+        if not keep_records:
+            return empty
+
+        def records(parts: list[tuple[_Cleaned, list[int]]]) -> list[dict]:
+            out = [r for part, at in parts for r in part.records.decode(at)]
+            return [conversational_pair(r) for r in out] if conversational else out
+
+        return PreparedDataset(records(train_parts), records(eval_parts), report)
+
+    def _examples(self, source: str, fmt: str, field_map: dict[str, str], label: str,
+                  errors: list[str], counts: list[int]) -> Iterator[list[Example]]:
+        """Batches of valid examples; the first errors appended to `errors`, records read and
+        rejected counted in counts[0] and counts[1]."""
         tabular = is_tabular(source)
         category_field = self.cfg.category_field
+        batch: list[Example] = []
+        chars = 0
         for where, raw, error in read_records(source, split=self.cfg.split):
-            read += 1
+            counts[0] += 1
             if error is None:
                 try:
-                    examples.append(convert(raw, fmt, field_map, where, category_field,
-                                            parse_json_strings=tabular))
-                    continue
+                    example = convert(raw, fmt, field_map, where, category_field,
+                                      parse_json_strings=tabular,
+                                      render=self.renderer.count if self.renderer else None)
                 except RecordError as exc:
                     error = f"{where}: {exc}"
-            errors.append(label + error)
-        return examples, read
+                else:
+                    batch.append(example)
+                    chars += len(example.dedup_text)
+                    if len(batch) >= BATCH_RECORDS or chars >= BATCH_CHARS:
+                        yield batch
+                        batch, chars = [], 0
+                    continue
+            counts[1] += 1
+            if len(errors) < MAX_ERRORS:
+                errors.append(label + error)
+        if batch:
+            yield batch
 
-    def read(self, source: str, label: str = "") -> list[Example] | None:
-        """Valid examples of `source`, counting what was read and rejected; None: unusable."""
-        report, cfg = self.report, self.cfg
+    def clean_source(self, source: str, fmt: str, field_map: dict[str, str], *,
+                     label: str = "", leaked: set[int] | frozenset = frozenset(),
+                     count: bool = True) -> _Cleaned | None:
+        """Read, validate, deduplicate and length-check `source`; None: unusable. With
+        count=False (a mix source) its numbers stay out of the report, and its invalid
+        records are only a warning."""
+        cfg, report = self.cfg, self.report
         errors: list[str] = []
+        counts = [0, 0]  # records read, rejected
+        exact = cfg.dedup.exact
+        near = (dedup.NearDuplicateIndex(cfg.dedup.near_threshold, str(self.work_dir))
+                if 0 < cfg.dedup.near_threshold < 1 else None)  # 1: off
+        seen: set[int] = set(leaked)
+        survivors = self._spill("read")
+        texts = self._spill("texts")  # what near-duplicates are judged on, by position
+        survivor_keys: list[int] = []
+        exact_removed = 0
         try:
-            examples, read = self._convert_all(source, cfg.format, cfg.field_map, label, errors)
+            for batch in self._examples(source, fmt, field_map, label, errors, counts):
+                words = dedup.word_hashes([e.dedup_text for e in batch])
+                keys = dedup.exact_keys_of(*words)
+                kept_at: list[int] = []
+                for i, key in enumerate(keys):
+                    if exact or leaked:
+                        if key in seen:
+                            exact_removed += 1
+                            continue
+                        if exact:
+                            seen.add(key)
+                    kept_at.append(i)
+                kept = [batch[i] for i in kept_at]
+                if near is not None and kept:
+                    # Judged on what the model learns from: a shared system prompt is no likeness.
+                    if all(e.near_text is None for e in kept):
+                        near.add_words(*(words if len(kept) == len(batch)
+                                         else dedup.select_rows(*words, kept_at)))
+                    else:
+                        near.add([e.similarity_text for e in kept])
+                    texts.append_texts([e.similarity_text for e in kept])
+                survivor_keys.extend(keys[i] for i in kept_at)
+                survivors.append_lines([(e.record, e.category, e.rendered_tokens) for e in kept])
         except SourceError as exc:
             report.fail(f"{label}{exc}")
             return None
+        if not self._check_read(source, label, errors, *counts, count):
+            return None
+        near_removed: set[int] = set()
+        if near is not None:
+            near_removed = set(near.duplicates(
+                lambda positions: [texts.get_text(i) for i in positions]))
+        if count:
+            report.duplicates_removed += exact_removed
+            report.near_duplicates_removed += len(near_removed)
+        return self._apply_length(survivors, survivor_keys, near_removed, count)
+
+    def _check_read(self, source: str, label: str, errors: list[str], read: int,
+                    rejected: int, count: bool) -> bool:
+        """Count what was read and rejected; False: the source is unusable."""
+        report, cfg = self.report, self.cfg
+        if not count:
+            if rejected:
+                report.warnings.append(f"{label}{rejected} invalid records skipped "
+                                       f"(first: {errors[0].removeprefix(label)})")
+            return True
         report.examples_read += read
-        report.rejected += len(errors)
-        for error in errors[:20]:
+        report.rejected += rejected
+        for error in errors:
             report.add_error(error)
         if read == 0:
             report.fail(f"{label}{source}: no records")
-            return None
-        fraction = len(errors) / read
+            return False
+        fraction = rejected / read
         if fraction > cfg.max_invalid_fraction:
             report.fail(
-                f"{label}{len(errors)} of {read} records are invalid ({fraction:.1%}); "
+                f"{label}{rejected} of {read} records are invalid ({fraction:.1%}); "
                 f"dataset.maxInvalidFraction allows {cfg.max_invalid_fraction:.1%}"
             )
-        elif errors:
+        elif rejected:
             report.warnings.append(
-                f"{label}{len(errors)} invalid records dropped ({fraction:.1%}, "
+                f"{label}{rejected} invalid records dropped ({fraction:.1%}, "
                 f"dataset.maxInvalidFraction allows {cfg.max_invalid_fraction:.1%})"
             )
-        return examples
+        return True
 
-    def clean(self, examples: list[Example], *, leaked: set[bytes] = frozenset(),
-              count: bool = True) -> list[Example]:
-        """Deduplicate and apply the length policy; `leaked` keys (eval records) are removed."""
-        cfg, report = self.cfg, self.report
-        texts = [e.dedup_text for e in examples]
-        if cfg.dedup.exact or leaked:
-            if cfg.dedup.exact:
-                flags = dedup.exact_duplicates(texts, seen=set(leaked))
-            else:
-                flags = [dedup.exact_key(t) in leaked for t in texts]
+    def _apply_length(self, survivors: _Spill, keys: list[int], removed: set[int],
+                      count: bool) -> _Cleaned:
+        """The length policy over the survivors that are no near-duplicates, in batches."""
+        report = self.report
+        cleaned = _Cleaned(self._spill("kept"), array("l"), [], [])
+        for start in range(0, len(survivors), BATCH_RECORDS):
+            stop = min(start + BATCH_RECORDS, len(survivors))
+            rows = survivors.decode_range(start, stop)
+            at = [i for i in range(start, stop) if i not in removed]
+            examples = [_spilled_example(rows[i - start]) for i in at]
+            where = {id(e): i for e, i in zip(examples, at)}
+            result = apply_length_policy(examples, self.counter, self.max_seq_length,
+                                         self.cfg.length_policy, renderer=self.renderer,
+                                         **self.pair_limits)
             if count:
-                report.duplicates_removed += sum(flags)
-            examples = [e for e, dup in zip(examples, flags) if not dup]
-            texts = [e.dedup_text for e in examples]
-        if cfg.dedup.near_threshold and 0 < cfg.dedup.near_threshold < 1:  # 1: off
-            # Judged on what the model learns from: a shared system prompt is no likeness.
-            flags = dedup.near_duplicates([e.similarity_text for e in examples], cfg.dedup.near_threshold)
-            if count:
-                report.near_duplicates_removed += sum(flags)
-            examples = [e for e, dup in zip(examples, flags) if not dup]
-        result = apply_length_policy(examples, self.counter, self.max_seq_length,
-                                     cfg.length_policy, **self.pair_limits)
-        if count:
-            report.truncated += result.truncated
-            report.dropped_too_long += result.dropped_too_long
-            report.dropped_no_trainable_tokens += result.dropped_no_trainable
-        return result.kept
+                report.truncated += result.truncated
+                report.dropped_too_long += result.dropped_too_long
+                report.dropped_no_trainable_tokens += result.dropped_no_trainable
+            kept = result.kept
+            cleaned.records.append_lines([e.record for e in kept])
+            cleaned.tokens.extend(e.tokens for e in kept)
+            cleaned.categories.extend(e.category for e in kept)
+            cleaned.keys.extend(keys[where[id(e)]] for e in kept)
+            if self.preference and not cleaned.conversational:
+                cleaned.conversational = any(isinstance(e.record.get("prompt"), list) for e in kept)
+        return cleaned
 
-    def mix_in(self, cfg: DatasetConfig, train: list[Example], evals: list[Example], seed: int,
-               resolve: Callable[[str], str]) -> list[Example]:
+    def mix_in(self, cfg: DatasetConfig, train_size: int, own_keys: set[int], seed: int,
+               resolve: Callable[[str], str]) -> tuple[_Cleaned, list[int]] | None:
         """A seeded sample of the mix source, mix.ratio times the size of train."""
         mix, report = cfg.mix, self.report
         fmt = mix.format or cfg.format
@@ -250,25 +478,17 @@ class _Pipeline:
             report.fail(f"dataset.mix.format {fmt} makes {OUTPUT_KIND[fmt]} records, which "
                         f"cannot be mixed with the {OUTPUT_KIND[cfg.format]} records of "
                         f"format {cfg.format}")
-            return []
+            return None
         # The field map describes the main source; it applies to the mix only in the same format.
         field_map = cfg.field_map if fmt == cfg.format else {}
         label = f"mix source {mix.source}: "
-        errors: list[str] = []
-        try:
-            examples, _ = self._convert_all(resolve(mix.source), fmt, field_map, label, errors)
-        except SourceError as exc:
-            report.fail(f"{label}{exc}")
-            return []
-        if errors:
-            report.warnings.append(f"{label}{len(errors)} invalid records skipped "
-                                   f"(first: {errors[0].removeprefix(label)})")
-        own_keys = {dedup.exact_key(e.dedup_text) for e in (*train, *evals)}
-        examples = self.clean(examples, leaked=own_keys, count=False)
-        wanted = round(mix.ratio * len(train))
-        if wanted > len(examples):
+        cleaned = self.clean_source(resolve(mix.source), fmt, field_map, label=label,
+                                    leaked=own_keys, count=False)
+        if cleaned is None:
+            return None
+        wanted = round(mix.ratio * train_size)
+        if wanted > len(cleaned):
             report.warnings.append(f"{label}asked for {wanted} records "
-                                   f"(mix.ratio {mix.ratio}), only {len(examples)} usable")
-            wanted = len(examples)
-        chosen = sorted(random.Random(seed).sample(range(len(examples)), wanted))
-        return [examples[i] for i in chosen]
+                                   f"(mix.ratio {mix.ratio}), only {len(cleaned)} usable")
+            wanted = len(cleaned)
+        return cleaned, sorted(random.Random(seed).sample(range(len(cleaned)), wanted))

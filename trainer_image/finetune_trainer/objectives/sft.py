@@ -1,7 +1,8 @@
 """Supervised fine-tuning (`method.objective: sft`) with TRL's SFTTrainer.
 
 Formats: instruction and completion (prompt/completion records, loss on the completion),
-chat (loss on the assistant turns when the chat template marks them), text (loss on all).
+chat (rendered with the chat template; loss on the assistant turns, each with its
+end-of-turn token, located by chat_templates.py for any template), text (loss on all).
 """
 
 from __future__ import annotations
@@ -18,18 +19,11 @@ log = logging.getLogger(__name__)
 
 
 def template_supports_assistant_mask(tokenizer) -> bool:
-    """Assistant-only loss needs `{% generation %}` tags (or a template TRL can rewrite)."""
-    template = getattr(tokenizer, "chat_template", None)
-    if not template:
-        return False
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+    """Assistant turns are located by rendering prefixes (chat_templates.py), whatever the
+    template: only a model without a template has none to locate them in."""
+    from ..chat_templates import template_of
 
-    if has_generation_markers(template):
-        return True
-    try:
-        return get_training_chat_template(tokenizer) is not None
-    except Exception:  # noqa: BLE001 - an unknown template: train on the whole conversation
-        return False
+    return template_of(tokenizer) is not None
 
 
 def data_kind(records: list[dict]) -> str:
@@ -45,31 +39,46 @@ def build_sft_config(cfg: TrainerConfig, precision, *, has_eval: bool, kind: str
                      packing: bool):
     from trl import SFTConfig
 
-    assistant_only = kind == "messages" and template_supports_assistant_mask(tokenizer)
-    if kind == "messages" and not assistant_only:
-        log.warning("the chat template has no {%% generation %%} tags; training on whole conversations")
     kwargs: dict[str, Any] = training_kwargs(cfg, precision, has_eval=has_eval)
     kwargs.update(
         max_length=cfg.training.max_seq_length,
         packing=packing,
         completion_only_loss=True if kind == "prompt-completion" else None,
-        assistant_only_loss=assistant_only,
+        # Chat records reach TRL tokenized, with their assistant_masks (sft_dataset): TRL's
+        # own masking needs {% generation %} tags it only has for templates it knows.
+        assistant_only_loss=False,
         dataset_text_field="text",
     )
-    if kind == "messages" and not assistant_only:
-        kwargs["completion_only_loss"] = None
     return SFTConfig(**kwargs)
 
 
-def make_sft_trainer(model, args, tokenizer, train: list[dict], evals: list[dict], callbacks=()):
-    """TRL's SFTTrainer over TRL-shaped records (it tokenizes and builds the label masks)."""
+def sft_dataset(records: list[dict], tokenizer, chat_template=None):
+    """The records as SFTTrainer takes them: chat records rendered with the chat template
+    into input_ids and assistant_masks (dataset.chatTemplate.lossOn assistant), the rest as
+    they are (TRL tokenizes them and masks prompts)."""
+    if records and "messages" in records[0]:
+        from ..chat_templates import dataset_renderer, tokenized_records
+
+        renderer = dataset_renderer(tokenizer, chat_template)
+        if renderer is None:
+            from ..config import ConfigError
+
+            raise ConfigError("the model has no chat template to render chat records with: set "
+                              "dataset.chatTemplate")
+        records = tokenized_records(renderer, records)
+    return records_dataset(records)
+
+
+def make_sft_trainer(model, args, tokenizer, train: list[dict], evals: list[dict], callbacks=(),
+                     chat_template=None):
+    """TRL's SFTTrainer over prepared records (`chat_template`: dataset.chatTemplate)."""
     from trl import SFTTrainer
 
     return SFTTrainer(
         model=model,
         args=args,
-        train_dataset=records_dataset(train),
-        eval_dataset=records_dataset(evals) if evals else None,
+        train_dataset=sft_dataset(train, tokenizer, chat_template),
+        eval_dataset=sft_dataset(evals, tokenizer, chat_template) if evals else None,
         processing_class=tokenizer,
         callbacks=list(callbacks),
     )
@@ -103,7 +112,8 @@ class SFT:
         return load_model(cfg, precision)
 
     def make_trainer(self, cfg, model, args, tokenizer, train, evals, callbacks: Sequence = ()):
-        return make_sft_trainer(model, args, tokenizer, train, evals, callbacks)
+        return make_sft_trainer(model, args, tokenizer, train, evals, callbacks,
+                                cfg.dataset.chat_template)
 
     def evaluate(self, cfg, model, tokenizer, eval_records, *, reference=None) -> dict[str, Any]:
         return {}  # loss, perplexity and the prompt generations are common (evaluate.py)
@@ -115,7 +125,7 @@ class SFT:
 
         if not eval_records:
             return {}
-        dataset = records_dataset(eval_records)
+        dataset = sft_dataset(eval_records, tokenizer, cfg.dataset.chat_template)
         with tempfile.TemporaryDirectory() as tmp:
             args = SFTConfig(output_dir=tmp, per_device_eval_batch_size=cfg.training.per_device_batch_size,
                              max_length=cfg.training.max_seq_length, report_to="none",

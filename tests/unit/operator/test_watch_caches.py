@@ -1,0 +1,213 @@
+"""#14: a status refresh reads the job, its Jobs and its pods from the watch caches (kopf
+indexes), makes no read request, writes only what changed, and writes onto the version it
+read (a 409 reads afresh and goes again)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from kubernetes.client.rest import ApiException
+
+from finetune_operator import cache, kube
+from finetune_operator.handlers import finetunejob, records
+
+NS, NAME, UID = "ml", "bot", "ftj-uid"
+ADMITTED = [{"type": "Admitted", "status": "True", "reason": "Admitted", "message": "",
+             "lastTransitionTime": "2025-01-01T10:00:00Z"}]
+
+
+def ftj(rv: int, uid: str = UID, **status) -> dict:
+    status.setdefault("phase", "Pending")
+    status.setdefault("conditions", ADMITTED)
+    status.setdefault("trainerJob", f"{NAME}-trainer")
+    return {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
+            "metadata": {"name": NAME, "namespace": NS, "uid": uid, "resourceVersion": str(rv),
+                         "creationTimestamp": "2025-01-01T10:00:00Z", "generation": 1,
+                         "managedFields": [{"manager": "kubectl"}]},
+            "spec": {"model": {"source": "org/m"}, "dataset": {"source": "pvc://x/d.jsonl"}},
+            "status": status}
+
+
+TRAINER = {"metadata": {"name": f"{NAME}-trainer", "namespace": NS, "uid": "job-uid",
+                        "labels": {"finetune.dev/finetunejob": NAME},
+                        "ownerReferences": [{"kind": "FineTuneJob", "name": NAME, "uid": UID}]},
+           "spec": {"suspend": False, "template": {"spec": {"containers": [{"image": "img"}]}}},
+           "status": {"startTime": "2025-01-01T10:01:00Z", "active": 1}}
+POD = {"metadata": {"name": "p0", "namespace": NS, "uid": "pod-uid", "creationTimestamp": "2025-01-01T10:01:00Z",
+                    "labels": {cache.CONTROLLER_UID: "job-uid"}},
+       "spec": {"containers": [{"name": "trainer", "resources": {}}]},
+       "status": {"phase": "Running", "containerStatuses": [
+           {"name": "trainer", "image": "img", "state": {"running": {"startedAt": "2025-01-01T10:02:00Z"}}}]}}
+
+
+ORIGINAL_OBSERVE = records.observe
+
+
+class FakeIndex(dict):
+    """kopf.Index's shape: key -> a collection of values."""
+
+    def put(self, key, value):
+        self[key] = [value]
+
+
+@pytest.fixture
+def caches():
+    indexes = {"finetunejobs": FakeIndex(), "jobs": FakeIndex(), "trainer_pods": FakeIndex()}
+    cache.reset()
+    cache.bind(**indexes)
+    yield indexes
+    cache.reset()
+
+
+@pytest.fixture
+def api(monkeypatch):
+    """No read may reach the API server; status writes are recorded and answered like the
+    server would (the merged object with the next resourceVersion)."""
+    calls = {"reads": [], "status": [], "conflicts": 0}
+    state = {}
+
+    def no_read(*args, **kwargs):
+        calls["reads"].append(args)
+        return copy.deepcopy(state["fresh"]) if "fresh" in state else None
+
+    def patch_status(plural, namespace, name, status, resource_version=None):
+        if calls["conflicts"]:
+            calls["conflicts"] -= 1
+            raise ApiException(status=409, reason="Conflict")
+        calls["status"].append((status, resource_version))
+        written = copy.deepcopy(state["current"])
+        written["status"] = {**written["status"], **status}
+        written["metadata"]["resourceVersion"] = str(int(written["metadata"]["resourceVersion"]) + 1)
+        state["current"] = written
+        return copy.deepcopy(written)
+
+    monkeypatch.setattr(kube, "read_own", no_read)
+    monkeypatch.setattr(kube, "read", no_read)
+    monkeypatch.setattr(kube, "core", lambda: pytest.fail("the pods must come from the cache"))
+    monkeypatch.setattr(kube, "patch_status", patch_status)
+    monkeypatch.setattr(records, "transition", lambda *a, **k: None)
+    monkeypatch.setattr(records, "observe", lambda *a, **k: None)
+    calls["state"] = state
+    return calls
+
+
+def test_a_refresh_reads_nothing_and_writes_onto_the_version_it_read(caches, api):
+    obj = ftj(10)
+    api["state"]["current"] = obj
+    caches["finetunejobs"].put((NS, NAME), cache.trim(obj))
+    caches["jobs"].put((NS, f"{NAME}-trainer"), TRAINER)
+    caches["trainer_pods"].put((NS, "job-uid"), POD)
+
+    finetunejob.refresh_status(NS, NAME)
+    assert api["reads"] == []
+    (status, rv), = api["status"]
+    assert rv == "10" and status["phase"] == "Validating" and status["startTime"] == "2025-01-01T10:01:00Z"
+
+    # The watch has not delivered our write yet: the cache answers with it, so a second
+    # refresh of the same state neither reads nor writes.
+    finetunejob.refresh_status(NS, NAME)
+    assert api["reads"] == [] and len(api["status"]) == 1
+
+
+def test_a_conflict_reads_the_job_afresh_and_writes_once_more(caches, api):
+    stale, fresh = ftj(10), ftj(12)
+    api["state"].update(current=fresh, fresh=fresh)
+    caches["finetunejobs"].put((NS, NAME), cache.trim(stale))
+    caches["jobs"].put((NS, f"{NAME}-trainer"), TRAINER)
+    caches["trainer_pods"].put((NS, "job-uid"), POD)
+    api["conflicts"] = 1
+
+    finetunejob.refresh_status(NS, NAME)
+    assert len(api["reads"]) == 1  # the one fresh read after the 409
+    (status, rv), = api["status"]
+    assert rv == "12" and status["phase"] == "Validating"
+
+
+def test_the_newer_of_the_watched_copy_and_our_write_wins(caches):
+    reads = []
+
+    def read():
+        reads.append(1)
+        return None
+
+    caches["finetunejobs"].put((NS, NAME), cache.trim(ftj(5)))
+    assert cache.finetunejob(NS, NAME, read)["metadata"]["resourceVersion"] == "5"
+    cache.remember(ftj(7, phase="Training"))
+    assert cache.finetunejob(NS, NAME, read)["status"]["phase"] == "Training"
+    # the watch catches up (and overtakes: a user's edit): the watched copy wins, ours is dropped
+    caches["finetunejobs"].put((NS, NAME), cache.trim(ftj(9, phase="Training")))
+    assert cache.finetunejob(NS, NAME, read)["metadata"]["resourceVersion"] == "9"
+    caches["finetunejobs"].put((NS, NAME), cache.trim(ftj(8)))
+    assert cache.finetunejob(NS, NAME, read)["metadata"]["resourceVersion"] == "8"  # nothing of ours left
+    # a job re-created under the same name (another uid) never gets the old one's write
+    cache.remember(ftj(20, phase="Succeeded"))
+    caches["finetunejobs"].put((NS, NAME), cache.trim(ftj(3, uid="new-uid")))
+    assert cache.finetunejob(NS, NAME, read)["metadata"]["uid"] == "new-uid"
+    assert reads == []
+    # not in the watch (gone, or not seen yet): read it
+    assert cache.finetunejob(NS, "other", read) is None and reads == [1]
+
+
+def test_cached_copies_drop_managed_fields_and_are_detached():
+    body = ftj(1)
+    trimmed = cache.trim(body)
+    assert "managedFields" not in trimmed["metadata"] and "managedFields" in body["metadata"]
+    trimmed["status"]["phase"] = "Failed"
+    assert body["status"]["phase"] == "Pending"
+    assert cache.index_trainer_pod(namespace=NS, labels=POD["metadata"]["labels"], body=POD) == \
+        {(NS, "job-uid"): cache.trim(POD)}
+    assert cache.index_trainer_pod(namespace=NS, labels={}, body=POD) == {}
+
+
+def test_without_bound_indexes_every_read_goes_to_the_api():
+    cache.reset()
+    assert cache.job(NS, "j", lambda: {"read": True}) == {"read": True}
+    assert cache.trainer_pods(NS, "u", lambda: [POD]) == [POD]
+    assert cache.finetunejob(NS, NAME, lambda: "fetched") == "fetched"
+
+
+def test_a_job_just_created_is_seen_before_the_watch_brings_it(caches):
+    created = {**TRAINER, "kind": "Job", "metadata": {**TRAINER["metadata"], "resourceVersion": "4"}}
+    assert cache.job(NS, f"{NAME}-trainer", lambda: pytest.fail("no read")) is None
+    cache.remember(created)
+    assert cache.job(NS, f"{NAME}-trainer", lambda: pytest.fail("no read"))["metadata"]["uid"] == "job-uid"
+    caches["jobs"].put((NS, f"{NAME}-trainer"), {**created, "metadata": {**created["metadata"], "resourceVersion": "6"}})
+    assert cache.job(NS, f"{NAME}-trainer", lambda: None)["metadata"]["resourceVersion"] == "6"
+    cache.remember(created)
+    cache.forget(NS, NAME)  # the job is gone: so are our writes of its Jobs
+    del caches["jobs"][(NS, f"{NAME}-trainer")]
+    assert cache.job(NS, f"{NAME}-trainer", lambda: pytest.fail("no read")) is None
+
+
+def test_growing_gpu_hours_alone_are_written_once_a_minute_and_counted_once(caches, api, monkeypatch):
+    """A running job's GPU hours change at every refresh; writing them each time was most of
+    the operator's status writes. The metric must still count each GPU second once."""
+    from finetune_operator import metrics
+
+    monkeypatch.setattr(records, "observe", ORIGINAL_OBSERVE)
+    monkeypatch.setattr(finetunejob, "_patch_metadata", lambda job, metadata: None)  # the GPU-seconds record
+    gpu_pod = copy.deepcopy(POD)
+    gpu_pod["spec"]["containers"][0]["resources"] = {"limits": {"nvidia.com/gpu": "1"}}
+    obj = ftj(10)
+    api["state"]["current"] = obj
+    caches["finetunejobs"].put((NS, NAME), cache.trim(obj))
+    caches["jobs"].put((NS, f"{NAME}-trainer"), TRAINER)
+    caches["trainer_pods"].put((NS, "job-uid"), gpu_pod)
+    clock = {"now": 0.0}
+    monkeypatch.setattr(finetunejob.time, "monotonic", lambda: clock["now"])
+    import datetime as dt
+    start = dt.datetime(2025, 1, 1, 11, 0, tzinfo=dt.timezone.utc)
+    monkeypatch.setattr(finetunejob, "_now", lambda: start + dt.timedelta(seconds=clock["now"]))
+    counted = metrics.gpu_seconds._value.get()
+
+    finetunejob.refresh_status(NS, NAME)  # the phase changes: written
+    first = api["status"][-1][0]["gpuHours"]
+    clock["now"] = 30.0
+    finetunejob.refresh_status(NS, NAME)  # only GPU hours moved, 30 s later: not written
+    assert len(api["status"]) == 1
+    clock["now"] = 61.0
+    finetunejob.refresh_status(NS, NAME)  # a minute on: written
+    assert len(api["status"]) == 2 and api["status"][-1][0]["gpuHours"] > first
+    total = api["status"][-1][0]["gpuHours"] * 3600
+    assert metrics.gpu_seconds._value.get() - counted == pytest.approx(total, abs=1.0)
