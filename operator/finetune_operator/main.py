@@ -106,13 +106,13 @@ def finetunejob_deleted(namespace: str, name: str, body: dict, **_) -> None:
 @kopf.on.event("batch", "v1", "jobs", labels={MANAGED_BY: APP})
 def trainer_job_event(body: dict, **kwargs) -> None:
     _bind(kwargs)
-    finetunejob.on_trainer_job_event(body)
+    finetunejob.on_trainer_job_event(body, _resync.soon)
 
 
 @kopf.on.event("v1", "pods", labels={MANAGED_BY: APP, COMPONENT: TRAINER})
 def trainer_pod_event(body: dict, **kwargs) -> None:
     _bind(kwargs)
-    finetunejob.on_trainer_pod_event(body)
+    finetunejob.on_trainer_pod_event(body, _resync.soon)
 
 
 __all__ = ["settings"]

@@ -16,6 +16,7 @@ import datetime as dt
 import json
 import logging
 import time
+from collections.abc import Callable
 
 import kopf
 
@@ -301,10 +302,9 @@ def ensure_children(namespace: str, name: str) -> None:
         with _locks.hold((namespace, name)):
             # Status writes carry the version read here; one refused because the job changed
             # in between (a 409) is done again from a fresh read.
-            if not kube.again_on_conflict(lambda: _ensure_children_locked(namespace, name),
-                                          lambda: _ensure_children_locked(namespace, name),
-                                          metrics.status_conflicts.inc):
-                return
+            kube.again_on_conflict(lambda: _ensure_children_locked(namespace, name),
+                                   lambda: _ensure_children_locked(namespace, name),
+                                   metrics.status_conflicts.inc)
     except (kopf.TemporaryError, kopf.PermanentError):
         raise
     except Exception:
@@ -312,32 +312,30 @@ def ensure_children(namespace: str, name: str) -> None:
         raise
     finally:
         metrics.reconcile_duration.observe(time.monotonic() - started)
-    refresh_status(namespace, name)
 
 
-def _ensure_children_locked(namespace: str, name: str) -> bool:
-    """Whether the job goes on to a status refresh."""
+def _ensure_children_locked(namespace: str, name: str) -> None:
+    """Admit, create what is missing, then refresh the status: one status write for all of
+    it (admission's outcome, the trainer Job's name and the phase it leads to)."""
     obj = kube.read_own(PLURAL, namespace, name)
     if obj is None or obj["metadata"].get("deletionTimestamp"):
-        return False
+        return
     job = FineTuneJob.from_resource(obj)
     if job.status.phase in (Phase.SUCCEEDED.value, Phase.FAILED.value) and not late_deploy(job):
-        return False
+        return
+    pending: dict = {}
     # A trained job (Comparing, AwaitingApproval, Deploying, or Succeeded with a late
     # spec.deploy) only goes on: refresh_status below; its trainer is never created again.
     if job.status.phase not in TRAINED:
-        pending: dict = {}
         if not _admit(job, obj, obj, pending):
-            return False  # failed for good: nothing is created for it
+            return  # failed for good: nothing is created for it
         trainer = _read_trainer_job(job)
         if trainer is None or trainer["metadata"].get("deletionTimestamp"):
             # With this job's Job there (owned by its uid), its prerequisites were created
             # before it: a handler run again (a resume, a suspend) does not recreate them.
             _ensure_prerequisites(job)
         _ensure_trainer_job(job, obj, pending)
-        if pending:
-            _patch_status(job, pending)
-    return True
+    _refresh_status_locked(namespace, name, read_as=obj, pending=pending)
 
 
 def release(namespace: str, name: str, body: dict) -> None:
@@ -416,14 +414,20 @@ def refresh_status(namespace: str, name: str) -> None:
             metrics.reconcile_duration.observe(time.monotonic() - started)
 
 
-def _refresh_status_locked(namespace: str, name: str, fresh: bool = False) -> None:
-    """Reads come from the watch caches (cache.py): no request unless something changed."""
+def _refresh_status_locked(namespace: str, name: str, fresh: bool = False, read_as: dict | None = None,
+                           pending: dict | None = None) -> None:
+    """Reads come from the watch caches (cache.py): no request unless something changed.
+    `read_as`: the job as its spec handler just read it; `pending`: status that handler has yet
+    to write, written here with the rest in one patch."""
     def read() -> dict | None:
         return kube.read_own(PLURAL, namespace, name)
 
-    obj = read() if fresh else cache.finetunejob(namespace, name, read)
+    obj = read_as if read_as is not None else read() if fresh else cache.finetunejob(namespace, name, read)
     if obj is None or obj["metadata"].get("deletionTimestamp"):
         return
+    written = obj.get("status") or {}
+    if pending:
+        obj = {**obj, "status": {**written, **pending}}
     job = FineTuneJob.from_resource(obj)
     now = _now()
     trainer = _read_trainer_job(job)
@@ -436,6 +440,8 @@ def _refresh_status_locked(namespace: str, name: str, fresh: bool = False) -> No
     obs = derive(job, trainer, pods, now=now, recorded_gpu_seconds=recorded, comparison_job=comparison)
     if obs.phase is Phase.COMPARING and comparison is None:
         _ensure_comparison_job(job, obj)
+        comparison = _read_own_job(job, names.comparison_job(name))  # the one just created
+        obs = derive(job, trainer, pods, now=now, recorded_gpu_seconds=recorded, comparison_job=comparison)
     if obs.phase is Phase.DEPLOYING:
         try:
             obs = _deploy(job, obs)
@@ -448,8 +454,7 @@ def _refresh_status_locked(namespace: str, name: str, fresh: bool = False) -> No
     if started and not job.status.start_time:
         # The Job controller sets it when the Job first runs unsuspended (not while Kueue queues it).
         status["startTime"] = parse_time(str(started)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    old = obj.get("status") or {}
-    changed = {k: v for k, v in status.items() if old.get(k) != v}
+    changed = {k: v for k, v in {**(pending or {}), **status}.items() if written.get(k) != v}
     if changed and not _only_gpu_hours_moved(namespace, name, changed, obs):
         _patch_status(job, changed)
         _status_written[(namespace, name)] = time.monotonic()
@@ -530,15 +535,16 @@ def _owner_name(body: dict) -> str | None:
     return None
 
 
-def on_trainer_job_event(body: dict) -> None:
+def on_trainer_job_event(body: dict, refresh: Callable[[str, str], None] | None = None) -> None:
+    """`refresh`: how to refresh the owner (the operator schedules it: resync.Resync.soon)."""
     owner = _owner_name(body)
     if owner:
-        refresh_status(body["metadata"]["namespace"], owner)
+        (refresh or refresh_status)(body["metadata"]["namespace"], owner)
 
 
-def on_trainer_pod_event(body: dict) -> None:
+def on_trainer_pod_event(body: dict, refresh: Callable[[str, str], None] | None = None) -> None:
     meta = body["metadata"]
     owner = (meta.get("annotations") or {}).get(FINETUNEJOB_NAME_ANNOTATION) or (meta.get("labels") or {}).get(FINETUNEJOB)
     if owner:
         # the FineTuneJob may be gone already: nothing left to refresh
-        kube.call(refresh_status, body["metadata"]["namespace"], owner, absent=True)
+        kube.call(refresh or refresh_status, body["metadata"]["namespace"], owner, absent=True)

@@ -58,3 +58,31 @@ def test_only_admitted_unfinished_jobs_or_those_with_a_ttl_are_due():
         assert sorted(n for _, n in finetunejob.due_for_resync()) == ["done-ttl", "training"]
     finally:
         cache.reset()
+
+
+def test_a_burst_of_events_is_one_refresh_and_an_event_during_it_brings_another():
+    ran, started, release = [], threading.Event(), threading.Event()
+
+    def refresh(ns, name):
+        ran.append(name)
+        if len(ran) == 1:
+            started.set()
+            release.wait(5)
+
+    loop = resync.Resync(3600, lambda: [], refresh, delay=0.05)
+    loop.start(contextvars.copy_context())
+    try:
+        for _ in range(5):  # pod created, scheduled, started...: one refresh
+            loop.soon("ml", "a")
+        assert started.wait(5)
+        loop.soon("ml", "a")  # an event while that refresh runs: it may have read too early
+        release.set()
+        deadline = threading.Event()
+        for _ in range(100):
+            if len(ran) >= 2:
+                break
+            deadline.wait(0.05)
+        deadline.wait(0.3)  # nothing more comes
+        assert ran == ["a", "a"]
+    finally:
+        loop.stop()
