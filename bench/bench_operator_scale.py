@@ -473,7 +473,7 @@ def run_operator(cluster: AuditedCluster, api, kubeconfig: Path, n: int, timeout
 def prepare(cluster: AuditedCluster):
     """CRDs, the GPU nodes, a client for this process and the operator's kubeconfig."""
     cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunejobs.finetune.dev")
+    cluster.wait_established("finetunejobs.finetune.dev")
     api = cluster.api_client()
     api.configuration.connection_pool_maxsize = 32
     api.rest_client.pool_manager.connection_pool_kw["maxsize"] = 32

@@ -386,6 +386,31 @@ class Cluster:
             raise KubectlError(out.returncode, argv + list(args), out.stdout, out.stderr)
         return out
 
+    def wait_established(self, *crds: str, timeout: float = 60) -> None:
+        """Wait until each named CRD (e.g. `finetunejobs.finetune.dev`; none: every CRD) is
+        Established. `kubectl wait --for=condition=Established` right after an apply fails at
+        once while a new CRD has no conditions yet ("status.conditions accessor error"), which
+        broke a whole session's cluster tests now and then."""
+        import json
+        import time
+
+        def established(obj: dict) -> bool:
+            return any(c.get("type") == "Established" and c.get("status") == "True"
+                       for c in (obj.get("status") or {}).get("conditions") or [])
+
+        deadline = time.monotonic() + timeout
+        while True:
+            out = self.kubectl("get", "crd", *crds, "-o", "json", check=False)
+            if out.returncode == 0:
+                doc = json.loads(out.stdout)
+                items = doc.get("items", [doc]) if doc.get("kind") == "List" or "items" in doc else [doc]
+                if items and all(established(i) for i in items):
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"CRDs {crds or 'all'} not Established after {timeout:.0f}s: "
+                                   f"{out.stderr.strip()[:300]}")
+            time.sleep(0.2)
+
     def env(self) -> dict[str, str]:
         """Environment for child processes that should talk to this cluster."""
         return {**os.environ, "KUBECONFIG": str(self.kubeconfig),

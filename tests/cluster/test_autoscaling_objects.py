@@ -61,7 +61,7 @@ def keda_crd(cluster):
     path = subprocess.run(["bash", str(REPO_ROOT / "hack" / "fetch-keda-crd.sh")], check=True,
                           capture_output=True, text=True, timeout=300).stdout.strip()
     cluster.kubectl("apply", "--server-side", "-f", path)
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/scaledobjects.keda.sh")
+    cluster.wait_established("scaledobjects.keda.sh")
     yield
     cluster.kubectl("delete", "crd", "scaledobjects.keda.sh", "--wait=true", "--timeout=60s")
 

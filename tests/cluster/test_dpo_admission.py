@@ -32,8 +32,7 @@ DPO_JOB = {
 @pytest.fixture(scope="module")
 def crds(cluster):
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                    *[f"crd/{name}" for name in CRD_NAMES])
+    cluster.wait_established(*CRD_NAMES)
     return cluster
 
 

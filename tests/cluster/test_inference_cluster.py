@@ -37,7 +37,7 @@ GPU_NODE_1 = {"kubernetes.io/hostname": "gpu-node-1"}
 @pytest.fixture(scope="session")
 def podmonitor_crd(cluster):
     cluster.kubectl("apply", "--server-side", "-f", str(PODMONITOR_CRD))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/podmonitors.monitoring.coreos.com")
+    cluster.wait_established("podmonitors.monitoring.coreos.com")
 
 
 @pytest.fixture

@@ -25,10 +25,7 @@ def kueue_crd(cluster):
     path = subprocess.run(["bash", str(REPO_ROOT / "hack" / "fetch-kueue-crd.sh")], check=True,
                           capture_output=True, text=True, timeout=300).stdout.strip()
     cluster.kubectl("apply", "--server-side", "-f", path)
-    # (`kubectl wait` fails at once while the new CRD has no conditions yet)
-    wait_for(lambda: any(c["type"] == "Established" and c["status"] == "True" for c in
-                         get_json(cluster, "crd", WORKLOADS).get("status", {}).get("conditions") or []),
-             timeout=60, what="Kueue's Workload CRD to be established")
+    cluster.wait_established(WORKLOADS)
     yield
     cluster.kubectl("delete", "crd", WORKLOADS, "--wait=true", "--timeout=60s")
 

@@ -25,7 +25,7 @@ def job(name: str, **spec) -> dict:
 @pytest.fixture(scope="module")
 def crds(cluster):
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunejobs.finetune.dev")
+    cluster.wait_established("finetunejobs.finetune.dev")
     return cluster
 
 

@@ -33,7 +33,7 @@ def own_cluster(tmp_path_factory):
     c = Cluster(tmp_path_factory.mktemp("restartable-cluster"))
     c.start()
     c.kubectl("apply", "--server-side", "-f", str(REPO_ROOT / "crds"))
-    c.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunejobs.finetune.dev")
+    c.wait_established("finetunejobs.finetune.dev")
     yield c
     c.stop()
 
