@@ -117,7 +117,7 @@ class Demo:
             return self.install_operator_chart()
         say("installing the CRDs and the chart's ServiceAccount + RBAC")
         self.kubectl("apply", "--server-side", "-f", str(REPO_ROOT / "crds"))
-        self.wait_established()
+        self.cluster.wait_established()
         self.kubectl("create", "namespace", OPERATOR_NAMESPACE, check=False)
         rendered = subprocess.run(
             [str(self.cluster.bin_dir / "helm"), "template", RELEASE, str(REPO_ROOT / "charts" / "finetune-operator"),
