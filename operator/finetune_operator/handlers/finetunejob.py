@@ -105,25 +105,6 @@ def _ensure_role_binding(job: FineTuneJob) -> None:
                   rbac.read_namespaced_role_binding)
 
 
-# The trainer Job's prerequisites, created at the same time (each is one or two requests; one
-# after the other they were most of the time from a FineTuneJob to its Job under load). The
-# Job comes after them: its pods need the ServiceAccount to exist.
-_PREREQUISITES = (lambda job: _ensure_claim(job), lambda job: _ensure_service_account(job),
-                  lambda job: _ensure_role(job), lambda job: _ensure_role_binding(job),
-                  lambda job: _ensure_config(job), lambda job: _ensure_review_config_map(job),
-                  lambda job: _ensure_service(job))
-_pool = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="children")
-
-
-def _ensure_prerequisites(job: FineTuneJob) -> None:
-    """All at once; the first error (in the order above) is raised once all have finished."""
-    futures = [_pool.submit(contextvars.copy_context().run, ensure, job) for ensure in _PREREQUISITES]
-    errors = [f.exception() for f in futures]
-    for error in errors:
-        if error is not None:
-            raise error
-
-
 def _ensure_config(job: FineTuneJob) -> None:
     body = trainer_config.build_config_map(job)
     core = kube.core()
@@ -143,6 +124,23 @@ def _ensure_service(job: FineTuneJob) -> None:
     body = trainer_job.build_headless_service(job)
     if body is not None:
         _create_owned(job, body, kube.core().create_namespaced_service, kube.core().read_namespaced_service)
+
+
+# The trainer Job's prerequisites, created at the same time (each is one or two requests; one
+# after the other they were most of the time from a FineTuneJob to its Job under load). The
+# Job comes after them: its pods need the ServiceAccount to exist.
+_PREREQUISITES = (_ensure_claim, _ensure_service_account, _ensure_role, _ensure_role_binding,
+                  _ensure_config, _ensure_review_config_map, _ensure_service)
+_pool = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="children")
+
+
+def _ensure_prerequisites(job: FineTuneJob) -> None:
+    """All at once; the first error (in the order above) is raised once all have finished."""
+    futures = [_pool.submit(contextvars.copy_context().run, ensure, job) for ensure in _PREREQUISITES]
+    errors = [f.exception() for f in futures]
+    for error in errors:
+        if error is not None:
+            raise error
 
 
 def _read_trainer_job(job: FineTuneJob) -> dict | None:
