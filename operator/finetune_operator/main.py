@@ -71,7 +71,7 @@ def trainer_pods_cache(**kwargs) -> dict:
 
 # One resync loop for every job (resync.py), not a kopf timer per job.
 _resync = resync.Resync(settings.current.resync_seconds, finetunejob.due_for_resync,
-                        finetunejob.refresh_status)
+                        finetunejob.refresh_status, prune=finetunejob.forget_gone)
 _resync_guard = threading.Lock()
 
 
@@ -98,7 +98,7 @@ def finetunejob_spec(namespace: str, name: str, **kwargs) -> None:
     finetunejob.ensure_children(namespace, name)
 
 
-@kopf.on.delete(GROUP, VERSION, FINETUNEJOBS)
+@kopf.on.delete(GROUP, VERSION, FINETUNEJOBS, when=finetunejob.holds_finalizer)
 def finetunejob_deleted(namespace: str, name: str, body: dict, **_) -> None:
     finetunejob.release(namespace, name, body)
 

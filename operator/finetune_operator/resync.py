@@ -36,9 +36,11 @@ class Resync:
 
     def __init__(self, interval: float, due: Callable[[], Iterable[Key]],
                  refresh: Callable[[str, str], None], workers: int = 4, event_workers: int = 16,
-                 delay: float = 0.5) -> None:
+                 delay: float = 0.5, prune: Callable[[], object] | None = None) -> None:
         self.interval = interval
         self.due = due
+        # Called on every pass: drops what is kept in memory for jobs that are gone.
+        self.prune = prune
         self.refresh = refresh
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="resync")
         self._pending: set[Key] = set()
@@ -113,6 +115,8 @@ class Resync:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
+                if self.prune is not None:
+                    self.prune()
                 self.tick()
             except Exception:  # noqa: BLE001 - the loop must outlive one bad pass
                 log.exception("resync pass failed")

@@ -54,13 +54,43 @@ class OperatorConfig:
 current = OperatorConfig.from_env()
 
 
+class MemoryDiffBaseStorage(kopf.DiffBaseStorage):
+    """kopf's "last handled" copy of each object's spec, kept in memory instead of in an
+    annotation written onto the object after every handled change (one more request and one
+    more watch event per FineTuneJob, for each of N jobs).
+
+    The handlers do not need it: they are level-triggered (the same function handles create,
+    resume and update, and derives everything from what is in the cluster). So after a restart
+    or a failover, when this is empty, kopf sees each object as new and runs that function once
+    for it, which is what `on.resume` did. kopf only uses it to tell a spec change from any
+    other event. Objects gone are dropped by `forget_except`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._essences: dict[str, object] = {}
+
+    def fetch(self, *, body):  # type: ignore[no-untyped-def]
+        return self._essences.get(body.get("metadata", {}).get("uid"))
+
+    def store(self, *, body, patch, essence):  # type: ignore[no-untyped-def]
+        uid = body.get("metadata", {}).get("uid")
+        if uid:
+            self._essences[uid] = essence
+
+    def forget_except(self, uids: set[str]) -> None:
+        for uid in [u for u in list(self._essences) if u not in uids]:
+            self._essences.pop(uid, None)
+
+
+diffbase = MemoryDiffBaseStorage()
+
+
 def configure_kopf(settings: kopf.OperatorSettings) -> None:
     settings.persistence.finalizer = FINALIZER
-    # Handler progress and the last handled spec live in annotations: a restarted operator
-    # reads them back and resumes where the killed one stopped.
+    # Handler progress lives in annotations (written only when a handler is retried): a
+    # restarted operator reads it back and resumes where the killed one stopped.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration")
+    settings.persistence.diffbase_storage = diffbase
     # After its own patch, kopf waits this long for the watch to bring that version before it
     # handles the object again. Past it, kopf handles an older copy without the annotations
     # above and runs the creation handlers again: with the default 5 s that happened two or

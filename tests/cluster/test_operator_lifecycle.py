@@ -229,6 +229,32 @@ def test_deleting_the_job_keeps_or_deletes_the_claim(cluster, namespace, operato
                  timeout=90, what="the claim to be deleted")
 
 
+def test_only_jobs_with_something_to_release_hold_a_finalizer(cluster, namespace, operator):
+    """#14 (requests per job): a finalizer costs a patch to add and one to remove, and kopf's
+    handled-spec annotation one more write per change. A job with nothing to release on
+    deletion holds no finalizer and carries no kopf annotation; one whose claim it owns
+    (reclaimPolicy Delete) does, and keeps it after a switch to Retain, so that the switch
+    still takes its owner reference off the claim before the job goes."""
+    apply(cluster, namespace, ftj("plain", resources={"nodeSelector": NOWHERE}))
+    apply(cluster, namespace, ftj("owned", storage={"reclaimPolicy": "Delete"}, suspend=True))
+    for name in ("plain", "owned"):
+        wait_for(lambda: trainer_jobs(cluster, namespace, name), timeout=60, what=f"{name}'s trainer Job")
+    plain = get_json(cluster, "ftj", "plain", "-n", namespace)["metadata"]
+    assert not plain.get("finalizers"), plain.get("finalizers")
+    assert not [a for a in plain.get("annotations") or {} if "last-handled" in a or a.startswith("kopf.")]
+    owned = get_json(cluster, "ftj", "owned", "-n", namespace)["metadata"]
+    assert owned.get("finalizers") == ["finetune.dev/finalizer"]
+    claim = get_json(cluster, "pvc", "owned-workspace", "-n", namespace)["metadata"]
+    assert [r["uid"] for r in claim.get("ownerReferences") or []] == [owned["uid"]]
+
+    cluster.kubectl("patch", "ftj", "owned", "-n", namespace, "--type=merge",
+                    "-p", json.dumps({"spec": {"storage": {"reclaimPolicy": "Retain"}}}))
+    cluster.kubectl("delete", "ftj", "owned", "plain", "-n", namespace, "--wait=true", "--timeout=60s")
+    wait_for(lambda: not trainer_jobs(cluster, namespace, "owned"), timeout=60, what="the Job to be collected")
+    claim = get_json(cluster, "pvc", "owned-workspace", "-n", namespace)["metadata"]
+    assert not claim.get("deletionTimestamp") and not claim.get("ownerReferences"), claim
+
+
 def test_operator_killed_at_any_point_never_duplicates_the_job(cluster, namespace, operator):
     apply(cluster, namespace, ftj("kill", resources={"nodeSelector": NOWHERE}))
     operator.restart()  # killed while handling the creation

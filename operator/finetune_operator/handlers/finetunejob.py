@@ -162,9 +162,10 @@ def _read_own_job(job: FineTuneJob, name: str) -> dict | None:
     return obj
 
 
-def _ensure_trainer_job(job: FineTuneJob, body: dict, pending: dict) -> None:
+def _ensure_trainer_job(job: FineTuneJob, body: dict, pending: dict, notes: list[tuple[str, str]]) -> None:
     """Create the Job (once), then make its suspend follow spec.suspend. Status updates go
-    into `pending` (written by the caller, in one patch with admission's)."""
+    into `pending` (written by the caller, in one patch with admission's), what was done into
+    `notes` (posted by the caller with the phase transition it leads to, in one Event)."""
     batch = kube.batch()
     queued = bool(job.spec.resources.queue_name)
     current = _read_trainer_job(job)
@@ -179,8 +180,7 @@ def _ensure_trainer_job(job: FineTuneJob, body: dict, pending: dict) -> None:
         current = kube.create(manifest, batch.create_namespaced_job, batch.read_namespaced_job)
         cache.remember(current)  # refreshes see it before the watch brings it
         admitted = "admitted (the spec's references exist); " if pending.get("conditions") else ""
-        kopf.event(body, type="Normal", reason="TrainerJobCreated",
-                   message=f"{admitted}created trainer Job {manifest['metadata']['name']}")
+        notes.append(("TrainerJobCreated", f"{admitted}created trainer Job {manifest['metadata']['name']}"))
     image = job.status.trainer_image or current["spec"]["template"]["spec"]["containers"][0]["image"]
     if job.status.trainer_job != current["metadata"]["name"] or job.status.trainer_image != image:
         # startTime comes later, from the Job's own (refresh_status): a Job that Kueue holds
@@ -223,13 +223,13 @@ def _suspend_queued(job: FineTuneJob, body: dict, current: dict, wants: bool) ->
                    message="deleted the trainer Job (no Kueue Workload found for it); checkpoints are kept")
 
 
-def _ensure_comparison_job(job: FineTuneJob, body: dict) -> None:
+def _ensure_comparison_job(job: FineTuneJob, notes: list[tuple[str, str]]) -> None:
     manifest = comparison_job.build_comparison_job(job, settings.current.vllm_image,
                                                    settings.current.gpu_hour_price)
     batch = kube.batch()
     cache.remember(kube.create(manifest, batch.create_namespaced_job, batch.read_namespaced_job))
-    kopf.event(body, type="Normal", reason="Comparing", message=f"created comparison Job {manifest['metadata']['name']}: "
-              "base vs fine-tuned through vLLM")
+    notes.append(("ComparisonJobCreated", f"created comparison Job {manifest['metadata']['name']}: "
+                                          "base vs fine-tuned through vLLM"))
 
 
 def _trainer_image(job: FineTuneJob) -> str:
@@ -300,8 +300,11 @@ def ensure_children(namespace: str, name: str) -> None:
         with _locks.hold((namespace, name)):
             # Status writes carry the version read here; one refused because the job changed
             # in between (a 409) is done again from a fresh read.
-            kube.again_on_conflict(lambda: _ensure_children_locked(namespace, name),
-                                   lambda: _ensure_children_locked(namespace, name),
+            # What was done goes into the transition's Event, also when that comes from the
+            # second attempt (the trainer Job is not created twice).
+            notes: list[tuple[str, str]] = []
+            kube.again_on_conflict(lambda: _ensure_children_locked(namespace, name, notes=notes),
+                                   lambda: _ensure_children_locked(namespace, name, fresh=True, notes=notes),
                                    metrics.status_conflicts.inc)
     except (kopf.TemporaryError, kopf.PermanentError):
         raise
@@ -312,16 +315,23 @@ def ensure_children(namespace: str, name: str) -> None:
         metrics.reconcile_duration.observe(time.monotonic() - started)
 
 
-def _ensure_children_locked(namespace: str, name: str) -> None:
+def _ensure_children_locked(namespace: str, name: str, fresh: bool = False,
+                            notes: list[tuple[str, str]] | None = None) -> None:
     """Admit, create what is missing, then refresh the status: one status write for all of
-    it (admission's outcome, the trainer Job's name and the phase it leads to)."""
-    obj = kube.read_own(PLURAL, namespace, name)
+    it (admission's outcome, the trainer Job's name and the phase it leads to). The job comes
+    from the watch cache (kopf indexes it before it calls this handler for the same event), or
+    with `fresh` from a GET: after a 409, the cache may still hold the version refused."""
+    def read() -> dict | None:
+        return kube.read_own(PLURAL, namespace, name)
+
+    obj = read() if fresh else cache.finetunejob(namespace, name, read)
     if obj is None or obj["metadata"].get("deletionTimestamp"):
         return
     job = FineTuneJob.from_resource(obj)
     if job.status.phase in (Phase.SUCCEEDED.value, Phase.FAILED.value) and not late_deploy(job):
         return
     pending: dict = {}
+    notes = notes if notes is not None else []
     # A trained job (Comparing, AwaitingApproval, Deploying, or Succeeded with a late
     # spec.deploy) only goes on: refresh_status below; its trainer is never created again.
     if job.status.phase not in TRAINED:
@@ -332,8 +342,21 @@ def _ensure_children_locked(namespace: str, name: str) -> None:
             # With this job's Job there (owned by its uid), its prerequisites were created
             # before it: a handler run again (a resume, a suspend) does not recreate them.
             _ensure_prerequisites(job)
-        _ensure_trainer_job(job, obj, pending)
-    _refresh_status_locked(namespace, name, read_as=obj, pending=pending)
+        _ensure_trainer_job(job, obj, pending, notes)
+    _refresh_status_locked(namespace, name, read_as=obj, pending=pending, notes=notes)
+
+
+def holds_finalizer(spec: dict, meta: dict, **_) -> bool:
+    """Whether a job needs the deletion handler (`release`), and so kopf's finalizer: when it
+    deploys (its InferenceService entry goes with it), or when its claim may carry its owner
+    reference (reclaimPolicy Delete: a later switch to Retain must take the reference off
+    before the job goes). Once there, the finalizer stays until the job is deleted, whatever
+    the spec says by then. Other jobs have nothing to release and are deleted at once,
+    without the two patches that add and remove a finalizer."""
+    storage = (spec or {}).get("storage") or {}
+    return (bool((spec or {}).get("deploy"))
+            or (not storage.get("existingClaim") and storage.get("reclaimPolicy") == "Delete")
+            or settings.FINALIZER in ((meta or {}).get("finalizers") or []))
 
 
 def release(namespace: str, name: str, body: dict) -> None:
@@ -413,10 +436,12 @@ def refresh_status(namespace: str, name: str) -> None:
 
 
 def _refresh_status_locked(namespace: str, name: str, fresh: bool = False, read_as: dict | None = None,
-                           pending: dict | None = None) -> None:
+                           pending: dict | None = None, notes: list[tuple[str, str]] | None = None) -> None:
     """Reads come from the watch caches (cache.py): no request unless something changed.
     `read_as`: the job as its spec handler just read it; `pending`: status that handler has yet
-    to write, written here with the rest in one patch."""
+    to write, written here with the rest in one patch; `notes`: (reason, message) of what it
+    did, told in the transition's Event (or in Events of their own when the phase stays)."""
+    notes = list(notes or [])
     def read() -> dict | None:
         return kube.read_own(PLURAL, namespace, name)
 
@@ -437,7 +462,7 @@ def _refresh_status_locked(namespace: str, name: str, fresh: bool = False, read_
         comparison = _read_own_job(job, names.comparison_job(name))
     obs = derive(job, trainer, pods, now=now, recorded_gpu_seconds=recorded, comparison_job=comparison)
     if obs.phase is Phase.COMPARING and comparison is None:
-        _ensure_comparison_job(job, obj)
+        _ensure_comparison_job(job, notes)
         comparison = _read_own_job(job, names.comparison_job(name))  # the one just created
         obs = derive(job, trainer, pods, now=now, recorded_gpu_seconds=recorded, comparison_job=comparison)
     if obs.phase is Phase.DEPLOYING:
@@ -456,7 +481,7 @@ def _refresh_status_locked(namespace: str, name: str, fresh: bool = False, read_
     if changed and not _only_gpu_hours_moved(namespace, name, changed, obs):
         _patch_status(job, changed)
         _status_written[(namespace, name)] = time.monotonic()
-    records.transition(obj, job.status.phase, obs.phase.value, obs.reason, obs.message)
+    records.transition(obj, job.status.phase, obs.phase.value, obs.reason, obs.message, notes)
     records.observe(job, obs, obj, now)
     if _gpu_seconds_drifted(recorded, obs.gpu_seconds):
         _patch_metadata(job, {"annotations": {GPU_SECONDS_ANNOTATION: json.dumps(obs.gpu_seconds, sort_keys=True)}})
@@ -524,6 +549,27 @@ def due_for_resync() -> list[tuple[str, str]]:
         if admitted and not meta.get("deletionTimestamp") and needs_resync(status, obj.get("spec")):
             due.append((meta.get("namespace"), meta.get("name")))
     return due
+
+
+def forget_gone() -> int:
+    """Drop what the operator keeps in memory about FineTuneJobs that are gone: phases and GPU
+    hours counted (records), our writes not yet seen by the watch (cache), kopf's diff bases.
+    A job without a finalizer (one that deploys nothing, see `holds_finalizer`) leaves without
+    a deletion handler, so the resync loop calls this on every pass. Returns how many went."""
+    if not cache.bound("finetunejobs"):
+        return 0
+    present, uids = set(), set()
+    for obj in cache.all_finetunejobs():
+        meta = obj.get("metadata") or {}
+        present.add((meta.get("namespace"), meta.get("name")))
+        uids.add(meta.get("uid"))
+    gone = [key for key in set(_status_written) | records.known() if key not in present]
+    for namespace, name in gone:
+        records.forget(namespace, name)
+        cache.forget(namespace, name)
+        _status_written.pop((namespace, name), None)
+    settings.diffbase.forget_except(uids)
+    return len(gone)
 
 
 def _owner_name(body: dict) -> str | None:

@@ -20,14 +20,22 @@ _phases: dict[tuple[str, str], str] = {}  # for the finetune_operator_jobs gauge
 _phases_guard = threading.Lock()
 # GPU hours already added to finetune_operator_gpu_seconds_total, per job: status.gpuHours is
 # written at most once a minute while only it moves, so it alone would count the same hours twice.
-_gpu_counted: dict[tuple[str, str], float] = {}
+_gpu_counted: dict[tuple[str, str], tuple[str | None, float]] = {}
 
 
-def transition(body: dict, old: str | None, new: str, reason: str, message: str) -> None:
+def transition(body: dict, old: str | None, new: str, reason: str, message: str,
+               notes: list[tuple[str, str]] | None = None) -> None:
+    """One Event per phase transition; `notes`, (reason, message) of what the operator did on
+    the way (created the trainer Job, the comparison Job), go into it rather than into Events
+    of their own: every Event is a request per job, and N jobs arrive at once. Without a
+    transition, each note is an Event."""
     if old == new:
+        for note_reason, note in notes or []:
+            kopf.event(body, type="Normal", reason=note_reason, message=note[:1000])
         return
     metrics.phase_transitions.labels(**{"from": old or "", "to": new}).inc()
-    text = f"{old or 'New'} -> {new}: {reason}: {message}"[:1000]
+    done = "".join(f" ({r}: {m})" for r, m in notes or [])
+    text = f"{old or 'New'} -> {new}: {reason}: {message}{done}"[:1000]
     if new == Phase.FAILED.value:
         kopf.warn(body, reason=reason, message=text)
     else:
@@ -43,6 +51,11 @@ def _publish_counts() -> None:
     metrics.set_job_counts(counts, PHASES)
 
 
+def known() -> set[tuple[str, str]]:
+    with _phases_guard:
+        return set(_phases) | set(_gpu_counted)
+
+
 def forget(namespace: str, name: str) -> None:
     with _phases_guard:
         _phases.pop((namespace, name), None)
@@ -56,8 +69,11 @@ def observe(job: FineTuneJob, obs: Observation, obj: dict, now: dt.datetime) -> 
     _publish_counts()
     key = (job.metadata.namespace, job.metadata.name)
     with _phases_guard:
-        counted = max(job.status.gpu_hours or 0.0, _gpu_counted.get(key, 0.0))
-        _gpu_counted[key] = max(counted, obs.gpu_hours)
+        # Per uid: a job deleted and created again under its name starts from nothing, also
+        # before the resync loop has forgotten the old one.
+        uid, before = _gpu_counted.get(key, (job.metadata.uid, 0.0))
+        counted = max(job.status.gpu_hours or 0.0, before if uid == job.metadata.uid else 0.0)
+        _gpu_counted[key] = (job.metadata.uid, max(counted, obs.gpu_hours))
     if obs.gpu_hours > counted:
         metrics.gpu_seconds.inc((obs.gpu_hours - counted) * 3600)
     created = parse_time(obj["metadata"].get("creationTimestamp"))

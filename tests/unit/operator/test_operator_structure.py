@@ -226,3 +226,38 @@ def test_refreshes_of_one_object_coalesce_behind_the_running_one():
     assert len(locks) == 0
     with locks.coalesced(("ns", "a")) as mine:
         assert mine, "with nobody waiting, a refresh runs"
+
+
+def test_only_jobs_with_something_to_release_hold_a_finalizer():
+    """A finalizer costs two patches per job (added, removed) and delays deletion: only jobs
+    that deploy, or whose claim carries their owner reference, need the deletion handler.
+    One that had it keeps it whatever its spec says later (a switch from Delete to Retain must
+    still take the owner reference off the claim)."""
+    from finetune_operator import settings
+    from finetune_operator.handlers.finetunejob import holds_finalizer
+
+    plain = {"model": {"source": "m"}, "dataset": {"source": "pvc://c/d.jsonl"}}
+    assert not holds_finalizer(plain, {})
+    assert not holds_finalizer({**plain, "storage": {"reclaimPolicy": "Retain"}}, {})
+    assert not holds_finalizer({**plain, "storage": {"existingClaim": "c", "reclaimPolicy": "Delete"}}, {})
+    assert holds_finalizer({**plain, "storage": {"reclaimPolicy": "Delete"}}, {})
+    assert holds_finalizer({**plain, "deploy": {"inferenceService": "s"}}, {})
+    assert holds_finalizer({**plain, "storage": {"reclaimPolicy": "Retain"}},
+                           {"finalizers": [settings.FINALIZER]})
+
+
+def test_kopf_keeps_its_diff_base_in_memory_not_in_an_annotation():
+    """No annotation is written onto every FineTuneJob after each handled change (a request and
+    a watch event per job); after a restart the level-triggered handler runs once per job."""
+    from finetune_operator import settings
+    import kopf
+
+    configured = kopf.OperatorSettings()
+    settings.configure_kopf(configured)
+    storage = configured.persistence.diffbase_storage
+    body = {"metadata": {"uid": "u1", "name": "a"}, "spec": {"x": 1}}
+    patch = kopf.Patch()
+    storage.store(body=body, patch=patch, essence={"spec": {"x": 1}})
+    assert not patch and storage.fetch(body=body) == {"spec": {"x": 1}}
+    storage.forget_except({"u2"})
+    assert storage.fetch(body=body) is None

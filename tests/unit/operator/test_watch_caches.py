@@ -211,3 +211,59 @@ def test_growing_gpu_hours_alone_are_written_once_a_minute_and_counted_once(cach
     assert len(api["status"]) == 2 and api["status"][-1][0]["gpuHours"] > first
     total = api["status"][-1][0]["gpuHours"] * 3600
     assert metrics.gpu_seconds._value.get() - counted == pytest.approx(total, abs=1.0)
+
+
+def test_a_job_gone_is_forgotten_by_the_resync_pass(caches, api, monkeypatch):
+    """Jobs without a finalizer leave without a deletion handler: what the operator keeps in
+    memory about them (phase gauge, GPU hours counted, diff base, writes) goes on the next
+    resync pass, and a job of that name created again starts counting GPU hours from zero."""
+    from finetune_operator import settings
+
+    monkeypatch.setattr(records, "observe", ORIGINAL_OBSERVE)
+    obj = ftj(10)
+    api["state"]["current"] = obj
+    caches["finetunejobs"].put((NS, NAME), cache.trim(obj))
+    caches["jobs"].put((NS, f"{NAME}-trainer"), TRAINER)
+    finetunejob.refresh_status(NS, NAME)
+    settings.diffbase.store(body=obj, patch=None, essence={"spec": {}})
+    assert (NS, NAME) in records.known() and settings.diffbase.fetch(body=obj) is not None
+
+    assert finetunejob.forget_gone() == 0  # still there: nothing forgotten
+    assert (NS, NAME) in records.known()
+    del caches["finetunejobs"][(NS, NAME)]
+    assert finetunejob.forget_gone() == 1
+    assert (NS, NAME) not in records.known() and (NS, NAME) not in finetunejob._status_written
+    assert settings.diffbase.fetch(body=obj) is None
+
+
+def test_gpu_hours_counted_belong_to_the_uid_that_ran_them(monkeypatch):
+    """A job deleted and created again under its name, before the resync pass forgot the old
+    one: the new job's GPU hours are counted from zero, not from the old job's total."""
+    from finetune_api.models import FineTuneJob
+    from finetune_operator import metrics
+    from finetune_operator.status import Observation, Phase
+    import datetime as dt
+
+    now = dt.datetime(2025, 1, 1, 12, 0, tzinfo=dt.timezone.utc)
+    records.forget(NS, NAME)
+    before = metrics.gpu_seconds._value.get()
+    old = FineTuneJob.from_resource(ftj(1, uid="old"))
+    ORIGINAL_OBSERVE(old, Observation(phase=Phase.TRAINING, reason="r", message="m", gpu_seconds={"p": 7200.0}), ftj(1, uid="old"), now)
+    new = FineTuneJob.from_resource(ftj(2, uid="new"))
+    ORIGINAL_OBSERVE(new, Observation(phase=Phase.TRAINING, reason="r", message="m", gpu_seconds={"q": 3600.0}), ftj(2, uid="new"), now)
+    assert metrics.gpu_seconds._value.get() - before == pytest.approx(3.0 * 3600)
+    records.forget(NS, NAME)
+
+
+def test_what_was_done_is_told_in_the_transitions_event_not_in_events_of_its_own(monkeypatch):
+    """Every Event is a request per job: creating the trainer Job and entering Pending is one
+    Event (it was two), and a note without a transition is still told."""
+    posted = []
+    monkeypatch.setattr(records.kopf, "event", lambda body, **kw: posted.append(kw))
+    body = ftj(1)
+    records.transition(body, None, "Pending", "Created", "waiting for the pod",
+                       [("TrainerJobCreated", "created trainer Job bot-trainer")])
+    assert len(posted) == 1 and posted[0]["reason"] == "Pending"
+    assert "TrainerJobCreated: created trainer Job bot-trainer" in posted[0]["message"]
+    records.transition(body, "Pending", "Pending", "Created", "waiting", [("TrainerJobCreated", "again")])
+    assert len(posted) == 2 and posted[1]["reason"] == "TrainerJobCreated"
