@@ -40,11 +40,39 @@ _written_guard = threading.Lock()
 
 def trim(body: Any) -> dict:
     """A plain, detached copy without managedFields (about half of a pod's bytes, never read)."""
-    out = copy.deepcopy(dict(body))
-    meta = dict(out.get("metadata") or {})
-    meta.pop("managedFields", None)
-    out["metadata"] = meta
+    out = {k: copy.deepcopy(v) for k, v in dict(body).items() if k != "metadata"}
+    out["metadata"] = _meta(body)
     return out
+
+
+def _meta(body: Any) -> dict:
+    return {k: copy.deepcopy(v) for k, v in dict(body.get("metadata") or {}).items() if k != "managedFields"}
+
+
+def _containers(spec: Any, keep: tuple[str, ...]) -> list[dict]:
+    return [{k: copy.deepcopy(c[k]) for k in keep if k in c} for c in (spec or {}).get("containers") or []]
+
+
+def trim_job(body: Any) -> dict:
+    """What a refresh reads of a Job: metadata, status, spec.suspend and its containers' images.
+    A Job's pod template (env, volumes, probes, the trainer's arguments) is most of its bytes,
+    and the cache holds two Jobs per FineTuneJob."""
+    spec = body.get("spec") or {}
+    template = (spec.get("template") or {}).get("spec") or {}
+    return {"apiVersion": body.get("apiVersion"), "kind": body.get("kind") or "Job",
+            "metadata": _meta(body), "status": copy.deepcopy(dict(body.get("status") or {})),
+            "spec": {"suspend": spec.get("suspend"),
+                     "template": {"spec": {"containers": _containers(template, ("name", "image"))}}}}
+
+
+def trim_pod(body: Any) -> dict:
+    """What a refresh reads of a trainer pod: metadata, status, the node and its containers'
+    names, images and resources (GPUs counted from the limits)."""
+    spec = body.get("spec") or {}
+    return {"apiVersion": body.get("apiVersion"), "kind": body.get("kind") or "Pod",
+            "metadata": _meta(body), "status": copy.deepcopy(dict(body.get("status") or {})),
+            "spec": {"nodeName": spec.get("nodeName"),
+                     "containers": _containers(spec, ("name", "image", "resources"))}}
 
 
 # --- index functions (kopf calls them on every watch event of their resource) ---------------
@@ -55,12 +83,12 @@ def index_finetunejob(namespace: str, name: str, body: Any, **_: Any) -> dict:
 
 
 def index_job(namespace: str, name: str, body: Any, **_: Any) -> dict:
-    return {(namespace, name): trim(body)}
+    return {(namespace, name): trim_job(body)}
 
 
 def index_trainer_pod(namespace: str, labels: Any, body: Any, **_: Any) -> dict:
     uid = (labels or {}).get(CONTROLLER_UID)
-    return {(namespace, uid): trim(body)} if uid else {}
+    return {(namespace, uid): trim_pod(body)} if uid else {}
 
 
 def bind(**indexes: Any) -> None:
@@ -140,7 +168,7 @@ def remember(obj: Optional[dict]) -> None:
     with _written_guard:
         current = _written.get(key)
         if current is None or _rv(obj) >= _rv(current):
-            _written[key] = trim(obj)
+            _written[key] = trim_job(obj) if key[0] == "Job" else trim(obj)
 
 
 def all_finetunejobs() -> list[dict]:

@@ -156,8 +156,34 @@ def test_cached_copies_drop_managed_fields_and_are_detached():
     trimmed["status"]["phase"] = "Failed"
     assert body["status"]["phase"] == "Pending"
     assert cache.index_trainer_pod(namespace=NS, labels=POD["metadata"]["labels"], body=POD) == \
-        {(NS, "job-uid"): cache.trim(POD)}
+        {(NS, "job-uid"): cache.trim_pod(POD)}
     assert cache.index_trainer_pod(namespace=NS, labels={}, body=POD) == {}
+
+
+def test_cached_jobs_and_pods_keep_only_what_a_refresh_reads():
+    """The cache holds two Jobs and their pods per FineTuneJob: their pod templates (env,
+    volumes, arguments) are most of their bytes and never read. What a refresh derives from a
+    trimmed copy is what it derives from the whole object."""
+    import datetime as dt
+    import json
+
+    from finetune_api.models import FineTuneJob
+    from finetune_operator.status import derive
+
+    pod = copy.deepcopy(POD)
+    pod["spec"]["containers"][0].update(resources={"limits": {"nvidia.com/gpu": "2"}},
+                                         env=[{"name": "X", "value": "y" * 4000}], image="img")
+    pod["spec"]["volumes"] = [{"name": "v", "emptyDir": {}}] * 20
+    pod["spec"]["nodeName"] = "gpu-1"
+    job = copy.deepcopy(TRAINER)
+    job["spec"]["template"]["spec"]["containers"][0].update(args=["--x"] * 500, name="trainer")
+    small_pod, small_job = cache.trim_pod(pod), cache.trim_job(job)
+    assert len(json.dumps(small_pod)) < len(json.dumps(pod)) / 4
+    assert len(json.dumps(small_job)) < len(json.dumps(job)) / 4
+    assert small_job["spec"]["template"]["spec"]["containers"][0]["image"] == "img"
+    now = dt.datetime(2025, 1, 1, 11, 0, tzinfo=dt.timezone.utc)
+    ftjob = FineTuneJob.from_resource(ftj(1))
+    assert derive(ftjob, small_job, [small_pod], now=now) == derive(ftjob, job, [pod], now=now)
 
 
 def test_without_bound_indexes_every_read_goes_to_the_api():
