@@ -32,7 +32,8 @@ def _is_kopf_decorator(node: ast.expr) -> bool:
 
 def test_kopf_decorators_live_only_in_the_routing_tables():
     decorated = {name for name, tree in _modules() for node in ast.walk(tree)
-                 if isinstance(node, ast.FunctionDef) and any(map(_is_kopf_decorator, node.decorator_list))}
+                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                 and any(map(_is_kopf_decorator, node.decorator_list))}
     assert decorated == ROUTES
 
 
@@ -40,7 +41,8 @@ def test_routes_only_delegate():
     for name in ROUTES:
         tree = ast.parse((PACKAGE / name).read_text())
         for node in tree.body:
-            if isinstance(node, ast.FunctionDef) and any(map(_is_kopf_decorator, node.decorator_list)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and \
+                    any(map(_is_kopf_decorator, node.decorator_list)):
                 statements = [s for s in node.body if not isinstance(s, ast.Expr) or
                               not isinstance(s.value, ast.Constant)]
                 assert len(statements) <= 6, f"{name}:{node.name} does more than delegate"
