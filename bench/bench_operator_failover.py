@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     from kubernetes import client
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-failover-"))
-    cluster = AuditedCluster(args.state_dir or tmp / "cluster", local_node=False)
+    # No MLflow or MinIO: the operator under test uses neither, and they would share its CPUs.
+    cluster = AuditedCluster(args.state_dir or tmp / "cluster", local_node=False, mlflow=False, s3=False)
     cluster.start()
     replicas: list[Operator] = []
     try:

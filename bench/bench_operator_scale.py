@@ -515,7 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
-    cluster = AuditedCluster(args.state_dir or tmp / "cluster", local_node=False)
+    # No MLflow or MinIO: the operator under test uses neither, and they would share its CPUs.
+    cluster = AuditedCluster(args.state_dir or tmp / "cluster", local_node=False, mlflow=False, s3=False)
     started = time.monotonic()
     cluster.start()
     results: list[dict] = []
