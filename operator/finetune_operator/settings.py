@@ -82,14 +82,45 @@ class MemoryDiffBaseStorage(kopf.DiffBaseStorage):
             self._essences.pop(uid, None)
 
 
+class MemoryProgressStorage(kopf.AnnotationsProgressStorage):
+    """kopf's per-handler progress (started, retries, delayed until), kept in memory. In
+    annotations, kopf wrote it and a "kopf-managed" marker onto every FineTuneJob the first
+    time a handler ran, even when it succeeded at once: one more request per job. After a
+    restart the handler runs again from its first attempt, which a level-triggered handler
+    takes in its stride. Only `touch` (the dummy annotation that wakes kopf up for a delayed
+    retry) still writes to the object, and only when a handler waits to be retried."""
+
+    def __init__(self) -> None:
+        super().__init__(prefix=GROUP)
+        self._records: dict[tuple[str, str], dict] = {}
+
+    @staticmethod
+    def _uid(body) -> str:  # type: ignore[no-untyped-def]
+        return body.get("metadata", {}).get("uid") or ""
+
+    def fetch(self, *, key, body):  # type: ignore[no-untyped-def]
+        record = self._records.get((self._uid(body), key))
+        return dict(record) if record is not None else None
+
+    def store(self, *, key, record, body, patch):  # type: ignore[no-untyped-def]
+        # Like the API server does with a patch's nulls: a field set to None is gone.
+        self._records[(self._uid(body), key)] = {k: v for k, v in dict(record).items() if v is not None}
+
+    def purge(self, *, key, body, patch):  # type: ignore[no-untyped-def]
+        self._records.pop((self._uid(body), key), None)
+
+    def forget_except(self, uids: set[str]) -> None:
+        for found in [k for k in list(self._records) if k[0] not in uids]:
+            self._records.pop(found, None)
+
+
 diffbase = MemoryDiffBaseStorage()
+progress = MemoryProgressStorage()
 
 
 def configure_kopf(settings: kopf.OperatorSettings) -> None:
     settings.persistence.finalizer = FINALIZER
-    # Handler progress lives in annotations (written only when a handler is retried): a
-    # restarted operator reads it back and resumes where the killed one stopped.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.progress_storage = progress
     settings.persistence.diffbase_storage = diffbase
     # After its own patch, kopf waits this long for the watch to bring that version before it
     # handles the object again. Past it, kopf handles an older copy without the annotations

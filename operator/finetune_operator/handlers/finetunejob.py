@@ -569,6 +569,7 @@ def forget_gone() -> int:
         cache.forget(namespace, name)
         _status_written.pop((namespace, name), None)
     settings.diffbase.forget_except(uids)
+    settings.progress.forget_except(uids)
     return len(gone)
 
 

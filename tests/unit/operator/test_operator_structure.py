@@ -263,3 +263,25 @@ def test_kopf_keeps_its_diff_base_in_memory_not_in_an_annotation():
     assert not patch and storage.fetch(body=body) == {"spec": {"x": 1}}
     storage.forget_except({"u2"})
     assert storage.fetch(body=body) is None
+
+
+def test_kopf_keeps_handler_progress_in_memory_and_only_a_retry_touches_the_object():
+    """kopf wrote its progress record and a "kopf-managed" marker onto every FineTuneJob the
+    first time its handler ran, even when it succeeded at once (one request per job)."""
+    from finetune_operator import settings
+    import kopf
+
+    configured = kopf.OperatorSettings()
+    settings.configure_kopf(configured)
+    storage = configured.persistence.progress_storage
+    body = kopf.Body({"metadata": {"uid": "u1", "name": "a", "annotations": {}}})
+    patch = kopf.Patch()
+    storage.store(key="spec", record={"started": "t", "retries": 1, "delayed": None}, body=body, patch=patch)
+    assert not patch and storage.fetch(key="spec", body=body) == {"started": "t", "retries": 1}
+    storage.purge(key="spec", body=body, patch=patch)
+    assert not patch and storage.fetch(key="spec", body=body) is None
+    storage.store(key="spec", record={"started": "t"}, body=body, patch=patch)
+    storage.forget_except(set())
+    assert storage.fetch(key="spec", body=body) is None
+    storage.touch(body=body, patch=patch, value="now")  # wakes kopf up for a delayed retry
+    assert patch["metadata"]["annotations"]
