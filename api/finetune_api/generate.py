@@ -238,7 +238,7 @@ class _Classes:
         if kind == "array":
             return f"list[{self._type(node['items'], path + '[]', table)}]"
         if kind == "object" and "additionalProperties" in node:
-            return "dict[str, str]"
+            return f"dict[str, {self._type(node['additionalProperties'], path + '{}', table)}]"
         if kind == "object" and "properties" in node:
             return self.add(node, path, table)
         return {"string": "str", "integer": "int", "number": "float", "boolean": "bool"}[kind]

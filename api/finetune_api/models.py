@@ -674,6 +674,7 @@ class FineTuneJobStatus:
     attempts: Optional[int] = None
     restarts: Optional[int] = None
     gpu_hours: Optional[float] = None
+    gpu_seconds_by_pod: dict[str, float] = field(default_factory=dict)
     estimated_cost: Optional[str] = None
     trainer_job: Optional[str] = None
     trainer_image: Optional[str] = None

@@ -916,6 +916,11 @@ FINETUNEJOB_STATUS = obj("Observed state of a FineTuneJob, written by the operat
     "restarts": integer("Restarts that resumed from a checkpoint (preemptions, node loss).",
                         minimum=0),
     "gpuHours": number("GPU hours used so far.", minimum=0),
+    "gpuSecondsByPod": {"type": "object", "maxProperties": 512,
+                        "description": "GPU seconds counted so far per trainer pod uid, written with "
+                                       "gpuHours: a pod deleted later (a retry, suspend, a lost node) "
+                                       "keeps counting.",
+                        "additionalProperties": {"type": "number", "minimum": 0}},
     "estimatedCost": string("Estimated cost of the GPU hours, with its currency (e.g. 12.40 USD).",
                             max_length=64),
     "trainerJob": string("Name of the trainer batch/v1 Job.", max_length=SHORT),

@@ -530,6 +530,9 @@ def status_patch(job: FineTuneJob, o: Observation, *, now: dt.datetime, gpu_hour
         "restarts": o.restarts,
         "gpuHours": o.gpu_hours,
     }
+    if o.gpu_seconds:
+        # Per pod, so that a pod deleted later keeps counting (written with gpuHours).
+        status["gpuSecondsByPod"] = {uid: round(seconds, 1) for uid, seconds in sorted(o.gpu_seconds.items())}
     if o.endpoint:
         status["inferenceService"] = o.endpoint
     if gpu_hour_price:

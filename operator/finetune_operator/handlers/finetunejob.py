@@ -455,7 +455,9 @@ def _refresh_status_locked(namespace: str, name: str, fresh: bool = False, read_
     now = _now()
     trainer = _read_trainer_job(job)
     pods = _trainer_pods(trainer) if trainer else []
-    recorded = json.loads(job.metadata.annotations.get(GPU_SECONDS_ANNOTATION) or "{}")
+    # Jobs from before status.gpuSecondsByPod recorded them in an annotation.
+    recorded = dict(job.status.gpu_seconds_by_pod or {}) or \
+        json.loads(job.metadata.annotations.get(GPU_SECONDS_ANNOTATION) or "{}")
     comparison = None
     if job.spec.evaluation.comparison.enabled and (
             trainer_completed(trainer) or job.status.phase in (Phase.COMPARING.value, Phase.AWAITING_APPROVAL.value)):
@@ -483,28 +485,20 @@ def _refresh_status_locked(namespace: str, name: str, fresh: bool = False, read_
         _status_written[(namespace, name)] = time.monotonic()
     records.transition(obj, job.status.phase, obs.phase.value, obs.reason, obs.message, notes)
     records.observe(job, obs, obj, now)
-    if _gpu_seconds_drifted(recorded, obs.gpu_seconds):
-        _patch_metadata(job, {"annotations": {GPU_SECONDS_ANNOTATION: json.dumps(obs.gpu_seconds, sort_keys=True)}})
     if obs.phase.terminal:
         _expire(job, obj, now)
 
 
-# While a job runs its GPU hours grow at every refresh; alone, they are written at most this often
-# (every other change, and the final figure, at once).
+# While a job runs its GPU hours (and each pod's GPU seconds) grow at every refresh; alone, they
+# are written at most this often (every other change, and the final figure, at once).
 GPU_HOURS_WRITE_SECONDS = 60.0
 _status_written: dict[tuple[str, str], float] = {}  # when each job's status was last written
 
 
 def _only_gpu_hours_moved(namespace: str, name: str, changed: dict, obs: Observation) -> bool:
     last = _status_written.get((namespace, name))
-    return (not obs.phase.terminal and set(changed) <= {"gpuHours", "estimatedCost"}
+    return (not obs.phase.terminal and set(changed) <= {"gpuHours", "estimatedCost", "gpuSecondsByPod"}
             and last is not None and time.monotonic() - last < GPU_HOURS_WRITE_SECONDS)
-
-
-def _gpu_seconds_drifted(recorded: dict[str, float], current: dict[str, float]) -> bool:
-    """Persist per-pod GPU seconds when a pod is new or a minute ahead of the record."""
-    return any(uid not in recorded or seconds - recorded[uid] >= 60 for uid, seconds in current.items()
-               if seconds > 0)
 
 
 def _expire(job: FineTuneJob, obj: dict, now: dt.datetime) -> None:

@@ -293,3 +293,22 @@ def test_what_was_done_is_told_in_the_transitions_event_not_in_events_of_its_own
     assert "TrainerJobCreated: created trainer Job bot-trainer" in posted[0]["message"]
     records.transition(body, "Pending", "Pending", "Created", "waiting", [("TrainerJobCreated", "again")])
     assert len(posted) == 2 and posted[1]["reason"] == "TrainerJobCreated"
+
+
+def test_gpu_seconds_per_pod_are_kept_in_the_status_patch_and_a_deleted_pod_keeps_counting(caches, api, monkeypatch):
+    """They were an annotation, written with a metadata patch of its own when a pod started:
+    one more request per job. Now they go into the status patch that writes gpuHours."""
+    monkeypatch.setattr(finetunejob, "_patch_metadata", lambda *a, **k: pytest.fail("no metadata patch"))
+    gpu_pod = copy.deepcopy(POD)
+    gpu_pod["spec"]["containers"][0]["resources"] = {"limits": {"nvidia.com/gpu": "1"}}
+    obj = ftj(10, gpuSecondsByPod={"pod-gone": 1800.0})
+    api["state"]["current"] = obj
+    caches["finetunejobs"].put((NS, NAME), cache.trim(obj))
+    caches["jobs"].put((NS, f"{NAME}-trainer"), TRAINER)
+    caches["trainer_pods"].put((NS, "job-uid"), gpu_pod)
+    import datetime as dt
+    monkeypatch.setattr(finetunejob, "_now", lambda: dt.datetime(2025, 1, 1, 11, 2, tzinfo=dt.timezone.utc))
+    finetunejob.refresh_status(NS, NAME)
+    written = api["status"][-1][0]
+    assert written["gpuSecondsByPod"] == {"pod-gone": 1800.0, "pod-uid": 3600.0}
+    assert written["gpuHours"] == pytest.approx(1.5)
