@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 
 import kopf
+from kopf._cogs.structs import dicts
 
 from finetune_operator.labels import APP, MANAGED_BY
 from finetune_operator.serving.deployment import DEFAULT_IMAGE
@@ -68,6 +70,29 @@ class MemoryDiffBaseStorage(kopf.DiffBaseStorage):
     def __init__(self) -> None:
         super().__init__()
         self._essences: dict[str, object] = {}
+
+    def build(self, *, body, extra_fields=None):  # type: ignore[no-untyped-def]
+        """The spec (and any other top-level field but status), labels and annotations, less
+        the operator's own (`finetune.dev/...`) and kubectl's last-applied copy. kopf's own
+        build deep-copies the whole object, status and managedFields included, then drops
+        most of it: for every watch event of every FineTuneJob, a seventh of the operator's
+        busy time at N=300."""
+        essence = {k: copy.deepcopy(v) for k, v in body.items()
+                   if k not in ("apiVersion", "kind", "metadata", "status")}
+        meta = body.get("metadata") or {}
+        kept: dict = {}
+        if meta.get("labels"):
+            kept["labels"] = dict(meta["labels"])
+        annotations = {k: v for k, v in (meta.get("annotations") or {}).items()
+                       if not k.startswith((f"{GROUP}/", "kopf.zalando.org/"))
+                       and k != "kubectl.kubernetes.io/last-applied-configuration"}
+        if annotations:
+            kept["annotations"] = annotations
+        if kept:
+            essence["metadata"] = kept
+        if extra_fields:
+            dicts.cherrypick(src=body, dst=essence, fields=extra_fields, picker=copy.deepcopy)
+        return essence
 
     def fetch(self, *, body):  # type: ignore[no-untyped-def]
         return self._essences.get(body.get("metadata", {}).get("uid"))

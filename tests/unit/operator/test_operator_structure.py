@@ -285,3 +285,23 @@ def test_kopf_keeps_handler_progress_in_memory_and_only_a_retry_touches_the_obje
     assert storage.fetch(key="spec", body=body) is None
     storage.touch(body=body, patch=patch, value="now")  # wakes kopf up for a delayed retry
     assert patch["metadata"]["annotations"]
+
+
+def test_the_diff_base_is_the_spec_labels_and_foreign_annotations_only():
+    """What kopf compares to tell a spec change: spec, labels, annotations other than the
+    operator's own and kubectl's last-applied copy; never status or managedFields."""
+    from finetune_operator import settings
+
+    body = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
+            "metadata": {"name": "a", "uid": "u", "resourceVersion": "7", "managedFields": [{"m": 1}],
+                         "labels": {"team": "x"},
+                         "annotations": {"finetune.dev/deployed-settings": "d", "note": "n",
+                                         "kubectl.kubernetes.io/last-applied-configuration": "{}"}},
+            "spec": {"model": {"source": "m"}}, "status": {"phase": "Training"}}
+    essence = settings.diffbase.build(body=body)
+    assert essence == {"spec": {"model": {"source": "m"}},
+                       "metadata": {"labels": {"team": "x"}, "annotations": {"note": "n"}}}
+    essence["spec"]["model"]["source"] = "changed"
+    assert body["spec"]["model"]["source"] == "m"
+    changed = dict(body, status={"phase": "Succeeded"}, metadata=dict(body["metadata"], resourceVersion="8"))
+    assert settings.diffbase.build(body=changed) == settings.diffbase.build(body=body)
