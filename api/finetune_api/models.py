@@ -504,6 +504,7 @@ class DatasetReport:
     mix_examples: Optional[int] = None
     token_length_percentiles: Optional[TokenLengthPercentiles] = None
     token_lengths_approximate: Optional[bool] = None
+    prompt_format: Optional[str] = None
     first_errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)

@@ -858,6 +858,12 @@ FINETUNEJOB_STATUS = obj("Observed state of a FineTuneJob, written by the operat
         }),
         "tokenLengthsApproximate": boolean("True when lengths were estimated from words, "
                                            "without the model's tokenizer."),
+        "promptFormat": string("How the prompts were presented to the model: chat-template (the "
+                               "model's chat template or dataset.chatTemplate's: chat records, and "
+                               "instruction and completion records as user/assistant turns; ask "
+                               "through /v1/chat/completions), alpaca (instruction records of a "
+                               "model without a chat template: the Alpaca prompt) or raw (prompts "
+                               "as they are).", enum=["chat-template", "alpaca", "raw"]),
         "firstErrors": array(string("An error, with its line and field.", max_length=1024),
                              "The first errors found in the data.", max_items=20),
         "warnings": array(string("A warning about the data.", max_length=1024),

@@ -175,16 +175,18 @@ def render_table(rows: list[dict[str, Any]]) -> str:
 def items_for(cfg: TrainerConfig, eval_records: list[dict], *, sample_size: int, seed: int) -> list[Item]:
     """The prompts (spec.evaluation.prompts and promptsSource) and a seeded sample of the
     prepared eval split."""
-    from .evaluate import format_prompt, load_prompts
+    from finetune_api.prompts import CHAT_TEMPLATE, text_prompt
 
-    chat = cfg.dataset.format in ("chat", "preference")
+    from .evaluate import load_prompts
+
+    fmt = trained_prompt_format(cfg)
     items = []
     for p in load_prompts(cfg):
-        if chat:
+        if fmt == CHAT_TEMPLATE:  # asked through /v1/chat/completions: vLLM renders the template
             items.append(Item("prompt", messages=[{"role": "user", "content": p["prompt"]}],
                               reference=p.get("reference"), shown=p["prompt"]))
         else:
-            items.append(Item("prompt", prompt=format_prompt(cfg, None, p["prompt"]),
+            items.append(Item("prompt", prompt=text_prompt(fmt, p["prompt"]),
                               reference=p.get("reference"), shown=p["prompt"]))
     records = list(eval_records)
     random.Random(seed).shuffle(records)
@@ -193,6 +195,20 @@ def items_for(cfg: TrainerConfig, eval_records: list[dict], *, sample_size: int,
         if item is not None:
             items.append(item)
     return items
+
+
+def trained_prompt_format(cfg: TrainerConfig) -> str:
+    """The prompt format training recorded in its dataset report; without one (an older run),
+    the one the dataset format gives with the template training wrote to the artifacts."""
+    from finetune_api.prompts import prompt_format
+
+    from .chat_templates import ARTIFACT
+    from .prepared import recorded_prompt_format
+
+    recorded = recorded_prompt_format(cfg)
+    if recorded:
+        return recorded
+    return prompt_format(cfg.dataset.format, (cfg.paths.artifacts / ARTIFACT).is_file())
 
 
 def _record_item(record: dict) -> Item | None:

@@ -133,19 +133,30 @@ def load_prompts(cfg: TrainerConfig) -> list[dict[str, str]]:
     return prompts
 
 
-def format_prompt(cfg: TrainerConfig, tokenizer, prompt: str) -> str:
-    """Present a prompt the way the training data presented prompts."""
-    fmt = cfg.dataset.format
-    if fmt in ("chat", "preference") and getattr(tokenizer, "chat_template", None):
+def prompt_format_for(cfg: TrainerConfig, tokenizer) -> str:
+    """The prompt format training used with this tokenizer (finetune_api.prompts): the chat
+    template when the tokenizer has one (instruction, completion, chat and preference data),
+    else the Alpaca prompt (instruction) or the prompt as it is."""
+    from finetune_api.prompts import prompt_format
+
+    template = getattr(tokenizer, "chat_template", None)
+    return prompt_format(cfg.dataset.format, bool(template) and hasattr(tokenizer, "apply_chat_template"))
+
+
+def format_prompt(cfg: TrainerConfig, tokenizer, prompt: str, fmt: str | None = None) -> str:
+    """Present a prompt (a question) the way the training data presented prompts: `fmt`
+    (the prompt format training recorded), else the one this tokenizer gives."""
+    from finetune_api.prompts import CHAT_TEMPLATE, text_prompt
+
+    fmt = fmt or prompt_format_for(cfg, tokenizer)
+    if fmt == CHAT_TEMPLATE and tokenizer is not None and getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                              add_generation_prompt=True, tokenize=False)
-    if fmt == "instruction":
-        try:
-            from .data.formats import INSTRUCTION_TEMPLATE
-        except ImportError:
-            return prompt
-        return INSTRUCTION_TEMPLATE.format(instruction=prompt)
-    return prompt
+    return text_prompt(fmt, prompt)
+
+
+# End-of-turn tokens of the common chat templates (ChatML, Llama 3): generation stops there.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>")
 
 
 def generate(model, tokenizer, texts: list[str], max_new_tokens: int) -> list[str]:
@@ -154,9 +165,8 @@ def generate(model, tokenizer, texts: list[str], max_new_tokens: int) -> list[st
     model.eval()
     device = next(model.parameters()).device
     stop = [tokenizer.eos_token_id]
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
-    if im_end is not None:
-        stop.append(im_end)
+    vocab = tokenizer.get_vocab()
+    stop += [vocab[token] for token in END_OF_TURN if token in vocab]
     outputs = []
     for text in texts:
         encoded = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(device)

@@ -104,8 +104,12 @@ def inspect_dataset(cfg: DatasetConfig, *, seed: int, max_seq_length: int, token
     """
     from .. import chat_templates
 
+    from finetune_api.prompts import prompt_format
+
     counter = make_counter(tokenizer)
     report = DatasetReport(token_lengths_approximate=counter.approximate)
+    renderer = chat_templates.dataset_renderer(tokenizer, cfg.chat_template)
+    report.prompt_format = prompt_format(cfg.format, renderer is not None)
     problem = chat_templates.missing_template_problem(
         tokenizer, [cfg.format] + ([cfg.mix.format] if cfg.mix and cfg.mix.format else []))
     if problem:
@@ -115,7 +119,7 @@ def inspect_dataset(cfg: DatasetConfig, *, seed: int, max_seq_length: int, token
         pipeline = _Pipeline(cfg, report, counter, max_seq_length, Path(tmp),
                              pair_limits={"max_prompt_length": max_prompt_length,
                                           "max_completion_length": max_completion_length},
-                             renderer=chat_templates.dataset_renderer(tokenizer, cfg.chat_template))
+                             renderer=renderer)
         try:
             return pipeline.run(seed, resolve, keep_records)
         finally:
