@@ -7,7 +7,7 @@ The prompt format (`status.dataset.promptFormat`, `reports/dataset.json`):
   records, and instruction and completion records when the model has a template: an
   instruction record is the conversation user = the instruction (and its input, after a
   blank line), assistant = the output; a completion record user = the prompt, assistant =
-  the completion (an empty prompt: the assistant turn alone). Such a model is asked through
+  the completion (an empty prompt: an empty user turn). Such a model is asked through
   `/v1/chat/completions` (the template renders the question).
 - `alpaca`: instruction records for a base model without any chat template: the Alpaca
   prompt below, completion = the output. Asked through `/v1/completions` with that prompt.
@@ -55,8 +55,9 @@ def instruction_conversation(instruction: str, input_: str, output: str) -> list
 
 
 def completion_conversation(prompt: str, completion: str) -> list[dict[str, str]]:
-    user = [{"role": "user", "content": prompt}] if prompt.strip() else []
-    return user + [{"role": "assistant", "content": completion}]
+    """An empty prompt stays an empty user turn: a conversation needs one before the answer
+    (transformers renders no empty conversation, so an answer alone has no prefix to mask)."""
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
 
 
 def alpaca_prompt(instruction: str, input_: str = "") -> str:

@@ -105,7 +105,7 @@ def _instruction(record: dict, chat: bool = False) -> tuple[dict, str]:
 
 def _completion(record: dict, chat: bool = False) -> tuple[dict, str]:
     # An empty prompt is allowed: the whole completion is then trained on (with a chat
-    # template, the conversation is the assistant turn alone).
+    # template, after an empty user turn).
     prompt = _string(record, "prompt", "completion", allow_empty=True)
     completion = _string(record, "completion", "completion")
     if chat:

@@ -78,6 +78,10 @@ def prepare_dataset(cfg: DatasetConfig, *, seed: int, max_seq_length: int, token
     return prepared
 
 
+# Records over the length limit named in the report's warning (the rest are counted).
+TOO_LONG_SHOWN = 5
+
+
 @contextmanager
 def _no_cyclic_gc() -> Iterator[None]:
     """The pipeline makes millions of small acyclic objects; the cyclic collector would
@@ -220,9 +224,10 @@ class _Spill:
 
 
 def _spilled_example(row: list) -> Example:
-    """An Example back from a spilled row (record, category, rendered length); its dedup text
-    is not needed any more."""
-    return Example("", row[0], "", row[1], rendered_tokens=row[2] if len(row) > 2 else None)
+    """An Example back from a spilled row (record, category, rendered length, where); its
+    dedup text is not needed any more."""
+    return Example(row[3] if len(row) > 3 else "", row[0], "", row[1],
+                   rendered_tokens=row[2] if len(row) > 2 else None)
 
 
 @dataclass
@@ -402,7 +407,7 @@ class _Pipeline:
                         near.add([e.similarity_text for e in kept])
                     texts.append_texts([e.similarity_text for e in kept])
                 survivor_keys.extend(keys[i] for i in kept_at)
-                survivors.append_lines([(e.record, e.category, e.rendered_tokens) for e in kept])
+                survivors.append_lines([(e.record, e.category, e.rendered_tokens, e.where) for e in kept])
         except SourceError as exc:
             report.fail(f"{label}{exc}")
             return None
@@ -451,6 +456,8 @@ class _Pipeline:
         """The length policy over the survivors that are no near-duplicates, in batches."""
         report = self.report
         cleaned = _Cleaned(self._spill("kept"), array("l"), [], [])
+        too_long: list[tuple[str, int]] = []
+        too_long_count = 0
         for start in range(0, len(survivors), BATCH_RECORDS):
             stop = min(start + BATCH_RECORDS, len(survivors))
             rows = survivors.decode_range(start, stop)
@@ -460,6 +467,8 @@ class _Pipeline:
             result = apply_length_policy(examples, self.counter, self.max_seq_length,
                                          self.cfg.length_policy, renderer=self.renderer,
                                          **self.pair_limits)
+            too_long_count += len(result.too_long)
+            too_long += result.too_long[:TOO_LONG_SHOWN - len(too_long)]
             if count:
                 report.truncated += result.truncated
                 report.dropped_too_long += result.dropped_too_long
@@ -471,7 +480,19 @@ class _Pipeline:
             cleaned.keys.extend(keys[where[id(e)]] for e in kept)
             if self.preference and not cleaned.conversational:
                 cleaned.conversational = any(isinstance(e.record.get("prompt"), list) for e in kept)
+        if count and too_long:
+            report.warnings.append(self._too_long_warning(too_long, too_long_count))
         return cleaned
+
+    def _too_long_warning(self, shown: list[tuple[str, int]], count: int) -> str:
+        """Which records were over training.maxSeqLength, by line (the first few)."""
+        policy = self.cfg.length_policy
+        where = ", ".join(f"{at} ({tokens} tokens)" for at, tokens in shown)
+        more = f" and {count - len(shown)} more" if count > len(shown) else ""
+        how = " as rendered with the chat template" if self.renderer is not None else ""
+        return (f"{count} records longer than training.maxSeqLength ({self.max_seq_length}) "
+                f"tokens{how} were {'dropped' if policy == 'drop' else 'truncated'} "
+                f"(lengthPolicy {policy}): {where}{more}")
 
     def mix_in(self, cfg: DatasetConfig, train_size: int, own_keys: set[int], seed: int,
                resolve: Callable[[str], str]) -> tuple[_Cleaned, list[int]] | None:
