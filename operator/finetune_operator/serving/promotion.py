@@ -168,8 +168,11 @@ def eval_loss(server, model: str, items: list[tuple[dict, str]]) -> float:
 
 
 def decide(isvc: InferenceService, jobs: Mapping[str, FineTuneJob], recs: dict[str, Record],
-           replicas: list[Replica], server_for_pod: Callable[[str], object]) -> dict[str, Record]:
-    """Score every candidate that one ready replica serves next to the current version."""
+           replicas: list[Replica], server_for_pod: Callable[[str], object],
+           job_of: Callable[[str], Optional[FineTuneJob]] = lambda name: None) -> dict[str, Record]:
+    """Score every candidate that one ready replica serves next to the current version, each
+    asked in the prompt format it was trained with (`job_of` reads the current version's job,
+    which the spec no longer names; without it both are asked as the candidate was trained)."""
     out = dict(recs)
     gated = {a.name: a for a in isvc.spec.adapters if a.promotion}
     for name, rec in recs.items():
@@ -190,7 +193,7 @@ def decide(isvc: InferenceService, jobs: Mapping[str, FineTuneJob], recs: dict[s
         try:
             # Each version is asked the way it was trained (a new version may have moved from
             # the Alpaca prompt to the chat template).
-            current_job = jobs.get(rec.job)
+            current_job = jobs.get(rec.job) or job_of(rec.job)
             current = eval_loss(server, name, score_items(jobs[rec.candidate], trained_prompt_format(current_job))
                                 if current_job is not None else items)
             candidate = eval_loss(server, cand, items)
