@@ -89,8 +89,9 @@ class Dedup:
 
 @dataclass(kw_only=True)
 class ChatTemplate:
-    """The chat template conversations are rendered with, in training, in validation (every
-    record is rendered before any GPU time) and in serving (the trainer writes it to
+    """The chat template conversations (chat records, and instruction and completion records as
+    user/assistant turns) are rendered with, in training, in validation (every record is
+    rendered before any GPU time) and in serving (the trainer writes it to
     artifacts/chat_template.jinja and the tokenizer config beside the adapter or merged
     model; vLLM serves with it)."""
 
