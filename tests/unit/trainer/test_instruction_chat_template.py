@@ -261,3 +261,35 @@ def test_the_comparison_of_an_older_run_goes_by_the_template_it_wrote(tmp_path):
     cfg.paths.artifacts.mkdir(parents=True)
     (cfg.paths.artifacts / ARTIFACT).write_text("{{ messages }}")
     assert items_for(cfg, [], sample_size=0, seed=0)[0].messages == [{"role": "user", "content": "Say hi"}]
+
+
+@pytest.mark.slow
+def test_the_comparisons_eval_loss_of_a_chat_sample_is_the_trained_loss(tiny_model):
+    """vLLM (CPU build) renders an instruction record's conversation with the tiny model's
+    (ChatML) template; the loss it measures on the answer is the loss training computes: the
+    answer and its <|im_end|>, not the template's newline after it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune_trainer.chat_templates import ChatRenderer
+    from finetune_trainer.compare import _free_port, answer_loss, server_command, serving
+
+    pytest.importorskip("vllm")
+    messages = [{"role": "user", "content": "Repeat the word red 2 times."}]
+    answer = "red red"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.float32)
+    rendered = ChatRenderer(tokenizer).render({"messages": messages + [{"role": "assistant", "content": answer}]})
+    ids = torch.tensor([rendered.input_ids])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+    trained = [-logprobs[i - 1, rendered.input_ids[i]].item()
+               for i, m in enumerate(rendered.assistant_masks) if m and i > 0]
+    expected = sum(trained) / len(trained)
+
+    port = _free_port()
+    argv = server_command(str(tiny_model), "tiny", port, max_model_len=256) + ["--dtype", "float32"]
+    with serving(argv, port, cpu=True) as url:
+        measured = answer_loss(url, "tiny", messages, answer)
+
+    assert measured == pytest.approx(expected, rel=1e-3)
