@@ -106,9 +106,9 @@ def inspect_dataset(cfg: DatasetConfig, *, seed: int, max_seq_length: int, token
     With `keep_records=False` (validate-data) the records are not read back into memory:
     train and eval come back empty and only the report is filled in.
     """
-    from .. import chat_templates
-
     from finetune_api.prompts import prompt_format
+
+    from .. import chat_templates
 
     counter = make_counter(tokenizer)
     report = DatasetReport(token_lengths_approximate=counter.approximate)
@@ -420,7 +420,7 @@ class _Pipeline:
         if count:
             report.duplicates_removed += exact_removed
             report.near_duplicates_removed += len(near_removed)
-        return self._apply_length(survivors, survivor_keys, near_removed, count)
+        return self._apply_length(survivors, survivor_keys, near_removed, count, label)
 
     def _check_read(self, source: str, label: str, errors: list[str], read: int,
                     rejected: int, count: bool) -> bool:
@@ -452,7 +452,7 @@ class _Pipeline:
         return True
 
     def _apply_length(self, survivors: _Spill, keys: list[int], removed: set[int],
-                      count: bool) -> _Cleaned:
+                      count: bool, label: str = "") -> _Cleaned:
         """The length policy over the survivors that are no near-duplicates, in batches."""
         report = self.report
         cleaned = _Cleaned(self._spill("kept"), array("l"), [], [])
@@ -481,18 +481,18 @@ class _Pipeline:
             if self.preference and not cleaned.conversational:
                 cleaned.conversational = any(isinstance(e.record.get("prompt"), list) for e in kept)
         if count and too_long:
-            report.warnings.append(self._too_long_warning(too_long, too_long_count))
+            report.warnings.append(self._too_long_warning(too_long, too_long_count, label))
         return cleaned
 
-    def _too_long_warning(self, shown: list[tuple[str, int]], count: int) -> str:
+    def _too_long_warning(self, shown: list[tuple[str, int]], count: int, label: str) -> str:
         """Which records were over training.maxSeqLength, by line (the first few)."""
         policy = self.cfg.length_policy
         where = ", ".join(f"{at} ({tokens} tokens)" for at, tokens in shown)
         more = f" and {count - len(shown)} more" if count > len(shown) else ""
         how = " as rendered with the chat template" if self.renderer is not None else ""
-        return (f"{count} records longer than training.maxSeqLength ({self.max_seq_length}) "
-                f"tokens{how} were {'dropped' if policy == 'drop' else 'truncated'} "
-                f"(lengthPolicy {policy}): {where}{more}")
+        done = "dropped" if policy == "drop" else "truncated"
+        return (f"{label}{count} record{'s' if count > 1 else ''} over training.maxSeqLength "
+                f"({self.max_seq_length} tokens{how}) {done} (lengthPolicy {policy}): {where}{more}")
 
     def mix_in(self, cfg: DatasetConfig, train_size: int, own_keys: set[int], seed: int,
                resolve: Callable[[str], str]) -> tuple[_Cleaned, list[int]] | None:
