@@ -388,7 +388,10 @@ DATASET = obj("Training data, its format, how it is split and cleaned.", {
                            DATASET_SOURCE_HELP, DATASET_SOURCE),
         "ratio": number("Mixed-in examples per training example.", minimum=0, maximum=10,
                         exclusive_minimum=True),
-        "format": string("Record shape of the mixed-in data; dataset.format when unset.",
+        "format": string("Record shape of the mixed-in data; dataset.format when unset. It must "
+                         "make the same kind of records: instruction and completion (prompt and "
+                         "completion), chat, text; with a chat template instruction and completion "
+                         "records are conversations, so chat mixes with them.",
                          enum=DATASET_FORMATS),
     }, required=["source", "ratio"]),
 }, required=["source"], rules=[

@@ -199,6 +199,29 @@ def test_a_template_chosen_by_dataset_chat_template_renders_instruction_records(
     assert prepared.train[0]["messages"][0] == {"role": "user", "content": "Name a colour"}
 
 
+def test_with_a_template_chat_data_mixes_into_an_instruction_dataset(tmp_path, tokenizer):
+    """Both are conversations once instruction records go through the template; without a
+    template, prompt/completion and chat records still cannot be mixed."""
+    from finetune_trainer.config import MixConfig
+
+    mix = write_jsonl(tmp_path / "mix.jsonl", [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+        for i in range(4)])
+    cfg = DatasetConfig(source=str(write_jsonl(tmp_path / "main.jsonl", [TRANSLATE, COLOUR])),
+                        format="instruction", eval_fraction=0.0, min_examples=1,
+                        mix=MixConfig(source=str(mix), ratio=1.0, format="chat"))
+
+    mixed = inspect_dataset(cfg, seed=0, max_seq_length=512, tokenizer=tokenizer)
+
+    assert mixed.report.usable and mixed.report.mix_examples == 2
+    assert all("messages" in r for r in mixed.train) and len(mixed.train) == 4
+    # No tokenizer, no template: Alpaca prompt/completion records and chat records do not mix.
+    refused = inspect_dataset(cfg, seed=0, max_seq_length=512).report
+    assert not refused.usable
+    assert refused.problems == ["dataset.mix.format chat makes messages records, which cannot be mixed "
+                                "with the prompt-completion records of format instruction"]
+
+
 def test_validate_data_says_which_prompt_format_it_rendered(tmp_path, llama31_model, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", [TRANSLATE, COLOUR])
     common = [str(data), "--format", "instruction", "--min-examples", "1", "--eval-fraction", "0"]

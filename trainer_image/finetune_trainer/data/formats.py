@@ -40,6 +40,14 @@ OUTPUT_KIND = {
 }
 
 
+def output_kind(fmt: str, chat_template: bool) -> str:
+    """What records of `fmt` turn into; with a chat template, instruction and completion
+    records are conversations."""
+    if chat_template and fmt in ("instruction", "completion"):
+        return "messages"
+    return OUTPUT_KIND[fmt]
+
+
 class RecordError(ValueError):
     """A record that cannot be used; the message names the field."""
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from ..config import DatasetConfig
 from . import dedup
-from .formats import OUTPUT_KIND, Example, RecordError, conversational_pair, convert
+from .formats import Example, RecordError, conversational_pair, convert, output_kind
 from .length import TokenCounter, apply_length_policy, make_counter, percentiles
 from .load import SourceError, is_tabular, read_records
 from .report import MAX_ERRORS, DatasetReport, DataValidationError
@@ -499,9 +499,10 @@ class _Pipeline:
         """A seeded sample of the mix source, mix.ratio times the size of train."""
         mix, report = cfg.mix, self.report
         fmt = mix.format or cfg.format
-        if OUTPUT_KIND[fmt] != OUTPUT_KIND[cfg.format]:
-            report.fail(f"dataset.mix.format {fmt} makes {OUTPUT_KIND[fmt]} records, which "
-                        f"cannot be mixed with the {OUTPUT_KIND[cfg.format]} records of "
+        templated = self.renderer is not None
+        if output_kind(fmt, templated) != output_kind(cfg.format, templated):
+            report.fail(f"dataset.mix.format {fmt} makes {output_kind(fmt, templated)} records, which "
+                        f"cannot be mixed with the {output_kind(cfg.format, templated)} records of "
                         f"format {cfg.format}")
             return None
         # The field map describes the main source; it applies to the mix only in the same format.
