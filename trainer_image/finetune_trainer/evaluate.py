@@ -143,13 +143,14 @@ def prompt_format_for(cfg: TrainerConfig, tokenizer) -> str:
     return prompt_format(cfg.dataset.format, bool(template) and hasattr(tokenizer, "apply_chat_template"))
 
 
-def format_prompt(cfg: TrainerConfig, tokenizer, prompt: str, fmt: str | None = None) -> str:
-    """Present a prompt (a question) the way the training data presented prompts: `fmt`
-    (the prompt format training recorded), else the one this tokenizer gives."""
+def format_prompt(cfg: TrainerConfig, tokenizer, prompt: str) -> str:
+    """Present a prompt (a question) the way the training data presented prompts with this
+    tokenizer (the one training used): through its chat template, else the Alpaca prompt or
+    the prompt as it is."""
     from finetune_api.prompts import CHAT_TEMPLATE, text_prompt
 
-    fmt = fmt or prompt_format_for(cfg, tokenizer)
-    if fmt == CHAT_TEMPLATE and tokenizer is not None and getattr(tokenizer, "chat_template", None):
+    fmt = prompt_format_for(cfg, tokenizer)
+    if fmt == CHAT_TEMPLATE and getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                              add_generation_prompt=True, tokenize=False)
     return text_prompt(fmt, prompt)
