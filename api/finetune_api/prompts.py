@@ -43,6 +43,13 @@ def prompt_format(dataset_format: str, has_template: bool) -> str:
     return ALPACA if dataset_format == "instruction" else RAW
 
 
+def unrecorded_prompt_format(dataset_format: str) -> str:
+    """The prompt format of a run that recorded none (trained before instruction and completion
+    records went through the chat template): chat and preference data through the template,
+    instruction records with the Alpaca prompt, the rest raw."""
+    return prompt_format(dataset_format, dataset_format in ("chat", "preference"))
+
+
 def instruction_user_turn(instruction: str, input_: str = "") -> str:
     """The user turn of an instruction record: the instruction, and its input (when it has
     one) after a blank line."""

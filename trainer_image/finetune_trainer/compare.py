@@ -198,17 +198,13 @@ def items_for(cfg: TrainerConfig, eval_records: list[dict], *, sample_size: int,
 
 
 def trained_prompt_format(cfg: TrainerConfig) -> str:
-    """The prompt format training recorded in its dataset report; without one (an older run),
-    the one the dataset format gives with the template training wrote to the artifacts."""
-    from finetune_api.prompts import prompt_format
+    """The prompt format training recorded in its dataset report; without one (a run from
+    before it was recorded), what such runs trained with (instruction: the Alpaca prompt)."""
+    from finetune_api.prompts import unrecorded_prompt_format
 
-    from .chat_templates import ARTIFACT
     from .prepared import recorded_prompt_format
 
-    recorded = recorded_prompt_format(cfg)
-    if recorded:
-        return recorded
-    return prompt_format(cfg.dataset.format, (cfg.paths.artifacts / ARTIFACT).is_file())
+    return recorded_prompt_format(cfg) or unrecorded_prompt_format(cfg.dataset.format)
 
 
 def _record_item(record: dict) -> Item | None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Optional
 
 from finetune_api.models import FineTuneJob, InferenceService
-from finetune_api.prompts import CHAT_TEMPLATE, prompt_format, text_prompt
+from finetune_api.prompts import CHAT_TEMPLATE, text_prompt, unrecorded_prompt_format
 
 from finetune_operator.serving.adapters import Replica, Want, VLLMError
 
@@ -112,10 +112,7 @@ def trained_prompt_format(job: FineTuneJob) -> str:
     without one (trained before it was recorded) by its dataset format: chat and preference
     through the chat template, instruction with the Alpaca prompt, the rest raw."""
     recorded = job.status.dataset.prompt_format if job.status and job.status.dataset else None
-    if recorded:
-        return recorded
-    fmt = job.spec.dataset.format
-    return prompt_format(fmt, fmt in ("chat", "preference"))
+    return recorded or unrecorded_prompt_format(job.spec.dataset.format)
 
 
 def score_items(job: FineTuneJob, fmt: Optional[str] = None) -> list[tuple[dict, str]]:

@@ -273,17 +273,19 @@ def test_the_comparison_asks_in_the_format_training_recorded(tmp_path, recorded,
         assert item.prompt == (INSTRUCTION_TEMPLATE.format(instruction="Say hi") if asked_as == "alpaca" else "Say hi")
 
 
-def test_the_comparison_of_an_older_run_goes_by_the_template_it_wrote(tmp_path):
-    """A run from before promptFormat was recorded: its artifacts/chat_template.jinja says
-    whether the tokenizer had a template."""
+def test_the_comparison_of_a_run_that_recorded_no_format_asks_as_such_runs_trained(tmp_path):
+    """Before the prompt format was recorded, instruction records were trained with the Alpaca
+    prompt even when the tokenizer had a template (and wrote it to the artifacts)."""
     from finetune_trainer.chat_templates import ARTIFACT
     from finetune_trainer.compare import items_for
 
     cfg = config(tmp_path)
-    assert items_for(cfg, [], sample_size=0, seed=0)[0].prompt.startswith("### Instruction:\nSay hi")
     cfg.paths.artifacts.mkdir(parents=True)
     (cfg.paths.artifacts / ARTIFACT).write_text("{{ messages }}")
-    assert items_for(cfg, [], sample_size=0, seed=0)[0].messages == [{"role": "user", "content": "Say hi"}]
+
+    assert items_for(cfg, [], sample_size=0, seed=0)[0].prompt == INSTRUCTION_TEMPLATE.format(instruction="Say hi")
+    assert items_for(config(tmp_path, "chat"), [], sample_size=0, seed=0)[0].messages == [
+        {"role": "user", "content": "Say hi"}]
 
 
 @pytest.mark.slow
