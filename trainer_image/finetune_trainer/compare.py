@@ -177,7 +177,7 @@ def items_for(cfg: TrainerConfig, eval_records: list[dict], *, sample_size: int,
     prepared eval split."""
     from finetune_api.prompts import CHAT_TEMPLATE, text_prompt
 
-    from .evaluate import load_prompts
+    from .evaluate import load_prompts, trained_prompt_format
 
     fmt = trained_prompt_format(cfg)
     items = []
@@ -195,16 +195,6 @@ def items_for(cfg: TrainerConfig, eval_records: list[dict], *, sample_size: int,
         if item is not None:
             items.append(item)
     return items
-
-
-def trained_prompt_format(cfg: TrainerConfig) -> str:
-    """The prompt format training recorded in its dataset report; without one (a run from
-    before it was recorded), what such runs trained with (instruction: the Alpaca prompt)."""
-    from finetune_api.prompts import unrecorded_prompt_format
-
-    from .prepared import recorded_prompt_format
-
-    return recorded_prompt_format(cfg) or unrecorded_prompt_format(cfg.dataset.format)
 
 
 def _record_item(record: dict) -> Item | None:

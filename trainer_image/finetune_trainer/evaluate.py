@@ -143,13 +143,23 @@ def prompt_format_for(cfg: TrainerConfig, tokenizer) -> str:
     return prompt_format(cfg.dataset.format, bool(template) and hasattr(tokenizer, "apply_chat_template"))
 
 
-def format_prompt(cfg: TrainerConfig, tokenizer, prompt: str) -> str:
-    """Present a prompt (a question) the way the training data presented prompts with this
-    tokenizer (the one training used): through its chat template, else the Alpaca prompt or
-    the prompt as it is."""
+def trained_prompt_format(cfg: TrainerConfig) -> str:
+    """The prompt format the run recorded (reports/dataset.json); a run that recorded none was
+    trained before instruction records went through the chat template."""
+    from finetune_api.prompts import unrecorded_prompt_format
+
+    from .prepared import recorded_prompt_format
+
+    return recorded_prompt_format(cfg) or unrecorded_prompt_format(cfg.dataset.format)
+
+
+def format_prompt(cfg: TrainerConfig, tokenizer, prompt: str, fmt: str | None = None) -> str:
+    """Present a prompt (a question) the way the training data presented prompts: in `fmt`
+    (the format the run recorded), by default the one this tokenizer (the one training used)
+    gives: through its chat template, else the Alpaca prompt or the prompt as it is."""
     from finetune_api.prompts import CHAT_TEMPLATE, text_prompt
 
-    fmt = prompt_format_for(cfg, tokenizer)
+    fmt = fmt or prompt_format_for(cfg, tokenizer)
     if fmt == CHAT_TEMPLATE and getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                              add_generation_prompt=True, tokenize=False)
@@ -258,7 +268,9 @@ def evaluate_run(cfg: TrainerConfig, model, tokenizer, *, eval_metrics: dict[str
                                    "finetuned": score(tuned, refs, cfg.evaluation.metrics)}
     prompts = load_prompts(cfg)
     if prompts:
-        texts = [format_prompt(cfg, tokenizer, p["prompt"]) for p in prompts]
+        fmt = trained_prompt_format(cfg)
+        report["promptFormat"] = fmt
+        texts = [format_prompt(cfg, tokenizer, p["prompt"], fmt) for p in prompts]
         tuned, base = _generate_both(model, base_loader, tokenizer, texts, n)
         with_ref = [i for i, p in enumerate(prompts) if p.get("reference") is not None]
         refs = [prompts[i]["reference"] for i in with_ref]

@@ -245,9 +245,14 @@ def config(tmp_path, fmt="instruction") -> TrainerConfig:
 
 
 def test_evaluation_prompts_are_rendered_in_the_trained_format(tmp_path, tokenizer, base_tokenizer):
-    from finetune_trainer.evaluate import format_prompt
+    from finetune_trainer.evaluate import format_prompt, trained_prompt_format
 
     cfg = config(tmp_path)
+    assert trained_prompt_format(cfg) == "alpaca"  # recorded none: trained before, with Alpaca
+    cfg.paths.reports.mkdir(parents=True)
+    (cfg.paths.reports / "dataset.json").write_text(json.dumps({"promptFormat": "chat-template"}))
+    assert trained_prompt_format(cfg) == "chat-template"
+    assert format_prompt(cfg, tokenizer, "Say hi", "alpaca") == INSTRUCTION_TEMPLATE.format(instruction="Say hi")
 
     assert format_prompt(cfg, tokenizer, "Say hi") == tokenizer.apply_chat_template(
         [{"role": "user", "content": "Say hi"}], add_generation_prompt=True, tokenize=False)

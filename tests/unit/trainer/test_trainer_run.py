@@ -100,6 +100,7 @@ def test_lora_lowers_the_loss_and_writes_a_servable_adapter(trainer_config, tmp_
     assert json.loads((root / "reports" / "dataset.json").read_text())["promptFormat"] == "chat-template"
     assert "Prompt format: chat-template: ask through /v1/chat/completions" in card
     assert report["generations"][0]["prompt"] == "Repeat the word red 2 times."
+    assert report["promptFormat"] == "chat-template"  # the evaluation prompts were asked so
     assert {path for path, _, _ in patches} == {
         "/apis/finetune.dev/v1alpha1/namespaces/team-a/finetunejobs/tune/status"}
     assert patches[0][1]["Authorization"] == "Bearer test-token"
