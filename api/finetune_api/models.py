@@ -89,8 +89,9 @@ class Dedup:
 
 @dataclass(kw_only=True)
 class ChatTemplate:
-    """The chat template conversations are rendered with, in training, in validation (every
-    record is rendered before any GPU time) and in serving (the trainer writes it to
+    """The chat template conversations (chat records, and instruction and completion records as
+    user/assistant turns) are rendered with, in training, in validation (every record is
+    rendered before any GPU time) and in serving (the trainer writes it to
     artifacts/chat_template.jinja and the tokenizer config beside the adapter or merged
     model; vLLM serves with it)."""
 
@@ -504,6 +505,7 @@ class DatasetReport:
     mix_examples: Optional[int] = None
     token_length_percentiles: Optional[TokenLengthPercentiles] = None
     token_lengths_approximate: Optional[bool] = None
+    prompt_format: Optional[str] = None
     first_errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)

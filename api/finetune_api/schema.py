@@ -318,12 +318,13 @@ CHAT_TEMPLATE_NAMES = ["model", "chatml", "llama-3.1"]
 CHAT_TEMPLATE_LOSS = ["assistant", "all"]
 CHAT_TEMPLATE_FILE = r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/[^\s]+\.(jinja|j2)$"
 
-CHAT_TEMPLATE = obj("The chat template conversations are rendered with, in training, in "
+CHAT_TEMPLATE = obj("The chat template conversations (chat records, and instruction and "
+                    "completion records as user/assistant turns) are rendered with, in training, in "
                     "validation (every record is rendered before any GPU time) and in serving "
                     "(the trainer writes it to artifacts/chat_template.jinja and the tokenizer "
                     "config beside the adapter or merged model; vLLM serves with it).", {
     "name": string("model: the base model's own template (a model without one cannot train on "
-                   "chat records); chatml or llama-3.1: a template built into the trainer.",
+                   "chat records, and trains instruction records with the Alpaca prompt); chatml or llama-3.1: a template built into the trainer.",
                    default="model", enum=CHAT_TEMPLATE_NAMES),
     "file": location("A Jinja chat template on the job's claim, pvc://<claim>/<path>.jinja; "
                      "replaces the model's own (name must then be model).",
@@ -346,7 +347,11 @@ DATASET = obj("Training data, its format, how it is split and cleaned.", {
                      "{prompt, completion}; chat: {messages: [{role, content}]}; text: {text}; "
                      "preference (method.objective dpo): {prompt, chosen, rejected}, the prompt a "
                      "string or chat messages, or OpenAI's {input: {messages}, preferred_output, "
-                     "non_preferred_output}.",
+                     "non_preferred_output}. Instruction and completion records go through the "
+                     "chat template when the model has one (user: the instruction, and its input "
+                     "after a blank line, or the prompt; assistant: the output or completion), "
+                     "else the Alpaca prompt (instruction) or the prompt as it is (completion): "
+                     "status.dataset.promptFormat says which.",
                      default="instruction", enum=DATASET_FORMATS),
     "fieldMap": string_map("Renames source fields to the format's field names, "
                            "e.g. {instruction: question, output: answer}.", max_properties=16),
@@ -383,7 +388,10 @@ DATASET = obj("Training data, its format, how it is split and cleaned.", {
                            DATASET_SOURCE_HELP, DATASET_SOURCE),
         "ratio": number("Mixed-in examples per training example.", minimum=0, maximum=10,
                         exclusive_minimum=True),
-        "format": string("Record shape of the mixed-in data; dataset.format when unset.",
+        "format": string("Record shape of the mixed-in data; dataset.format when unset. It must "
+                         "make the same kind of records: instruction and completion (prompt and "
+                         "completion), chat, text; with a chat template instruction and completion "
+                         "records are conversations, so chat mixes with them.",
                          enum=DATASET_FORMATS),
     }, required=["source", "ratio"]),
 }, required=["source"], rules=[
@@ -858,6 +866,12 @@ FINETUNEJOB_STATUS = obj("Observed state of a FineTuneJob, written by the operat
         }),
         "tokenLengthsApproximate": boolean("True when lengths were estimated from words, "
                                            "without the model's tokenizer."),
+        "promptFormat": string("How the prompts were presented to the model: chat-template (the "
+                               "model's chat template or dataset.chatTemplate's: chat records, and "
+                               "instruction and completion records as user/assistant turns; ask "
+                               "through /v1/chat/completions), alpaca (instruction records of a "
+                               "model without a chat template: the Alpaca prompt) or raw (prompts "
+                               "as they are).", enum=["chat-template", "alpaca", "raw"]),
         "firstErrors": array(string("An error, with its line and field.", max_length=1024),
                              "The first errors found in the data.", max_items=20),
         "warnings": array(string("A warning about the data.", max_length=1024),

@@ -276,18 +276,27 @@ class Demo:
     def ask(self, url: str) -> list[dict]:
         from openai import OpenAI
 
-        from finetune_trainer.data.formats import INSTRUCTION_TEMPLATE
+        from finetune_api.prompts import CHAT_TEMPLATE, text_prompt
 
         client = OpenAI(base_url=url, api_key="not-needed")
         spec = yaml.safe_load(QUICKSTART.read_text())["spec"]
+        # Asked as it was trained (status.dataset.promptFormat): the tiny model has a chat
+        # template, so its instruction records went through it: /v1/chat/completions.
+        fmt = (self.job().get("status", {}).get("dataset") or {}).get("promptFormat") or "alpaca"
         answers = []
-        say("asking the base model and the fine-tuned adapter the held-out prompts:")
+        say(f"asking the base model and the fine-tuned adapter the held-out prompts (prompt format {fmt}):")
         for item in spec["evaluation"]["prompts"]:
-            prompt = INSTRUCTION_TEMPLATE.format(instruction=item["prompt"])
             row = {"prompt": item["prompt"]}
             for who, model in (("base", "tiny-llama"), ("fine-tuned", JOB)):
-                out = client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0)
-                row[who] = out.choices[0].text.strip()
+                if fmt == CHAT_TEMPLATE:
+                    out = client.chat.completions.create(
+                        model=model, messages=[{"role": "user", "content": item["prompt"]}],
+                        max_tokens=12, temperature=0)
+                    row[who] = (out.choices[0].message.content or "").strip()
+                else:
+                    out = client.completions.create(model=model, prompt=text_prompt(fmt, item["prompt"]),
+                                                    max_tokens=12, temperature=0)
+                    row[who] = out.choices[0].text.strip()
             answers.append(row)
             print(f"  prompt:      {row['prompt']}\n  base:        {row['base']!r}\n"
                   f"  fine-tuned:  {row['fine-tuned']!r}\n", flush=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_api.models import to_dict
+from finetune_api.prompts import ASKED_THROUGH
 
 from .config import TrainerConfig
 from .model import VLLM_UNSUPPORTED_LORA_TARGETS
@@ -136,6 +137,8 @@ def write_model_card(cfg: TrainerConfig, summary: dict[str, Any], eval_report: d
         f"- Method: {cfg.method.type}, objective {cfg.method.objective}",
         f"- Dataset: `{cfg.dataset.source}` (format {cfg.dataset.format}, hash `{summary.get('datasetHash')}`,"
         f" {summary.get('trainRecords')} train / {summary.get('evalRecords')} eval records)",
+        *([f"- Prompt format: {summary['promptFormat']}: ask through "
+           f"{ASKED_THROUGH.get(summary['promptFormat'], '?')}"] if summary.get("promptFormat") else []),
         f"- Trainer image: `{os.environ.get('FINETUNE_IMAGE', 'unknown')}`",
         f"- FineTuneJob: `{cfg.job.namespace}/{cfg.job.name}`",
         "",

@@ -175,16 +175,18 @@ def render_table(rows: list[dict[str, Any]]) -> str:
 def items_for(cfg: TrainerConfig, eval_records: list[dict], *, sample_size: int, seed: int) -> list[Item]:
     """The prompts (spec.evaluation.prompts and promptsSource) and a seeded sample of the
     prepared eval split."""
-    from .evaluate import format_prompt, load_prompts
+    from finetune_api.prompts import CHAT_TEMPLATE, text_prompt
 
-    chat = cfg.dataset.format in ("chat", "preference")
+    from .evaluate import load_prompts, trained_prompt_format
+
+    fmt = trained_prompt_format(cfg)
     items = []
     for p in load_prompts(cfg):
-        if chat:
+        if fmt == CHAT_TEMPLATE:  # asked through /v1/chat/completions: vLLM renders the template
             items.append(Item("prompt", messages=[{"role": "user", "content": p["prompt"]}],
                               reference=p.get("reference"), shown=p["prompt"]))
         else:
-            items.append(Item("prompt", prompt=format_prompt(cfg, None, p["prompt"]),
+            items.append(Item("prompt", prompt=text_prompt(fmt, p["prompt"]),
                               reference=p.get("reference"), shown=p["prompt"]))
     records = list(eval_records)
     random.Random(seed).shuffle(records)
@@ -330,13 +332,35 @@ def ask(url: str, model: str, item: Item, max_tokens: int) -> Answer:
     return Answer((text or "").strip(), elapsed, int((out.get("usage") or {}).get("completion_tokens") or 0))
 
 
-def answer_loss(url: str, model: str, prompt: str, answer: str) -> float | None:
-    """Mean negative log-probability of the answer's tokens given the prompt, from vLLM's
-    prompt log-probabilities (the boundary token is as the joint tokenisation has it)."""
+def _chat_answer_ids(url: str, model: str, messages: list[dict], answer: str) -> tuple[int, list[int]]:
+    """(prompt length, token ids of the conversation with the answer) as the served chat
+    template renders them, the answer ending with its end-of-turn token: what training put
+    the loss on (the template's whitespace after it, ChatML's newline, left out)."""
+    n_prompt = _http(url + "/tokenize", {"model": model, "messages": messages,
+                                         "add_generation_prompt": True})["count"]
+    ids = list(_http(url + "/tokenize", {"model": model, "add_generation_prompt": False,
+                                         "messages": messages + [{"role": "assistant", "content": answer}]})["tokens"])
+    while len(ids) > n_prompt + 1:
+        text = _http(url + "/detokenize", {"model": model, "tokens": ids[-1:]}).get("prompt", "")
+        if text.strip():
+            break
+        ids.pop()
+    return n_prompt, ids
+
+
+def answer_loss(url: str, model: str, prompt: str | list[dict], answer: str) -> float | None:
+    """Mean negative log-probability of the answer's tokens given the prompt (a text, or chat
+    messages rendered by the served chat template), from vLLM's prompt log-probabilities (the
+    boundary token is as the joint tokenisation has it)."""
     try:
-        n_prompt = _http(url + "/tokenize", {"model": model, "prompt": prompt})["count"]
-        ids = _http(url + "/tokenize", {"model": model, "prompt": prompt + answer})["tokens"]
-        out = _http(url + "/v1/completions", {"model": model, "prompt": prompt + answer,
+        if isinstance(prompt, list):
+            n_prompt, ids = _chat_answer_ids(url, model, prompt, answer)
+            scored: str | list[int] = ids
+        else:
+            n_prompt = _http(url + "/tokenize", {"model": model, "prompt": prompt})["count"]
+            ids = _http(url + "/tokenize", {"model": model, "prompt": prompt + answer})["tokens"]
+            scored = prompt + answer
+        out = _http(url + "/v1/completions", {"model": model, "prompt": scored,
                                               "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0})
     except (OSError, KeyError, ValueError, urllib.error.URLError) as exc:
         log.warning("no eval loss from vLLM: %s", exc)
@@ -386,8 +410,9 @@ def measure(cfg: TrainerConfig, items: list[Item], *, base: str, adapter: Path |
         for i, item in enumerate(items):
             for model, served in (order if i % 2 == 0 else order[::-1]):
                 runs[model].answers.append(ask(url, served, item, n))
-                if item.kind == "sample" and item.prompt is not None and item.reference:
-                    loss = answer_loss(url, served, item.prompt, item.reference)
+                if item.kind == "sample" and item.reference:  # the eval split, as trained
+                    loss = answer_loss(url, served, item.prompt if item.prompt is not None else item.messages,
+                                       item.reference)
                     if loss is not None:
                         runs[model].losses.append(loss)
 

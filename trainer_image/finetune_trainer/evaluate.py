@@ -133,19 +133,41 @@ def load_prompts(cfg: TrainerConfig) -> list[dict[str, str]]:
     return prompts
 
 
-def format_prompt(cfg: TrainerConfig, tokenizer, prompt: str) -> str:
-    """Present a prompt the way the training data presented prompts."""
-    fmt = cfg.dataset.format
-    if fmt in ("chat", "preference") and getattr(tokenizer, "chat_template", None):
+def prompt_format_for(cfg: TrainerConfig, tokenizer) -> str:
+    """The prompt format training used with this tokenizer (finetune_api.prompts): the chat
+    template when the tokenizer has one (instruction, completion, chat and preference data),
+    else the Alpaca prompt (instruction) or the prompt as it is."""
+    from finetune_api.prompts import prompt_format
+
+    template = getattr(tokenizer, "chat_template", None)
+    return prompt_format(cfg.dataset.format, bool(template) and hasattr(tokenizer, "apply_chat_template"))
+
+
+def trained_prompt_format(cfg: TrainerConfig) -> str:
+    """The prompt format the run recorded (reports/dataset.json); a run that recorded none was
+    trained before instruction records went through the chat template."""
+    from finetune_api.prompts import unrecorded_prompt_format
+
+    from .prepared import recorded_prompt_format
+
+    return recorded_prompt_format(cfg) or unrecorded_prompt_format(cfg.dataset.format)
+
+
+def format_prompt(cfg: TrainerConfig, tokenizer, prompt: str, fmt: str | None = None) -> str:
+    """Present a prompt (a question) the way the training data presented prompts: in `fmt`
+    (the format the run recorded), by default the one this tokenizer (the one training used)
+    gives: through its chat template, else the Alpaca prompt or the prompt as it is."""
+    from finetune_api.prompts import CHAT_TEMPLATE, text_prompt
+
+    fmt = fmt or prompt_format_for(cfg, tokenizer)
+    if fmt == CHAT_TEMPLATE and getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                              add_generation_prompt=True, tokenize=False)
-    if fmt == "instruction":
-        try:
-            from .data.formats import INSTRUCTION_TEMPLATE
-        except ImportError:
-            return prompt
-        return INSTRUCTION_TEMPLATE.format(instruction=prompt)
-    return prompt
+    return text_prompt(fmt, prompt)
+
+
+# End-of-turn tokens of the common chat templates (ChatML, Llama 3): generation stops there.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>")
 
 
 def generate(model, tokenizer, texts: list[str], max_new_tokens: int) -> list[str]:
@@ -154,9 +176,8 @@ def generate(model, tokenizer, texts: list[str], max_new_tokens: int) -> list[st
     model.eval()
     device = next(model.parameters()).device
     stop = [tokenizer.eos_token_id]
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
-    if im_end is not None:
-        stop.append(im_end)
+    vocab = tokenizer.get_vocab()
+    stop += [vocab[token] for token in END_OF_TURN if token in vocab]
     outputs = []
     for text in texts:
         encoded = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(device)
@@ -247,7 +268,9 @@ def evaluate_run(cfg: TrainerConfig, model, tokenizer, *, eval_metrics: dict[str
                                    "finetuned": score(tuned, refs, cfg.evaluation.metrics)}
     prompts = load_prompts(cfg)
     if prompts:
-        texts = [format_prompt(cfg, tokenizer, p["prompt"]) for p in prompts]
+        fmt = trained_prompt_format(cfg)
+        report["promptFormat"] = fmt
+        texts = [format_prompt(cfg, tokenizer, p["prompt"], fmt) for p in prompts]
         tuned, base = _generate_both(model, base_loader, tokenizer, texts, n)
         with_ref = [i for i, p in enumerate(prompts) if p.get("reference") is not None]
         refs = [prompts[i]["reference"] for i in with_ref]

@@ -68,6 +68,11 @@ def dataset_digest(cfg: TrainerConfig) -> str:
     options = data_options(cfg)
     if options:  # only then: SFT digests stay what they were
         key["objective"] = {"name": cfg.method.objective, **options}
+    formats = {cfg.dataset.format, cfg.dataset.mix.format if cfg.dataset.mix else None}
+    if formats & {"instruction", "completion"}:
+        # Instruction and completion records go through the model's chat template now, not
+        # the Alpaca prompt: a cache prepared before that is not reused.
+        key["promptFormats"] = "chat-template-when-the-model-has-one"
     digest.update(json.dumps(key, sort_keys=True).encode())
     resolve = cfg.paths.resolve
     _hash_source(digest, resolve(cfg.dataset.source))
@@ -104,6 +109,21 @@ def cached_eval_records(cfg: TrainerConfig) -> list[dict] | None:
         log.info("no prepared eval split at %s", eval_file)
         return None
     return read_jsonl(eval_file)
+
+
+def recorded_prompt_format(cfg: TrainerConfig) -> str | None:
+    """The prompt format training recorded (finetune_api.prompts: chat-template, alpaca, raw)
+    in its dataset report, for the evaluation and the comparison; None when no run left one."""
+    for where in (lambda: cfg.paths.reports / "dataset.json",
+                  lambda: cfg.paths.data_cache / dataset_digest(cfg) / "report.json"):
+        try:
+            path = where()
+            value = json.loads(path.read_text()).get("promptFormat")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if value:
+            return str(value)
+    return None
 
 
 def prepare_data(cfg: TrainerConfig, tokenizer, *, is_main: bool) -> PreparedData:

@@ -1,7 +1,7 @@
 """How training rendered prompts, recorded for the serving side's check (issue 21).
 
 The first eval examples' prompt parts, as the trainer turned them into tokens: a chat's
-turns before the answer through the tokenizer's chat template (with the generation prompt,
+(and, with a chat template, an instruction or completion record's) turns before the answer through the tokenizer's chat template (with the generation prompt,
 no extra special tokens, as TRL tokenizes conversations), a prompt/completion record's
 prompt with the tokenizer's special tokens (as TRL tokenizes prompts). They go to
 `artifacts/prompt_renderings.json` and `status.artifacts.promptRenderings`; an

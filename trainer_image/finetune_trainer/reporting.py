@@ -158,8 +158,8 @@ def _finite(value: Any) -> Any:
 DATASET_STATUS_FIELDS = (
     "examplesRead", "rejected", "duplicatesRemoved", "nearDuplicatesRemoved", "truncated",
     "droppedTooLong", "droppedNoTrainableTokens", "trainExamples", "evalExamples", "mixExamples",
-    "tokenLengthPercentiles", "tokenLengthsApproximate", "contentHash", "firstErrors", "warnings",
-    "problems",
+    "tokenLengthPercentiles", "tokenLengthsApproximate", "contentHash", "promptFormat", "firstErrors",
+    "warnings", "problems",
 )
 STATUS_LIST_LIMIT = 20
 

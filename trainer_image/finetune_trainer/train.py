@@ -225,6 +225,7 @@ def _finish(cfg, objective, trainer, tokenizer, data, result, eval_metrics, trai
         "precision": precision.effective,
         "packing": packing,
         "datasetHash": data.digest,
+        "promptFormat": data.report.get("promptFormat"),  # finetune_api.prompts
         "trainRecords": len(data.train),
         "evalRecords": len(data.eval),
         "objective": objective.name,

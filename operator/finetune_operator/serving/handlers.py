@@ -81,7 +81,8 @@ def reconcile(namespace: str, name: str) -> None:
         pods = _pods(isvc) if current else []
         replicas = adapters.sync(isvc, want, pods, revision, old, _simulated_node)
         if gated:
-            decided = promotion.decide(isvc, jobs, gated, replicas, _server_for_pod(pods))
+            decided = promotion.decide(isvc, jobs, gated, replicas, _server_for_pod(pods),
+                                       lambda n: _read_job(namespace, n))
             if any(r.result != decided[n].result for n, r in gated.items()):
                 # promoted or refused: load what now serves under each name
                 old = {**old, "replicaAdapters": [r.to_status() for r in replicas],

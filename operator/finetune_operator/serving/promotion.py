@@ -6,8 +6,9 @@ its name and the new one is loaded beside it as `<name>-candidate` (the pod temp
 the serving version's claim mounted: `keep`). Both are then scored through the server,
 on one ready replica, on the candidate job's `evaluation.prompts` that have a reference:
 evalLoss is the mean negative log-likelihood of the references' tokens given the prompts,
-rendered as the trainer rendered them (the instruction template, or the chat template
-through vLLM's `/tokenize` with messages), teacher-forced one token at a time (`eval_loss`).
+rendered as the trainer rendered them (its status.dataset.promptFormat: the chat template
+through vLLM's `/tokenize` with messages, or the Alpaca prompt or the raw prompt as text),
+teacher-forced one token at a time (`eval_loss`).
 The candidate
 wins when its evalLoss <= the current one's - margin: the name is reloaded in place from the
 candidate's path and the candidate name unloaded (`Promoted=True`, `Promoted`). When it
@@ -22,7 +23,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Optional
 
 from finetune_api.models import FineTuneJob, InferenceService
-from finetune_api.prompts import INSTRUCTION_TEMPLATE
+from finetune_api.prompts import CHAT_TEMPLATE, text_prompt, unrecorded_prompt_format
 
 from finetune_operator.serving.adapters import Replica, Want, VLLMError
 
@@ -106,19 +107,26 @@ def plan(isvc: InferenceService, jobs: Mapping[str, FineTuneJob], want: dict[str
 # --- scoring through the server ------------------------------------------------------------------
 
 
-def score_items(job: FineTuneJob) -> list[tuple[dict, str]]:
-    """(tokenize request for the prompt, reference) for each evaluation prompt with a reference."""
-    fmt = job.spec.dataset.format
+def trained_prompt_format(job: FineTuneJob) -> str:
+    """The prompt format the job's trainer recorded (status.dataset.promptFormat); a job
+    without one (trained before it was recorded) by its dataset format: chat and preference
+    through the chat template, instruction with the Alpaca prompt, the rest raw."""
+    recorded = job.status.dataset.prompt_format if job.status and job.status.dataset else None
+    return recorded or unrecorded_prompt_format(job.spec.dataset.format)
+
+
+def score_items(job: FineTuneJob, fmt: Optional[str] = None) -> list[tuple[dict, str]]:
+    """(tokenize request for the prompt, reference) for each of the job's evaluation prompts
+    with a reference, in the prompt format `fmt` (default: the one the job was trained with)."""
+    fmt = fmt or trained_prompt_format(job)
     items = []
     for p in job.spec.evaluation.prompts if job.spec.evaluation else []:
         if not p.reference:
             continue
-        if fmt in ("chat", "preference"):
+        if fmt == CHAT_TEMPLATE:
             request = {"messages": [{"role": "user", "content": p.prompt}], "add_generation_prompt": True}
-        elif fmt == "instruction":
-            request = {"prompt": INSTRUCTION_TEMPLATE.format(instruction=p.prompt)}
         else:
-            request = {"prompt": p.prompt}
+            request = {"prompt": text_prompt(fmt, p.prompt)}
         items.append((request, p.reference))
     return items
 
@@ -157,8 +165,11 @@ def eval_loss(server, model: str, items: list[tuple[dict, str]]) -> float:
 
 
 def decide(isvc: InferenceService, jobs: Mapping[str, FineTuneJob], recs: dict[str, Record],
-           replicas: list[Replica], server_for_pod: Callable[[str], object]) -> dict[str, Record]:
-    """Score every candidate that one ready replica serves next to the current version."""
+           replicas: list[Replica], server_for_pod: Callable[[str], object],
+           job_of: Callable[[str], Optional[FineTuneJob]] = lambda name: None) -> dict[str, Record]:
+    """Score every candidate that one ready replica serves next to the current version, each
+    asked in the prompt format it was trained with (`job_of` reads the current version's job,
+    which the spec no longer names; without it both are asked as the candidate was trained)."""
     out = dict(recs)
     gated = {a.name: a for a in isvc.spec.adapters if a.promotion}
     for name, rec in recs.items():
@@ -177,7 +188,11 @@ def decide(isvc: InferenceService, jobs: Mapping[str, FineTuneJob], recs: dict[s
             continue
         server = server_for_pod(replica.pod)
         try:
-            current = eval_loss(server, name, items)
+            # Each version is asked the way it was trained (a new version may have moved from
+            # the Alpaca prompt to the chat template).
+            current_job = jobs.get(rec.job) or job_of(rec.job)
+            current = eval_loss(server, name, score_items(jobs[rec.candidate], trained_prompt_format(current_job))
+                                if current_job is not None else items)
             candidate = eval_loss(server, cand, items)
         except (VLLMError, KeyError, ValueError, IndexError) as e:
             out[name] = replace(rec, message=f"scoring failed (retrying): {e}")

@@ -211,12 +211,20 @@ def rolled_out(n: int) -> dict:
                        "availableReplicas": n}}
 
 
-def promotion_case(margin: float = 0.0, prompts=({"prompt": "hi", "reference": "hello"},)):
+def promotion_case(margin: float = 0.0, prompts=({"prompt": "hi", "reference": "hello"},),
+                   prompt_formats: tuple[str | None, str | None] = (None, None)):
+    """v1 serves as `bot`, v2 is its candidate; `prompt_formats`: their status.dataset.promptFormat."""
+    def recorded(job: dict, fmt: str | None) -> dict:
+        if fmt:
+            job["status"]["dataset"] = {"promptFormat": fmt}
+        return job
+
     gated = {"name": "bot", "fineTuneJobRef": {"name": "v2"}, "promotion": {"margin": margin}}
     isvc, jobs = parse(inferenceservice("srv", adapters=[gated]),
-                       finetunejob("v2", uid="uid-v2", existing_claim="shared",
-                                   evaluation={"prompts": list(prompts)}))
-    v1 = parse(inferenceservice(), finetunejob("v1", uid="uid-v1", existing_claim="shared"))[1]["v1"]
+                       recorded(finetunejob("v2", uid="uid-v2", existing_claim="shared",
+                                            evaluation={"prompts": list(prompts)}), prompt_formats[1]))
+    v1 = parse(inferenceservice(), recorded(finetunejob("v1", uid="uid-v1", existing_claim="shared"),
+                                            prompt_formats[0]))[1]["v1"]
     previous = {"promotions": [{"name": "bot", "fineTuneJob": "v1", "version": "uid-v1"}]}
     return isvc, jobs, v1, previous
 
@@ -236,7 +244,8 @@ def run_promotion(isvc, jobs, v1, previous, server):
     assert want["bot"].version == "uid-v1" and want["bot-candidate"].version == "uid-v2"
     result = sync(isvc, want, [pod("p1", "10.0.0.1")], servers, previous)
     assert server.loaded == {"bot": want["bot"].path, "bot-candidate": want["bot-candidate"].path}
-    decided = promotion.decide(isvc, jobs, gated, result, lambda p: adapters.HTTPServer(server.url))
+    decided = promotion.decide(isvc, jobs, gated, result, lambda p: adapters.HTTPServer(server.url),
+                               {"v1": v1}.get)
     status = {"replicaAdapters": [r.to_status() for r in result],
               "promotions": [r.to_status() for r in decided.values()]}
     want, gated, keep = plan(status)
@@ -266,6 +275,21 @@ def test_a_candidate_is_promoted_only_when_it_beats_the_current_version_by_the_m
     prompt = [ord(c) for c in "### Instruction:\nhi\n\n### Response:\n"]
     assert [b["prompt"] for b in replicas["b"].scored[:5]] == [prompt + [ord(c) for c in "hello"[:k]] for k in range(5)]
     assert [b["allowed_token_ids"] for b in replicas["b"].scored[:5]] == [[ord(c)] for c in "hello"]
+
+
+def test_each_version_is_scored_in_the_prompt_format_it_was_trained_with(replicas):
+    """v1 was trained with the Alpaca prompt, v2 through the chat template (issue 16 item 8):
+    v2 is asked with messages, which vLLM renders with the template; v1 with the Alpaca text."""
+    isvc, jobs, v1, previous = promotion_case(prompt_formats=("alpaca", "chat-template"))
+    replicas["a"] = FakeVLLM(losses={"bot": 2.0, "bot-candidate": 1.8})
+
+    rec, _, _ = run_promotion(isvc, jobs, v1, previous, replicas["a"])
+
+    assert rec.result == "Promoted"
+    first = {model: next(b["prompt"] for b in replicas["a"].scored if b["model"] == model)
+             for model in ("bot", "bot-candidate")}
+    assert first["bot"] == [ord(c) for c in "### Instruction:\nhi\n\n### Response:\n"]
+    assert first["bot-candidate"] == [ord(c) for c in "user: hi "]  # the stand-in's chat rendering
 
 
 def test_a_candidate_without_references_to_score_on_is_refused(replicas):

@@ -94,10 +94,18 @@ def test_lora_lowers_the_loss_and_writes_a_servable_adapter(trainer_config, tmp_
     assert report["baseEvalLoss"] > report["evalLoss"]
     assert report["basePerplexity"] == pytest.approx(math.exp(report["baseEvalLoss"]))
     assert termination(tmp_path)["reason"] == "Succeeded"
+    # The tiny model has a (ChatML) chat template: the instruction records were trained through
+    # it, and the run says so where serving and evaluation look (issue 16 item 8).
+    assert summary(root)["promptFormat"] == "chat-template"
+    assert json.loads((root / "reports" / "dataset.json").read_text())["promptFormat"] == "chat-template"
+    assert "Prompt format: chat-template: ask through /v1/chat/completions" in card
+    assert report["generations"][0]["prompt"] == "Repeat the word red 2 times."
+    assert report["promptFormat"] == "chat-template"  # the evaluation prompts were asked so
     assert {path for path, _, _ in patches} == {
         "/apis/finetune.dev/v1alpha1/namespaces/team-a/finetunejobs/tune/status"}
     assert patches[0][1]["Authorization"] == "Bearer test-token"
     final = patches[-1][2]["status"]
+    assert any(p[2]["status"].get("dataset", {}).get("promptFormat") == "chat-template" for p in patches)
     assert final["progress"]["step"] == final["progress"]["totalSteps"] == 16
     assert final["progress"]["percent"] == 100.0
     assert {"trainLoss", "evalLoss", "perplexity", "learningRate"} <= set(final["metrics"])

@@ -1,7 +1,10 @@
 """Check one raw record against a dataset format and turn it into a TRL SFTTrainer record.
 
-instruction -> {"prompt", "completion"} (prompt built with INSTRUCTION_TEMPLATE)
-completion  -> {"prompt", "completion"}
+instruction -> {"messages": [user, assistant]} when the model has a chat template (the
+               user turn is the instruction, and its input after a blank line), else
+               {"prompt", "completion"} with the Alpaca prompt (INSTRUCTION_TEMPLATE)
+completion  -> {"messages": [user, assistant]} with a chat template, else {"prompt", "completion"}
+               (finetune_api.prompts says which prompt format a job trains with)
 chat        -> {"messages": [{"role", "content"}, ...]}
 text        -> {"text"}
 preference  -> {"prompt", "chosen", "rejected"} (TRL's DPOTrainer records): strings, or, when
@@ -18,7 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from finetune_api.prompts import INSTRUCTION_TEMPLATE, INSTRUCTION_WITH_INPUT_TEMPLATE  # noqa: F401 - re-exported
+from finetune_api.prompts import (INSTRUCTION_TEMPLATE, INSTRUCTION_WITH_INPUT_TEMPLATE,  # noqa: F401 - re-exported
+                                  alpaca_prompt, completion_conversation, instruction_conversation)
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 # Keys of a chat message that TRL and chat templates understand; others are dropped.
@@ -34,6 +38,14 @@ OUTPUT_KIND = {
     "text": "text",
     "preference": "preference",
 }
+
+
+def output_kind(fmt: str, chat_template: bool) -> str:
+    """What records of `fmt` turn into; with a chat template, instruction and completion
+    records are conversations."""
+    if chat_template and fmt in ("instruction", "completion"):
+        return "messages"
+    return OUTPUT_KIND[fmt]
 
 
 class RecordError(ValueError):
@@ -89,21 +101,23 @@ def apply_field_map(record: dict, field_map: dict[str, str]) -> dict:
     return {field_map.get(k, k): v for k, v in record.items()}
 
 
-def _instruction(record: dict) -> tuple[dict, str]:
+def _instruction(record: dict, chat: bool = False) -> tuple[dict, str]:
     instruction = _string(record, "instruction", "instruction")
     input_ = _string(record, "input", "instruction", required=False, allow_empty=True)
     output = _string(record, "output", "instruction")
-    if input_.strip():
-        prompt = INSTRUCTION_WITH_INPUT_TEMPLATE.format(instruction=instruction, input=input_)
-    else:
-        prompt = INSTRUCTION_TEMPLATE.format(instruction=instruction)
-    return {"prompt": prompt, "completion": output}, f"{instruction}\n{input_}\n{output}"
+    text = f"{instruction}\n{input_}\n{output}"
+    if chat:
+        return {"messages": instruction_conversation(instruction, input_, output)}, text
+    return {"prompt": alpaca_prompt(instruction, input_), "completion": output}, text
 
 
-def _completion(record: dict) -> tuple[dict, str]:
-    # An empty prompt is allowed: the whole completion is then trained on.
+def _completion(record: dict, chat: bool = False) -> tuple[dict, str]:
+    # An empty prompt is allowed: the whole completion is then trained on (with a chat
+    # template, after an empty user turn).
     prompt = _string(record, "prompt", "completion", allow_empty=True)
     completion = _string(record, "completion", "completion")
+    if chat:
+        return {"messages": completion_conversation(prompt, completion)}, f"{prompt}\n{completion}"
     return {"prompt": prompt, "completion": completion}, f"{prompt}\n{completion}"
 
 
@@ -295,7 +309,9 @@ def convert(raw: Any, fmt: str, field_map: dict[str, str], where: str,
 
     `render` (chat_templates.ChatRenderer.count) renders a chat record with the model's chat
     template and returns its length; what the template cannot render is a RecordError here,
-    at validation, not an error inside the trainer."""
+    at validation, not an error inside the trainer. Given one, the model has a chat template:
+    instruction and completion records become user/assistant conversations rendered with it
+    (finetune_api.prompts), as served through /v1/chat/completions."""
     if not isinstance(raw, dict):
         raise RecordError(f"expected a JSON object, got {_type_name(raw)}")
     record = apply_field_map(raw, field_map)
@@ -307,9 +323,9 @@ def convert(raw: Any, fmt: str, field_map: dict[str, str], where: str,
         except json.JSONDecodeError as exc:
             raise RecordError(f'field "messages" is not a JSON list: {exc.msg} at column {exc.colno}')
     if fmt == "instruction":
-        converted, dedup_text = _instruction(record)
+        converted, dedup_text = _instruction(record, render is not None)
     elif fmt == "completion":
-        converted, dedup_text = _completion(record)
+        converted, dedup_text = _completion(record, render is not None)
     elif fmt == "chat":
         converted, dedup_text = _chat(record, field_map)
     elif fmt == "text":

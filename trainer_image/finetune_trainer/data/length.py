@@ -171,6 +171,8 @@ class LengthResult:
     truncated: int = 0
     dropped_too_long: int = 0
     dropped_no_trainable: int = 0
+    # (where, length) of each record over the limit, truncated or dropped: the report names them.
+    too_long: list[tuple[str, int]] = field(default_factory=list)
 
 
 def _measure(parts: list[tuple[str, bool]], counts: list[int], chat: bool) -> tuple[int, int]:
@@ -352,6 +354,7 @@ def _template_length(example: Example, renderer: Any, counter: TokenCounter, max
     if total is None:
         total = renderer.count(example.record)
     if total > max_len:
+        result.too_long.append((example.where, total))
         if policy == "drop":
             result.dropped_too_long += 1
             return
@@ -395,6 +398,7 @@ def apply_length_policy(examples: list[Example], counter: TokenCounter, max_len:
         chat = "messages" in example.record
         total, trainable = _measure(parts, counts, chat)
         if total > max_len:
+            result.too_long.append((example.where, total))
             if policy == "drop":
                 result.dropped_too_long += 1
                 continue

@@ -35,7 +35,7 @@ import numpy as np
 
 from ..config import DatasetConfig
 from . import dedup
-from .formats import OUTPUT_KIND, Example, RecordError, conversational_pair, convert
+from .formats import Example, RecordError, conversational_pair, convert, output_kind
 from .length import TokenCounter, apply_length_policy, make_counter, percentiles
 from .load import SourceError, is_tabular, read_records
 from .report import MAX_ERRORS, DatasetReport, DataValidationError
@@ -78,6 +78,10 @@ def prepare_dataset(cfg: DatasetConfig, *, seed: int, max_seq_length: int, token
     return prepared
 
 
+# Records over the length limit named in the report's warning (the rest are counted).
+TOO_LONG_SHOWN = 5
+
+
 @contextmanager
 def _no_cyclic_gc() -> Iterator[None]:
     """The pipeline makes millions of small acyclic objects; the cyclic collector would
@@ -102,10 +106,14 @@ def inspect_dataset(cfg: DatasetConfig, *, seed: int, max_seq_length: int, token
     With `keep_records=False` (validate-data) the records are not read back into memory:
     train and eval come back empty and only the report is filled in.
     """
+    from finetune_api.prompts import prompt_format
+
     from .. import chat_templates
 
     counter = make_counter(tokenizer)
     report = DatasetReport(token_lengths_approximate=counter.approximate)
+    renderer = chat_templates.dataset_renderer(tokenizer, cfg.chat_template)
+    report.prompt_format = prompt_format(cfg.format, renderer is not None)
     problem = chat_templates.missing_template_problem(
         tokenizer, [cfg.format] + ([cfg.mix.format] if cfg.mix and cfg.mix.format else []))
     if problem:
@@ -115,7 +123,7 @@ def inspect_dataset(cfg: DatasetConfig, *, seed: int, max_seq_length: int, token
         pipeline = _Pipeline(cfg, report, counter, max_seq_length, Path(tmp),
                              pair_limits={"max_prompt_length": max_prompt_length,
                                           "max_completion_length": max_completion_length},
-                             renderer=chat_templates.dataset_renderer(tokenizer, cfg.chat_template))
+                             renderer=renderer)
         try:
             return pipeline.run(seed, resolve, keep_records)
         finally:
@@ -216,9 +224,10 @@ class _Spill:
 
 
 def _spilled_example(row: list) -> Example:
-    """An Example back from a spilled row (record, category, rendered length); its dedup text
-    is not needed any more."""
-    return Example("", row[0], "", row[1], rendered_tokens=row[2] if len(row) > 2 else None)
+    """An Example back from a spilled row (record, category, rendered length, where); its
+    dedup text is not needed any more."""
+    return Example(row[3] if len(row) > 3 else "", row[0], "", row[1],
+                   rendered_tokens=row[2] if len(row) > 2 else None)
 
 
 @dataclass
@@ -398,7 +407,7 @@ class _Pipeline:
                         near.add([e.similarity_text for e in kept])
                     texts.append_texts([e.similarity_text for e in kept])
                 survivor_keys.extend(keys[i] for i in kept_at)
-                survivors.append_lines([(e.record, e.category, e.rendered_tokens) for e in kept])
+                survivors.append_lines([(e.record, e.category, e.rendered_tokens, e.where) for e in kept])
         except SourceError as exc:
             report.fail(f"{label}{exc}")
             return None
@@ -411,7 +420,7 @@ class _Pipeline:
         if count:
             report.duplicates_removed += exact_removed
             report.near_duplicates_removed += len(near_removed)
-        return self._apply_length(survivors, survivor_keys, near_removed, count)
+        return self._apply_length(survivors, survivor_keys, near_removed, count, label)
 
     def _check_read(self, source: str, label: str, errors: list[str], read: int,
                     rejected: int, count: bool) -> bool:
@@ -443,10 +452,12 @@ class _Pipeline:
         return True
 
     def _apply_length(self, survivors: _Spill, keys: list[int], removed: set[int],
-                      count: bool) -> _Cleaned:
+                      count: bool, label: str = "") -> _Cleaned:
         """The length policy over the survivors that are no near-duplicates, in batches."""
         report = self.report
         cleaned = _Cleaned(self._spill("kept"), array("l"), [], [])
+        too_long: list[tuple[str, int]] = []
+        too_long_count = 0
         for start in range(0, len(survivors), BATCH_RECORDS):
             stop = min(start + BATCH_RECORDS, len(survivors))
             rows = survivors.decode_range(start, stop)
@@ -456,6 +467,8 @@ class _Pipeline:
             result = apply_length_policy(examples, self.counter, self.max_seq_length,
                                          self.cfg.length_policy, renderer=self.renderer,
                                          **self.pair_limits)
+            too_long_count += len(result.too_long)
+            too_long += result.too_long[:TOO_LONG_SHOWN - len(too_long)]
             if count:
                 report.truncated += result.truncated
                 report.dropped_too_long += result.dropped_too_long
@@ -467,16 +480,29 @@ class _Pipeline:
             cleaned.keys.extend(keys[where[id(e)]] for e in kept)
             if self.preference and not cleaned.conversational:
                 cleaned.conversational = any(isinstance(e.record.get("prompt"), list) for e in kept)
+        if count and too_long:
+            report.warnings.append(self._too_long_warning(too_long, too_long_count, label))
         return cleaned
+
+    def _too_long_warning(self, shown: list[tuple[str, int]], count: int, label: str) -> str:
+        """Which records were over training.maxSeqLength, by line (the first few)."""
+        policy = self.cfg.length_policy
+        where = ", ".join(f"{at} ({tokens} tokens)" for at, tokens in shown)
+        more = f" and {count - len(shown)} more" if count > len(shown) else ""
+        how = " as rendered with the chat template" if self.renderer is not None else ""
+        done = "dropped" if policy == "drop" else "truncated"
+        return (f"{label}{count} record{'s' if count > 1 else ''} over training.maxSeqLength "
+                f"({self.max_seq_length} tokens{how}) {done} (lengthPolicy {policy}): {where}{more}")
 
     def mix_in(self, cfg: DatasetConfig, train_size: int, own_keys: set[int], seed: int,
                resolve: Callable[[str], str]) -> tuple[_Cleaned, list[int]] | None:
         """A seeded sample of the mix source, mix.ratio times the size of train."""
         mix, report = cfg.mix, self.report
         fmt = mix.format or cfg.format
-        if OUTPUT_KIND[fmt] != OUTPUT_KIND[cfg.format]:
-            report.fail(f"dataset.mix.format {fmt} makes {OUTPUT_KIND[fmt]} records, which "
-                        f"cannot be mixed with the {OUTPUT_KIND[cfg.format]} records of "
+        templated = self.renderer is not None
+        if output_kind(fmt, templated) != output_kind(cfg.format, templated):
+            report.fail(f"dataset.mix.format {fmt} makes {output_kind(fmt, templated)} records, which "
+                        f"cannot be mixed with the {output_kind(cfg.format, templated)} records of "
                         f"format {cfg.format}")
             return None
         # The field map describes the main source; it applies to the mix only in the same format.

@@ -37,6 +37,8 @@ class DatasetReport:
     # Whether token lengths are a whitespace approximation (no tokenizer was given).
     token_lengths_approximate: bool = True
     content_hash: str = ""
+    # How prompts were presented (finetune_api.prompts): chat-template, alpaca or raw.
+    prompt_format: str | None = None
     # {"field", "counts": {category: n}, "shares": {category: fraction}} or None.
     category_balance: dict[str, Any] | None = None
     first_errors: list[str] = field(default_factory=list)
@@ -95,6 +97,8 @@ def render_table(report: DatasetReport, source: str = "") -> str:
         rows.append(("  of train: mixed in", report.mix_examples))
     rows.append((f"length p50/p90/p99/max ({unit})",
                  f"{lengths['p50']} / {lengths['p90']} / {lengths['p99']} / {lengths['max']}"))
+    if report.prompt_format:
+        rows.append(("prompt format", report.prompt_format))
     rows.append(("content hash", report.content_hash[:16] + "…" if report.content_hash else "-"))
     width = max(len(name) for name, _ in rows)
     lines = [f"dataset {source}".rstrip()]

@@ -1,8 +1,11 @@
 """Supervised fine-tuning (`method.objective: sft`) with TRL's SFTTrainer.
 
-Formats: instruction and completion (prompt/completion records, loss on the completion),
-chat (rendered with the chat template; loss on the assistant turns, each with its
-end-of-turn token, located by chat_templates.py for any template), text (loss on all).
+Formats: chat (rendered with the chat template; loss on the assistant turns, each with its
+end-of-turn token, located by chat_templates.py for any template); instruction and
+completion, which data preparation turns into user/assistant conversations when the model
+has a chat template (so they train exactly as chat records do, and as they are asked through
+/v1/chat/completions), else prompt/completion records (the Alpaca prompt, or the raw prompt;
+loss on the completion); text (loss on all).
 """
 
 from __future__ import annotations
@@ -97,6 +100,9 @@ class SFT:
         return {}
 
     def probe_kind(self, cfg: TrainerConfig) -> str:
+        """A guess before the data is prepared (only for setting up distributed training): the
+        kind the prepared records have decides (instruction and completion records become
+        conversations when the model has a chat template)."""
         return {"chat": "messages", "text": "text"}.get(cfg.dataset.format, "prompt-completion")
 
     def data_kind(self, records: list[dict]) -> str:
