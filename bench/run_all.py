@@ -167,8 +167,9 @@ def resume_section(data: dict) -> list[str]:
 
 
 def serve_section(data: dict) -> list[str]:
-    runs = [(f"before ({data['baseline']['ref']}, {data['baseline']['commit']})", data["baseline"]),
-            ("after", data)] if "baseline" in data else [("", data)]
+    base = data.get("baseline") or {}
+    ref = base.get("ref") if base.get("ref") == base.get("commit") else f"{base.get('ref')}, {base.get('commit')}"
+    runs = [(f"before ({ref})", base), ("after", data)] if base else [("", data)]
     out = ["## Time to serve (tiny model, vLLM CPU build, local node)", "",
            "From the FineTuneJob leaving training (phase Deploying) to its InferenceService being "
            "Ready with the adapter, against vLLM's own start-up measured in the same run by starting "
