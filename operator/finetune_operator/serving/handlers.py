@@ -16,6 +16,7 @@ finished training: it creates the InferenceService or adds the job's adapter to 
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import os
@@ -224,7 +225,9 @@ def _schedule_retry(namespace: str, name: str) -> float:
                 _retries[key] = (attempt + 1, None)
             reconcile_logged(namespace, name)
 
-        timer = threading.Timer(delay, retry)
+        # In the failed handler's context: kopf's settings and event queue live in context
+        # variables, and the FineTuneJob refresh a retry may make posts Events through them.
+        timer = threading.Timer(delay, contextvars.copy_context().run, args=(retry,))
         timer.daemon = True
         _retries[key] = (attempt, timer)
         timer.start()
