@@ -167,15 +167,39 @@ def resume_section(data: dict) -> list[str]:
 
 
 def serve_section(data: dict) -> list[str]:
-    return ["## Time to serve (tiny model, vLLM CPU build, local node)", "",
-            "From the FineTuneJob leaving training (phase Deploying) to its InferenceService being "
-            "Ready with the adapter, against vLLM's own start-up measured in the same run by starting "
-            "the serving pod's exact command alone. From `bench/bench_time_to_serve.py`.", "",
-            "| training done -> Ready (s) | vLLM start-up alone (s) | operator overhead (s) | overhead share |",
-            "| ---: | ---: | ---: | ---: |",
-            f"| {fmt(data['trainingDoneToReadySeconds'])} | {fmt(data['vllmStartupSeconds'])} "
-            f"| {fmt(data['operatorOverheadSeconds'])} "
-            f"| {fmt(100 * data['operatorOverheadSeconds'] / data['trainingDoneToReadySeconds'], '%')} |", ""]
+    base = data.get("baseline") or {}
+    ref = base.get("ref") if base.get("ref") == base.get("commit") else f"{base.get('ref')}, {base.get('commit')}"
+    runs = [(f"before ({ref})", base), ("after", data)] if base else [("", data)]
+    out = ["## Time to serve (tiny model, vLLM CPU build, local node)", "",
+           "From the FineTuneJob leaving training (phase Deploying) to its InferenceService being "
+           "Ready with the adapter, against vLLM's own start-up measured in the same run by starting "
+           "the serving pod's exact command alone (operator overhead = the difference). vLLM's "
+           "start-up inside the flow (its container's start to its first /health 200) and what is "
+           "left besides it are shown too, and how long the FineTuneJob then takes to be Succeeded. "
+           "Times from watch events. From `bench/bench_time_to_serve.py`"
+           + (" (`--baseline-ref`: both runs back to back, each with its own vLLM-alone run)." if len(runs) > 1
+              else "."), "",
+           "| run | training done -> Ready (s) | vLLM start-up alone (s) | operator overhead (s) | overhead share "
+           "| vLLM start-up in the flow (s) | all but vLLM in the flow (s) | Ready -> job Succeeded (s) "
+           "| load average (1 min) |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for label, d in runs:
+        load_avg = d.get("loadAverage1mBeforeAfter")
+        out.append(f"| {label} | {fmt(d['trainingDoneToReadySeconds'])} | {fmt(d['vllmStartupSeconds'])} "
+                   f"| {fmt(d['operatorOverheadSeconds'])} "
+                   f"| {fmt(100 * d['operatorOverheadSeconds'] / d['trainingDoneToReadySeconds'], '%')} "
+                   f"| {fmt(d.get('vllmStartupInFlowSeconds'))} | {fmt(d.get('inFlowOverheadSeconds'))} "
+                   f"| {fmt(d.get('readyToSucceededSeconds'))} "
+                   f"| {' -> '.join(fmt(x) for x in load_avg) if load_avg else '-'} |")
+    steps = [s for s in data.get("steps", {})]
+    if steps:
+        out += ["", "Where the time goes (s; `from -> to`, first seen by the benchmark's watches):", "",
+                "| step | " + " | ".join(label or "s" for label, _ in runs) + " |",
+                "| --- |" + " ---: |" * len(runs)]
+        for step in steps:
+            out.append(f"| {step} | " + " | ".join(fmt(d.get("steps", {}).get(step)) for _, d in runs) + " |")
+    out.append("")
+    return out
 
 
 def adapter_section(data: dict) -> list[str]:

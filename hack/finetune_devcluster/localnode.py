@@ -559,17 +559,22 @@ class PodRunner:
         if isinstance(port, str) and not port.isdigit():
             port = next((p.container_port for p in c.ports or [] if p.name == port), 80)
         url = f"http://127.0.0.1:{port}{probe.http_get.path or '/'}"
-        period = max(1, min(probe.period_seconds or 10, 2))
+        # As a kubelet: the startup probe's period until the container first passes, then the
+        # readiness probe's (both at most 2 s here).
+        startup = c.startup_probe if c.startup_probe is not None else probe
+        period = lambda p: max(1, min(p.period_seconds or 10, 2))  # noqa: E731
+        passed = False
         while proc.poll() is None:
             try:
                 ok = urllib.request.urlopen(url, timeout=2).status < 400
             except Exception:  # noqa: BLE001 - not answering yet is simply not ready
                 ok = False
+            passed = passed or ok
             if ok != self.ready.get(c.name):
                 self.ready[c.name] = ok
                 self._container_status(c, {"running": {"startedAt": started}}, restarts)
                 self._patch_status()
-            time.sleep(period)
+            time.sleep(period(probe if passed else startup))
 
 
 def _expand(value: str, env: dict[str, str]) -> str:

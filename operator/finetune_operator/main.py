@@ -25,6 +25,10 @@ try:  # the InferenceService controller registers its own routes when present
     from finetune_operator.serving import routes as serving_routes  # noqa: F401
 except ImportError:
     serving_routes = None
+else:
+    # An InferenceService status write refreshes the FineTuneJobs in Deploying that it serves at
+    # once: Deploying -> Succeeded follows the server's Ready, not the next resync (#14).
+    serving_routes.handlers.refresh_finetunejob = finetunejob.refresh_status
 
 log = logging.getLogger("finetune_operator")
 FINETUNEJOBS = finetunejob.PLURAL

@@ -54,8 +54,11 @@ MERGED_ARTIFACT = MERGED
 CHAT_TEMPLATE_ARTIFACT = f"{ARTIFACTS}/chat_template.jinja"  # chat_templates.ARTIFACT, by the trainer
 HOME = "/home/vllm"
 RUN_AS = 1000
-# Model loading may take long (download, weights, CUDA graphs): 120 x 10 s before liveness.
-STARTUP_PERIOD, STARTUP_FAILURES = 10, 120
+# Model loading may take long (download, weights, CUDA graphs): 20 minutes before liveness,
+# probed every second, so that the pod is Ready within a second of vLLM answering /health
+# (a 10 s period left the server unused for up to 10 s after it was up: issue #14). A refused
+# connection, which is what the probe gets until vLLM listens, costs nothing.
+STARTUP_PERIOD, STARTUP_FAILURES, STARTUP_TIMEOUT = 1, 1200, 2
 # Longer than the startup budget, so a slow but healthy start is not called stuck.
 PROGRESS_DEADLINE = STARTUP_PERIOD * STARTUP_FAILURES + 600
 
@@ -256,7 +259,7 @@ def _pod_spec(isvc: InferenceService, command: list[str], layout: _Layout, defau
         "command": command,
         "env": _env(isvc),
         "ports": [{"name": PORT_NAME, "containerPort": PORT, "protocol": "TCP"}],
-        "startupProbe": _probe("/health", STARTUP_PERIOD, STARTUP_FAILURES),
+        "startupProbe": _probe("/health", STARTUP_PERIOD, STARTUP_FAILURES, STARTUP_TIMEOUT),
         "readinessProbe": _probe("/health", 5, 3),
         "livenessProbe": _probe("/health", 10, 3),
         "resources": _resources(isvc),

@@ -16,11 +16,12 @@ finished training: it creates the InferenceService or adds the job's adapter to 
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import os
 import threading
-from typing import Optional
+from typing import Callable, Optional
 
 from kubernetes import client
 
@@ -40,6 +41,7 @@ from finetune_operator.serving.common import (
 )
 from finetune_operator.serving.references import references
 from finetune_operator.serving.status import READY, status_for
+from finetune_operator.status import Phase
 
 PLURAL = "inferenceservices"
 PROMETHEUS_URL = os.environ.get("FINETUNE_PROMETHEUS_URL", autoscaling.DEFAULT_PROMETHEUS)
@@ -92,11 +94,34 @@ def reconcile(namespace: str, name: str) -> None:
             else:
                 gated = decided  # still evaluating (not loaded yet, or scoring failed): retried below
         prompts = promptcheck.check(isvc, jobs, replicas, _server_for_pod(pods)) if want is not None else None
-        _write_status(obj, isvc, problems, current, pods, revision, replicas, want or {}, gated, prompts)
+        written = _write_status(obj, isvc, problems, current, pods, revision, replicas, want or {}, gated, prompts)
         failed = [f"pod {r.pod}: {r.error}" for r in replicas if r.error]
         failed += [f"{r.name}: {r.message}" for r in gated.values() if r.result == promotion.EVALUATING]
         if failed:
             raise adapters.AdapterSyncError("; ".join(failed))
+    if written:
+        _follow_deploying_jobs(namespace, jobs)
+
+
+# How to refresh a FineTuneJob's status: the FineTuneJob controller's own refresh, set by the
+# operator that runs both controllers (main.py). None when this controller runs alone
+# (`kopf run -m finetune_operator.serving.routes`): the jobs' status is someone else's then.
+refresh_finetunejob: Optional[Callable[[str, str], None]] = None
+
+
+def _follow_deploying_jobs(namespace: str, jobs: dict[str, Optional[FineTuneJob]]) -> None:
+    """A status just written may be what a FineTuneJob in Deploying waits for (this server
+    Ready and serving its adapter): refresh those jobs now, so that they go Succeeded with this
+    write rather than at the next resync (up to --resync-seconds later; issue #14)."""
+    refresh = refresh_finetunejob
+    if refresh is None:
+        return
+    for name, job in jobs.items():
+        if job is not None and job.status.phase == Phase.DEPLOYING.value:
+            try:
+                refresh(namespace, name)
+            except Exception as exc:  # noqa: BLE001 - the periodic resync refreshes it anyway
+                log.warning("%s/%s: refreshing FineTuneJob %s failed: %s", namespace, name, name, exc)
 
 
 def _plan(isvc: InferenceService, jobs: dict, status: dict):
@@ -148,19 +173,21 @@ def _apply_children(isvc: InferenceService, jobs: dict[str, FineTuneJob], keep: 
 
 
 def _write_status(obj: dict, isvc: InferenceService, problems, current, pods, revision, replicas, want,
-                  gated, prompts) -> None:
+                  gated, prompts) -> bool:
+    """Write what changed in the status; returns whether anything did."""
     old = obj.get("status") or {}
     status = status_for(isvc, problems, current, pods, revision, old.get("conditions") or [], now_iso(),
                         replicas, want, gated, prompts)
     changed = {k: v for k, v in status.items() if old.get(k) != v}
     changed.update({k: None for k in ("promotions", "replicaAdapters") if k in old and k not in status})
     if not changed:
-        return
+        return False
     if old.get("phase") != status["phase"]:
         ready = next(c for c in status["conditions"] if c["type"] == READY)
         log.info("%s/%s: %s -> %s (%s: %s)", isvc.metadata.namespace, isvc.metadata.name, old.get("phase"),
                  status["phase"], ready["reason"], ready["message"])
     kube.patch_status(PLURAL, isvc.metadata.namespace, isvc.metadata.name, changed)
+    return True
 
 
 # A failed reconciliation is retried with exponential backoff (kopf does not retry event
@@ -199,7 +226,9 @@ def _schedule_retry(namespace: str, name: str) -> float:
                 _retries[key] = (attempt + 1, None)
             reconcile_logged(namespace, name)
 
-        timer = threading.Timer(delay, retry)
+        # In the failed handler's context: kopf's settings and event queue live in context
+        # variables, and the FineTuneJob refresh a retry may make posts Events through them.
+        timer = threading.Timer(delay, contextvars.copy_context().run, args=(retry,))
         timer.daemon = True
         _retries[key] = (attempt, timer)
         timer.start()

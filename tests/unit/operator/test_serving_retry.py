@@ -62,3 +62,30 @@ def test_a_finetunejob_event_finds_its_servers_from_their_own_events_without_a_l
     assert refs.servers_of("team-a", "support") == ["solo"]
     refs.observe("DELETED", isvc("solo", "support"))
     assert refs.servers_of("team-a", "support") == [] and refs.servers_of("team-b", "support") == ["other-ns"]
+
+
+def test_a_retry_runs_in_the_failed_handlers_context(monkeypatch):
+    """kopf's settings and event queue are context variables: a retry on a timer thread without
+    them could not post the Events of the FineTuneJob refresh it makes (time-to-serve, #14)."""
+    import contextvars
+
+    var = contextvars.ContextVar("kopf_settings_stand_in")
+    seen: list[object] = []
+    done = threading.Event()
+
+    def reconcile(namespace, name):
+        seen.append(var.get("missing"))
+        if len(seen) == 1:
+            raise ConnectionError("API server away")
+        done.set()
+
+    monkeypatch.setattr(handlers, "reconcile", reconcile)
+    monkeypatch.setattr(handlers, "RETRY_BASE", 0.05)
+
+    def handler():
+        var.set("kopf settings")
+        handlers.reconcile_logged("ns", "ctx")
+
+    contextvars.copy_context().run(handler)
+    assert done.wait(10), "the retry never ran"
+    assert seen == ["kopf settings", "kopf settings"]
