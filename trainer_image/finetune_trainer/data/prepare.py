@@ -35,9 +35,10 @@ import numpy as np
 
 from ..config import DatasetConfig
 from . import dedup
-from .formats import OUTPUT_KIND, Example, RecordError, conversational_pair, convert
-from .length import TokenCounter, apply_length_policy, make_counter, percentiles
-from .load import SourceError, is_tabular, read_records
+from .formats import (OUTPUT_KIND, ConvertedBlock, Example, RecordError, conversational_pair, convert,
+                      convert_block)
+from .length import TokenCounter, apply_length_policy, make_counter, measure_block, percentiles
+from .load import Block, SourceError, is_tabular, read_batches
 from .report import MAX_ERRORS, DatasetReport, DataValidationError
 
 # Warn when the largest category has more than this many times the examples of the smallest.
@@ -179,6 +180,11 @@ class _Spill:
             # Encoded JSON has no raw newline: each one ends a record.
             self._append(data, np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10) + 1)
 
+    def append_encoded(self, data: bytes, ends: np.ndarray) -> None:
+        """Lines already encoded; `ends`: the end of each, from the start of `data`."""
+        if len(ends):
+            self._append(data, ends)
+
     def append_texts(self, texts: list[str]) -> None:
         """Plain UTF-8 texts, for get_text()."""
         if texts:
@@ -196,6 +202,26 @@ class _Spill:
 
     def get(self, i: int) -> bytes:
         return self._view()[self.ends[i - 1] if i else 0:self.ends[i]]
+
+    def lines(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """The bytes of records start..stop-1 (a read-only array) and each one's end in it."""
+        first = self.ends[start - 1] if start else 0
+        ends = np.frombuffer(self.ends, dtype=np.int64)[start:stop] - first
+        if start >= stop:
+            return np.zeros(0, dtype=np.uint8), ends
+        return np.frombuffer(self._view(), dtype=np.uint8, count=int(ends[-1]), offset=first), ends
+
+    def digest_ranges(self, digest: Any, positions: list[int]) -> None:
+        """Feed the records at `positions` (ascending) to `digest`, each run of neighbours
+        in one call."""
+        if not positions:
+            return
+        at = np.asarray(positions, dtype=np.int64)
+        breaks = np.flatnonzero(np.diff(at) != 1) + 1
+        view = self._view()
+        ends = self.ends
+        for first, last in zip(at[np.r_[0, breaks]].tolist(), at[np.r_[breaks - 1, len(at) - 1]].tolist()):
+            digest.update(view[ends[first - 1] if first else 0:ends[last]])
 
     def get_text(self, i: int) -> str:
         return self.get(i).decode("utf-8", "surrogatepass")
@@ -215,10 +241,36 @@ class _Spill:
         self.file.close()
 
 
-def _spilled_example(row: list) -> Example:
-    """An Example back from a spilled row (record, category, rendered length); its dedup text
-    is not needed any more."""
-    return Example("", row[0], "", row[1], rendered_tokens=row[2] if len(row) > 2 else None)
+def _columns(examples: list[Example]) -> ConvertedBlock:
+    near = [e.near_text for e in examples]
+    rendered = [e.rendered_tokens for e in examples]
+    return ConvertedBlock([e.record for e in examples], [e.dedup_text for e in examples],
+                          None if all(t is None for t in near) else near,
+                          [e.category for e in examples],
+                          None if all(t is None for t in rendered) else rendered)
+
+
+def _pick(values: list | None, at: list[int] | None) -> list | None:
+    return values if values is None or at is None else [values[i] for i in at]
+
+
+@dataclass
+class _Survivors:
+    """The records left after exact-duplicate removal, in a spill (canonical JSON, one a
+    line), with what the length policy and the report need, by position. `total` is -1
+    where the record was not measured in bulk (a preference pair)."""
+
+    records: _Spill
+    keys: list[int]
+    categories: list[str | None]
+    total: array
+    trainable: array
+    rendered: array  # -1: None
+
+
+def _example(record: dict, category: str | None, rendered: int) -> Example:
+    """An Example back from the survivors' spill; its dedup text is not needed any more."""
+    return Example("", record, "", category, rendered_tokens=None if rendered < 0 else rendered)
 
 
 @dataclass
@@ -313,11 +365,11 @@ class _Pipeline:
             [c.tokens[i] for c, at in train_parts + eval_parts for i in at])
         digest = hashlib.sha256()
         for part, at in train_parts + eval_parts:
+            if not conversational:
+                part.records.digest_ranges(digest, at)
+                continue
             for i in at:
-                line = part.records.get(i)
-                if conversational:
-                    line = _encode(conversational_pair(_decode(line))) + b"\n"
-                digest.update(line)
+                digest.update(_encode(conversational_pair(_decode(part.records.get(i)))) + b"\n")
         report.content_hash = digest.hexdigest()
         if not keep_records:
             return empty
@@ -328,35 +380,58 @@ class _Pipeline:
 
         return PreparedDataset(records(train_parts), records(eval_parts), report)
 
-    def _examples(self, source: str, fmt: str, field_map: dict[str, str], label: str,
-                  errors: list[str], counts: list[int]) -> Iterator[list[Example]]:
-        """Batches of valid examples; the first errors appended to `errors`, records read and
-        rejected counted in counts[0] and counts[1]."""
+    def _blocks(self, source: str, fmt: str, field_map: dict[str, str], label: str,
+                errors: list[str], counts: list[int]) -> Iterator[ConvertedBlock]:
+        """The valid records as columns, in file order; the first errors appended to
+        `errors`, records read and rejected counted in counts[0] and counts[1]. A block of
+        good JSONL lines is converted in bulk; when any of its records is bad, it is
+        converted record by record, as everything else is, so errors stay those of convert()."""
         tabular = is_tabular(source)
         category_field = self.cfg.category_field
+        render = self.renderer.count if self.renderer else None
         batch: list[Example] = []
         chars = 0
-        for where, raw, error in read_records(source, split=self.cfg.split):
+
+        def one(where: str, raw: Any, error: str | None) -> None:
+            nonlocal chars
             counts[0] += 1
             if error is None:
                 try:
                     example = convert(raw, fmt, field_map, where, category_field,
-                                      parse_json_strings=tabular,
-                                      render=self.renderer.count if self.renderer else None)
+                                      parse_json_strings=tabular, render=render)
                 except RecordError as exc:
                     error = f"{where}: {exc}"
                 else:
                     batch.append(example)
                     chars += len(example.dedup_text)
-                    if len(batch) >= BATCH_RECORDS or chars >= BATCH_CHARS:
-                        yield batch
-                        batch, chars = [], 0
-                    continue
+                    return
             counts[1] += 1
             if len(errors) < MAX_ERRORS:
                 errors.append(label + error)
+
+        for item in read_batches(source, split=self.cfg.split):
+            if isinstance(item, Block):
+                converted = None if tabular else convert_block(
+                    item.records, fmt, field_map, category_field, render=render)
+                if converted is not None:
+                    if batch:
+                        yield _columns(batch)
+                        batch, chars = [], 0
+                    counts[0] += len(item.records)
+                    yield converted
+                    continue
+                for i, raw in enumerate(item.records):
+                    one(item.where(i), raw, None)
+                    if len(batch) >= BATCH_RECORDS or chars >= BATCH_CHARS:
+                        yield _columns(batch)
+                        batch, chars = [], 0
+                continue
+            one(*item)
+            if len(batch) >= BATCH_RECORDS or chars >= BATCH_CHARS:
+                yield _columns(batch)
+                batch, chars = [], 0
         if batch:
-            yield batch
+            yield _columns(batch)
 
     def clean_source(self, source: str, fmt: str, field_map: dict[str, str], *,
                      label: str = "", leaked: set[int] | frozenset = frozenset(),
@@ -371,34 +446,54 @@ class _Pipeline:
         near = (dedup.NearDuplicateIndex(cfg.dedup.near_threshold, str(self.work_dir))
                 if 0 < cfg.dedup.near_threshold < 1 else None)  # 1: off
         seen: set[int] = set(leaked)
-        survivors = self._spill("read")
+        survivors = _Survivors(self._spill("read"), [], [], array("q"), array("q"), array("q"))
         texts = self._spill("texts")  # what near-duplicates are judged on, by position
-        survivor_keys: list[int] = []
         exact_removed = 0
         try:
-            for batch in self._examples(source, fmt, field_map, label, errors, counts):
-                words = dedup.word_hashes([e.dedup_text for e in batch])
+            for block in self._blocks(source, fmt, field_map, label, errors, counts):
+                words = dedup.word_hashes(block.dedup_texts)
                 keys = dedup.exact_keys_of(*words)
-                kept_at: list[int] = []
-                for i, key in enumerate(keys):
-                    if exact or leaked:
+                kept_at: list[int] | None = None  # None: all of them
+                if exact or leaked:
+                    kept_at = []
+                    for i, key in enumerate(keys):
                         if key in seen:
                             exact_removed += 1
                             continue
                         if exact:
                             seen.add(key)
-                    kept_at.append(i)
-                kept = [batch[i] for i in kept_at]
-                if near is not None and kept:
+                        kept_at.append(i)
+                    if len(kept_at) == len(keys):
+                        kept_at = None
+                records = _pick(block.records, kept_at)
+                if not records:
+                    continue
+                near_texts = _pick(block.near_texts, kept_at)
+                if near is not None:
                     # Judged on what the model learns from: a shared system prompt is no likeness.
-                    if all(e.near_text is None for e in kept):
-                        near.add_words(*(words if len(kept) == len(batch)
+                    if near_texts is None:
+                        near.add_words(*(words if kept_at is None
                                          else dedup.select_rows(*words, kept_at)))
+                        texts.append_texts(_pick(block.dedup_texts, kept_at))
                     else:
-                        near.add([e.similarity_text for e in kept])
-                    texts.append_texts([e.similarity_text for e in kept])
-                survivor_keys.extend(keys[i] for i in kept_at)
-                survivors.append_lines([(e.record, e.category, e.rendered_tokens) for e in kept])
+                        similar = [t if n is None else n for t, n in
+                                   zip(_pick(block.dedup_texts, kept_at), near_texts)]
+                        near.add(similar)
+                        texts.append_texts(similar)
+                rendered = _pick(block.rendered_tokens, kept_at)
+                measured = measure_block(records, self.counter, renderer=self.renderer,
+                                         rendered_tokens=rendered)
+                if measured is None:
+                    survivors.total.extend([-1] * len(records))
+                    survivors.trainable.extend([0] * len(records))
+                else:
+                    survivors.total.frombytes(measured[0].astype(np.int64).tobytes())
+                    survivors.trainable.frombytes(measured[1].astype(np.int64).tobytes())
+                survivors.rendered.extend([-1] * len(records) if rendered is None
+                                          else [-1 if r is None else r for r in rendered])
+                survivors.keys.extend(keys if kept_at is None else [keys[i] for i in kept_at])
+                survivors.categories.extend(_pick(block.categories, kept_at))
+                survivors.records.append_lines(records)
         except SourceError as exc:
             report.fail(f"{label}{exc}")
             return None
@@ -411,7 +506,7 @@ class _Pipeline:
         if count:
             report.duplicates_removed += exact_removed
             report.near_duplicates_removed += len(near_removed)
-        return self._apply_length(survivors, survivor_keys, near_removed, count)
+        return self._apply_length(survivors, near_removed, count)
 
     def _check_read(self, source: str, label: str, errors: list[str], read: int,
                     rejected: int, count: bool) -> bool:
@@ -442,17 +537,46 @@ class _Pipeline:
             )
         return True
 
-    def _apply_length(self, survivors: _Spill, keys: list[int], removed: set[int],
-                      count: bool) -> _Cleaned:
-        """The length policy over the survivors that are no near-duplicates, in batches."""
+    def _apply_length(self, survivors: _Survivors, removed: set[int], count: bool) -> _Cleaned:
+        """The length policy over the survivors that are no near-duplicates, in batches.
+
+        A record measured in bulk that fits and has trainable tokens is kept as it is: its
+        line is copied. Only the others (too long, nothing trainable, preference pairs) are
+        read back and given to apply_length_policy."""
         report = self.report
-        cleaned = _Cleaned(self._spill("kept"), array("l"), [], [])
-        for start in range(0, len(survivors), BATCH_RECORDS):
-            stop = min(start + BATCH_RECORDS, len(survivors))
-            rows = survivors.decode_range(start, stop)
-            at = [i for i in range(start, stop) if i not in removed]
-            examples = [_spilled_example(rows[i - start]) for i in at]
-            where = {id(e): i for e, i in zip(examples, at)}
+        spill = survivors.records
+        cleaned = _Cleaned(self._spill("kept"), array("q"), [], [])
+        total = np.frombuffer(survivors.total, dtype=np.int64)
+        trainable = np.frombuffer(survivors.trainable, dtype=np.int64)
+        gone = np.zeros(len(spill), dtype=bool)
+        if removed:
+            gone[np.fromiter(removed, dtype=np.int64, count=len(removed))] = True
+        step = 4 * BATCH_RECORDS
+        for start in range(0, len(spill), step):
+            stop = min(start + step, len(spill))
+            fits = ((total[start:stop] >= 0) & (total[start:stop] <= self.max_seq_length)
+                    & (trainable[start:stop] > 0))
+            keep = fits & ~gone[start:stop]
+            look = np.flatnonzero(~fits & ~gone[start:stop]) + start
+            data, ends = spill.lines(start, stop)
+            lengths = np.diff(ends, prepend=0)
+            if not len(look):
+                # Every record kept is kept as it is: copy its line.
+                if keep.all():
+                    cleaned.records.append_encoded(data.tobytes(), ends)
+                else:
+                    cleaned.records.append_encoded(data[np.repeat(keep, lengths)].tobytes(),
+                                                   np.cumsum(lengths[keep]))
+                cleaned.tokens.frombytes(total[start:stop][keep].tobytes())
+                at = (np.flatnonzero(keep) + start).tolist()
+                cleaned.categories.extend(survivors.categories[i] for i in at)
+                cleaned.keys.extend(survivors.keys[i] for i in at)
+                continue
+            # Some need the policy: measure them one by one, keep the file's order.
+            looked = look.tolist()
+            examples = [_example(record, survivors.categories[i], survivors.rendered[i])
+                        for record, i in zip(spill.decode(looked), looked)]
+            where = {id(e): i for e, i in zip(examples, looked)}
             result = apply_length_policy(examples, self.counter, self.max_seq_length,
                                          self.cfg.length_policy, renderer=self.renderer,
                                          **self.pair_limits)
@@ -460,13 +584,22 @@ class _Pipeline:
                 report.truncated += result.truncated
                 report.dropped_too_long += result.dropped_too_long
                 report.dropped_no_trainable_tokens += result.dropped_no_trainable
-            kept = result.kept
-            cleaned.records.append_lines([e.record for e in kept])
-            cleaned.tokens.extend(e.tokens for e in kept)
-            cleaned.categories.extend(e.category for e in kept)
-            cleaned.keys.extend(keys[where[id(e)]] for e in kept)
-            if self.preference and not cleaned.conversational:
-                cleaned.conversational = any(isinstance(e.record.get("prompt"), list) for e in kept)
+            changed = {where[id(e)]: e for e in result.kept}
+            at = sorted(changed.keys() | set((np.flatnonzero(keep) + start).tolist()))
+            lines: list[bytes] = []
+            for i in at:
+                example = changed.get(i)
+                if example is None:
+                    lines.append(spill.get(i))
+                    cleaned.tokens.append(int(total[i]))
+                else:
+                    lines.append(_encode(example.record) + b"\n")
+                    cleaned.tokens.append(example.tokens)
+                    if self.preference and not cleaned.conversational:
+                        cleaned.conversational = isinstance(example.record.get("prompt"), list)
+            cleaned.records.append_encoded(b"".join(lines), np.cumsum([len(x) for x in lines]))
+            cleaned.categories.extend(survivors.categories[i] for i in at)
+            cleaned.keys.extend(survivors.keys[i] for i in at)
         return cleaned
 
     def mix_in(self, cfg: DatasetConfig, train_size: int, own_keys: set[int], seed: int,
