@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 NUM_PERM = 128
 MINHASH_SEED = 42
+# Digest matrices kept in memory between the two passes (the rest is hashed again).
+KEEP_DIGEST_BYTES = 192 << 20
 # Odd 64-bit multipliers that combine three word hashes into one shingle hash.
 _MIX1 = np.uint64(0x9E3779B97F4A7C15)
 _MIX2 = np.uint64(0xC2B2AE3D27D4EB4F)
@@ -224,12 +227,17 @@ class NearDuplicateIndex:
     position (the caller keeps them on disk).
     """
 
-    def __init__(self, threshold: float, work_dir: str | None = None) -> None:
+    def __init__(self, threshold: float, work_dir: str | None = None,
+                  keep_bytes: int | None = None) -> None:
         import rensa
 
-        # Each batch's shingle hashes wait on disk for the second pass (8 bytes a shingle).
+        # The first batches' digest matrices stay in memory for the second pass, up to
+        # keep_bytes (NUM_PERM * 4 bytes a record); later batches' shingle hashes wait on
+        # disk instead (8 bytes a shingle) and are hashed again.
         self.shingle_file = tempfile.TemporaryFile(dir=work_dir)
-        self.batches: list[tuple[int, int, np.ndarray]] = []  # (first position, shingles, offsets)
+        self.keep_bytes = KEEP_DIGEST_BYTES if keep_bytes is None else keep_bytes
+        # (first position, its digest matrix, or its shingle count and offsets on disk)
+        self.batches: list[tuple[int, Any, int, np.ndarray | None]] = []
         self.threshold = threshold
         self.rows = lsh_rows_per_band(threshold)
         self.bands = NUM_PERM // self.rows
@@ -244,12 +252,17 @@ class NearDuplicateIndex:
     def add_words(self, flat: np.ndarray, offsets: np.ndarray) -> None:
         """Like add(), from word_hashes() the caller already has."""
         shingles, shingle_offsets = _shingles(flat, offsets)
-        flags = self.lsh.insert_matrix_and_query_duplicate_flags(
-            _digest_matrix(shingles, shingle_offsets), self.size)
+        matrix = _digest_matrix(shingles, shingle_offsets)
+        flags = self.lsh.insert_matrix_and_query_duplicate_flags(matrix, self.size)
         self.later.extend(np.flatnonzero(np.asarray(flags, dtype=bool)) + self.size)
-        self.shingle_file.write(shingles.tobytes())
-        self.batches.append((self.size, len(shingles), shingle_offsets))
-        self.size += len(offsets) - 1
+        rows = len(offsets) - 1
+        if self.keep_bytes >= rows * NUM_PERM * 4:
+            self.keep_bytes -= rows * NUM_PERM * 4
+            self.batches.append((self.size, matrix, 0, None))
+        else:
+            self.shingle_file.write(shingles.tobytes())
+            self.batches.append((self.size, None, len(shingles), shingle_offsets))
+        self.size += rows
 
     def duplicates(self, read: Callable[[list[int]], Sequence[str]],
                    batch: int = 4096) -> list[int]:
@@ -266,11 +279,13 @@ class NearDuplicateIndex:
             flagged.insert_matrix(_digests(*word_hashes(read(chunk))), start)
         candidates: list[int] = []
         self.shingle_file.seek(0)
-        for start, count, offsets in self.batches:
-            shingles = np.frombuffer(self.shingle_file.read(8 * count), dtype=np.uint64)
+        for start, matrix, count, offsets in self.batches:
+            if matrix is None:
+                shingles = np.frombuffer(self.shingle_file.read(8 * count), dtype=np.uint64)
+                matrix = _digest_matrix(shingles, offsets)
             # one_shot: a band shared with any indexed key counts (query_duplicate_flags_matrix
             # wants two keys in the bucket, as if the queried rows were indexed themselves).
-            flags = flagged.query_duplicate_flags_matrix_one_shot(_digest_matrix(shingles, offsets))
+            flags = flagged.query_duplicate_flags_matrix_one_shot(matrix)
             candidates.extend((np.flatnonzero(np.asarray(flags, dtype=bool)) + start).tolist())
         del flagged
         self.close()

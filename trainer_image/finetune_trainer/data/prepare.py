@@ -250,6 +250,19 @@ def _columns(examples: list[Example]) -> ConvertedBlock:
                           None if all(t is None for t in rendered) else rendered)
 
 
+def _sliced(block: ConvertedBlock, size: int) -> Iterator[ConvertedBlock]:
+    """The block in pieces of at most `size` records."""
+    if len(block.records) <= size:
+        yield block
+        return
+    for start in range(0, len(block.records), size):
+        part = slice(start, start + size)
+        yield ConvertedBlock(block.records[part], block.dedup_texts[part],
+                             None if block.near_texts is None else block.near_texts[part],
+                             block.categories[part],
+                             None if block.rendered_tokens is None else block.rendered_tokens[part])
+
+
 def _pick(values: list | None, at: list[int] | None) -> list | None:
     return values if values is None or at is None else [values[i] for i in at]
 
@@ -418,7 +431,7 @@ class _Pipeline:
                         yield _columns(batch)
                         batch, chars = [], 0
                     counts[0] += len(item.records)
-                    yield converted
+                    yield from _sliced(converted, BATCH_RECORDS)
                     continue
                 for i, raw in enumerate(item.records):
                     one(item.where(i), raw, None)
