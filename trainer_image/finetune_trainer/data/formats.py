@@ -359,12 +359,17 @@ _BULK_FORMATS = {"instruction": _instruction, "completion": _completion, "text":
 
 def _texts_ok(values: list, *, allow_empty: bool = False) -> bool:
     """Every value a str (not None, not missing), and not blank unless allowed."""
-    if not all(type(v) is str for v in values):
+    if values and set(map(type, values)) != {str}:
         return False
     return allow_empty or (all(values) and not any(map(str.isspace, values)))
 
 
-def _instruction_columns(records: list[dict]) -> tuple[list[dict], list[str]] | None:
+def _longest(*columns: list[str]) -> int:
+    """A bound on the size of each record made of one string from each column."""
+    return sum(max(map(len, column), default=0) for column in columns)
+
+
+def _instruction_columns(records: list[dict]) -> tuple[list[dict], list[str], int] | None:
     """_instruction() for records whose fields are all well-formed, in bulk; None otherwise."""
     instructions = [r.get("instruction") for r in records]
     outputs = [r.get("output") for r in records]
@@ -375,23 +380,24 @@ def _instruction_columns(records: list[dict]) -> tuple[list[dict], list[str]] | 
     prompts = [with_input(instruction=i, input=x) if x and not x.isspace() else plain(instruction=i)
                for i, x in zip(instructions, inputs)]
     converted = [{"prompt": p, "completion": o} for p, o in zip(prompts, outputs)]
-    return converted, [f"{i}\n{x}\n{o}" for i, x, o in zip(instructions, inputs, outputs)]
+    return (converted, [f"{i}\n{x}\n{o}" for i, x, o in zip(instructions, inputs, outputs)],
+            _longest(prompts, outputs))
 
 
-def _completion_columns(records: list[dict]) -> tuple[list[dict], list[str]] | None:
+def _completion_columns(records: list[dict]) -> tuple[list[dict], list[str], int] | None:
     prompts = [r.get("prompt") for r in records]
     completions = [r.get("completion") for r in records]
     if not (_texts_ok(prompts, allow_empty=True) and _texts_ok(completions)):
         return None
     return ([{"prompt": p, "completion": c} for p, c in zip(prompts, completions)],
-            [f"{p}\n{c}" for p, c in zip(prompts, completions)])
+            [f"{p}\n{c}" for p, c in zip(prompts, completions)], _longest(prompts, completions))
 
 
-def _text_columns(records: list[dict]) -> tuple[list[dict], list[str]] | None:
+def _text_columns(records: list[dict]) -> tuple[list[dict], list[str], int] | None:
     texts = [r.get("text") for r in records]
     if not _texts_ok(texts):
         return None
-    return [{"text": t} for t in texts], texts
+    return [{"text": t} for t in texts], texts, _longest(texts)
 
 
 _COLUMNS = {"instruction": _instruction_columns, "completion": _completion_columns,
@@ -402,10 +408,7 @@ def _same_as_one_by_one(records: list[dict], converted: list[dict], texts: list[
     """The bulk conversion agrees with the format's own converter on a few records (the
     first, and the first with an input): it is only a faster way to the same records."""
     with_input = next((i for i, r in enumerate(records) if r.get("input")), 0)
-    for i in {0, with_input}:
-        if one(records[i]) != (converted[i], texts[i]):
-            return False
-    return True
+    return all(one(records[i]) == (converted[i], texts[i]) for i in {0, with_input})
 
 
 @dataclass(slots=True)
@@ -427,26 +430,28 @@ def convert_block(raws: list, fmt: str, field_map: dict[str, str],
     (a bad or oversized record, another format): the caller then converts the block one
     record at a time, so errors and their line numbers are exactly convert()'s."""
     one = _BULK_FORMATS.get(fmt)
-    if one is None or not raws or not all(isinstance(raw, dict) for raw in raws):
+    if one is None or not raws or set(map(type, raws)) != {dict}:
         return None
     records = [apply_field_map(raw, field_map) for raw in raws] if field_map else raws
     columns = _COLUMNS[fmt](records)
-    if columns is not None and not _same_as_one_by_one(records, *columns, one):
+    if columns is not None and not _same_as_one_by_one(records, *columns[:2], one):
         columns = None
     try:
         if columns is None:  # a bad record is among them, or the format changed
             pairs = list(map(one, records))
-            columns = [pair[0] for pair in pairs], [pair[1] for pair in pairs]
-        converted, dedup_texts = columns
+            columns = [pair[0] for pair in pairs], [pair[1] for pair in pairs], None
+        converted, dedup_texts, longest = columns
         rendered = None
         if render is not None and any("messages" in c for c in converted):
             rendered = [render(c) if "messages" in c else None for c in converted]
     except RecordError:
         return None
-    if max(map(record_size, converted)) > MAX_RECORD_BYTES:
+    if (longest is None or longest > MAX_RECORD_BYTES) and \
+            max(map(record_size, converted)) > MAX_RECORD_BYTES:
         return None
     near = None
-    if any("messages" in c or isinstance(c.get("prompt"), list) for c in converted):
+    if longest is None and any("messages" in c or isinstance(c.get("prompt"), list)
+                               for c in converted):
         near = list(map(_learned_text, converted))
     if category_field:
         categories = ["(missing)" if (value := record.get(category_field)) is None else str(value)

@@ -171,7 +171,7 @@ class _Spill:
 
     def _append(self, data: bytes, ends: np.ndarray) -> None:
         self.file.write(data)
-        self.ends.extend((ends + self.size).tolist())
+        self.ends.frombytes((np.asarray(ends, dtype=np.int64) + self.size).tobytes())
         self.size += len(data)
 
     def append_lines(self, items: list) -> None:
@@ -188,6 +188,11 @@ class _Spill:
     def append_texts(self, texts: list[str]) -> None:
         """Plain UTF-8 texts, for get_text()."""
         if texts:
+            joined = "".join(texts)
+            if joined.isascii():  # a byte a character
+                self._append(joined.encode("ascii"),
+                             np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))))
+                return
             encoded = [t.encode("utf-8", "surrogatepass") for t in texts]
             self._append(b"".join(encoded), np.cumsum([len(e) for e in encoded]))
 
