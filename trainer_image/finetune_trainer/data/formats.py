@@ -376,9 +376,15 @@ def _instruction_columns(records: list[dict]) -> tuple[list[dict], list[str], in
     inputs = ["" if (x := r.get("input")) is None else x for r in records]
     if not (_texts_ok(instructions) and _texts_ok(outputs) and _texts_ok(inputs, allow_empty=True)):
         return None
-    plain, with_input = INSTRUCTION_TEMPLATE.format, INSTRUCTION_WITH_INPUT_TEMPLATE.format
-    prompts = [with_input(instruction=i, input=x) if x and not x.isspace() else plain(instruction=i)
-               for i, x in zip(instructions, inputs)]
+    with_input = INSTRUCTION_WITH_INPUT_TEMPLATE.format
+    # The template without input is text, the instruction, text: joined, not parsed each time.
+    head, *tail = INSTRUCTION_TEMPLATE.format(instruction="\0").split("\0")
+    if len(tail) == 1:
+        prompts = [with_input(instruction=i, input=x) if x and not x.isspace() else head + i + tail[0]
+                   for i, x in zip(instructions, inputs)]
+    else:
+        prompts = [with_input(instruction=i, input=x) if x and not x.isspace()
+                   else INSTRUCTION_TEMPLATE.format(instruction=i) for i, x in zip(instructions, inputs)]
     converted = [{"prompt": p, "completion": o} for p, o in zip(prompts, outputs)]
     return (converted, [f"{i}\n{x}\n{o}" for i, x, o in zip(instructions, inputs, outputs)],
             _longest(prompts, outputs))

@@ -180,11 +180,6 @@ class _Spill:
             # Encoded JSON has no raw newline: each one ends a record.
             self._append(data, np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10) + 1)
 
-    def append_encoded(self, data: bytes, ends: np.ndarray) -> None:
-        """Lines already encoded; `ends`: the end of each, from the start of `data`."""
-        if len(ends):
-            self._append(data, ends)
-
     def append_texts(self, texts: list[str]) -> None:
         """Plain UTF-8 texts, for get_text()."""
         if texts:
@@ -208,25 +203,9 @@ class _Spill:
     def get(self, i: int) -> bytes:
         return self._view()[self.ends[i - 1] if i else 0:self.ends[i]]
 
-    def lines(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        """The bytes of records start..stop-1 (a read-only array) and each one's end in it."""
-        first = self.ends[start - 1] if start else 0
-        ends = np.frombuffer(self.ends, dtype=np.int64)[start:stop] - first
-        if start >= stop:
-            return np.zeros(0, dtype=np.uint8), ends
-        return np.frombuffer(self._view(), dtype=np.uint8, count=int(ends[-1]), offset=first), ends
-
-    def digest_ranges(self, digest: Any, positions: list[int]) -> None:
-        """Feed the records at `positions` (ascending) to `digest`, each run of neighbours
-        in one call."""
-        if not positions:
-            return
-        at = np.asarray(positions, dtype=np.int64)
-        breaks = np.flatnonzero(np.diff(at) != 1) + 1
-        view = self._view()
-        ends = self.ends
-        for first, last in zip(at[np.r_[0, breaks]].tolist(), at[np.r_[breaks - 1, len(at) - 1]].tolist()):
-            digest.update(view[ends[first - 1] if first else 0:ends[last]])
+    def digest_run(self, digest: Any, first: int, last: int) -> None:
+        """Feed the records first..last (inclusive) to `digest` in one call."""
+        digest.update(self._view()[self.ends[first - 1] if first else 0:self.ends[last]])
 
     def get_text(self, i: int) -> str:
         return self.get(i).decode("utf-8", "surrogatepass")
@@ -244,6 +223,43 @@ class _Spill:
         if isinstance(self.view, mmap.mmap):
             self.view.close()
         self.file.close()
+
+
+class _Kept:
+    """The records kept after the length policy, by position: most are lines of the
+    survivors' spill, unchanged (`at[i] >= 0`: that line); a record the policy changed is
+    line -at[i]-1 of a spill of its own. Nothing is copied for the records kept as they are."""
+
+    def __init__(self, source: _Spill, changed: _Spill) -> None:
+        self.source = source
+        self.changed = changed
+        self.at = array("q")
+
+    def __len__(self) -> int:
+        return len(self.at)
+
+    def get(self, i: int) -> bytes:
+        where = self.at[i]
+        return self.source.get(where) if where >= 0 else self.changed.get(-where - 1)
+
+    def decode(self, positions: list[int]) -> list:
+        return [_decode(self.get(i)) for i in positions]
+
+    def digest_ranges(self, digest: Any, positions: list[int]) -> None:
+        """Feed the records at `positions` to `digest` in order, unchanged neighbours in
+        the survivors' spill in one call."""
+        at = np.frombuffer(self.at, dtype=np.int64)[np.asarray(positions, dtype=np.int64)]
+        if not len(at):
+            return
+        # A run ends where the next record is not the next line of the survivors' spill.
+        ends = np.flatnonzero((np.diff(at) != 1) | (at[1:] < 0) | (at[:-1] < 0)).tolist() + [len(at) - 1]
+        first = 0
+        for last in ends:
+            if at[first] < 0:
+                digest.update(self.changed.get(-int(at[first]) - 1))
+            else:
+                self.source.digest_run(digest, int(at[first]), int(at[last]))
+            first = last + 1
 
 
 def _columns(examples: list[Example]) -> ConvertedBlock:
@@ -296,7 +312,7 @@ class _Cleaned:
     """A source after cleaning: its kept records in a spill, with their tokens, categories
     and exact-duplicate keys, by position."""
 
-    records: _Spill
+    records: _Kept
     tokens: array
     categories: list[str | None]
     keys: list[int]
@@ -558,40 +574,24 @@ class _Pipeline:
     def _apply_length(self, survivors: _Survivors, removed: set[int], count: bool) -> _Cleaned:
         """The length policy over the survivors that are no near-duplicates, in batches.
 
-        A record measured in bulk that fits and has trainable tokens is kept as it is: its
-        line is copied. Only the others (too long, nothing trainable, preference pairs) are
-        read back and given to apply_length_policy."""
+        A record measured in bulk that fits and has trainable tokens is kept as it is (a
+        reference to its line in the survivors' spill). Only the others (too long, nothing
+        trainable, preference pairs) are read back and given to apply_length_policy."""
         report = self.report
         spill = survivors.records
-        cleaned = _Cleaned(self._spill("kept"), array("q"), [], [])
+        cleaned = _Cleaned(_Kept(spill, self._spill("changed")), array("q"), [], [])
         total = np.frombuffer(survivors.total, dtype=np.int64)
         trainable = np.frombuffer(survivors.trainable, dtype=np.int64)
         gone = np.zeros(len(spill), dtype=bool)
         if removed:
             gone[np.fromiter(removed, dtype=np.int64, count=len(removed))] = True
-        step = 4 * BATCH_RECORDS
-        for start in range(0, len(spill), step):
-            stop = min(start + step, len(spill))
-            fits = ((total[start:stop] >= 0) & (total[start:stop] <= self.max_seq_length)
-                    & (trainable[start:stop] > 0))
-            keep = fits & ~gone[start:stop]
-            look = np.flatnonzero(~fits & ~gone[start:stop]) + start
-            data, ends = spill.lines(start, stop)
-            lengths = np.diff(ends, prepend=0)
-            if not len(look):
-                # Every record kept is kept as it is: copy its line.
-                if keep.all():
-                    cleaned.records.append_encoded(data.tobytes(), ends)
-                else:
-                    cleaned.records.append_encoded(data[np.repeat(keep, lengths)].tobytes(),
-                                                   np.cumsum(lengths[keep]))
-                cleaned.tokens.frombytes(total[start:stop][keep].tobytes())
-                at = (np.flatnonzero(keep) + start).tolist()
-                cleaned.categories.extend(survivors.categories[i] for i in at)
-                cleaned.keys.extend(survivors.keys[i] for i in at)
-                continue
-            # Some need the policy: measure them one by one, keep the file's order.
-            looked = look.tolist()
+        fits = (total >= 0) & (total <= self.max_seq_length) & (trainable > 0)
+        keep = fits & ~gone
+        look = np.flatnonzero(~fits & ~gone)
+        # Those that need the policy, a batch at a time, in the file's order.
+        changed: dict[int, Example] = {}
+        for start in range(0, len(look), BATCH_RECORDS):
+            looked = look[start:start + BATCH_RECORDS].tolist()
             examples = [_example(record, survivors.categories[i], survivors.rendered[i])
                         for record, i in zip(spill.decode(looked), looked)]
             where = {id(e): i for e, i in zip(examples, looked)}
@@ -602,22 +602,26 @@ class _Pipeline:
                 report.truncated += result.truncated
                 report.dropped_too_long += result.dropped_too_long
                 report.dropped_no_trainable_tokens += result.dropped_no_trainable
-            changed = {where[id(e)]: e for e in result.kept}
-            at = sorted(changed.keys() | set((np.flatnonzero(keep) + start).tolist()))
-            lines: list[bytes] = []
-            for i in at:
-                example = changed.get(i)
-                if example is None:
-                    lines.append(spill.get(i))
-                    cleaned.tokens.append(int(total[i]))
-                else:
-                    lines.append(_encode(example.record) + b"\n")
-                    cleaned.tokens.append(example.tokens)
-                    if self.preference and not cleaned.conversational:
-                        cleaned.conversational = isinstance(example.record.get("prompt"), list)
-            cleaned.records.append_encoded(b"".join(lines), np.cumsum([len(x) for x in lines]))
-            cleaned.categories.extend(survivors.categories[i] for i in at)
-            cleaned.keys.extend(survivors.keys[i] for i in at)
+            for example in result.kept:
+                changed[where[id(example)]] = example
+            if self.preference and not cleaned.conversational:
+                cleaned.conversational = any(isinstance(e.record.get("prompt"), list)
+                                             for e in result.kept)
+        tokens = total.copy()
+        if changed:
+            keep[list(changed)] = True
+            positions = sorted(changed)
+            cleaned.records.changed.append_lines([changed[i].record for i in positions])
+            tokens[positions] = [changed[i].tokens for i in positions]
+        at = np.flatnonzero(keep)
+        refs = at.copy()
+        if changed:
+            refs[np.searchsorted(at, positions)] = -1 - np.arange(len(positions))
+        cleaned.records.at.frombytes(refs.tobytes())
+        cleaned.tokens.frombytes(tokens[at].tobytes())
+        kept_at = at.tolist()
+        cleaned.categories.extend([survivors.categories[i] for i in kept_at])
+        cleaned.keys.extend([survivors.keys[i] for i in kept_at])
         return cleaned
 
     def mix_in(self, cfg: DatasetConfig, train_size: int, own_keys: set[int], seed: int,
