@@ -97,7 +97,12 @@ def test_streaming_dedup_removes_exactly_what_the_reference_removes(tmp_path, mo
     assert [p.name for p in tmp_path.iterdir()] == ["d.jsonl"], "the spill files are removed"
 
 
-def test_near_duplicates_agree_with_the_reference_without_exact_dedup():
+@pytest.mark.parametrize("pairs_listed", [True, False], ids=["pairs", "buckets"])
+def test_near_duplicates_agree_with_the_reference_without_exact_dedup(monkeypatch, pairs_listed):
+    """Candidates are verified from the listed pairs that share a band, or (huge buckets)
+    bucket by bucket; both agree with the reference."""
+    if not pairs_listed:
+        monkeypatch.setattr(dedup, "_MAX_PAIRS_PER_CANDIDATE", 0)
     texts = planted_dataset(random.Random(5))
     flags = near_duplicates(texts, THRESHOLD)
 

@@ -357,12 +357,102 @@ def _verify(read: Callable[[list[int]], Sequence[str]], candidates: list[int], t
     shingles = np.concatenate(shingle_parts) if shingle_parts else np.zeros(0, dtype=np.uint64)
     starts = np.zeros(len(candidates) + 1, dtype=np.int64)
     np.cumsum(sizes, out=starts[1:])
-    band_keys = np.concatenate(band_parts).tolist() if band_parts else []
+    band_keys = np.concatenate(band_parts) if band_parts else np.zeros((0, bands), dtype=np.uint64)
+    pairs = _sharing_pairs(band_keys)
+    if pairs is None:
+        return _greedy_by_buckets(candidates, band_keys.tolist(), shingles, starts, threshold)
+    # A candidate is a near-duplicate when an earlier candidate that is kept shares a band
+    # with it and is similar enough; which one is found first does not matter.
+    similar = _similar_pairs(shingles, starts, pairs, threshold)
+    duplicate = bytearray(len(candidates))
+    for (earlier, later), alike in zip(pairs.tolist(), similar):
+        if alike and not duplicate[later] and not duplicate[earlier]:
+            duplicate[later] = 1
+    return [c for c, d in zip(candidates, duplicate) if d]
+
+
+# Pairs are compared in bulk up to this many shingles together (8 bytes each, a few copies).
+_BULK_SHINGLES = 1 << 22
+
+
+def _similar_pairs(shingles: np.ndarray, starts: np.ndarray, pairs: np.ndarray,
+                   threshold: float) -> list[bool]:
+    """Whether the exact Jaccard similarity of each pair's shingle sets reaches `threshold`:
+    the two sets of a pair side by side, sorted, a shared shingle is two equal neighbours."""
+    out: list[bool] = []
+    sizes = np.diff(starts)
+    step = max(1, _BULK_SHINGLES // max(1, 2 * int(sizes.max(initial=1))))
+    for at in range(0, len(pairs), step):
+        part = pairs[at:at + step]
+        members = part.reshape(-1)  # earlier, later, earlier, later...
+        lengths = sizes[members]
+        total = int(lengths.sum())
+        owner = np.repeat(np.arange(len(part), dtype=np.int64), lengths.reshape(-1, 2).sum(axis=1))
+        # Positions of every member's shingles in `shingles`.
+        first = np.repeat(starts[members] - np.cumsum(lengths) + lengths, lengths)
+        values = shingles[first + np.arange(total, dtype=np.int64)]
+        order = np.lexsort((values, owner))
+        values, owner = values[order], owner[order]
+        equal = (values[1:] == values[:-1]) & (owner[1:] == owner[:-1])
+        common = np.bincount(owner[1:][equal], minlength=len(part))
+        union = lengths.reshape(-1, 2).sum(axis=1) - common
+        out.extend(((common > 0) & (common / np.maximum(union, 1) >= threshold)).tolist())
+    return out
+
+
+# More pairs than this many per candidate (huge buckets): compare by buckets instead.
+_MAX_PAIRS_PER_CANDIDATE = 64
+
+
+def _sharing_pairs(band_keys: np.ndarray) -> np.ndarray | None:
+    """The (earlier, later) candidate pairs that share at least one band key, sorted by later
+    then earlier, one row each; None when there are too many to list."""
+    m, bands = band_keys.shape
+    if m < 2:
+        return np.zeros((0, 2), dtype=np.int64)
+    keys = band_keys.reshape(-1)
+    owner = np.repeat(np.arange(m, dtype=np.int64), bands)
+    order = np.lexsort((owner, keys))
+    keys, owner = keys[order], owner[order]
+    same = keys[1:] == keys[:-1]
+    # Runs of equal keys: every two members of a run make a pair.
+    run_start = np.flatnonzero(np.r_[True, ~same])
+    run_size = np.diff(np.r_[run_start, len(keys)])
+    shared = run_size > 1
+    run_start, run_size = run_start[shared], run_size[shared]
+    if int((run_size * (run_size - 1) // 2).sum()) > _MAX_PAIRS_PER_CANDIDATE * m:
+        return None
+    firsts, seconds = [], []
+    for size in np.unique(run_size).tolist():
+        starts = run_start[run_size == size]
+        a, b = np.triu_indices(size, 1)
+        firsts.append(owner[starts[:, None] + a].reshape(-1))
+        seconds.append(owner[starts[:, None] + b].reshape(-1))
+    if not firsts:
+        return np.zeros((0, 2), dtype=np.int64)
+    earlier, later = np.concatenate(firsts), np.concatenate(seconds)
+    # Within a run owners ascend, so earlier < later (a candidate repeats no key? it may:
+    # two of its bands can hash alike; drop such self-pairs).
+    keep = earlier != later
+    code = np.unique(later[keep] * m + earlier[keep])
+    return np.stack([code % m, code // m], axis=1)
+
+
+def _similar(shingles: np.ndarray, starts: np.ndarray, i: int, k: int, threshold: float) -> bool:
+    mine = shingles[starts[k]:starts[k + 1]]
+    theirs = shingles[starts[i]:starts[i + 1]]
+    common = len(np.intersect1d(mine, theirs, assume_unique=True))
+    return bool(common) and common / (len(mine) + len(theirs) - common) >= threshold
+
+
+def _greedy_by_buckets(candidates: list[int], band_keys: list[list[int]], shingles: np.ndarray,
+                       starts: np.ndarray, threshold: float) -> list[int]:
+    """Each candidate against the kept earlier candidates in its buckets, one bucket at a
+    time (for huge buckets, where listing every sharing pair would not fit)."""
     buckets: dict[int, list[int]] = {}
     found: list[int] = []
     for k in range(len(candidates)):
         keys = band_keys[k]
-        mine = shingles[starts[k]:starts[k + 1]]
         seen: set[int] = set()
         duplicate = False
         for key in keys:
@@ -370,9 +460,7 @@ def _verify(read: Callable[[list[int]], Sequence[str]], candidates: list[int], t
                 if other in seen:
                     continue
                 seen.add(other)
-                theirs = shingles[starts[other]:starts[other + 1]]
-                common = len(np.intersect1d(mine, theirs, assume_unique=True))
-                if common and common / (len(mine) + len(theirs) - common) >= threshold:
+                if _similar(shingles, starts, other, k, threshold):
                     duplicate = True
                     break
             if duplicate:
