@@ -377,25 +377,28 @@ _BULK_SHINGLES = 1 << 22
 
 def _similar_pairs(shingles: np.ndarray, starts: np.ndarray, pairs: np.ndarray,
                    threshold: float) -> list[bool]:
-    """Whether the exact Jaccard similarity of each pair's shingle sets reaches `threshold`:
-    the two sets of a pair side by side, sorted, a shared shingle is two equal neighbours."""
-    out: list[bool] = []
+    """Whether the exact Jaccard similarity of each pair's shingle sets reaches `threshold`.
+
+    Each candidate's shingles are sorted and unique, so (candidate, rank of the shingle
+    among all of them) is one sorted key: a shingle of the later one of a pair is shared
+    when (earlier, its rank) is a key."""
     sizes = np.diff(starts)
-    step = max(1, _BULK_SHINGLES // max(1, 2 * int(sizes.max(initial=1))))
+    values, rank = np.unique(shingles, return_inverse=True)
+    span = np.int64(max(1, len(values)))
+    key = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes) * span + rank
+    out: list[bool] = []
+    step = max(1, _BULK_SHINGLES // max(1, int(sizes.max(initial=1))))
     for at in range(0, len(pairs), step):
-        part = pairs[at:at + step]
-        members = part.reshape(-1)  # earlier, later, earlier, later...
-        lengths = sizes[members]
-        total = int(lengths.sum())
-        owner = np.repeat(np.arange(len(part), dtype=np.int64), lengths.reshape(-1, 2).sum(axis=1))
-        # Positions of every member's shingles in `shingles`.
-        first = np.repeat(starts[members] - np.cumsum(lengths) + lengths, lengths)
-        values = shingles[first + np.arange(total, dtype=np.int64)]
-        order = np.lexsort((values, owner))
-        values, owner = values[order], owner[order]
-        equal = (values[1:] == values[:-1]) & (owner[1:] == owner[:-1])
-        common = np.bincount(owner[1:][equal], minlength=len(part))
-        union = lengths.reshape(-1, 2).sum(axis=1) - common
+        earlier, later = pairs[at:at + step, 0], pairs[at:at + step, 1]
+        lengths = sizes[later]
+        pair = np.repeat(np.arange(len(later), dtype=np.int64), lengths)
+        # Positions of the later ones' shingles in `shingles`.
+        position = np.repeat(starts[later] - np.cumsum(lengths) + lengths, lengths) + \
+            np.arange(int(lengths.sum()), dtype=np.int64)
+        wanted = earlier[pair] * span + rank[position]
+        found = np.minimum(np.searchsorted(key, wanted), len(key) - 1)
+        common = np.bincount(pair[key[found] == wanted], minlength=len(later))
+        union = sizes[earlier] + lengths - common
         out.extend(((common > 0) & (common / np.maximum(union, 1) >= threshold)).tolist())
     return out
 

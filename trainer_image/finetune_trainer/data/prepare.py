@@ -489,16 +489,18 @@ class _Pipeline:
                 keys = dedup.exact_keys_of(*words)
                 kept_at: list[int] | None = None  # None: all of them
                 if exact or leaked:
-                    kept_at = []
-                    for i, key in enumerate(keys):
-                        if key in seen:
-                            exact_removed += 1
-                            continue
-                        if exact:
-                            seen.add(key)
-                        kept_at.append(i)
-                    if len(kept_at) == len(keys):
-                        kept_at = None
+                    # Kept: not seen before, and (exact) the first of its key in the batch.
+                    keep = ~np.fromiter(map(seen.__contains__, keys), dtype=bool, count=len(keys))
+                    if exact:
+                        first = dict(zip(reversed(keys), range(len(keys) - 1, -1, -1)))
+                        if len(first) < len(keys):
+                            once = np.zeros(len(keys), dtype=bool)
+                            once[np.fromiter(first.values(), dtype=np.int64, count=len(first))] = True
+                            keep &= once
+                        seen.update(first)
+                    if not keep.all():
+                        kept_at = np.flatnonzero(keep).tolist()
+                        exact_removed += len(keys) - len(kept_at)
                 records = _pick(block.records, kept_at)
                 if not records:
                     continue
