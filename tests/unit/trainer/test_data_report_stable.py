@@ -121,3 +121,31 @@ def test_the_report_on_a_fixed_input_is_unchanged(tmp_path, monkeypatch, case, s
     if os.environ.get("UPDATE_GOLDEN") and not small_blocks:
         golden.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     assert report == json.loads(golden.read_text())
+
+
+def _report(argv: list[str], path: Path) -> dict:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = validate_cli([*argv, "--json", str(path)])
+    return {**json.loads(out.getvalue()), "exitCode": code}
+
+
+@pytest.mark.parametrize("case", ["instruction-category", "completion", "chat"])
+def test_a_folder_of_shards_gives_the_report_of_record_by_record_reading(tmp_path, monkeypatch, case):
+    """Shards read in blocks (errors named by shard and line) give exactly the report of
+    reading and converting every record on its own, the way other file types are read."""
+    argv = CASES[case]
+    lines = _lines(argv[1])
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for i, part in enumerate((lines[:1000], lines[1000:1100], lines[1100:])):
+        (folder / f"part-{i}.jsonl").write_bytes(b"\n".join(part) + b"\n")
+    monkeypatch.setattr(load, "_BLOCK_BYTES", 4096)
+    fast = _report(argv, folder)
+    monkeypatch.setattr(prepare, "read_batches",
+                        lambda source, split=None: load.read_records(source, split=split))
+    one_by_one = _report(argv, folder)
+
+    assert fast == one_by_one
+    assert fast["firstErrors"][0].startswith("part-0.jsonl line ")
+    assert fast["trainExamples"] > 2000

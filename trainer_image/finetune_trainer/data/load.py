@@ -86,7 +86,8 @@ def _read_shards(folder: Path) -> Iterator[Item]:
     for shard in _shards(folder):
         name = shard.relative_to(folder)
         for where, record, error in read_records(str(shard)):
-            yield f"{name} {where}", record, error
+            # The error names its line; the shard's name goes in front of both.
+            yield f"{name} {where}", record, error and f"{name} {error}"
 
 
 def _sniff(path: Path) -> str:
@@ -170,7 +171,7 @@ def _shard_batches(folder: Path) -> Iterator[Block | Item]:
                 yield Block(batch.records, f"{name} {batch.prefix}", batch.first)
             else:
                 where, record, error = batch
-                yield f"{name} {where}", record, error
+                yield f"{name} {where}", record, error and f"{name} {error}"
 
 
 def _jsonl_batches(path: Path) -> Iterator[Block | Item]:
