@@ -134,6 +134,7 @@ def run_one(n: int, workdir: Path, rounds: int = 1) -> dict:
     are the medians over the rounds, the per-round ratios are kept."""
     path = workdir / f"data-{n}.jsonl"
     generate(path, n)
+    os.sync()  # the file on disk before any timing: no write-back of it inside a measurement
     load_before = os.getloadavg()[0]
     runs: dict[str, list[dict]] = {"validate": [], "anchor": [], "bulk": []}
     for _ in range(rounds):
