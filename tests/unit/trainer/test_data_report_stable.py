@@ -100,14 +100,20 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("small_blocks", [False, True], ids=["4MiB-blocks", "2KiB-blocks"])
+@pytest.mark.parametrize("variant", ["4MiB-blocks", "2KiB-blocks-spilled-midway", "spilled-to-disk"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_the_report_on_a_fixed_input_is_unchanged(tmp_path, monkeypatch, case, small_blocks):
+def test_the_report_on_a_fixed_input_is_unchanged(tmp_path, monkeypatch, case, variant):
     """Small read blocks and batches: most blocks hold no broken line and take the fast
-    paths, and batch edges fall inside runs of duplicates; the report is the same."""
+    paths, and batch edges fall inside runs of duplicates. Spills kept in memory, moved to
+    disk when the memory for them runs out midway, or on disk from the start. The report
+    is the same."""
+    small_blocks = variant.startswith("2KiB")
     if small_blocks:
         monkeypatch.setattr(load, "_BLOCK_BYTES", 2048)
         monkeypatch.setattr(prepare, "BATCH_RECORDS", 100)
+        monkeypatch.setattr(prepare, "SPILL_MEMORY_BYTES", 300_000)
+    elif variant == "spilled-to-disk":
+        monkeypatch.setattr(prepare, "SPILL_MEMORY_BYTES", 0)
     argv = CASES[case]
     fmt = argv[1]
     path = tmp_path / "data.jsonl"
@@ -118,7 +124,7 @@ def test_the_report_on_a_fixed_input_is_unchanged(tmp_path, monkeypatch, case, s
     report = json.loads(out.getvalue())
     report["exitCode"] = code
     golden = GOLDEN / f"validate_report_{case}.json"
-    if os.environ.get("UPDATE_GOLDEN") and not small_blocks:
+    if os.environ.get("UPDATE_GOLDEN") and variant == "4MiB-blocks":
         golden.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     assert report == json.loads(golden.read_text())
 

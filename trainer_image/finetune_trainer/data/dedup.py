@@ -27,7 +27,7 @@ import numpy as np
 NUM_PERM = 128
 MINHASH_SEED = 42
 # Digest matrices kept in memory between the two passes (the rest is hashed again).
-KEEP_DIGEST_BYTES = 112 << 20
+KEEP_DIGEST_BYTES = 100 << 20
 # Odd 64-bit multipliers that combine three word hashes into one shingle hash.
 _MIX1 = np.uint64(0x9E3779B97F4A7C15)
 _MIX2 = np.uint64(0xC2B2AE3D27D4EB4F)
