@@ -166,6 +166,11 @@ def run_one(n: int, workdir: Path, rounds: int = 1) -> dict:
                         for v, a in zip(runs["validate"], runs["anchor"])],
         "roundCpuRatios": [round(v["cpuSeconds"] / a["cpuSeconds"], 2)
                            for v, a in zip(runs["validate"], runs["anchor"])],
+        # Each round's pair ran back to back: the median of their ratios cancels load drift.
+        "medianRoundRatio": round(_median([v["seconds"] / a["seconds"]
+                                           for v, a in zip(runs["validate"], runs["anchor"])]), 2),
+        "medianRoundCpuRatio": round(_median([v["cpuSeconds"] / a["cpuSeconds"]
+                                              for v, a in zip(runs["validate"], runs["anchor"])]), 2),
         "rensaBulkSeconds": round(bulk["seconds"], 3),
         "rensaBulkCpuSeconds": round(bulk["cpuSeconds"], 3),
         "ratioToRensaBulk": round(seconds / bulk["seconds"], 2),

@@ -138,9 +138,10 @@ def data_section(data: dict) -> list[str]:
            "several rounds (the three children one after the other, round after round) the figures "
            "are medians and each round's ratio is listed.", "",
            "| records | rounds | seconds (CPU s) | records/s | peak RSS MiB | anchor s (CPU s) | ratio to anchor (CPU) "
-           "| each round: ratio (CPU) | rensa bulk s | time growth vs previous size (CPU; anchor CPU) "
+           "| each round: ratio (CPU) | median of the rounds' ratios (CPU) | rensa bulk s "
+           "| time growth vs previous size (CPU; anchor CPU) "
            "| exact / near duplicates removed | load 1m before/after |",
-           "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+           "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         growth = (f"{r['timeGrowth']:.1f}x for {r['recordsGrowth']:.0f}x records"
                   if "timeGrowth" in r else "-")
@@ -152,6 +153,7 @@ def data_section(data: dict) -> list[str]:
                    f"| {r['recordsPerSecond']:,} "
                    f"| {r['peakRssMiB']:,.0f} | {r['anchorSeconds']:.1f} ({r['anchorCpuSeconds']:.1f}) "
                    f"| {r['ratioToAnchor']:.2f} ({r['cpuRatioToAnchor']:.2f}) | {rounds} "
+                   f"| {fmt(r.get('medianRoundRatio'))} ({fmt(r.get('medianRoundCpuRatio'))}) "
                    f"| {r['rensaBulkSeconds']:.1f} | {growth} "
                    f"| {r['duplicatesRemoved']:,} / {r['nearDuplicatesRemoved']:,} "
                    f"| {r['loadAverage1mBefore']} / {r['loadAverage1mAfter']} |")
