@@ -53,7 +53,6 @@ SPILL_MEMORY_BYTES = 150 << 20
 _encode = msgspec.json.Encoder(order="sorted").encode
 _encode_lines = msgspec.json.Encoder(order="sorted").encode_lines
 _decode = msgspec.json.Decoder().decode
-_decode_lines = msgspec.json.Decoder().decode_lines
 
 
 @dataclass
@@ -240,12 +239,6 @@ class _Spill:
 
     def decode(self, positions: list[int]) -> list:
         return [_decode(self.get(i)) for i in positions]
-
-    def decode_range(self, start: int, stop: int) -> list:
-        """The records at positions start..stop-1, parsed in one call."""
-        if start >= stop:
-            return []
-        return _decode_lines(self._view()[self.ends[start - 1] if start else 0:self.ends[stop - 1]])
 
     def close(self) -> None:
         if isinstance(self.view, mmap.mmap):
