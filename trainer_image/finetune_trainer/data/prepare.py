@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import mmap
+import os
 import random
 import tempfile
 from array import array
@@ -173,7 +173,7 @@ class _Spill:
         self.file = None
         self.ends = array("q")
         self.size = 0
-        self.view: mmap.mmap | bytes | None = None
+        self.view: bytes | None = None
 
     def _to_disk(self) -> None:
         self.file = self.path.open("w+b")
@@ -214,25 +214,27 @@ class _Spill:
     def __len__(self) -> int:
         return len(self.ends)
 
-    def _view(self) -> mmap.mmap | bytes:
-        if self.view is None:
-            if self.chunks is not None:  # in memory: one bytes object
+    def _read(self, start: int, stop: int) -> bytes | memoryview:
+        """Bytes start..stop-1: a slice of the joined chunks, or read from the file (not
+        mapped: pages read back do not count in the process's memory)."""
+        if self.chunks is not None:
+            if self.view is None:
                 self.view = b"".join(self.chunks)
                 self.chunks = []
-            else:
-                self.file.flush()
-                self.view = mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_READ) if self.size else b""
-        return self.view
+            return memoryview(self.view)[start:stop]
+        if self.view is None:
+            self.file.flush()
+            self.view = b""  # flushed
+        return os.pread(self.file.fileno(), stop - start, start)
 
     def get(self, i: int) -> bytes:
-        return self._view()[self.ends[i - 1] if i else 0:self.ends[i]]
+        return bytes(self._read(self.ends[i - 1] if i else 0, self.ends[i]))
 
     def digest_run(self, digest: Any, first: int, last: int) -> None:
-        """Feed the records first..last (inclusive) to `digest` in one call."""
-        view = self._view()
-        if isinstance(view, bytes):
-            view = memoryview(view)  # no copy
-        digest.update(view[self.ends[first - 1] if first else 0:self.ends[last]])
+        """Feed the records first..last (inclusive) to `digest`, 16 MiB at a time."""
+        start, stop = self.ends[first - 1] if first else 0, self.ends[last]
+        for at in range(start, stop, 16 << 20):
+            digest.update(self._read(at, min(stop, at + (16 << 20))))
 
     def get_text(self, i: int) -> str:
         return self.get(i).decode("utf-8", "surrogatepass")
@@ -241,8 +243,6 @@ class _Spill:
         return [_decode(self.get(i)) for i in positions]
 
     def close(self) -> None:
-        if isinstance(self.view, mmap.mmap):
-            self.view.close()
         if self.file is not None:
             self.file.close()
         self.view = None
