@@ -6,13 +6,16 @@ The records stream through in batches and never all sit in memory at once:
    (a 128-bit key per record in a set), index each batch for near-duplicates (MinHash
    digests, 512 bytes a record), and append the survivors to a spill file on disk;
 2. verify the near-duplicate candidates, reading only their texts back;
-3. stream the spill again: apply the length policy, append what is kept to a second
-   spill file (canonical JSON: sorted keys), with its token count and category;
+3. apply the length policy: lengths are measured in the first step; only the records that
+   do not fit (or have nothing to learn from) are read back, cut or dropped, and written to
+   a second spill;
 4. split by position, hash the kept records' bytes, and read the records back only when the
    caller wants them (`prepare_dataset`; `validate-data` wants only the report).
 
-The spill files live in `work_dir` (the trainer passes a folder on the job's claim), or in
-a temporary folder, and are removed at the end.
+The spills stay in memory up to SPILL_MEMORY_BYTES (all of them together); past that they
+are files in `work_dir` (the trainer passes a folder on the job's claim), or in a temporary
+folder, removed at the end. A record that fits the length policy is never copied: the kept
+records are references into the first spill.
 """
 
 from __future__ import annotations
