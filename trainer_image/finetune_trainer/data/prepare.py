@@ -4,7 +4,7 @@ The records stream through in batches and never all sit in memory at once:
 
 1. read and convert each record (errors keep their line numbers), drop exact duplicates
    (a 128-bit key per record in a set), index each batch for near-duplicates (MinHash
-   digests, 512 bytes a record), and append the survivors to a spill file on disk;
+   digests, 512 bytes a record), and append the survivors to a spill;
 2. verify the near-duplicate candidates, reading only their texts back;
 3. apply the length policy: lengths are measured in the first step; only the records that
    do not fit (or have nothing to learn from) are read back, cut or dropped, and written to
