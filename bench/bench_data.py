@@ -6,7 +6,8 @@ against rensa's MinHash LSH alone on the same records in the same run.
 Generates instruction-format JSONL (about 45 words a record, 5% exact and 5% near-duplicates
 planted). For each size, three child processes run one after the other, each timed inside
 itself (imports and reading the texts for the anchors are outside the timing) and each
-measured for peak RSS by the parent (`os.wait4`):
+measured for peak RSS by the parent (`os.wait4`); `--rounds` rounds of the three (3 up to
+200,000 records, `--rounds-large` above), the medians reported with each round's ratios:
 
 - validate-data end to end (read, validate, dedup, length, split, report);
 - the anchor: rensa's MinHash LSH alone, used record by record as its README shows
@@ -121,35 +122,63 @@ def measure(kind: str, path: Path) -> dict:
     return result
 
 
-def run_one(n: int, workdir: Path) -> dict:
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def run_one(n: int, workdir: Path, rounds: int = 1) -> dict:
+    """`rounds` rounds of the three children, one after the other in each round (so each
+    pair of validate-data and anchor ran at the same time of a shared machine); the figures
+    are the medians over the rounds, the per-round ratios are kept."""
     path = workdir / f"data-{n}.jsonl"
     generate(path, n)
+    os.sync()  # the file on disk before any timing: no write-back of it inside a measurement
     load_before = os.getloadavg()[0]
-    validate = measure("validate", path)
-    anchor = measure("anchor", path)
-    bulk = measure("bulk", path)
+    runs: dict[str, list[dict]] = {"validate": [], "anchor": [], "bulk": []}
+    for _ in range(rounds):
+        for kind in runs:
+            runs[kind].append(measure(kind, path))
     path.unlink()
+    validate, anchor, bulk = ({key: _median([r[key] for r in runs[kind]]) for key in ("seconds", "cpuSeconds")}
+                              for kind in ("validate", "anchor", "bulk"))
+    last = runs["validate"][-1]
+    if any(r[k] != last[k] for r in runs["validate"] for k in ("duplicatesRemoved", "nearDuplicatesRemoved",
+                                                               "trainExamples", "evalExamples")):
+        raise SystemExit("validate-data gave different reports in different rounds")
     seconds = validate["seconds"]
     return {
         "records": n,
+        "rounds": rounds,
         "seconds": round(seconds, 3),
         "cpuSeconds": round(validate["cpuSeconds"], 3),
         "recordsPerSecond": round(n / seconds),
-        "peakRssMiB": validate["peakRssMiB"],
+        "recordsPerCpuSecond": round(n / validate["cpuSeconds"]),
+        "peakRssMiB": max(r["peakRssMiB"] for r in runs["validate"]),
         "anchorSeconds": round(anchor["seconds"], 3),
         "anchorCpuSeconds": round(anchor["cpuSeconds"], 3),
         "anchorRecordsPerSecond": round(n / anchor["seconds"]),
-        "anchorPeakRssMiB": anchor["peakRssMiB"],
+        "anchorPeakRssMiB": max(r["peakRssMiB"] for r in runs["anchor"]),
         "ratioToAnchor": round(seconds / anchor["seconds"], 2),
         "cpuRatioToAnchor": round(validate["cpuSeconds"] / anchor["cpuSeconds"], 2),
+        "roundRatios": [round(v["seconds"] / a["seconds"], 2)
+                        for v, a in zip(runs["validate"], runs["anchor"])],
+        "roundCpuRatios": [round(v["cpuSeconds"] / a["cpuSeconds"], 2)
+                           for v, a in zip(runs["validate"], runs["anchor"])],
+        # Each round's pair ran back to back: the median of their ratios cancels load drift.
+        "medianRoundRatio": round(_median([v["seconds"] / a["seconds"]
+                                           for v, a in zip(runs["validate"], runs["anchor"])]), 2),
+        "medianRoundCpuRatio": round(_median([v["cpuSeconds"] / a["cpuSeconds"]
+                                              for v, a in zip(runs["validate"], runs["anchor"])]), 2),
         "rensaBulkSeconds": round(bulk["seconds"], 3),
         "rensaBulkCpuSeconds": round(bulk["cpuSeconds"], 3),
         "ratioToRensaBulk": round(seconds / bulk["seconds"], 2),
-        "exitCode": validate["exitCode"],
-        "duplicatesRemoved": validate["duplicatesRemoved"],
-        "nearDuplicatesRemoved": validate["nearDuplicatesRemoved"],
-        "trainExamples": validate["trainExamples"],
-        "evalExamples": validate["evalExamples"],
+        "exitCode": last["exitCode"],
+        "duplicatesRemoved": last["duplicatesRemoved"],
+        "nearDuplicatesRemoved": last["nearDuplicatesRemoved"],
+        "trainExamples": last["trainExamples"],
+        "evalExamples": last["evalExamples"],
         "loadAverage1mBefore": round(load_before, 2),
         "loadAverage1mAfter": round(os.getloadavg()[0], 2),
     }
@@ -159,6 +188,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 200_000, 1_000_000])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "data.json"))
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of the three children per size up to 200,000 records (medians)")
+    parser.add_argument("--rounds-large", type=int, default=1,
+                        help="rounds per size over 200,000 records")
     parser.add_argument("--note", action="append", default=[],
                         help="a sentence for docs/benchmarks.md (what else ran, what was missed)")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
@@ -169,14 +202,18 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.sizes:
-            result = run_one(n, Path(tmp))
+            result = run_one(n, Path(tmp), args.rounds if n <= 200_000 else args.rounds_large)
             if results:
                 previous = results[-1]
                 result["timeGrowth"] = round(result["seconds"] / previous["seconds"], 2)
+                result["cpuTimeGrowth"] = round(result["cpuSeconds"] / previous["cpuSeconds"], 2)
+                result["anchorCpuTimeGrowth"] = round(result["anchorCpuSeconds"] / previous["anchorCpuSeconds"], 2)
                 result["recordsGrowth"] = round(n / previous["records"], 2)
             print(f"{n:>9} records  {result['seconds']:8.2f} s ({result['cpuSeconds']:.2f} s CPU) "
                   f"{result['recordsPerSecond']:>8} records/s  {result['peakRssMiB']:>7} MiB  "
-                  f"anchor {result['anchorSeconds']:.2f} s  ratio {result['ratioToAnchor']}",
+                  f"anchor {result['anchorSeconds']:.2f} s ({result['anchorCpuSeconds']:.2f} s CPU)  "
+                  f"ratio {result['ratioToAnchor']} (CPU {result['cpuRatioToAnchor']}; rounds "
+                  f"{result['roundRatios']} / {result['roundCpuRatios']})",
                   file=sys.stderr)
             results.append(result)
     out = Path(args.out)

@@ -134,16 +134,27 @@ def data_section(data: dict) -> list[str]:
            "is its own child process, timed inside itself; peak RSS is the child's (`os.wait4`). The "
            "anchor is rensa's MinHash LSH alone on the same records, record by record as its README "
            "shows (RMinHash(128) over the words, insert, query); \"rensa bulk\" is its batch API alone. "
-           "CPU seconds are given too: on a shared machine they move less than wall time.", "",
-           "| records | seconds (CPU s) | records/s | peak RSS MiB | anchor s (CPU s) | ratio to anchor (CPU) "
-           "| rensa bulk s | time growth vs previous size | exact / near duplicates removed | load 1m before/after |",
-           "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           "CPU seconds are given too: on a shared machine they move less than wall time. With "
+           "several rounds (the three children one after the other, round after round) the figures "
+           "are medians and each round's ratio is listed.", "",
+           "| records | rounds | seconds (CPU s) | records/s | peak RSS MiB | anchor s (CPU s) | ratio to anchor (CPU) "
+           "| each round: ratio (CPU) | median of the rounds' ratios (CPU) | rensa bulk s "
+           "| time growth vs previous size (CPU; anchor CPU) "
+           "| exact / near duplicates removed | load 1m before/after |",
+           "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         growth = (f"{r['timeGrowth']:.1f}x for {r['recordsGrowth']:.0f}x records"
                   if "timeGrowth" in r else "-")
-        out.append(f"| {r['records']:,} | {r['seconds']:.1f} ({r['cpuSeconds']:.1f}) | {r['recordsPerSecond']:,} "
+        if "cpuTimeGrowth" in r:
+            growth += f" ({r['cpuTimeGrowth']:.1f}x; {r['anchorCpuTimeGrowth']:.1f}x)"
+        rounds = ", ".join(f"{w:.2f} ({c:.2f})" for w, c in zip(r.get("roundRatios", []),
+                                                                 r.get("roundCpuRatios", []))) or "-"
+        out.append(f"| {r['records']:,} | {r.get('rounds', 1)} | {r['seconds']:.1f} ({r['cpuSeconds']:.1f}) "
+                   f"| {r['recordsPerSecond']:,} "
                    f"| {r['peakRssMiB']:,.0f} | {r['anchorSeconds']:.1f} ({r['anchorCpuSeconds']:.1f}) "
-                   f"| {r['ratioToAnchor']:.2f} ({r['cpuRatioToAnchor']:.2f}) | {r['rensaBulkSeconds']:.1f} | {growth} "
+                   f"| {r['ratioToAnchor']:.2f} ({r['cpuRatioToAnchor']:.2f}) | {rounds} "
+                   f"| {fmt(r.get('medianRoundRatio'))} ({fmt(r.get('medianRoundCpuRatio'))}) "
+                   f"| {r['rensaBulkSeconds']:.1f} | {growth} "
                    f"| {r['duplicatesRemoved']:,} / {r['nearDuplicatesRemoved']:,} "
                    f"| {r['loadAverage1mBefore']} / {r['loadAverage1mAfter']} |")
     for note in data.get("notes", []):

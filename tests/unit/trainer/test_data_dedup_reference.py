@@ -12,8 +12,10 @@ import json
 import random
 from pathlib import Path
 
+import pytest
+
 from finetune_trainer.config import DatasetConfig, DedupConfig
-from finetune_trainer.data import prepare, prepare_dataset
+from finetune_trainer.data import dedup, prepare, prepare_dataset
 from finetune_trainer.data.dedup import exact_keys, near_duplicates, normalise
 
 VOCAB = [f"w{i}" for i in range(3000)] + ["Straße", "naïve", "東京", "café"]
@@ -68,7 +70,14 @@ def planted_dataset(rng: random.Random) -> list[str]:
     return out
 
 
-def test_streaming_dedup_removes_exactly_what_the_reference_removes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kept_digests", [None, 0, 3 * 37 * 512],
+                         ids=["all-digests-kept", "all-hashed-again", "three-batches-kept"])
+def test_streaming_dedup_removes_exactly_what_the_reference_removes(tmp_path, monkeypatch,
+                                                                   kept_digests):
+    """The second pass finds the same partners from digest matrices kept in memory and from
+    shingles read back from disk and hashed again (what is past KEEP_DIGEST_BYTES)."""
+    if kept_digests is not None:
+        monkeypatch.setattr(dedup, "KEEP_DIGEST_BYTES", kept_digests)
     texts = planted_dataset(random.Random(11))
     exact, near = reference_dedup(texts, THRESHOLD)
     assert len(exact) > 10 and len(near) > 10, "the data plants both kinds"
@@ -88,7 +97,12 @@ def test_streaming_dedup_removes_exactly_what_the_reference_removes(tmp_path, mo
     assert [p.name for p in tmp_path.iterdir()] == ["d.jsonl"], "the spill files are removed"
 
 
-def test_near_duplicates_agree_with_the_reference_without_exact_dedup():
+@pytest.mark.parametrize("pairs_listed", [True, False], ids=["pairs", "buckets"])
+def test_near_duplicates_agree_with_the_reference_without_exact_dedup(monkeypatch, pairs_listed):
+    """Candidates are verified from the listed pairs that share a band, or (huge buckets)
+    bucket by bucket; both agree with the reference."""
+    if not pairs_listed:
+        monkeypatch.setattr(dedup, "_MAX_PAIRS_PER_CANDIDATE", 0)
     texts = planted_dataset(random.Random(5))
     flags = near_duplicates(texts, THRESHOLD)
 

@@ -69,6 +69,7 @@ def test_a_folder_of_shards_is_read_in_name_order_and_errors_name_the_shard(tmp_
 
     assert [r["n"] for _, r, e in items if e is None] == [1, 2]
     assert [w for w, _, e in items if e is not None] == ["b.jsonl line 2"]
+    assert [e.split(":")[0] for _, _, e in items if e is not None] == ["b.jsonl line 2"]
 
 
 def test_a_folder_without_data_files_is_refused_by_name(tmp_path):

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 NUM_PERM = 128
 MINHASH_SEED = 42
+# Digest matrices kept in memory between the two passes (the rest is hashed again).
+KEEP_DIGEST_BYTES = 100 << 20
 # Odd 64-bit multipliers that combine three word hashes into one shingle hash.
 _MIX1 = np.uint64(0x9E3779B97F4A7C15)
 _MIX2 = np.uint64(0xC2B2AE3D27D4EB4F)
@@ -66,6 +69,10 @@ def _finalise(h: np.ndarray) -> np.ndarray:
     return h
 
 
+# The ASCII bytes str.split() splits on map to 0, all others to 1.
+_INSIDE_WORD = bytes(0 if b in (9, 10, 11, 12, 13, 28, 29, 30, 31, 32) else 1 for b in range(256))
+
+
 def normalise(text: str) -> str:
     return " ".join(text.casefold().split())
 
@@ -86,11 +93,13 @@ def word_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         lengths = np.fromiter(map(len, normal), dtype=np.int64, count=n)
     starts = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths + 1, out=starts[1:])
-    raw = np.frombuffer(data, dtype=np.uint8)
-    space = (raw == 32) | ((raw >= 9) & (raw <= 13)) | ((raw >= 28) & (raw <= 31))
-    edges = np.diff((~space).view(np.int8), prepend=np.int8(0), append=np.int8(0))
-    first = np.flatnonzero(edges == 1)
-    hashes = _hash_spans(raw, first, np.flatnonzero(edges == -1) - first)
+    # True inside a word, False on a space (bytes.translate: one quick pass in C), with a
+    # space before and after.
+    inside = np.frombuffer(b"\0" + data.translate(_INSIDE_WORD) + b"\0", dtype=bool)
+    # Word edges alternate: a start, then its end.
+    edges = np.flatnonzero(inside[1:] != inside[:-1])
+    first = edges[0::2]
+    hashes = _hash_spans(data, first, edges[1::2] - first)
     # Text i's words are those starting in [starts[i], starts[i+1]).
     offsets = np.searchsorted(first, starts).astype(np.int64)
     return hashes, offsets
@@ -107,23 +116,19 @@ def select_rows(flat: np.ndarray, offsets: np.ndarray, rows: Sequence[int]) -> t
     return flat[np.repeat(keep, counts)], chosen
 
 
-def _hash_spans(raw: np.ndarray, first: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """A 64-bit hash of each byte span raw[first:first+length], eight bytes at a time."""
-    size = len(raw)
-    padded = np.zeros(size + 16, dtype=np.uint8)
-    padded[:size] = raw
-    words = (size + 8) // 8
-    # The eight bytes at position p are lanes[p % 8, p // 8] (little-endian).
-    lanes = np.stack([padded[shift:shift + 8 * words].view("<u8") for shift in range(8)])
+def _hash_spans(data: bytes, first: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each byte span data[first:first+length], eight bytes at a time."""
+    # The eight bytes at position p, read as one little-endian word (unaligned, stride 1).
+    at_byte = np.ndarray((len(data),), dtype="<u8", buffer=data + bytes(8), strides=(1,))
     low = np.minimum(lengths, 8)
-    chunk = lanes[first & 7, first >> 3]
+    chunk = at_byte[first]
     chunk &= _LOW_BYTES[low]
     hashes = _finalise((lengths.astype(np.uint64) * _MIX2 ^ chunk) * _MIX1)
     longer = np.flatnonzero(lengths > 8)  # words past their first eight bytes
     skip = 8
     while len(longer):
         at, left = first[longer] + skip, lengths[longer] - skip
-        chunk = lanes[at & 7, at >> 3]
+        chunk = at_byte[at]
         chunk &= _LOW_BYTES[np.minimum(left, 8)]
         hashes[longer] = _finalise((hashes[longer] ^ chunk) * _MIX1)
         longer, skip = longer[left > 8], skip + 8
@@ -222,12 +227,17 @@ class NearDuplicateIndex:
     position (the caller keeps them on disk).
     """
 
-    def __init__(self, threshold: float, work_dir: str | None = None) -> None:
+    def __init__(self, threshold: float, work_dir: str | None = None,
+                  keep_bytes: int | None = None) -> None:
         import rensa
 
-        # Each batch's shingle hashes wait on disk for the second pass (8 bytes a shingle).
+        # The first batches' digest matrices stay in memory for the second pass, up to
+        # keep_bytes (NUM_PERM * 4 bytes a record); later batches' shingle hashes wait on
+        # disk instead (8 bytes a shingle) and are hashed again.
         self.shingle_file = tempfile.TemporaryFile(dir=work_dir)
-        self.batches: list[tuple[int, int, np.ndarray]] = []  # (first position, shingles, offsets)
+        self.keep_bytes = KEEP_DIGEST_BYTES if keep_bytes is None else keep_bytes
+        # (first position, its digest matrix, or its shingle count and offsets on disk)
+        self.batches: list[tuple[int, Any, int, np.ndarray | None]] = []
         self.threshold = threshold
         self.rows = lsh_rows_per_band(threshold)
         self.bands = NUM_PERM // self.rows
@@ -242,12 +252,17 @@ class NearDuplicateIndex:
     def add_words(self, flat: np.ndarray, offsets: np.ndarray) -> None:
         """Like add(), from word_hashes() the caller already has."""
         shingles, shingle_offsets = _shingles(flat, offsets)
-        flags = self.lsh.insert_matrix_and_query_duplicate_flags(
-            _digest_matrix(shingles, shingle_offsets), self.size)
+        matrix = _digest_matrix(shingles, shingle_offsets)
+        flags = self.lsh.insert_matrix_and_query_duplicate_flags(matrix, self.size)
         self.later.extend(np.flatnonzero(np.asarray(flags, dtype=bool)) + self.size)
-        self.shingle_file.write(shingles.tobytes())
-        self.batches.append((self.size, len(shingles), shingle_offsets))
-        self.size += len(offsets) - 1
+        rows = len(offsets) - 1
+        if self.keep_bytes >= rows * NUM_PERM * 4:
+            self.keep_bytes -= rows * NUM_PERM * 4
+            self.batches.append((self.size, matrix, 0, None))
+        else:
+            self.shingle_file.write(shingles.tobytes())
+            self.batches.append((self.size, None, len(shingles), shingle_offsets))
+        self.size += rows
 
     def duplicates(self, read: Callable[[list[int]], Sequence[str]],
                    batch: int = 4096) -> list[int]:
@@ -264,11 +279,13 @@ class NearDuplicateIndex:
             flagged.insert_matrix(_digests(*word_hashes(read(chunk))), start)
         candidates: list[int] = []
         self.shingle_file.seek(0)
-        for start, count, offsets in self.batches:
-            shingles = np.frombuffer(self.shingle_file.read(8 * count), dtype=np.uint64)
+        for start, matrix, count, offsets in self.batches:
+            if matrix is None:
+                shingles = np.frombuffer(self.shingle_file.read(8 * count), dtype=np.uint64)
+                matrix = _digest_matrix(shingles, offsets)
             # one_shot: a band shared with any indexed key counts (query_duplicate_flags_matrix
             # wants two keys in the bucket, as if the queried rows were indexed themselves).
-            flags = flagged.query_duplicate_flags_matrix_one_shot(_digest_matrix(shingles, offsets))
+            flags = flagged.query_duplicate_flags_matrix_one_shot(matrix)
             candidates.extend((np.flatnonzero(np.asarray(flags, dtype=bool)) + start).tolist())
         del flagged
         self.close()
@@ -340,12 +357,105 @@ def _verify(read: Callable[[list[int]], Sequence[str]], candidates: list[int], t
     shingles = np.concatenate(shingle_parts) if shingle_parts else np.zeros(0, dtype=np.uint64)
     starts = np.zeros(len(candidates) + 1, dtype=np.int64)
     np.cumsum(sizes, out=starts[1:])
-    band_keys = np.concatenate(band_parts).tolist() if band_parts else []
+    band_keys = np.concatenate(band_parts) if band_parts else np.zeros((0, bands), dtype=np.uint64)
+    pairs = _sharing_pairs(band_keys)
+    if pairs is None:
+        return _greedy_by_buckets(candidates, band_keys.tolist(), shingles, starts, threshold)
+    # A candidate is a near-duplicate when an earlier candidate that is kept shares a band
+    # with it and is similar enough; which one is found first does not matter.
+    similar = _similar_pairs(shingles, starts, pairs, threshold)
+    duplicate = bytearray(len(candidates))
+    for (earlier, later), alike in zip(pairs.tolist(), similar):
+        if alike and not duplicate[later] and not duplicate[earlier]:
+            duplicate[later] = 1
+    return [c for c, d in zip(candidates, duplicate) if d]
+
+
+# Pairs are compared in bulk up to this many shingles together (8 bytes each, a few copies).
+_BULK_SHINGLES = 1 << 22
+
+
+def _similar_pairs(shingles: np.ndarray, starts: np.ndarray, pairs: np.ndarray,
+                   threshold: float) -> list[bool]:
+    """Whether the exact Jaccard similarity of each pair's shingle sets reaches `threshold`.
+
+    Each candidate's shingles are sorted and unique, so (candidate, rank of the shingle
+    among all of them) is one sorted key: a shingle of the later one of a pair is shared
+    when (earlier, its rank) is a key."""
+    sizes = np.diff(starts)
+    values, rank = np.unique(shingles, return_inverse=True)
+    span = np.int64(max(1, len(values)))
+    key = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes) * span + rank
+    out: list[bool] = []
+    step = max(1, _BULK_SHINGLES // max(1, int(sizes.max(initial=1))))
+    for at in range(0, len(pairs), step):
+        earlier, later = pairs[at:at + step, 0], pairs[at:at + step, 1]
+        lengths = sizes[later]
+        pair = np.repeat(np.arange(len(later), dtype=np.int64), lengths)
+        # Positions of the later ones' shingles in `shingles`.
+        position = np.repeat(starts[later] - np.cumsum(lengths) + lengths, lengths) + \
+            np.arange(int(lengths.sum()), dtype=np.int64)
+        wanted = earlier[pair] * span + rank[position]
+        found = np.minimum(np.searchsorted(key, wanted), len(key) - 1)
+        common = np.bincount(pair[key[found] == wanted], minlength=len(later))
+        union = sizes[earlier] + lengths - common
+        out.extend(((common > 0) & (common / np.maximum(union, 1) >= threshold)).tolist())
+    return out
+
+
+# More pairs than this many per candidate (huge buckets): compare by buckets instead.
+_MAX_PAIRS_PER_CANDIDATE = 64
+
+
+def _sharing_pairs(band_keys: np.ndarray) -> np.ndarray | None:
+    """The (earlier, later) candidate pairs that share at least one band key, sorted by later
+    then earlier, one row each; None when there are too many to list."""
+    m, bands = band_keys.shape
+    if m < 2:
+        return np.zeros((0, 2), dtype=np.int64)
+    keys = band_keys.reshape(-1)
+    owner = np.repeat(np.arange(m, dtype=np.int64), bands)
+    order = np.lexsort((owner, keys))
+    keys, owner = keys[order], owner[order]
+    same = keys[1:] == keys[:-1]
+    # Runs of equal keys: every two members of a run make a pair.
+    run_start = np.flatnonzero(np.r_[True, ~same])
+    run_size = np.diff(np.r_[run_start, len(keys)])
+    shared = run_size > 1
+    run_start, run_size = run_start[shared], run_size[shared]
+    if int((run_size * (run_size - 1) // 2).sum()) > _MAX_PAIRS_PER_CANDIDATE * m:
+        return None
+    firsts, seconds = [], []
+    for size in np.unique(run_size).tolist():
+        starts = run_start[run_size == size]
+        a, b = np.triu_indices(size, 1)
+        firsts.append(owner[starts[:, None] + a].reshape(-1))
+        seconds.append(owner[starts[:, None] + b].reshape(-1))
+    if not firsts:
+        return np.zeros((0, 2), dtype=np.int64)
+    earlier, later = np.concatenate(firsts), np.concatenate(seconds)
+    # Within a run owners ascend, so earlier < later (a candidate repeats no key? it may:
+    # two of its bands can hash alike; drop such self-pairs).
+    keep = earlier != later
+    code = np.unique(later[keep] * m + earlier[keep])
+    return np.stack([code % m, code // m], axis=1)
+
+
+def _similar(shingles: np.ndarray, starts: np.ndarray, i: int, k: int, threshold: float) -> bool:
+    mine = shingles[starts[k]:starts[k + 1]]
+    theirs = shingles[starts[i]:starts[i + 1]]
+    common = len(np.intersect1d(mine, theirs, assume_unique=True))
+    return bool(common) and common / (len(mine) + len(theirs) - common) >= threshold
+
+
+def _greedy_by_buckets(candidates: list[int], band_keys: list[list[int]], shingles: np.ndarray,
+                       starts: np.ndarray, threshold: float) -> list[int]:
+    """Each candidate against the kept earlier candidates in its buckets, one bucket at a
+    time (for huge buckets, where listing every sharing pair would not fit)."""
     buckets: dict[int, list[int]] = {}
     found: list[int] = []
     for k in range(len(candidates)):
         keys = band_keys[k]
-        mine = shingles[starts[k]:starts[k + 1]]
         seen: set[int] = set()
         duplicate = False
         for key in keys:
@@ -353,9 +463,7 @@ def _verify(read: Callable[[list[int]], Sequence[str]], candidates: list[int], t
                 if other in seen:
                     continue
                 seen.add(other)
-                theirs = shingles[starts[other]:starts[other + 1]]
-                common = len(np.intersect1d(mine, theirs, assume_unique=True))
-                if common and common / (len(mine) + len(theirs) - common) >= threshold:
+                if _similar(shingles, starts, other, k, threshold):
                     duplicate = True
                     break
             if duplicate:

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
+
 from .formats import Example
 
 APPROX_TOKENS_PER_WORD = 4 / 3
@@ -53,6 +55,11 @@ class WhitespaceCounter:
     def count(self, texts: Sequence[str]) -> list[int]:
         tokens = self._tokens
         return [tokens(len(t.split())) for t in texts]
+
+    def count_array(self, texts: Sequence[str]) -> np.ndarray:
+        """count(), as an array, the words counted in bulk (word_counts)."""
+        words = word_counts(texts)
+        return (words * APPROX_TOKENS_PER_WORD + 0.5).astype(np.int64)
 
     def cut(self, text: str, tokens: int) -> str:
         words = int(tokens / APPROX_TOKENS_PER_WORD)
@@ -146,6 +153,25 @@ class TransformersCounter:
             return text if len(offsets) <= tokens else text[offsets[-tokens][0]:]
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return text if len(ids) <= tokens else self.tokenizer.decode(ids[-tokens:])
+
+
+# The ASCII bytes str.split() splits on map to 0, all others to 1.
+_INSIDE_WORD = bytes(0 if b in (9, 10, 11, 12, 13, 28, 29, 30, 31, 32) else 1 for b in range(256))
+
+
+def word_counts(texts: Sequence[str]) -> np.ndarray:
+    """len(text.split()) of each text: ASCII texts together (a word starts where a space
+    is followed by a non-space), the others one by one."""
+    n = len(texts)
+    joined = "\n".join(texts)
+    if not joined.isascii():
+        return np.fromiter(map(len, map(str.split, texts)), dtype=np.int64, count=n)
+    data = joined.encode("ascii")
+    inside = np.frombuffer(b"\0" + data.translate(_INSIDE_WORD), dtype=bool)
+    word_starts = np.flatnonzero(inside[1:] & ~inside[:-1])
+    starts = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=n) + 1, out=starts[1:])
+    return np.diff(np.searchsorted(word_starts, starts))
 
 
 def make_counter(tokenizer: Any = None) -> TokenCounter:
@@ -416,6 +442,55 @@ def apply_length_policy(examples: list[Example], counter: TokenCounter, max_len:
         example.tokens = total
         result.kept.append(example)
     return result
+
+
+def measure_block(records: list[dict], counter: TokenCounter, *, renderer: Any = None,
+                  rendered_tokens: Sequence[int | None] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray] | None:
+    """The (total, trainable) tokens apply_length_policy finds for each record before it
+    truncates anything, in bulk; None for preference pairs (their DPO limits need the
+    whole pair). A record measured by its chat template counts as trainable (1)."""
+    n = len(records)
+    if n and any("chosen" in r for r in records):
+        return None
+    count = getattr(counter, "count_array", None) or (
+        lambda texts: np.asarray(counter.count(texts), dtype=np.int64).reshape(-1))
+    total = np.zeros(n, dtype=np.int64)
+    trainable = np.zeros(n, dtype=np.int64)
+    templated = [renderer is not None and "messages" in r for r in records]
+    if any(templated):
+        for i in [i for i, t in enumerate(templated) if t]:
+            tokens = rendered_tokens[i] if rendered_tokens is not None else None
+            total[i] = renderer.count(records[i]) if tokens is None else tokens
+            trainable[i] = 1
+        plain = [i for i, t in enumerate(templated) if not t]
+    else:
+        plain = None
+    chosen = records if plain is None else [records[i] for i in plain]
+    if not chosen:
+        return total, trainable
+    if all("completion" in r and "messages" not in r for r in chosen):
+        prompt = count([r["prompt"] for r in chosen])
+        answer = count([r["completion"] for r in chosen])
+        sums, learned = prompt + answer, answer
+    elif all("messages" not in r and "completion" not in r for r in chosen):
+        sums = learned = count([r["text"] for r in chosen])
+    else:
+        parts = [_segments(r) for r in chosen]
+        sizes = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
+        counts = count([text for p in parts for text, _ in p])
+        learns = np.fromiter((t for p in parts for _, t in p), dtype=bool, count=len(counts))
+        owner = np.repeat(np.arange(len(parts)), sizes)
+        sums = np.bincount(owner, weights=counts, minlength=len(parts)).astype(np.int64)
+        learned = np.bincount(owner[learns], weights=counts[learns],
+                              minlength=len(parts)).astype(np.int64)
+        chat = np.fromiter(("messages" in r for r in chosen), dtype=bool, count=len(chosen))
+        sums += np.where(chat, CHAT_MESSAGE_OVERHEAD * sizes, 0)
+    if plain is None:
+        return sums, learned
+    total[plain] = sums
+    trainable[plain] = learned
+    return total, trainable
 
 
 def percentiles(lengths: Sequence[int]) -> dict[str, int]:
