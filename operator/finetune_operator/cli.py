@@ -105,12 +105,33 @@ class _StandbyHealth:
             self.server.server_close()
 
 
+# glibc's malloc gives each thread that allocates its own arena, up to 8 per CPU: with the
+# handler, refresh and child-creating threads (dozens), freed memory stays spread over many
+# arenas and the resident size grows with the thread count, not with the jobs. Two arenas
+# (what MALLOC_ARENA_MAX=2 does, set here before any thread starts).
+M_ARENA_MAX = -8
+MALLOC_ARENAS = 2
+
+
+def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
+    """True when glibc took the limit (False elsewhere: musl, macOS)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_ARENA_MAX, arenas))
+    except (OSError, AttributeError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["api"]:
         from finetune_openai.cli import main as api_main
 
         return api_main(argv[1:])
+    limit_malloc_arenas()
     args = build_parser().parse_args(argv)
     settings.current = settings.OperatorConfig(
         namespaces=args.namespaces, metrics_port=args.metrics_port, liveness_port=args.liveness_port,

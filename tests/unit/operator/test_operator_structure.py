@@ -305,3 +305,19 @@ def test_the_diff_base_is_the_spec_labels_and_foreign_annotations_only():
     assert body["spec"]["model"]["source"] == "m"
     changed = dict(body, status={"phase": "Succeeded"}, metadata=dict(body["metadata"], resourceVersion="8"))
     assert settings.diffbase.build(body=changed) == settings.diffbase.build(body=body)
+
+
+def test_the_operator_limits_glibcs_malloc_arenas_before_its_threads_start():
+    """Dozens of handler threads each got a malloc arena of their own: freed memory stayed
+    spread over them (peak RSS 310 MiB at N=1000 against a 300 MiB goal)."""
+    import ast as _ast
+    import platform
+
+    from finetune_operator import cli
+
+    if platform.libc_ver()[0] == "glibc":
+        assert cli.limit_malloc_arenas()
+    tree = _ast.parse((PACKAGE / "cli.py").read_text())
+    main = next(n for n in tree.body if isinstance(n, _ast.FunctionDef) and n.name == "main")
+    calls = [_ast.unparse(n.func) for n in _ast.walk(main) if isinstance(n, _ast.Call)]
+    assert calls.index("limit_malloc_arenas") < calls.index("asyncio.run")
