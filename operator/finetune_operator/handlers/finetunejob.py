@@ -181,10 +181,14 @@ def _ensure_trainer_job(job: FineTuneJob, body: dict, pending: dict, notes: list
         cache.remember(current)  # refreshes see it before the watch brings it
         admitted = "admitted (the spec's references exist); " if pending.get("conditions") else ""
         notes.append(("TrainerJobCreated", f"{admitted}created trainer Job {manifest['metadata']['name']}"))
+        if not queued and not job.spec.suspend and not job.status.start_time:
+            # A Job no queue holds starts as it is created (the Job controller sets its own
+            # startTime a moment later): written in the same patch as the Job's name, not in
+            # one more of its own. A queued Job's comes from the Job, once Kueue admits it.
+            created = (current.get("metadata") or {}).get("creationTimestamp")
+            pending["startTime"] = created or _now().strftime("%Y-%m-%dT%H:%M:%SZ")
     image = job.status.trainer_image or current["spec"]["template"]["spec"]["containers"][0]["image"]
     if job.status.trainer_job != current["metadata"]["name"] or job.status.trainer_image != image:
-        # startTime comes later, from the Job's own (refresh_status): a Job that Kueue holds
-        # suspended has not started.
         pending.update({"trainerJob": current["metadata"]["name"], "trainerImage": image})
     wants = job.spec.suspend
     if queued:

@@ -312,3 +312,22 @@ def test_gpu_seconds_per_pod_are_kept_in_the_status_patch_and_a_deleted_pod_keep
     written = api["status"][-1][0]
     assert written["gpuSecondsByPod"] == {"pod-gone": 1800.0, "pod-uid": 3600.0}
     assert written["gpuHours"] == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("queue", [None, "gpu-queue"])
+def test_a_trainer_job_no_queue_holds_is_started_in_the_patch_that_names_it(caches, monkeypatch, queue):
+    """startTime was a status patch of its own, a moment after the one naming the Job (one
+    request per job); a Job Kueue still queues has not started, so it gets none."""
+    obj = ftj(3, phase=None, conditions=[], trainerJob=None)
+    obj["spec"]["resources"] = {"queueName": queue} if queue else {}
+    obj["status"] = {}
+    job = finetunejob.FineTuneJob.from_resource(obj)
+    created = dict(TRAINER, metadata=dict(TRAINER["metadata"], creationTimestamp="2025-01-01T10:00:05Z"))
+    monkeypatch.setattr(kube, "create", lambda *a, **k: copy.deepcopy(created))
+    monkeypatch.setattr(kube, "batch", lambda: type("Batch", (), {"create_namespaced_job": None,
+                                                                  "read_namespaced_job": None})())
+    monkeypatch.setattr(finetunejob, "_suspend_queued", lambda *a, **k: None)
+    pending, notes = {}, []
+    finetunejob._ensure_trainer_job(job, obj, pending, notes)
+    assert pending["trainerJob"] == f"{NAME}-trainer" and notes[0][0] == "TrainerJobCreated"
+    assert pending.get("startTime") == (None if queue else "2025-01-01T10:00:05Z")
