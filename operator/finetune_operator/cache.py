@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
@@ -35,6 +36,9 @@ _indexes: dict[str, Any] = {}
 # Our own latest writes, by (kind, namespace, name), until the watch catches up: FineTuneJob
 # status and metadata patches, Jobs just created.
 _written: dict[tuple[str, str, str], dict] = {}
+_written_at: dict[tuple[str, str, str], float] = {}  # when each was remembered (monotonic)
+# A write the watch has not brought after this long was of an object deleted since.
+UNSEEN_WRITE_SECONDS = 60.0
 _written_guard = threading.Lock()
 
 
@@ -107,6 +111,7 @@ def reset() -> None:
     _indexes.clear()
     with _written_guard:
         _written.clear()
+        _written_at.clear()
 
 
 def _values(index_name: str, key: Key) -> Optional[list[dict]]:
@@ -142,6 +147,13 @@ def _newest(kind: str, namespace: str, name: str, watched: Optional[dict]) -> Op
         if mine is not None and watched is not None and _rv(watched) >= _rv(mine):
             del _written[key]
             mine = None
+        if mine is not None and watched is None and \
+                time.monotonic() - _written_at.get(key, 0.0) > UNSEEN_WRITE_SECONDS:
+            # The watch never brought it: it was deleted before we looked (its DELETED event
+            # normally drops it, see `deleted`). Taking it for present would wait for a Job
+            # that is gone; taking it for absent at worst creates it again, which answers 409.
+            del _written[key]
+            mine = None
     if mine is None:
         return watched
     if watched is None or mine["metadata"].get("uid") == watched["metadata"].get("uid"):
@@ -169,6 +181,18 @@ def remember(obj: Optional[dict]) -> None:
         current = _written.get(key)
         if current is None or _rv(obj) >= _rv(current):
             _written[key] = trim_job(obj) if key[0] == "Job" else trim(obj)
+            _written_at[key] = time.monotonic()
+
+
+def deleted(kind: str, namespace: str, name: str, uid: Optional[str]) -> None:
+    """The watch says this object is gone: our write of it (of that uid) no longer counts.
+    Without this, a Job deleted before the watch's copy ever replaced our write (a job
+    deleted and created again under its name at once) read as present for good."""
+    key = (kind, namespace, name)
+    with _written_guard:
+        mine = _written.get(key)
+        if mine is not None and (uid is None or (mine.get("metadata") or {}).get("uid") == uid):
+            del _written[key]
 
 
 def all_finetunejobs() -> list[dict]:

@@ -113,9 +113,9 @@ def finetunejob_deleted(namespace: str, name: str, body: dict, **_) -> None:
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={MANAGED_BY: APP})
-async def trainer_job_event(body: dict, **kwargs) -> None:
+async def trainer_job_event(body: dict, type: str, **kwargs) -> None:
     _bind(kwargs)
-    finetunejob.on_trainer_job_event(body, _resync.soon)
+    finetunejob.on_trainer_job_event(body, _resync.soon, deleted=type == "DELETED")
 
 
 @kopf.on.event("v1", "pods", labels={MANAGED_BY: APP, COMPONENT: TRAINER})

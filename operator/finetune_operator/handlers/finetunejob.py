@@ -578,8 +578,12 @@ def _owner_name(body: dict) -> str | None:
     return None
 
 
-def on_trainer_job_event(body: dict, refresh: Callable[[str, str], None] | None = None) -> None:
+def on_trainer_job_event(body: dict, refresh: Callable[[str, str], None] | None = None,
+                         deleted: bool = False) -> None:
     """`refresh`: how to refresh the owner (the operator schedules it: resync.Resync.soon)."""
+    if deleted:
+        meta = body["metadata"]
+        cache.deleted("Job", meta["namespace"], meta["name"], meta.get("uid"))
     owner = _owner_name(body)
     if owner:
         (refresh or refresh_status)(body["metadata"]["namespace"], owner)

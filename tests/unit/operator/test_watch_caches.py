@@ -331,3 +331,24 @@ def test_a_trainer_job_no_queue_holds_is_started_in_the_patch_that_names_it(cach
     finetunejob._ensure_trainer_job(job, obj, pending, notes)
     assert pending["trainerJob"] == f"{NAME}-trainer" and notes[0][0] == "TrainerJobCreated"
     assert pending.get("startTime") == (None if queue else "2025-01-01T10:00:05Z")
+
+
+def test_a_job_deleted_before_the_watch_replaced_our_write_is_not_taken_for_present(caches, monkeypatch):
+    """A FineTuneJob deleted and created again under its name at once (no finalizer holds it):
+    the old job's trainer Job, remembered when we created it, was deleted before the watch's
+    copy replaced our write. The new job then waited for good for a Job that was gone
+    ("still belongs to an earlier FineTuneJob"). Its DELETED event drops our write; so does
+    time, when the watch never brought it."""
+    job = dict(copy.deepcopy(TRAINER), kind="Job", apiVersion="batch/v1")
+    job["metadata"]["resourceVersion"] = "5"
+    cache.remember(job)
+    assert cache.job(NS, f"{NAME}-trainer", lambda: None) is not None  # just created: seen at once
+    finetunejob.on_trainer_job_event(job, refresh=lambda *a: None, deleted=True)
+    assert cache.job(NS, f"{NAME}-trainer", lambda: None) is None
+
+    cache.remember(job)
+    clock = {"now": cache.time.monotonic()}
+    monkeypatch.setattr(cache.time, "monotonic", lambda: clock["now"])
+    cache.remember(job)
+    clock["now"] += cache.UNSEEN_WRITE_SECONDS + 1
+    assert cache.job(NS, f"{NAME}-trainer", lambda: None) is None
