@@ -7,6 +7,7 @@ as the pod would, with small step counts so the whole file stays around two minu
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -55,7 +56,8 @@ def test_trainer_sigkilled_ten_times_resumes_and_finishes_at_the_planned_step(
     """Given a 26-step LoRA run saving every 2 steps, when it is SIGKILLed 10 times at seeded
     random moments (each a little after it passed its resume point), then every restart resumes
     from the newest complete checkpoint, at most one save interval of steps is lost per kill,
-    and the last run finishes at step 26. The numbers go to bench/results/reliability_trainer_kills.json."""
+    and the last run finishes at step 26. The numbers go to the test's folder, and with
+    UPDATE_RESULTS=1 to bench/results/reliability_trainer_kills.json."""
     kubeconfig, patches = fake_kube_api
     config = trainer_config(
         training={"maxSteps": MAX_STEPS, "saveSteps": SAVE_STEPS, "saveTotalLimit": 2, "loggingSteps": 1},
@@ -103,8 +105,12 @@ def test_trainer_sigkilled_ten_times_resumes_and_finishes_at_the_planned_step(
               "maxStepsLost": max(k["stepsLost"] for k in kills),
               "totalStepsLost": sum(k["stepsLost"] for k in kills),
               "wallSeconds": round(time.monotonic() - started, 1), "perKill": kills}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(record, indent=1) + "\n")
+    # The tracked results file is rewritten only on request (UPDATE_RESULTS=1), so that a test
+    # run leaves the checkout clean; the record is always in the test's own folder.
+    (tmp_path / RESULTS.name).write_text(json.dumps(record, indent=1) + "\n")
+    if os.environ.get("UPDATE_RESULTS"):
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps({k: v for k, v in record.items() if k != "perKill"}))
 
     assert len(kills) == KILLS
