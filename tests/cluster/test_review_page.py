@@ -8,13 +8,14 @@ ServiceAccount token, through the same code the comparison Job runs
 trainer's Role may write the review ConfigMap. The answers themselves are fixed text; the
 real measurement through vLLM is tests/e2e/test_operator_realrun.py.
 
-The screenshot goes to docs/img/review-page.png.
+The screenshot goes to the test's folder (docs/img/review-page.png with UPDATE_RESULTS=1).
 """
 
 from __future__ import annotations
 
 import html.parser
 import json
+import os
 import shutil
 import ssl
 import subprocess
@@ -170,10 +171,13 @@ def test_the_review_page_shows_both_answers_in_chromium_and_records_verdicts_and
     assert 'src="data:image/png;base64,' in dom
     assert "only 43 training examples" in dom
 
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    SCREENSHOT.unlink(missing_ok=True)
-    browse(url, profile, f"--screenshot={SCREENSHOT}", "--window-size=1280,2200")
-    assert SCREENSHOT.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The tracked screenshot is rewritten only on request (UPDATE_RESULTS=1): a run leaves the
+    # checkout clean.
+    screenshot = SCREENSHOT if os.environ.get("UPDATE_RESULTS") else profile.parent / SCREENSHOT.name
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    screenshot.unlink(missing_ok=True)
+    browse(url, profile, f"--screenshot={screenshot}", "--window-size=1280,2200")
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Recording needs a token whose user may update the job.
     verdicts = f"http://127.0.0.1:{operator.metrics_port}/jobs/{namespace}/{name}/verdicts"

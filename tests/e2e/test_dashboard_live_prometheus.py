@@ -154,6 +154,8 @@ def test_dashboard_queries_return_data_from_a_live_prometheus(tmp_path):
         # and an adapter to serve, not a well-trained one (test_e2e_demo checks the answers).
         quickstart = yaml.safe_load(QUICKSTART.read_text())
         quickstart["spec"]["training"].update(maxSteps=24, evalSteps=12, saveSteps=12)
+        # No panel reads the comparison (its vLLM start is a minute of CPU here): off.
+        quickstart["spec"]["evaluation"]["comparison"] = {"enabled": False}
         demo.kubectl("apply", "-f", "-", input=json.dumps(quickstart))
 
         # The trainer's /metrics while it trains: scraped, and clean under promtool.
