@@ -228,6 +228,36 @@ def adapter_section(data: dict) -> list[str]:
             f"| {fmt(data['serverStartSeconds'])} |", ""]
 
 
+def dpo_gpu_section(data: dict) -> list[str]:
+    """The one DPO check run on a lent H200 (bench/results/gpu_dpo_h200.json, written by hand from
+    that run: no script re-runs it)."""
+    names = {"qlora-dpo": "QLoRA (nf4) DPO", "lora-dpo": "LoRA DPO"}
+    out = ["## DPO on a GPU (tiny Llama, one H200; `bench/results/gpu_dpo_h200.json`)", "",
+           "A check, not a throughput figure: `finetune-trainer train` with `method.objective: dpo` on the",
+           "tiny model and `examples/data/preference.jsonl`, 16 steps, bf16, eight held-out pairs on topics",
+           "the training pairs never mention. Run once on the lent H200 (its own torch 2.11.0+cu130, not",
+           "the pinned 2.13.0; trl, datasets, bitsandbytes 0.50.2 and rensa carried as wheels).", "",
+           "| case | exit | wall (s, incl. start-up) | preference accuracy base -> tuned | rewards margin |",
+           "| --- | --- | --- | --- | --- |"]
+    for key, r in data.items():
+        acc = r.get("preferenceAccuracy") or {}
+        out.append(f"| {names.get(key, key)} | {r['rc']} | {fmt(r['seconds'])} "
+                   f"| {acc.get('base', '-')} -> {acc.get('finetuned', '-')} "
+                   f"| {fmt((r.get('objectiveMetrics') or {}).get('rewardsMargin'))} |")
+    return out + [""]
+
+
+GPU_NOT_MEASURED = [
+    "## The trainer on one GPU (`make gpu-check`, `bench/results/gpu.json`)", "",
+    "Not measured yet: no GPU has been lent since `bench/gpu_check.py` was written (issue 16).",
+    "`make gpu-check` runs, on one GPU within 8 minutes: LoRA and QLoRA (nf4, double quantization,",
+    "bf16 compute) on randomly initialised Llama 3.2 1B- and Llama 3.1 8B-shaped models, padded and",
+    "packed; full fine-tuning of the 1B with FSDP2 and a resume from its sharded checkpoint; a merge;",
+    "vLLM's CUDA build serving the adapter. It replaces this section with its table (tokens/s, MFU,",
+    "peak memory per case). `make gpu-check-dry` runs the same code path on CPU with the tiny model",
+    "(the test suite runs it: `tests/unit/trainer/test_gpu_check_dry.py`).", ""]
+
+
 def gpu_section(data: dict) -> list[str]:
     """`make gpu-check`'s table (bench/gpu_check.py writes it too, when it runs)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -246,10 +276,13 @@ def render(notes: str) -> str:
              f"{', '.join(f'{k} {v}' for k, v in m['versions'].items())}. Written {m['date']}.", ""]
     for name, section in (("operator_scale", scale_section), ("trainer", trainer_section), ("data", data_section),
                           ("resume", resume_section), ("time_to_serve", serve_section),
-                          ("runtime_adapter", adapter_section), ("gpu", gpu_section)):
+                          ("runtime_adapter", adapter_section), ("gpu_dpo_h200", dpo_gpu_section),
+                          ("gpu", gpu_section)):
         data = load(name)
         if data:
             lines += section(data)
+        elif name == "gpu":
+            lines += GPU_NOT_MEASURED
     lines += ["## Findings", "", notes.strip() or "(none yet)", ""]
     return "\n".join(lines)
 
