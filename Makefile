@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml $(wildcard requirements/*.txt)
 
 # The steps of `make install` are independent, and run at once: cold, on 2 CPUs, the Python
 # packages (~11 min, mostly downloads), the control plane (~20 min of Go builds) and Prometheus
-# (~14 min) took 20 minutes side by side, against about 50 one after the other. Each step is
+# (~14 min) took 20 minutes side by side (their times add up to about 50). Each step is
 # cached (the Go binaries outside the clone, keyed by version) and returns at once when warm.
 INSTALL_STEPS := $(addprefix install-,control-plane prometheus minio keda-crd kueue-crd mlflow-server chromium)
 .PHONY: $(INSTALL_STEPS)
