@@ -40,6 +40,10 @@ _written_at: dict[tuple[str, str, str], float] = {}  # when each was remembered 
 # A write the watch has not brought after this long was of an object deleted since.
 UNSEEN_WRITE_SECONDS = 60.0
 _written_guard = threading.Lock()
+# The resourceVersions of our latest FineTuneJob writes, by (namespace, name): a watch event
+# of one of them is the operator's own doing (`own_write`), not news to refresh on.
+_own_versions: dict[Key, list[str]] = {}
+OWN_VERSIONS_KEPT = 8
 
 
 def trim(body: Any) -> dict:
@@ -112,6 +116,7 @@ def reset() -> None:
     with _written_guard:
         _written.clear()
         _written_at.clear()
+        _own_versions.clear()
 
 
 def _values(index_name: str, key: Key) -> Optional[list[dict]]:
@@ -178,10 +183,21 @@ def remember(obj: Optional[dict]) -> None:
     meta = obj.get("metadata") or {}
     key = (obj.get("kind") or "", meta.get("namespace"), meta.get("name"))
     with _written_guard:
+        if key[0] == "FineTuneJob" and meta.get("resourceVersion"):
+            versions = _own_versions.setdefault(key[1:], [])
+            versions.append(meta["resourceVersion"])
+            del versions[:-OWN_VERSIONS_KEPT]
         current = _written.get(key)
         if current is None or _rv(obj) >= _rv(current):
             _written[key] = trim_job(obj) if key[0] == "Job" else trim(obj)
             _written_at[key] = time.monotonic()
+
+
+def own_write(body: Any) -> bool:
+    """Whether this version of a FineTuneJob is one the operator wrote (see `remember`)."""
+    meta = body.get("metadata") or {}
+    with _written_guard:
+        return meta.get("resourceVersion") in _own_versions.get((meta.get("namespace"), meta.get("name")), ())
 
 
 def deleted(kind: str, namespace: str, name: str, uid: Optional[str]) -> None:
@@ -211,6 +227,7 @@ def all_finetunejobs() -> list[dict]:
 def forget(namespace: str, name: str) -> None:
     """The job is gone: drop our writes of it and of its Jobs."""
     with _written_guard:
+        _own_versions.pop((namespace, name), None)
         for key in list(_written):
             labels = _written[key]["metadata"].get("labels") or {}
             if key == ("FineTuneJob", namespace, name) or (

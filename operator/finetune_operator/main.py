@@ -64,8 +64,10 @@ async def event_loop_alive(**_) -> bool:
 
 
 @kopf.index(GROUP, VERSION, FINETUNEJOBS)
-async def finetunejobs_cache(**kwargs) -> dict:
-    return cache.index_finetunejob(**kwargs)
+async def finetunejobs_cache(body: dict, **kwargs) -> dict:
+    # A write the operator did not make (the trainer's progress, an approval) refreshes the job.
+    finetunejob.on_finetunejob_event(body, _resync.soon)
+    return cache.index_finetunejob(body=body, **kwargs)
 
 
 @kopf.index("batch", "v1", "jobs", labels={MANAGED_BY: APP})

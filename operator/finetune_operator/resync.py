@@ -1,10 +1,12 @@
 """One resync loop for all FineTuneJobs, instead of a kopf timer per job.
 
-Some of a job's status moves with time alone, not with an event: GPU hours and cost grow, the
-trainer's own progress reports (written by the trainer, not watched by a handler) move the
-phase to Training, ttlSecondsAfterFinished runs out. Every `--resync-seconds` this loop
-refreshes the jobs that can still change that way (not finished, or with a TTL to run out),
-from the watch cache, through a few threads of its own.
+Some of a job's status moves with time alone, not with an event: GPU hours and cost grow,
+ttlSecondsAfterFinished runs out, a failed deployment is to be tried again. Every
+`--resync-seconds` this loop refreshes the jobs that `due` says may have changed that way
+(finetunejob.due_for_resync: a running job once a minute, a finished one when its TTL runs
+out), from the watch cache, through a few threads of its own. Everything else is an event's:
+a trainer Job or pod event, or a FineTuneJob write the operator did not make (the trainer's
+progress, an approval), marks its job (`soon`).
 
 A timer per job ran 1,000 concurrent kopf timers at N=1000 and put one refresh per job per
 interval onto the handlers' executor, where they starved the spec handlers of new jobs (the
