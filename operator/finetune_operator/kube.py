@@ -165,13 +165,14 @@ CHILD_PATHS = {
 }
 
 
-def request(verb: str, path: str, body: Optional[dict] = None) -> dict:
+def request(verb: str, path: str, body: Optional[dict] = None,
+            content_type: str = "application/json") -> dict:
     """One request through the shared client (its connection pool, timeout and counting),
     JSON in and out, no typed models. Raises ApiException on an error status."""
     shared = api()
     headers = {"Accept": "application/json"}
     if body is not None:
-        headers["Content-Type"] = "application/json"
+        headers["Content-Type"] = content_type
     params = shared.param_serialize(verb, path, header_params=headers, body=body,
                                     auth_settings=["BearerToken"])
     response = shared.call_api(*params)
@@ -244,9 +245,10 @@ def patch_status(plural: str, namespace: str, name: str, status: dict,
     body: dict = {"status": status}
     if resource_version:
         body["metadata"] = {"resourceVersion": resource_version}
-    written = custom().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, plural,
-                                                             name, body)
-    return written if isinstance(written, dict) else as_dict(written)
+    # A plain JSON request: the typed client validates every call's arguments with pydantic,
+    # 7% of the operator's samples at N=1000 for one status patch per phase per job (#14).
+    return request("PATCH", f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{plural}/{name}/status",
+                   body, content_type=MERGE_PATCH)
 
 
 @contextmanager
