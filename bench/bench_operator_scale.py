@@ -189,6 +189,18 @@ def add_gpu_nodes(cluster: Cluster, api) -> None:
     raise RuntimeError(f"only {ready} of {NODES} GPU nodes became Ready")
 
 
+def drop_namespace(cluster: Cluster, ns: str, timeout: float = 900) -> None:
+    """Delete a run's namespace and wait until it is gone, so that the next run (a baseline's
+    "after", or the next size) starts on an empty cluster: the garbage collector deleting
+    N jobs' children, and pods still holding GPUs, shared the control plane's CPUs with it (a
+    before/after at N=1000 in session 9 compared two runs of which only the second paid that)."""
+    started = time.monotonic()
+    out = cluster.kubectl("delete", "namespace", ns, "--wait=true", f"--timeout={int(timeout)}s",
+                          check=False, timeout=timeout + 30)
+    note = "" if out.returncode == 0 else f" (not gone: {out.stderr.strip()[:200]})"
+    print(f"namespace {ns} deleted in {time.monotonic() - started:.0f}s{note}", file=sys.stderr)
+
+
 def make_namespace(cluster: Cluster, ns: str) -> None:
     cluster.kubectl("create", "namespace", ns)
     pv = {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": f"{ns}-{CLAIM}"},
@@ -509,7 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-sizes", type=int, nargs="+", help="sizes for the baseline (default: --sizes)")
     parser.add_argument("--timeout", type=float, default=420, help="per run, seconds")
     parser.add_argument("--steady", type=float, default=30, help="seconds observed after all succeeded")
-    parser.add_argument("--profile", help="write py-spy profiles of the operator into this folder")
+    parser.add_argument("--profile", help="write py-spy profiles of the operator into this folder (py-spy "
+                        "takes most of a CPU: a profiled run's latencies are not comparable with others)")
     parser.add_argument("--state-dir", help="control-plane state (default: a temporary directory)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "operator_scale.json"))
     args = parser.parse_args(argv)
@@ -528,16 +541,19 @@ def main(argv: list[str] | None = None) -> int:
             r = run_bare_jobs(cluster, api, n, args.timeout)
             print(summary_line(r), file=sys.stderr)
             results.append(r)
+            drop_namespace(cluster, f"bare-{n}")
             if baseline and n in (args.baseline_sizes or args.sizes):
-                r = run_operator(cluster, api, kubeconfig, n, args.timeout, args.steady,
-                                 f"base-{args.baseline_ref[:7]}", baseline,
+                label = f"base-{args.baseline_ref[:7]}"
+                r = run_operator(cluster, api, kubeconfig, n, args.timeout, args.steady, label, baseline,
                                  Path(args.profile) if args.profile else None)
                 print(summary_line(r), file=sys.stderr)
                 results.append(r)
+                drop_namespace(cluster, f"ftj-{label}-{n}")
             r = run_operator(cluster, api, kubeconfig, n, args.timeout, args.steady, "current",
                              profile_dir=Path(args.profile) if args.profile else None)
             print(summary_line(r), file=sys.stderr)
             results.append(r)
+            drop_namespace(cluster, f"ftj-current-{n}")
     finally:
         cluster.stop()
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
