@@ -244,6 +244,7 @@ def test_a_job_gone_is_forgotten_by_the_resync_pass(caches, api, monkeypatch):
     memory about them (phase gauge, GPU hours counted, diff base, writes) goes on the next
     resync pass, and a job of that name created again starts counting GPU hours from zero."""
     from finetune_operator import settings
+    finetunejob._refreshed_at.clear()  # refreshes other tests made: not this test's jobs
 
     monkeypatch.setattr(records, "observe", ORIGINAL_OBSERVE)
     obj = ftj(10)
