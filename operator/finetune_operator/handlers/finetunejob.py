@@ -386,6 +386,11 @@ def release(namespace: str, name: str, body: dict) -> None:
                 core.patch_namespaced_persistent_volume_claim(claim, namespace,
                                                               {"metadata": {"ownerReferences": kept or None}},
                                                               _content_type=kube.MERGE_PATCH)
+    _forget(namespace, name)
+
+
+def _forget(namespace: str, name: str) -> None:
+    """What the operator keeps in memory about a job that is gone."""
     records.forget(namespace, name)
     cache.forget(namespace, name)
     _status_written.pop((namespace, name), None)
@@ -607,10 +612,7 @@ def forget_gone() -> int:
         uids.add(meta.get("uid"))
     gone = [key for key in set(_status_written) | set(_refreshed_at) | records.known() if key not in present]
     for namespace, name in gone:
-        records.forget(namespace, name)
-        cache.forget(namespace, name)
-        _status_written.pop((namespace, name), None)
-        _refreshed_at.pop((namespace, name), None)
+        _forget(namespace, name)
     settings.diffbase.forget_except(uids)
     settings.progress.forget_except(uids)
     return len(gone)

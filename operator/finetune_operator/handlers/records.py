@@ -78,7 +78,6 @@ def observe(job: FineTuneJob, obs: Observation, obj: dict, now: dt.datetime) -> 
     key = (job.metadata.namespace, job.metadata.name)
     with _phases_guard:
         _set_phase(key, obs.phase.value)
-    with _phases_guard:
         # Per uid: a job deleted and created again under its name starts from nothing, also
         # before the resync loop has forgotten the old one.
         uid, before = _gpu_counted.get(key, (job.metadata.uid, 0.0))
