@@ -1,6 +1,6 @@
 """Watch-fed caches of what a status refresh reads: FineTuneJobs, their Jobs (trainer and
-comparison) and their trainer pods. A refresh then makes no request to read state; it writes
-only what changed.
+comparison) and their trainer pods; and which claims exist, for admission. A refresh then
+makes no request to read state; it writes only what changed.
 
 The caches are kopf indexes (`main.py` registers the functions below). kopf feeds them from
 the watches it runs anyway, and holds every other handler back until each indexed resource's
@@ -97,6 +97,12 @@ def index_job(namespace: str, name: str, body: Any, **_: Any) -> dict:
 def index_trainer_pod(namespace: str, labels: Any, body: Any, **_: Any) -> dict:
     uid = (labels or {}).get(CONTROLLER_UID)
     return {(namespace, uid): trim_pod(body)} if uid else {}
+
+
+def index_claim(namespace: str, name: str, **_: Any) -> dict:
+    """Only that the claim exists: admission's check of `storage.existingClaim` and `pvc://`
+    sources. Many jobs name one claim; a GET of it for every new job was one request in 19."""
+    return {(namespace, name): True}
 
 
 def bind(**indexes: Any) -> None:
@@ -242,6 +248,14 @@ def job(namespace: str, name: str, read: Callable[[], Optional[dict]]) -> Option
     if found is None:
         return read()
     return _newest("Job", namespace, name, found[0] if found else None)
+
+
+def claim_exists(namespace: str, name: str, read: Callable[[], bool]) -> bool:
+    """Whether the claim exists: seen by the watch, or else `read()` (a GET): a claim created a
+    moment ago may not have reached the watch yet, and a missing one costs a request only while
+    the job waits for it (admission retries)."""
+    found = _values("claims", (namespace, name))
+    return bool(found) or read()
 
 
 def trainer_pods(namespace: str, job_uid: str,

@@ -80,6 +80,12 @@ async def trainer_pods_cache(**kwargs) -> dict:
     return cache.index_trainer_pod(**kwargs)
 
 
+# Only which claims exist, for admission (many jobs name one claim: no GET per job).
+@kopf.index("v1", "persistentvolumeclaims")
+async def claims_cache(**kwargs) -> dict:
+    return cache.index_claim(**kwargs)
+
+
 # One resync loop for every job (resync.py), not a kopf timer per job.
 _resync = resync.Resync(settings.current.resync_seconds, finetunejob.due_for_resync,
                         finetunejob.refresh_status, prune=finetunejob.forget_gone)
@@ -88,7 +94,7 @@ _resync_guard = threading.Lock()
 
 def _bind(kwargs: dict) -> None:
     cache.bind(finetunejobs=kwargs.get("finetunejobs_cache"), jobs=kwargs.get("jobs_cache"),
-               trainer_pods=kwargs.get("trainer_pods_cache"))
+               trainer_pods=kwargs.get("trainer_pods_cache"), claims=kwargs.get("claims_cache"))
     if not _resync.started:
         with _resync_guard:
             if not _resync.started:

@@ -1,5 +1,7 @@
 """What admission needs to know about the cluster: which referenced Secrets (and their keys),
-claims and PriorityClass exist, and each node's allocatable GPUs."""
+claims and PriorityClass exist, and each node's allocatable GPUs. Claims come from the watch
+cache when it has them (cache.claim_exists); Secrets are always read (the operator does not
+watch Secrets: it may only get the ones jobs name)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from kubernetes import client
 
 from finetune_api.models import FineTuneJob
 
-from finetune_operator import admission, kube
+from finetune_operator import admission, cache, kube
 from finetune_operator.builders.placement import GPU_RESOURCE
 
 # Admission needs only each node's allocatable GPUs. Listing every node for every new
@@ -32,8 +34,8 @@ def gather(job: FineTuneJob) -> admission.ClusterFacts:
         if secret is not None:
             facts.secrets[secret_name] = set(secret.get("data") or {}) | set(secret.get("stringData") or {})
     for _, claim in admission.claims_to_check(job):
-        if kube.call(kube.request, "GET", f"/api/v1/namespaces/{ns}/persistentvolumeclaims/{claim}",
-                     absent=True) is not None:
+        if cache.claim_exists(ns, claim, lambda c=claim: kube.call(
+                kube.request, "GET", f"/api/v1/namespaces/{ns}/persistentvolumeclaims/{c}", absent=True) is not None):
             facts.claims.add(claim)
     priority_class = job.spec.resources.priority_class_name
     if priority_class:

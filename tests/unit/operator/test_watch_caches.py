@@ -353,3 +353,35 @@ def test_a_job_deleted_before_the_watch_replaced_our_write_is_not_taken_for_pres
     cache.remember(job)
     clock["now"] += cache.UNSEEN_WRITE_SECONDS + 1
     assert cache.job(NS, f"{NAME}-trainer", lambda: None) is None
+
+
+def test_admission_reads_an_existing_claim_from_the_watch_and_asks_only_about_one_it_has_not_seen(
+        caches, monkeypatch):
+    """Many jobs name one claim: admission's GET of it for each new job was one request of 19
+    per job (#14). A claim the watch has shown is not read again; one it has not (created a
+    moment ago, or missing) is, so a job is never refused for a claim that is there."""
+    from finetune_api.models import FineTuneJob
+    from finetune_operator.handlers import facts
+
+    gets = []
+
+    def request(method, path, **_):
+        gets.append(path)
+        return {"metadata": {"name": path.rsplit("/", 1)[-1]}} if path.endswith("/fresh") else None
+
+    monkeypatch.setattr(kube, "request", request)
+    monkeypatch.setattr(facts, "node_gpus", lambda: [8])
+    caches["claims"] = FakeIndex()
+    cache.bind(claims=caches["claims"])
+    body = ftj(1)
+    body["spec"] = {**body["spec"], "storage": {"existingClaim": "shared"}, "dataset": {"source": "pvc://fresh/d.jsonl"}}
+    job = FineTuneJob.from_resource(body)
+    caches["claims"].put((NS, "shared"), cache.index_claim(namespace=NS, name="shared")[(NS, "shared")])
+
+    assert facts.gather(job).claims == {"shared", "fresh"}
+    assert gets == [f"/api/v1/namespaces/{NS}/persistentvolumeclaims/fresh"]  # not seen yet: asked
+
+    gets.clear()
+    body["spec"]["dataset"] = {"source": "pvc://missing/d.jsonl"}
+    assert facts.gather(FineTuneJob.from_resource(body)).claims == {"shared"}  # missing stays missing
+    assert gets == [f"/api/v1/namespaces/{NS}/persistentvolumeclaims/missing"]
