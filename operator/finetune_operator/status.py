@@ -301,7 +301,13 @@ def derive(job: FineTuneJob, trainer_job: dict | None, pods: list[dict], *, now:
         return obs(Phase.PENDING, reason, f"{message}; retrying (attempt {attempts + 1})")
     finished = [p for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"]
     if finished and not live:
-        # The trainer exited 0; the Job controller marks the Job Complete a moment later.
+        # The trainer exited 0; the Job controller marks the Job Complete a moment later, and
+        # that event refreshes the job. A job seen running stays as written until then: a phase
+        # of its own for that moment cost a status patch and an Event per job (#14).
+        running_condition = find([_cond_dict(c) for c in job.status.conditions], RUNNING)
+        if current.running and running_condition and running_condition.get("status") == TRUE:
+            return obs(current, running_condition.get("reason") or current.value,
+                       running_condition.get("message") or "")
         return obs(Phase.EVALUATING, "TrainerFinished",
                    "the trainer finished; waiting for its Job to complete")
     return obs(Phase.PENDING, "Starting", "waiting for the trainer pod to start")

@@ -99,10 +99,24 @@ def test_completed_job_succeeds_or_deploys():
 
 
 def test_trainer_pod_succeeded_before_the_job_completes_is_not_pending_again():
-    """Between the pod's exit 0 and the Job's Complete condition the job must not go back to Pending."""
+    """Between the pod's exit 0 and the Job's Complete condition the job must not go back to
+    Pending. One seen running stays as written (#14: a phase of its own for that moment cost a
+    status patch and an Event per job); the Job's Complete event moves it on."""
     finished = [pod("p0", "Succeeded", state=terminated(0, "Completed"))]
-    o = derive(job(progress={"step": 10, "totalSteps": 10}, phase="Evaluating"), k8s_job(), finished, now=NOW)
+    running = ADMITTED + [{"type": "Running", "status": "True", "reason": "Validating",
+                           "message": "the trainer is validating the dataset and loading the model",
+                           "observedGeneration": 1, "lastTransitionTime": "2025-01-01T11:00:00Z"}]
+    seen = job(phase="Validating", conditions=running)
+    o = derive(seen, k8s_job(), finished, now=NOW)
+    assert (o.phase, o.reason, o.message) == (Phase.VALIDATING, "Validating",
+                                              "the trainer is validating the dataset and loading the model")
+    patch = status_patch(seen, o, now=NOW, gpu_hour_price=0, existing_conditions=running)
+    assert [c for c in patch["conditions"] if c["type"] == "Running"] == running[1:]  # nothing to write
+    # Never seen running (its whole run fell between two refreshes): the trainer finished.
+    o = derive(job(progress={"step": 10, "totalSteps": 10}), k8s_job(), finished, now=NOW)
     assert (o.phase, o.reason) == (Phase.EVALUATING, "TrainerFinished")
+    assert derive(seen, k8s_job(("Complete", "CompletionsReached", "")), finished, now=NOW).phase \
+        is Phase.COMPARING
 
 
 def test_exit_42_fails_with_the_trainers_reason_and_first_errors():
