@@ -926,7 +926,7 @@ FINETUNEJOB_STATUS = obj("Observed state of a FineTuneJob, written by the operat
                          "sorted).", max_length=64),
         "bytes": integer("Its size in bytes.", minimum=0, format="int64"),
     }), "s3:// and https:// sources as downloaded (the model card lists them too).", max_items=8),
-    "attempts": integer("Trainer Job attempts (pods started).", minimum=0),
+    "attempts": integer("Trainer attempts: the trainer Job's pods created, per node (the first is counted when the Job is created).", minimum=0),
     "restarts": integer("Restarts that resumed from a checkpoint (preemptions, node loss).",
                         minimum=0),
     "gpuHours": number("GPU hours used so far.", minimum=0),

@@ -187,6 +187,9 @@ def _ensure_trainer_job(job: FineTuneJob, body: dict, pending: dict, notes: list
             # one more of its own. A queued Job's comes from the Job, once Kueue admits it.
             created = (current.get("metadata") or {}).get("creationTimestamp")
             pending["startTime"] = created or _now().strftime("%Y-%m-%dT%H:%M:%SZ")
+            # Its first attempt too: counted from its pod a moment later, it was a status patch
+            # of its own per job (#14).
+            pending["attempts"] = max(job.status.attempts or 0, 1)
     image = job.status.trainer_image or current["spec"]["template"]["spec"]["containers"][0]["image"]
     if job.status.trainer_job != current["metadata"]["name"] or job.status.trainer_image != image:
         pending.update({"trainerJob": current["metadata"]["name"], "trainerImage": image})

@@ -332,6 +332,8 @@ def test_a_trainer_job_no_queue_holds_is_started_in_the_patch_that_names_it(cach
     finetunejob._ensure_trainer_job(job, obj, pending, notes)
     assert pending["trainerJob"] == f"{NAME}-trainer" and notes[0][0] == "TrainerJobCreated"
     assert pending.get("startTime") == (None if queue else "2025-01-01T10:00:05Z")
+    # and its first attempt, which its pod's arrival then leaves as it is (no patch of its own)
+    assert pending.get("attempts") == (None if queue else 1)
 
 
 def test_a_job_deleted_before_the_watch_replaced_our_write_is_not_taken_for_present(caches, monkeypatch):
@@ -385,3 +387,34 @@ def test_admission_reads_an_existing_claim_from_the_watch_and_asks_only_about_on
     body["spec"]["dataset"] = {"source": "pvc://missing/d.jsonl"}
     assert facts.gather(FineTuneJob.from_resource(body)).claims == {"shared"}  # missing stays missing
     assert gets == [f"/api/v1/namespaces/{NS}/persistentvolumeclaims/missing"]
+
+
+def test_the_trainer_pods_arrival_writes_nothing_once_the_jobs_creation_counted_its_attempt(caches, api):
+    """#14: attempts went 0 -> 1 when the Job controller created the pod, a status patch of its
+    own per job. The patch that names the Job counts the first attempt; the pod then changes
+    nothing the status shows until it runs."""
+    waiting = {**POD, "status": {"phase": "Pending"}}
+    obj = ftj(10, attempts=1)
+    api["state"]["current"] = obj
+    caches["finetunejobs"].put((NS, NAME), cache.trim(obj))
+    caches["jobs"].put((NS, f"{NAME}-trainer"), TRAINER)
+    finetunejob.refresh_status(NS, NAME)  # the Job alone: Pending, Starting
+    assert [s.get("attempts") for s, _ in api["status"]] == [None]  # the conditions; attempts as they were
+    caches["trainer_pods"].put((NS, "job-uid"), waiting)
+    finetunejob.refresh_status(NS, NAME)
+    assert len(api["status"]) == 1
+    caches["trainer_pods"].put((NS, "job-uid"), POD)  # running: Validating
+    finetunejob.refresh_status(NS, NAME)
+    assert len(api["status"]) == 2 and api["status"][-1][0]["phase"] == "Validating"
+    # without the first attempt counted at creation, the pod's arrival is a write of its own
+    api["status"].clear()
+    cache.reset()
+    cache.bind(**caches)
+    obj = ftj(20, attempts=0)
+    api["state"]["current"] = obj
+    caches["finetunejobs"].put((NS, NAME), cache.trim(obj))
+    caches["trainer_pods"].pop((NS, "job-uid"))
+    finetunejob.refresh_status(NS, NAME)
+    caches["trainer_pods"].put((NS, "job-uid"), waiting)
+    finetunejob.refresh_status(NS, NAME)
+    assert [s.get("attempts") for s, _ in api["status"]] == [None, 1]
