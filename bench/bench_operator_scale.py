@@ -378,7 +378,8 @@ def run_bare_jobs(cluster: AuditedCluster, api, n: int, timeout: float) -> dict:
 
 
 def run_operator(cluster: AuditedCluster, api, kubeconfig: Path, n: int, timeout: float, steady: float,
-                 label: str, pythonpath_first: Path | None = None, profile_dir: Path | None = None) -> dict:
+                 label: str, pythonpath_first: Path | None = None, profile_dir: Path | None = None,
+                 profile_rate: int = 50) -> dict:
     from kubernetes import client
 
     ns = f"ftj-{label}-{n}"
@@ -414,10 +415,10 @@ def run_operator(cluster: AuditedCluster, api, kubeconfig: Path, n: int, timeout
     op = Operator(cluster, kubeconfig, ns, cluster.logs / f"operator-{ns}.log", pythonpath_first)
     spy = None
     if profile_dir is not None:
-        # Sampled stacks of the operator (py-spy, 50 Hz, idle threads left out), as folded text.
+        # Sampled stacks of the operator (py-spy, profile_rate Hz, idle threads left out), as folded text.
         profile_dir.mkdir(parents=True, exist_ok=True)
         spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(op.process.pid),
-                                "--rate", "50", "--format", "raw", "--nonblocking",
+                                "--rate", str(profile_rate), "--format", "raw", "--nonblocking",
                                 "--output", str(profile_dir / f"{ns}.folded")],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -523,6 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steady", type=float, default=30, help="seconds observed after all succeeded")
     parser.add_argument("--profile", help="write py-spy profiles of the operator into this folder (py-spy "
                         "takes most of a CPU: a profiled run's latencies are not comparable with others)")
+    parser.add_argument("--profile-rate", type=int, default=50, help="py-spy samples per second (its CPU "
+                        "grows with the rate and the operator's thread count: 50 Hz took 62%% of a CPU at N=1000)")
     parser.add_argument("--state-dir", help="control-plane state (default: a temporary directory)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "operator_scale.json"))
     args = parser.parse_args(argv)
@@ -545,12 +548,13 @@ def main(argv: list[str] | None = None) -> int:
             if baseline and n in (args.baseline_sizes or args.sizes):
                 label = f"base-{args.baseline_ref[:7]}"
                 r = run_operator(cluster, api, kubeconfig, n, args.timeout, args.steady, label, baseline,
-                                 Path(args.profile) if args.profile else None)
+                                 Path(args.profile) if args.profile else None, args.profile_rate)
                 print(summary_line(r), file=sys.stderr)
                 results.append(r)
                 drop_namespace(cluster, f"ftj-{label}-{n}")
             r = run_operator(cluster, api, kubeconfig, n, args.timeout, args.steady, "current",
-                             profile_dir=Path(args.profile) if args.profile else None)
+                             profile_dir=Path(args.profile) if args.profile else None,
+                             profile_rate=args.profile_rate)
             print(summary_line(r), file=sys.stderr)
             results.append(r)
             drop_namespace(cluster, f"ftj-current-{n}")
