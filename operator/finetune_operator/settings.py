@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
+import types
 from dataclasses import dataclass, field
 
 import kopf
@@ -163,7 +165,44 @@ diffbase = MemoryDiffBaseStorage()
 progress = MemoryProgressStorage()
 
 
+def _loads(text, *args, **kwargs):  # type: ignore[no-untyped-def]
+    """json.loads through msgspec's decoder (about twice as fast on Kubernetes objects); the
+    standard library's for anything it refuses, so invalid input raises json's own error."""
+    import msgspec
+
+    if args or kwargs:
+        return json.loads(text, *args, **kwargs)
+    try:
+        return msgspec.json.decode(text)
+    except msgspec.DecodeError:
+        return json.loads(text)
+
+
+def decode_watch_events_fast() -> bool:
+    """kopf parses every line of every watch stream with the standard library's json.loads: a
+    quarter of the operator's busy CPU at N=1000 (#14, session 10: 1000 FineTuneJobs bring
+    about 30 watch events each, the Jobs' and pods' with their whole pod template). Its
+    stream reader (kopf._cogs.clients.api) is given a `json` whose `loads` is msgspec's.
+    False, and nothing changed, when msgspec is missing or kopf reads its streams otherwise."""
+    try:
+        import msgspec  # noqa: F401
+        from kopf._cogs.clients import api as kopf_api
+    except ImportError:
+        return False
+    current = getattr(kopf_api, "json", None)
+    if getattr(current, "loads", None) is _loads:
+        return True
+    if current is not json:
+        return False
+    shim = types.ModuleType("json")
+    shim.__dict__.update(json.__dict__)
+    shim.loads = _loads
+    kopf_api.json = shim
+    return True
+
+
 def configure_kopf(settings: kopf.OperatorSettings) -> None:
+    decode_watch_events_fast()
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = progress
     settings.persistence.diffbase_storage = diffbase
