@@ -46,6 +46,4 @@ def configure(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    numeric = logging.getLevelName(level.upper()) if isinstance(level, str) else level
-    logging.getLogger(KOPF_OBJECTS).setLevel(
-        logging.WARNING if isinstance(numeric, int) and numeric == logging.INFO else logging.NOTSET)
+    logging.getLogger(KOPF_OBJECTS).setLevel(logging.WARNING if root.level == logging.INFO else logging.NOTSET)
