@@ -1,5 +1,6 @@
 """Checks the schema cannot make: does what the spec names exist in the cluster, and can
-any node hold one trainer pod? Pure: the facts are gathered by the handler.
+any node hold one trainer pod, does the trainer config fit in a ConfigMap? Pure: the
+facts are gathered by the handler.
 
 A missing Secret, claim or PriorityClass is retried (creating it later lets the job go on).
 A trainer pod larger than every current node is not a problem by default: GPU pools that
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from finetune_api.models import FineTuneJob
 
 from finetune_operator.builders.trainer_config import (
-    MLFLOW_SECRET_KEYS, OBJECT_STORAGE_REQUIRED_KEYS, other_claims,
+    MLFLOW_SECRET_KEYS, OBJECT_STORAGE_REQUIRED_KEYS, config_too_large, other_claims,
 )
 
 
@@ -127,6 +128,10 @@ def check(job: FineTuneJob, facts: ClusterFacts, *, capacity_policy: str = CAPAC
     if pc and facts.priority_classes is not None and pc not in facts.priority_classes:
         return Problem("PriorityClassNotFound", f"spec.resources.priorityClassName: PriorityClass "
                        f"{pc} does not exist; create it and {RETRY_NOTE}", True)
+    if not job.status.trainer_job:  # a job with a Job had a config that fit
+        too_large = config_too_large(job)
+        if too_large:
+            return Problem("TrainerConfigTooLarge", too_large, False)
     note = capacity_note(job, facts)
     if note and capacity_policy == CAPACITY_FAIL and not has_trainer:
         return Problem("InsufficientGPUCapacity",

@@ -43,6 +43,7 @@ def trainer_role_binding(job_name: str) -> str:
 
 
 def trainer_config_map(job_name: str) -> str:
+    """Only for a config too large for the pod template (builders/trainer_config.py)."""
     return fit(job_name, "trainer-config")
 
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.fixtures.cluster import get_json, wait_for
+from tests.fixtures.cluster import get_json, trainer_config_of, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -83,9 +83,12 @@ def test_children_are_created_and_a_kwok_run_succeeds(cluster, namespace, operat
     role = get_json(cluster, "role", "ok-trainer", "-n", namespace)
     assert role["rules"][1]["resources"] == ["finetunejobs/status"]
     assert role["rules"][1]["resourceNames"] == ["ok"]
-    config = json.loads(get_json(cluster, "cm", "ok-trainer-config", "-n", namespace)["data"]["config.json"])
-    assert config["dataset"]["source"] == "/workspace/data/train.jsonl"
     (job,) = trainer_jobs(cluster, namespace, "ok")
+    assert trainer_config_of(job)["dataset"]["source"] == "/workspace/data/train.jsonl"
+    # The config travels in the Job (no ConfigMap of its own): the pods got it as created.
+    assert cluster.kubectl("get", "cm", "ok-trainer-config", "-n", namespace, check=False).returncode != 0
+    pod = trainer_pods(cluster, namespace, "ok")[0]
+    assert json.loads(pod["metadata"]["annotations"]["finetune.dev/trainer-config"]) == trainer_config_of(job)
     container = job["spec"]["template"]["spec"]["containers"][0]
     assert container["command"][:3] == ["python", "-m", "finetune_trainer"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
@@ -158,9 +161,9 @@ def test_missing_secret_waits_and_creating_it_lets_the_job_start(cluster, namesp
             if e["reason"] == "SecretNotFound"] == [1]
     cluster.kubectl("create", "secret", "generic", "hf", "--from-literal=token=hf_SECRET123", "-n", namespace)
     wait_for(lambda: trainer_jobs(cluster, namespace, "tok"), timeout=60, what="the trainer Job once the Secret exists")
-    cm = get_json(cluster, "cm", "tok-trainer-config", "-n", namespace)
-    assert "hf_SECRET123" not in cm["data"]["config.json"]
-    assert json.loads(cm["data"]["config.json"])["model"]["tokenEnv"] == "HF_TOKEN"
+    (job,) = trainer_jobs(cluster, namespace, "tok")
+    assert "hf_SECRET123" not in json.dumps(job)
+    assert trainer_config_of(job)["model"]["tokenEnv"] == "HF_TOKEN"
 
 
 def _admission_retries(operator) -> int:
@@ -309,21 +312,23 @@ def test_ttl_after_finished_deletes_the_job_and_keeps_a_retained_claim(cluster, 
 
 def test_a_job_recreated_under_the_same_name_never_adopts_the_old_ones_children(cluster, namespace, operator):
     """#14 item 6: the new job adopted the old one's ServiceAccount, Role, RoleBinding and ConfigMap
-    on 409, and the garbage collector then deleted them under it. A finalizer on the old
-    ConfigMap holds it (as a slow garbage collector would) while the job is re-created."""
+    on 409, and the garbage collector then deleted them under it. A finalizer on the old review
+    ConfigMap holds it (as a slow garbage collector would) while the job is re-created: it was
+    created without an owner check, so the new job took the old one's and lost it."""
     apply(cluster, namespace, ftj("again", resources={"nodeSelector": NOWHERE}))
     wait_for(lambda: trainer_jobs(cluster, namespace, "again"), timeout=90, what="the first trainer Job")
     old_uid = get_json(cluster, "ftj", "again", "-n", namespace)["metadata"]["uid"]
-    cluster.kubectl("patch", "cm", "again-trainer-config", "-n", namespace, "--type=merge",
+    cluster.kubectl("patch", "cm", "again-review", "-n", namespace, "--type=merge",
                     "-p", json.dumps({"metadata": {"finalizers": ["test.finetune.dev/hold"]}}))
     cluster.kubectl("delete", "ftj", "again", "-n", namespace, "--wait=true", "--timeout=60s")
     apply(cluster, namespace, ftj("again", resources={"nodeSelector": NOWHERE}))
     new_uid = get_json(cluster, "ftj", "again", "-n", namespace)["metadata"]["uid"]
     assert new_uid != old_uid
-    wait_for(lambda: "still belongs to an earlier FineTuneJob again" in operator.log.read_text(), timeout=60,
-             what="the operator to wait for the old ConfigMap instead of adopting it")
+    wait_for(lambda: "ConfigMap again-review still belongs to an earlier FineTuneJob again"
+             in operator.log.read_text(), timeout=60,
+             what="the operator to wait for the old review ConfigMap instead of taking it")
     assert all(j["metadata"]["ownerReferences"][0]["uid"] != new_uid for j in trainer_jobs(cluster, namespace, "again"))
-    cluster.kubectl("patch", "cm", "again-trainer-config", "-n", namespace, "--type=merge",
+    cluster.kubectl("patch", "cm", "again-review", "-n", namespace, "--type=merge",
                     "-p", json.dumps({"metadata": {"finalizers": None}}))
 
     def owned_by_new():
@@ -331,7 +336,7 @@ def test_a_job_recreated_under_the_same_name_never_adopts_the_old_ones_children(
         return jobs and all(j["metadata"]["ownerReferences"][0]["uid"] == new_uid for j in jobs)
     wait_for(owned_by_new, timeout=90, what="the new job's own trainer Job")
     for kind, name in (("serviceaccount", "again-trainer"), ("role", "again-trainer"),
-                       ("rolebinding", "again-trainer"), ("configmap", "again-trainer-config")):
+                       ("rolebinding", "again-trainer"), ("configmap", "again-review")):
         obj = get_json(cluster, kind, name, "-n", namespace)
         assert [r["uid"] for r in obj["metadata"]["ownerReferences"]] == [new_uid], (kind, obj["metadata"])
 
@@ -445,3 +450,19 @@ def test_a_job_kueue_still_queues_has_no_start_time(cluster, namespace, operator
                  timeout=60, what="startTime once the Job runs")
     started = get_json(cluster, "job", job["metadata"]["name"], "-n", namespace)["status"]["startTime"]
     assert s["startTime"] == started
+
+
+def test_a_config_too_large_for_the_pod_template_gets_a_config_map_of_its_own(cluster, namespace, operator):
+    """A config past 192 KiB (long evaluation prompts) cannot travel in the pod template's
+    annotations (256 KiB in all): the Job mounts a ConfigMap owned by the job instead."""
+    prompts = [{"prompt": f"{i} " + "p" * 6000} for i in range(40)]
+    apply(cluster, namespace, ftj("wordy", resources={"nodeSelector": NOWHERE}, evaluation={"prompts": prompts}))
+    (job,) = wait_for(lambda: trainer_jobs(cluster, namespace, "wordy"), timeout=90, what="the trainer Job")
+    template = job["spec"]["template"]
+    assert "finetune.dev/trainer-config" not in template["metadata"]["annotations"]
+    (volume,) = [v for v in template["spec"]["volumes"] if v["name"] == "config"]
+    assert volume["configMap"]["name"] == "wordy-trainer-config"
+    cm = get_json(cluster, "cm", "wordy-trainer-config", "-n", namespace)
+    assert [r["uid"] for r in cm["metadata"]["ownerReferences"]] == [
+        get_json(cluster, "ftj", "wordy", "-n", namespace)["metadata"]["uid"]]
+    assert len(json.loads(cm["data"]["config.json"])["evaluation"]["prompts"]) == 40

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from finetune_trainer.data import validate_cli
-from tests.fixtures.cluster import get_json, wait_for
+from tests.fixtures.cluster import get_json, trainer_config_of, wait_for
 from tests.fixtures.ml import learnable_instruction_records, write_jsonl
 from tests.cluster.test_operator_lifecycle import NOWHERE, apply, ftj, status, trainer_jobs
 
@@ -269,7 +269,8 @@ def test_missing_references_and_concurrent_writers_end_in_named_conditions_witho
         assert trainer_jobs(cluster, namespace, name) == []
     wait_for(lambda: status(cluster, namespace, "hostile").get("phase") == "Succeeded", timeout=90,
              what="the job with hostile strings to succeed")
-    config = json.loads(get_json(cluster, "cm", "hostile-trainer-config", "-n", namespace)["data"]["config.json"])
+    (trainer,) = trainer_jobs(cluster, namespace, "hostile")
+    config = trainer_config_of(trainer)
     assert config["dataset"]["fieldMap"] == {"instruction": HOSTILE}
 
     from kubernetes import client

@@ -50,11 +50,11 @@ def hostile_job(value: str, **resources) -> FineTuneJob:
 @pytest.mark.parametrize("nodes", [1, 2])
 def test_trainer_job_runs_a_fixed_argument_list_and_carries_user_strings_as_json(value, nodes):
     """Single- and multi-node trainer Jobs: the command holds no user string at all; the hostile
-    value reaches the trainer only as JSON data in its ConfigMap, unchanged."""
+    value reaches the trainer only as JSON data in its config, unchanged."""
     job = hostile_job(value, nodes=nodes)
 
     rendered = trainer_job.build_trainer_job(job, "finetune-trainer:test")
-    config = json.loads(trainer_config.build_config_map(job)["data"]["config.json"])
+    config = json.loads(trainer_config.render_config(job))
 
     assert_no_shell(rendered)
     argv = containers(rendered)[0]["command"]

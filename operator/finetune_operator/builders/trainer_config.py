@@ -1,5 +1,13 @@
-"""The trainer's one input: a TrainerConfig rendered from the FineTuneJob spec into a
-ConfigMap (`config.json`, mounted at /etc/finetune).
+"""The trainer's one input: a TrainerConfig rendered from the FineTuneJob spec into an
+annotation of the trainer pod template (`finetune.dev/trainer-config`), which a downward API
+volume turns into the file /etc/finetune/config.json.
+
+The config travels inside the Job, not in a ConfigMap of its own: the pods run exactly the
+config their Job was created with (nothing edits it under a running job, as an edit of a
+ConfigMap would reach the mounted file), and a job costs one object and one request fewer
+(#14). A pod's annotations hold at most 256 KiB in all: a config larger than 192 KiB (long
+evaluation prompts) goes into a ConfigMap `<job>-trainer-config` as before, and one larger
+than a ConfigMap can hold is refused at admission (`config_too_large`).
 
 Sections carry the spec's own field names. Secrets never enter the config: it names the
 environment variables (`HF_TOKEN`, `PUSH_TOKEN`) the trainer Job fills from Secrets.
@@ -25,6 +33,12 @@ from finetune_operator.builders.storage import claim_name
 CONFIG_DIR = "/etc/finetune"
 CONFIG_KEY = "config.json"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
+CONFIG_ANNOTATION = "finetune.dev/trainer-config"
+# The API server limits a pod's annotations to 256 KiB in all (keys and values); the rest is
+# room for the template's other annotations and for those of Kueue and other controllers.
+MAX_ANNOTATION_BYTES = 192 * 1024
+# A ConfigMap's data holds at most 1 MiB (less the key and the object's own fields).
+MAX_CONFIG_MAP_BYTES = 1000 * 1024
 MODEL_TOKEN_ENV = "HF_TOKEN"
 PUSH_TOKEN_ENV = "PUSH_TOKEN"
 # spec.tracking: the trackers' own variable names (their client libraries read them).
@@ -181,8 +195,53 @@ def build_tracking_config(job: FineTuneJob) -> dict | None:
     return out
 
 
-def build_config_map(job: FineTuneJob) -> dict:
-    config = build_trainer_config(job)
+def render_config(job: FineTuneJob) -> str:
+    """config.json as the trainer reads it."""
+    return json.dumps(build_trainer_config(job), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def in_annotation(text: str) -> bool:
+    """Whether a rendered config travels in the pod template (else in a ConfigMap)."""
+    return len(text.encode()) <= MAX_ANNOTATION_BYTES
+
+
+def pod_config(job: FineTuneJob) -> tuple[dict, dict, dict]:
+    """The pod template's annotations for the config, and the volume and mount that make it
+    the file /etc/finetune/config.json: a downward API volume reading the annotation, or
+    (a config too large for it) the job's ConfigMap."""
+    text = render_config(job)
+    mount = {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}
+    if in_annotation(text):
+        return ({CONFIG_ANNOTATION: text},
+                {"name": "config", "downwardAPI": {"items": [{
+                    "path": CONFIG_KEY,
+                    "fieldRef": {"fieldPath": f"metadata.annotations['{CONFIG_ANNOTATION}']"}}]}},
+                mount)
+    return {}, {"name": "config", "configMap": {"name": names.trainer_config_map(job.metadata.name)}}, mount
+
+
+def build_config_map(job: FineTuneJob) -> dict | None:
+    """The ConfigMap of a config too large for the pod template; None for every other job."""
+    text = render_config(job)
+    if in_annotation(text):
+        return None
     return {"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": object_meta(job, names.trainer_config_map(job.metadata.name), COMPONENT),
-            "data": {CONFIG_KEY: json.dumps(config, indent=2, sort_keys=True) + "\n"}}
+            "data": {CONFIG_KEY: text}}
+
+
+def config_too_large(job: FineTuneJob) -> str | None:
+    """Why the job's config fits in no ConfigMap, or None when it fits."""
+    size = len(render_config(job).encode())
+    if size <= MAX_CONFIG_MAP_BYTES:
+        return None
+    spec = job.spec
+    sections = {f"spec.{k}": len(json.dumps(to_dict(v), ensure_ascii=False).encode())
+                for k, v in (("dataset", spec.dataset), ("evaluation", spec.evaluation),
+                             ("training", spec.training), ("method", spec.method),
+                             ("model", spec.model), ("tracking", spec.tracking)) if v is not None}
+    largest = max(sections, key=sections.get)
+    return (f"the trainer config rendered from the spec is {size // 1024} KiB, more than the "
+            f"{MAX_CONFIG_MAP_BYTES // 1024} KiB a ConfigMap can hold; the largest part is {largest} "
+            f"({sections[largest] // 1024} KiB). Move long texts into files on the job's claim "
+            "(dataset.chatTemplate.file, a pvc:// dataset) and create the job again")

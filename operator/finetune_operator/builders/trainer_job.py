@@ -20,9 +20,9 @@ from finetune_operator.builders import object_meta
 from finetune_operator.builders.placement import GPU_RESOURCE, place
 from finetune_operator.builders.storage import WORKSPACE_VOLUME, claim_name
 from finetune_operator.builders.trainer_config import (
-    CONFIG_DIR, CONFIG_PATH, MLFLOW_SECRET_KEYS, MODEL_TOKEN_ENV, OBJECT_STORAGE_KEYS,
+    CONFIG_PATH, MLFLOW_SECRET_KEYS, MODEL_TOKEN_ENV, OBJECT_STORAGE_KEYS,
     OBJECT_STORAGE_REQUIRED_KEYS, PUSH_TOKEN_ENV, TRAINER_METRICS_PORT, WANDB_KEY_ENV, other_claims,
-    results_mount,
+    pod_config, results_mount,
 )
 from finetune_operator.labels import FINETUNEJOB_NAME_ANNOTATION, KUEUE_QUEUE, labels_for
 
@@ -117,15 +117,15 @@ def _env(job: FineTuneJob, image: str) -> list[dict]:
     return env
 
 
-def _volumes(job: FineTuneJob) -> tuple[list[dict], list[dict]]:
+def _volumes(job: FineTuneJob, config_volume: dict, config_mount: dict) -> tuple[list[dict], list[dict]]:
     volumes = [
         {"name": WORKSPACE_VOLUME, "persistentVolumeClaim": {"claimName": claim_name(job)}},
-        {"name": "config", "configMap": {"name": names.trainer_config_map(job.metadata.name)}},
+        config_volume,
         {"name": "tmp", "emptyDir": {}},
     ]
     mounts = [
         {"name": WORKSPACE_VOLUME, "mountPath": WORKSPACE},
-        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        config_mount,
         {"name": "tmp", "mountPath": "/tmp"},
     ]
     if job.spec.resources.gpus_per_node > 0:
@@ -145,7 +145,8 @@ def _volumes(job: FineTuneJob) -> tuple[list[dict], list[dict]]:
 
 def build_pod_template(job: FineTuneJob, image: str) -> dict:
     res = job.spec.resources
-    volumes, mounts = _volumes(job)
+    config_annotations, config_volume, config_mount = pod_config(job)
+    volumes, mounts = _volumes(job, config_volume, config_mount)
     image = res.image or image
     container = {
         "name": CONTAINER,
@@ -178,7 +179,8 @@ def build_pod_template(job: FineTuneJob, image: str) -> dict:
     if res.nodes > 1:
         spec["subdomain"] = names.trainer_service(job.metadata.name)
     return {"metadata": {"labels": labels_for(job.metadata.name, COMPONENT),
-                         "annotations": {FINETUNEJOB_NAME_ANNOTATION: job.metadata.name}}, "spec": spec}
+                         "annotations": {FINETUNEJOB_NAME_ANNOTATION: job.metadata.name,
+                                         **config_annotations}}, "spec": spec}
 
 
 def build_trainer_job(job: FineTuneJob, image: str, *, suspend: bool | None = None) -> dict:

@@ -106,18 +106,20 @@ def _ensure_role_binding(job: FineTuneJob) -> None:
 
 
 def _ensure_config(job: FineTuneJob) -> None:
+    """Only for a config too large for the pod template (it travels there otherwise)."""
     body = trainer_config.build_config_map(job)
-    core = kube.core()
-    current = _create_owned(job, body, core.create_namespaced_config_map, core.read_namespaced_config_map)
-    if current.get("data") != body["data"] and not job.started:
-        core.patch_namespaced_config_map(body["metadata"]["name"], job.metadata.namespace,
-                                         {"data": body["data"]})
+    if body is not None:
+        core = kube.core()
+        _create_owned(job, body, core.create_namespaced_config_map, core.read_namespaced_config_map)
 
 
 def _ensure_review_config_map(job: FineTuneJob) -> None:
+    # Owned like the others: an earlier job's of the same name (its comparison's results, and
+    # the garbage collector's to delete) is never taken for this one's.
     if job.spec.evaluation.comparison.enabled:
         core = kube.core()
-        kube.create(review.build_review_config_map(job), core.create_namespaced_config_map)
+        _create_owned(job, review.build_review_config_map(job), core.create_namespaced_config_map,
+                      core.read_namespaced_config_map)
 
 
 def _ensure_service(job: FineTuneJob) -> None:
@@ -129,6 +131,8 @@ def _ensure_service(job: FineTuneJob) -> None:
 # The trainer Job's prerequisites, created at the same time (each is one or two requests; one
 # after the other they were most of the time from a FineTuneJob to its Job under load). The
 # Job comes after them: its pods need the ServiceAccount to exist.
+# The trainer's config travels in the Job's pod template; only one too large for it has a
+# ConfigMap (builders/trainer_config.py).
 _PREREQUISITES = (_ensure_claim, _ensure_service_account, _ensure_role, _ensure_role_binding,
                   _ensure_config, _ensure_review_config_map, _ensure_service)
 _pool = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="children")

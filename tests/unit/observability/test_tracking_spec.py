@@ -35,20 +35,19 @@ def make_job(tracking: dict | None = TRACKING, status: dict | None = None) -> Fi
 
 
 def test_trainer_config_carries_the_trackers_but_no_secret_reference():
-    cm = trainer_config.build_config_map(make_job())
-    config = json.loads(cm["data"]["config.json"])
+    text = trainer_config.render_config(make_job())
+    config = json.loads(text)
     assert config["tracking"] == {
         "mlflow": {"trackingUri": "https://mlflow.example.com", "experiment": "support"},
         "tensorboard": {"enabled": True},
         "wandb": {"project": "bots", "mode": "offline"},
         "logAdapter": True,
     }
-    text = cm["data"]["config.json"]
     assert "mlflow-creds" not in text and "apiKey" not in text
 
 
 def test_no_tracking_section_without_spec_tracking():
-    config = json.loads(trainer_config.build_config_map(make_job(None))["data"]["config.json"])
+    config = json.loads(trainer_config.render_config(make_job(None)))
     assert "tracking" not in config
 
 

@@ -12,8 +12,8 @@ import pytest
 
 from finetune_api.models import FineTuneJob
 
-from finetune_operator import names
-from finetune_operator.builders import identity, storage, trainer_config, trainer_job
+from finetune_operator import admission, names
+from finetune_operator.builders import comparison_job, identity, storage, trainer_config, trainer_job
 from tests.fixtures.golden import GOLDEN, assert_golden
 
 IMAGE = "ghcr.io/finetune-dev/finetune-trainer:test"
@@ -88,15 +88,15 @@ def test_identity_grants_only_its_own_job_status():
 
 def test_trainer_config_renders_the_spec_without_secrets():
     job = make_job(SINGLE)
-    cm = trainer_config.build_config_map(job)
-    assert_json_golden("trainer-config", json.loads(cm["data"]["config.json"]))
-    config = json.loads(cm["data"]["config.json"])
+    text = trainer_config.render_config(job)
+    assert_json_golden("trainer-config", json.loads(text))
+    config = json.loads(text)
     assert config["model"]["tokenEnv"] == "HF_TOKEN"
     assert config["dataset"]["source"] == "/workspace/data/support.jsonl"
     assert config["dataset"]["mix"]["source"] == "/mnt/claims/shared-data/general.jsonl"
     assert config["job"] == {"name": "support-bot", "namespace": "ml", "uid": "1234-uid"}
     assert config["reporting"]["statusPatch"] is True
-    assert "hf-token" not in cm["data"]["config.json"]
+    assert "hf-token" not in text
 
 
 def test_trainer_config_is_accepted_by_the_trainer():
@@ -227,3 +227,54 @@ def test_two_jobs_on_one_existing_claim_never_share_checkpoints_or_artifacts():
     # A claim of the job's own keeps the volume's top, as before.
     own = config("gamma", None)
     assert str(own.paths.checkpoints) == "/workspace/checkpoints"
+
+
+def _prompts(count: int, size: int) -> dict:
+    return {"evaluation": {"prompts": [{"prompt": f"{i} " + "p" * size} for i in range(count)]}}
+
+
+def test_the_config_travels_in_the_pod_template_and_becomes_the_config_file():
+    """#14: the config was a ConfigMap of its own per job (one object and one request more, and
+    an edit of it reached a running trainer's file). Now the pod template's annotation, made the
+    file the trainer reads by a downward API volume; the comparison pod reads the same one."""
+    job = make_job(SINGLE)
+    for manifest in (trainer_job.build_trainer_job(job, IMAGE),
+                     comparison_job.build_comparison_job(job, IMAGE, 0.0)):
+        template = manifest["spec"]["template"]
+        text = template["metadata"]["annotations"][trainer_config.CONFIG_ANNOTATION]
+        assert json.loads(text) == trainer_config.build_trainer_config(job)
+        (volume,) = [v for v in template["spec"]["volumes"] if v["name"] == "config"]
+        assert volume == {"name": "config", "downwardAPI": {"items": [{
+            "path": "config.json", "fieldRef": {"fieldPath": "metadata.annotations['finetune.dev/trainer-config']"}}]}}
+        (mount,) = [m for m in template["spec"]["containers"][0]["volumeMounts"] if m["name"] == "config"]
+        assert f"{mount['mountPath']}/config.json" == trainer_config.CONFIG_PATH
+    assert trainer_config.build_config_map(job) is None
+
+
+def test_a_config_too_large_for_an_annotation_goes_into_a_config_map():
+    """Up to 200 prompts of 16 KiB each pass the schema: more than a pod's annotations may
+    hold (256 KiB), so such a config keeps the ConfigMap it had before."""
+    job = make_job({**SINGLE, **_prompts(40, 6000)})
+    template = trainer_job.build_trainer_job(job, IMAGE)["spec"]["template"]
+    assert trainer_config.CONFIG_ANNOTATION not in template["metadata"]["annotations"]
+    (volume,) = [v for v in template["spec"]["volumes"] if v["name"] == "config"]
+    assert volume["configMap"] == {"name": "support-bot-trainer-config"}
+    cm = trainer_config.build_config_map(job)
+    assert cm["metadata"]["name"] == "support-bot-trainer-config"
+    assert cm["metadata"]["ownerReferences"][0]["uid"] == "1234-uid"
+    assert json.loads(cm["data"]["config.json"]) == trainer_config.build_trainer_config(job)
+    assert admission.check(job, admission.ClusterFacts(
+        secrets={"hf-token": {"token"}, "s3-credentials": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}},
+        claims={"shared-data"})) is None
+
+
+def test_a_config_larger_than_a_config_map_is_refused_at_admission_naming_the_section():
+    big = {**SINGLE, **_prompts(200, 6000)}
+    facts = admission.ClusterFacts(
+        secrets={"hf-token": {"token"}, "s3-credentials": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}},
+        claims={"shared-data"})
+    problem = admission.check(make_job(big), facts)
+    assert problem is not None and problem.reason == "TrainerConfigTooLarge" and not problem.retryable
+    assert "spec.evaluation" in problem.message and "1000 KiB" in problem.message
+    # A job that already has its trainer Job is never failed by admission.
+    assert admission.check(make_job(big, trainerJob="support-bot-trainer"), facts) is None
