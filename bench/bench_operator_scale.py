@@ -379,7 +379,7 @@ def run_bare_jobs(cluster: AuditedCluster, api, n: int, timeout: float) -> dict:
 
 def run_operator(cluster: AuditedCluster, api, kubeconfig: Path, n: int, timeout: float, steady: float,
                  label: str, pythonpath_first: Path | None = None, profile_dir: Path | None = None,
-                 profile_rate: int = 50) -> dict:
+                 profile_rate: int = 50, profile_seconds: float | None = None) -> dict:
     from kubernetes import client
 
     ns = f"ftj-{label}-{n}"
@@ -422,7 +422,9 @@ def run_operator(cluster: AuditedCluster, api, kubeconfig: Path, n: int, timeout
         profile_dir.mkdir(parents=True, exist_ok=True)
         spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(op.process.pid),
                                 "--rate", str(profile_rate), "--format", "raw", "--nonblocking", "--gil",
-                                "--output", str(profile_dir / f"{ns}.folded")],
+                                "--output", str(profile_dir / f"{ns}.folded")]
+                               # Only the first seconds: the creation burst (FineTuneJob -> Job).
+                               + (["--duration", str(int(profile_seconds))] if profile_seconds else []),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(2)  # let its watches settle; what it does idle is not the N FineTuneJobs' cost
@@ -529,6 +531,8 @@ def main(argv: list[str] | None = None) -> int:
                         "takes most of a CPU: a profiled run's latencies are not comparable with others)")
     parser.add_argument("--profile-rate", type=int, default=50, help="py-spy samples per second (its CPU "
                         "grows with the rate and the operator's thread count: 50 Hz took 62%% of a CPU at N=1000)")
+    parser.add_argument("--profile-seconds", type=float, help="profile only this long from the operator's "
+                        "start (e.g. 55: the creation burst at N=1000)")
     parser.add_argument("--state-dir", help="control-plane state (default: a temporary directory)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "operator_scale.json"))
     args = parser.parse_args(argv)
@@ -551,13 +555,14 @@ def main(argv: list[str] | None = None) -> int:
             if baseline and n in (args.baseline_sizes or args.sizes):
                 label = f"base-{args.baseline_ref[:7]}"
                 r = run_operator(cluster, api, kubeconfig, n, args.timeout, args.steady, label, baseline,
-                                 Path(args.profile) if args.profile else None, args.profile_rate)
+                                 Path(args.profile) if args.profile else None, args.profile_rate,
+                                 args.profile_seconds)
                 print(summary_line(r), file=sys.stderr)
                 results.append(r)
                 drop_namespace(cluster, f"ftj-{label}-{n}")
             r = run_operator(cluster, api, kubeconfig, n, args.timeout, args.steady, "current",
                              profile_dir=Path(args.profile) if args.profile else None,
-                             profile_rate=args.profile_rate)
+                             profile_rate=args.profile_rate, profile_seconds=args.profile_seconds)
             print(summary_line(r), file=sys.stderr)
             results.append(r)
             drop_namespace(cluster, f"ftj-current-{n}")
