@@ -125,25 +125,6 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
         return False
 
 
-# The cyclic garbage collector's generation thresholds once the operator has started. With
-# Python's default (700 allocations per young collection), the objects that decoding watch
-# events creates set off a collection every few events, and the collections that reach the
-# older generations walk the watch caches: a quarter of the operator's CPU at N=1000 (#14,
-# session 11), attributed by a profile to the JSON decoder that happened to allocate. Almost
-# everything is freed by reference counting; only cycles wait for the collector.
-GC_THRESHOLDS = (50_000, 20, 100)
-
-
-def tune_gc(thresholds: tuple[int, int, int] = GC_THRESHOLDS) -> None:
-    """Freeze what start-up made (modules, classes, the kubernetes client's models: never
-    garbage, never walked again) and collect less often."""
-    import gc
-
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*thresholds)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["api"]:
@@ -172,7 +153,6 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     metrics.leader.set(1)
     liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None
-    tune_gc()
     try:
         asyncio.run(kopf.operator(
             clusterwide=not args.namespaces, namespaces=args.namespaces,
