@@ -205,19 +205,17 @@ def in_annotation(text: str) -> bool:
     return len(text.encode()) <= MAX_ANNOTATION_BYTES
 
 
-def pod_config(job: FineTuneJob) -> tuple[dict, dict, dict]:
-    """The pod template's annotations for the config, and the volume and mount that make it
-    the file /etc/finetune/config.json: a downward API volume reading the annotation, or
-    (a config too large for it) the job's ConfigMap."""
+def pod_config(job: FineTuneJob) -> tuple[dict, dict]:
+    """The pod template's annotations for the config, and the volume (`config`, mounted at
+    CONFIG_DIR) that makes it the file /etc/finetune/config.json: a downward API volume
+    reading the annotation, or (a config too large for it) the job's ConfigMap."""
     text = render_config(job)
-    mount = {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}
     if in_annotation(text):
         return ({CONFIG_ANNOTATION: text},
                 {"name": "config", "downwardAPI": {"items": [{
                     "path": CONFIG_KEY,
-                    "fieldRef": {"fieldPath": f"metadata.annotations['{CONFIG_ANNOTATION}']"}}]}},
-                mount)
-    return {}, {"name": "config", "configMap": {"name": names.trainer_config_map(job.metadata.name)}}, mount
+                    "fieldRef": {"fieldPath": f"metadata.annotations['{CONFIG_ANNOTATION}']"}}]}})
+    return {}, {"name": "config", "configMap": {"name": names.trainer_config_map(job.metadata.name)}}
 
 
 def build_config_map(job: FineTuneJob) -> dict | None:

@@ -20,7 +20,7 @@ from finetune_operator.builders import object_meta
 from finetune_operator.builders.placement import GPU_RESOURCE, place
 from finetune_operator.builders.storage import WORKSPACE_VOLUME, claim_name
 from finetune_operator.builders.trainer_config import (
-    CONFIG_PATH, MLFLOW_SECRET_KEYS, MODEL_TOKEN_ENV, OBJECT_STORAGE_KEYS,
+    CONFIG_DIR, CONFIG_PATH, MLFLOW_SECRET_KEYS, MODEL_TOKEN_ENV, OBJECT_STORAGE_KEYS,
     OBJECT_STORAGE_REQUIRED_KEYS, PUSH_TOKEN_ENV, TRAINER_METRICS_PORT, WANDB_KEY_ENV, other_claims,
     pod_config, results_mount,
 )
@@ -117,7 +117,7 @@ def _env(job: FineTuneJob, image: str) -> list[dict]:
     return env
 
 
-def _volumes(job: FineTuneJob, config_volume: dict, config_mount: dict) -> tuple[list[dict], list[dict]]:
+def _volumes(job: FineTuneJob, config_volume: dict) -> tuple[list[dict], list[dict]]:
     volumes = [
         {"name": WORKSPACE_VOLUME, "persistentVolumeClaim": {"claimName": claim_name(job)}},
         config_volume,
@@ -125,7 +125,7 @@ def _volumes(job: FineTuneJob, config_volume: dict, config_mount: dict) -> tuple
     ]
     mounts = [
         {"name": WORKSPACE_VOLUME, "mountPath": WORKSPACE},
-        config_mount,
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "tmp", "mountPath": "/tmp"},
     ]
     if job.spec.resources.gpus_per_node > 0:
@@ -145,8 +145,8 @@ def _volumes(job: FineTuneJob, config_volume: dict, config_mount: dict) -> tuple
 
 def build_pod_template(job: FineTuneJob, image: str) -> dict:
     res = job.spec.resources
-    config_annotations, config_volume, config_mount = pod_config(job)
-    volumes, mounts = _volumes(job, config_volume, config_mount)
+    config_annotations, config_volume = pod_config(job)
+    volumes, mounts = _volumes(job, config_volume)
     image = res.image or image
     container = {
         "name": CONTAINER,
