@@ -35,7 +35,7 @@ def _get(url: str) -> dict:
 
 def test_demo_on_the_real_node_runs_every_pod_from_the_projects_images(tmp_path):
     demo = Demo(tmp_path / "demo", metrics_port=free_port(), liveness_port=free_port(),
-                openai_api_port=free_port(), timeout=900)
+                openai_api_port=free_port(), timeout=1500)
     assert demo.real_node
     try:
         result = demo.up()
