@@ -452,6 +452,42 @@ def test_a_job_kueue_still_queues_has_no_start_time(cluster, namespace, operator
     assert s["startTime"] == started
 
 
+def test_a_spec_edited_while_kueue_queues_the_job_rebuilds_its_trainer_job(cluster, namespace, operator):
+    """An edit CEL accepts (training has not started) must reach the trainer: the Job was built
+    at creation and kept, so a queued job ran its old spec. No Kueue runs here: the Job stays
+    suspended as Kueue keeps it until admission, and the test unsuspends it as Kueue admits."""
+    apply(cluster, namespace, ftj("edited", resources={"queueName": "team-a", "nodeSelector": NOWHERE}))
+    wait_phase(cluster, namespace, "edited", "Pending", reason="Queued")
+    (first,) = wait_for(lambda: trainer_jobs(cluster, namespace, "edited"), timeout=90, what="the trainer Job")
+    assert trainer_config_of(first)["training"]["learningRate"] != 1e-3
+
+    apply(cluster, namespace, ftj("edited", resources={"queueName": "team-a", "nodeSelector": NOWHERE,
+                                                       "image": "finetune-trainer:edited"},
+                                  training={"precision": "fp32", "learningRate": 1e-3}))
+
+    def rebuilt():
+        jobs = [j for j in trainer_jobs(cluster, namespace, "edited") if j["metadata"]["uid"] != first["metadata"]["uid"]]
+        return jobs and jobs[0]
+    again = wait_for(rebuilt, timeout=90, what="the trainer Job built again from the edited spec")
+    assert trainer_config_of(again)["training"]["learningRate"] == 1e-3
+    assert again["spec"]["template"]["spec"]["containers"][0]["image"] == "finetune-trainer:edited"
+    assert again["spec"]["suspend"] is True  # still Kueue's to admit
+    assert [j["metadata"]["uid"] for j in trainer_jobs(cluster, namespace, "edited")] == [again["metadata"]["uid"]]
+    wait_for(lambda: "Rebuilding" in {e["reason"] for e in events(cluster, namespace, "edited")},
+             timeout=30, what="the Rebuilding event")
+    wait_for(lambda: status(cluster, namespace, "edited").get("trainerImage") == "finetune-trainer:edited",
+             timeout=30, what="status.trainerImage of the edited spec")
+
+    # Admitted (as Kueue does): training starts, and from then on CEL refuses such edits.
+    cluster.kubectl("patch", "job", again["metadata"]["name"], "-n", namespace, "--type=merge",
+                    "-p", '{"spec":{"suspend":false}}')
+    wait_for(lambda: status(cluster, namespace, "edited").get("startTime"), timeout=60, what="startTime")
+    refused = cluster.kubectl("patch", "ftj", "edited", "-n", namespace, "--type=merge",
+                              "-p", '{"spec":{"training":{"learningRate":0.002}}}', check=False)
+    assert refused.returncode != 0 and "spec.training is immutable once training started" in refused.stderr
+    assert [j["metadata"]["uid"] for j in trainer_jobs(cluster, namespace, "edited")] == [again["metadata"]["uid"]]
+
+
 def test_a_config_too_large_for_the_pod_template_gets_a_config_map_of_its_own(cluster, namespace, operator):
     """A config past 192 KiB (long evaluation prompts) cannot travel in the pod template's
     annotations (256 KiB in all): the Job mounts a ConfigMap owned by the job instead."""

@@ -10,10 +10,14 @@ is gone, so two trainers never write checkpoints to the volume at the same time.
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 from finetune_api import layout
 from finetune_api.exitcodes import PERMANENT
 from finetune_api.layout import WORKSPACE
-from finetune_api.models import FineTuneJob
+from finetune_api.models import FineTuneJob, to_dict
+from finetune_api.schema import GROUP, IMMUTABLE_SECTIONS
 
 from finetune_operator import names
 from finetune_operator.builders import object_meta
@@ -32,6 +36,17 @@ BACKOFF_LIMIT = 3
 TERMINATION_GRACE_SECONDS = 120  # the trainer writes a checkpoint on SIGTERM
 MASTER_PORT = 29500
 RUN_AS_USER = 1000
+# The spec sections a trainer Job was built from, hashed: a spec edited before training
+# started (a job Kueue still queues, or one created suspended) is seen by its Job's digest, and
+# the Job is built again (handlers/finetunejob.py). Once training started, CEL freezes them.
+SPEC_DIGEST_ANNOTATION = f"{GROUP}/spec-digest"
+
+
+def spec_digest(job: FineTuneJob) -> str:
+    """The spec sections that are immutable once training started (schema.IMMUTABLE_SECTIONS),
+    hashed: the same digest for the same trainer Job."""
+    sections = {s: to_dict(getattr(job.spec, s)) for s in IMMUTABLE_SECTIONS}
+    return hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # Restarts of the worker group (a node lost or replaced) before the pods fail; the Job's
@@ -187,6 +202,7 @@ def build_trainer_job(job: FineTuneJob, image: str, *, suspend: bool | None = No
     """The trainer Job. `suspend` defaults to what the spec and Kueue ask for at creation."""
     res = job.spec.resources
     meta = object_meta(job, names.trainer_job(job.metadata.name), COMPONENT)
+    meta["annotations"] = {SPEC_DIGEST_ANNOTATION: spec_digest(job)}
     if res.queue_name:
         meta["labels"][KUEUE_QUEUE] = res.queue_name
     if suspend is None:

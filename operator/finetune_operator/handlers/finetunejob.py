@@ -110,7 +110,10 @@ def _ensure_config(job: FineTuneJob) -> None:
     body = trainer_config.build_config_map(job)
     if body is not None:
         core = kube.core()
-        _create_owned(job, body, core.create_namespaced_config_map, core.read_namespaced_config_map)
+        current = _create_owned(job, body, core.create_namespaced_config_map, core.read_namespaced_config_map)
+        if current.get("data") != body["data"]:  # the spec was edited before training started
+            core.patch_namespaced_config_map(body["metadata"]["name"], job.metadata.namespace,
+                                             {"data": body["data"]})
 
 
 def _ensure_review_config_map(job: FineTuneJob) -> None:
@@ -194,7 +197,8 @@ def _ensure_trainer_job(job: FineTuneJob, body: dict, pending: dict, notes: list
             # Its first attempt too: counted from its pod a moment later, it was a status patch
             # of its own per job (#14).
             pending["attempts"] = max(job.status.attempts or 0, 1)
-    image = job.status.trainer_image or current["spec"]["template"]["spec"]["containers"][0]["image"]
+    # What the Job runs (an edit before training started built it again with a new image).
+    image = current["spec"]["template"]["spec"]["containers"][0].get("image") or job.status.trainer_image
     if job.status.trainer_job != current["metadata"]["name"] or job.status.trainer_image != image:
         pending.update({"trainerJob": current["metadata"]["name"], "trainerImage": image})
     wants = job.spec.suspend
@@ -208,6 +212,38 @@ def _ensure_trainer_job(job: FineTuneJob, body: dict, pending: dict, notes: list
         kopf.event(body, type="Normal", reason="Suspending" if wants else "Resuming",
                   message=("suspended the trainer Job; its pods checkpoint on SIGTERM" if wants else
                            "resumed the trainer Job; training continues from the latest checkpoint"))
+
+
+# The spec digest each job was last warned about (SpecNotApplied): one Warning per edit.
+_spec_warned: dict[tuple[str, str], str] = {}
+
+
+def _rebuild_if_edited(job: FineTuneJob, body: dict, trainer: dict) -> None:
+    """A spec edited after the trainer Job was built (its digest differs) but before training
+    started: a Job Kueue still queues, or one created suspended, has no pods and has written no
+    checkpoint, so it is deleted and built again from the new spec (the handler runs again in
+    a moment and creates it). A queued Job goes to the back of its queue with its new Workload.
+    Once training started, CEL refuses such edits; in the moment between a Job's start and
+    status.startTime the edit is accepted, and a Warning says that the trainer keeps its spec."""
+    built = (trainer["metadata"].get("annotations") or {}).get(trainer_job.SPEC_DIGEST_ANNOTATION)
+    wanted = trainer_job.spec_digest(job)
+    if built is None or built == wanted:
+        return  # built from this spec (or by an operator that recorded no digest)
+    name = trainer["metadata"]["name"]
+    if job.status.start_time or not trainer["spec"].get("suspend") or (trainer.get("status") or {}).get("startTime"):
+        if _spec_warned.get((job.metadata.namespace, job.metadata.name)) != wanted:
+            _spec_warned[(job.metadata.namespace, job.metadata.name)] = wanted
+            kopf.warn(body, reason="SpecNotApplied",
+                      message=f"the spec changed after trainer Job {name} started: the trainer keeps the spec "
+                              "it started with; create a new FineTuneJob to train with the new one")
+        return
+    kube.delete(kube.batch().delete_namespaced_job, name, job.metadata.namespace,
+                propagation_policy="Background")
+    cache.deleted("Job", job.metadata.namespace, name, trainer["metadata"].get("uid"))
+    kopf.event(body, type="Normal", reason="Rebuilding",
+               message=f"the spec changed before training started: deleted trainer Job {name} "
+                       "(no pod had started) to create it again from the new spec")
+    raise kopf.TemporaryError(f"trainer Job {name} deleted to be built again from the edited spec", delay=1)
 
 
 def _suspend_queued(job: FineTuneJob, body: dict, current: dict, wants: bool) -> None:
@@ -244,8 +280,10 @@ def _ensure_comparison_job(job: FineTuneJob, notes: list[tuple[str, str]]) -> No
 
 
 def _trainer_image(job: FineTuneJob) -> str:
-    """The image resolved when the first trainer Job was created; resolved now otherwise."""
-    return job.status.trainer_image or job.spec.resources.image or settings.current.trainer_image
+    """spec.resources.image (which CEL freezes once training started), else the operator's
+    default as resolved when the first trainer Job was created (a Job re-created after an
+    operator upgrade keeps it), else the default now."""
+    return job.spec.resources.image or job.status.trainer_image or settings.current.trainer_image
 
 
 def _patch_status(job: FineTuneJob, status: dict) -> None:
@@ -349,6 +387,8 @@ def _ensure_children_locked(namespace: str, name: str, fresh: bool = False,
         if not _admit(job, obj, obj, pending):
             return  # failed for good: nothing is created for it
         trainer = _read_trainer_job(job)
+        if trainer is not None and not trainer["metadata"].get("deletionTimestamp"):
+            _rebuild_if_edited(job, obj, trainer)
         if trainer is None or trainer["metadata"].get("deletionTimestamp"):
             # With this job's Job there (owned by its uid), its prerequisites were created
             # before it: a handler run again (a resume, a suspend) does not recreate them.
@@ -401,6 +441,7 @@ def _forget(namespace: str, name: str) -> None:
     records.forget(namespace, name)
     cache.forget(namespace, name)
     _status_written.pop((namespace, name), None)
+    _spec_warned.pop((namespace, name), None)
     _refreshed_at.pop((namespace, name), None)
 
 

@@ -107,6 +107,19 @@ def test_trainer_config_is_accepted_by_the_trainer():
         assert parsed.paths.root == "/workspace"
 
 
+def test_the_trainer_job_records_the_digest_of_the_sections_it_was_built_from():
+    """The digest changes with every section CEL freezes once training started, and not with
+    the fields that stay editable (suspend, deploy, ttlSecondsAfterFinished)."""
+    base = trainer_job.spec_digest(make_job(SINGLE))
+    manifest = trainer_job.build_trainer_job(make_job(SINGLE), IMAGE)
+    assert manifest["metadata"]["annotations"][trainer_job.SPEC_DIGEST_ANNOTATION] == base
+    for editable in ({"suspend": True}, {"deploy": {"gpus": 1}}, {"ttlSecondsAfterFinished": 60}):
+        assert trainer_job.spec_digest(make_job({**SINGLE, **editable})) == base, editable
+    for frozen in ({"training": {"epochs": 4}}, {"resources": {**SINGLE["resources"], "image": "x:1"}},
+                   {"evaluation": {"prompts": [{"prompt": "hi"}]}}, {"storage": {"size": "20Gi"}}):
+        assert trainer_job.spec_digest(make_job({**SINGLE, **frozen})) != base, frozen
+
+
 def test_single_node_trainer_job():
     job = make_job(SINGLE)
     manifest = trainer_job.build_trainer_job(job, IMAGE)
