@@ -21,6 +21,8 @@ Times are taken by this process from watch events (creationTimestamp has one-sec
 resolution), so watch delivery is in every figure, the operator's and the anchor's alike.
 With --baseline-ref, the operator at that commit (`git archive`, put first on PYTHONPATH)
 runs the same N in the same control plane, before the current tree: before/after side by side.
+The later of two runs is the slower (an A/A pair differed by 28% in p99 and 10% in CPU), so
+compare with --abba (base, current, current, base) and average each tree's two runs.
 """
 
 from __future__ import annotations
@@ -524,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 300, 1000])
     parser.add_argument("--baseline-ref", help="also run the operator at this commit (before/after)")
+    parser.add_argument("--abba", action="store_true", help="with --baseline-ref: base, current, current, "
+                        "base (the later of two runs in one control plane is the slower)")
     parser.add_argument("--baseline-sizes", type=int, nargs="+", help="sizes for the baseline (default: --sizes)")
     parser.add_argument("--timeout", type=float, default=420, help="per run, seconds")
     parser.add_argument("--steady", type=float, default=30, help="seconds observed after all succeeded")
@@ -552,20 +556,22 @@ def main(argv: list[str] | None = None) -> int:
             print(summary_line(r), file=sys.stderr)
             results.append(r)
             drop_namespace(cluster, f"bare-{n}")
-            if baseline and n in (args.baseline_sizes or args.sizes):
-                label = f"base-{args.baseline_ref[:7]}"
-                r = run_operator(cluster, api, kubeconfig, n, args.timeout, args.steady, label, baseline,
+            paired = baseline is not None and n in (args.baseline_sizes or args.sizes)
+            base_label = f"base-{args.baseline_ref[:7]}" if paired else ""
+            # A run after another in the same control plane is slower (etcd holds the earlier
+            # run's history: an A/A pair of one tree, bench/results/operator_scale_1000_s12_aa.json,
+            # was 16.2 -> 20.8 s p99 and 67.6 -> 74.5 CPU-s). --abba runs base, current, current,
+            # base: each tree once first and once last.
+            order = [(base_label, baseline), ("current", None)] if paired else [("current", None)]
+            if paired and args.abba:
+                order += [("current-2", None), (f"{base_label}-2", baseline)]
+            for label, tree in order:
+                r = run_operator(cluster, api, kubeconfig, n, args.timeout, args.steady, label, tree,
                                  Path(args.profile) if args.profile else None, args.profile_rate,
                                  args.profile_seconds)
                 print(summary_line(r), file=sys.stderr)
                 results.append(r)
                 drop_namespace(cluster, f"ftj-{label}-{n}")
-            r = run_operator(cluster, api, kubeconfig, n, args.timeout, args.steady, "current",
-                             profile_dir=Path(args.profile) if args.profile else None,
-                             profile_rate=args.profile_rate, profile_seconds=args.profile_seconds)
-            print(summary_line(r), file=sys.stderr)
-            results.append(r)
-            drop_namespace(cluster, f"ftj-current-{n}")
     finally:
         cluster.stop()
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
