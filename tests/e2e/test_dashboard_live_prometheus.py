@@ -88,7 +88,11 @@ def extra_jobs(demo: Demo) -> None:
 
 
 def query_has_data(prom: Prometheus, expr: str, start: float, end: float) -> tuple[bool, list[dict]]:
-    result = prom.query_range(expr, start, end, step=5)
+    # A 1 s step, under the 2 s scrape interval: a series that lived for a few scrapes only (the
+    # 24-step trainer's: its first step > 0 and its exit can be two scrapes apart) is visible from
+    # its first sample to its staleness marker, a window a 5 s step could step over (the full
+    # suite's Progress panel failure on 2026-12-03).
+    result = prom.query_range(expr, start, end, step=1)
     values = [float(v) for series in result for _, v in series["values"]]
     finite = [v for v in values if math.isfinite(v)]
     ok = bool(finite) and (not moves(expr) or any(v > 0 for v in finite))
