@@ -85,6 +85,9 @@ def test_children_are_created_and_a_kwok_run_succeeds(cluster, namespace, operat
     assert role["rules"][1]["resourceNames"] == ["ok"]
     (job,) = trainer_jobs(cluster, namespace, "ok")
     assert trainer_config_of(job)["dataset"]["source"] == "/workspace/data/train.jsonl"
+    # The review ConfigMap the comparison filled (created with the comparison Job), owned by the job.
+    review = get_json(cluster, "cm", "ok-review", "-n", namespace)
+    assert [r["uid"] for r in review["metadata"]["ownerReferences"]] == [job["metadata"]["ownerReferences"][0]["uid"]]
     # The config travels in the Job (no ConfigMap of its own): the pods got it as created.
     assert cluster.kubectl("get", "cm", "ok-trainer-config", "-n", namespace, check=False).returncode != 0
     pod = trainer_pods(cluster, namespace, "ok")[0]
@@ -314,29 +317,31 @@ def test_a_job_recreated_under_the_same_name_never_adopts_the_old_ones_children(
     """#14 item 6: the new job adopted the old one's ServiceAccount, Role, RoleBinding and ConfigMap
     on 409, and the garbage collector then deleted them under it. A finalizer on the old review
     ConfigMap holds it (as a slow garbage collector would) while the job is re-created: it was
-    created without an owner check, so the new job took the old one's and lost it."""
-    apply(cluster, namespace, ftj("again", resources={"nodeSelector": NOWHERE}))
-    wait_for(lambda: trainer_jobs(cluster, namespace, "again"), timeout=90, what="the first trainer Job")
+    created without an owner check, so the new job took the old one's and lost it. The review
+    ConfigMap is created with the comparison Job, so both jobs run on kwok to that point."""
+    apply(cluster, namespace, ftj("again"))
+    wait_phase(cluster, namespace, "again", "Succeeded", timeout=180)
     old_uid = get_json(cluster, "ftj", "again", "-n", namespace)["metadata"]["uid"]
     cluster.kubectl("patch", "cm", "again-review", "-n", namespace, "--type=merge",
                     "-p", json.dumps({"metadata": {"finalizers": ["test.finetune.dev/hold"]}}))
     cluster.kubectl("delete", "ftj", "again", "-n", namespace, "--wait=true", "--timeout=60s")
-    apply(cluster, namespace, ftj("again", resources={"nodeSelector": NOWHERE}))
+    apply(cluster, namespace, ftj("again"))
     new_uid = get_json(cluster, "ftj", "again", "-n", namespace)["metadata"]["uid"]
     assert new_uid != old_uid
     wait_for(lambda: "ConfigMap again-review still belongs to an earlier FineTuneJob again"
-             in operator.log.read_text(), timeout=60,
+             in operator.log.read_text(), timeout=120,
              what="the operator to wait for the old review ConfigMap instead of taking it")
-    assert all(j["metadata"]["ownerReferences"][0]["uid"] != new_uid for j in trainer_jobs(cluster, namespace, "again"))
+    comparison = get_json(cluster, "jobs", "-n", namespace, "-l",
+                          "finetune.dev/finetunejob=again,app.kubernetes.io/component=comparison")["items"]
+    assert all(j["metadata"]["ownerReferences"][0]["uid"] != new_uid for j in comparison)
+    assert status(cluster, namespace, "again").get("phase") != "Succeeded"
     cluster.kubectl("patch", "cm", "again-review", "-n", namespace, "--type=merge",
                     "-p", json.dumps({"metadata": {"finalizers": None}}))
 
-    def owned_by_new():
-        jobs = trainer_jobs(cluster, namespace, "again")
-        return jobs and all(j["metadata"]["ownerReferences"][0]["uid"] == new_uid for j in jobs)
-    wait_for(owned_by_new, timeout=90, what="the new job's own trainer Job")
+    wait_phase(cluster, namespace, "again", "Succeeded", timeout=180)
     for kind, name in (("serviceaccount", "again-trainer"), ("role", "again-trainer"),
-                       ("rolebinding", "again-trainer"), ("configmap", "again-review")):
+                       ("rolebinding", "again-trainer"), ("configmap", "again-review"),
+                       ("job", "again-trainer")):
         obj = get_json(cluster, kind, name, "-n", namespace)
         assert [r["uid"] for r in obj["metadata"]["ownerReferences"]] == [new_uid], (kind, obj["metadata"])
 
@@ -460,6 +465,8 @@ def test_a_spec_edited_while_kueue_queues_the_job_rebuilds_its_trainer_job(clust
     wait_phase(cluster, namespace, "edited", "Pending", reason="Queued")
     (first,) = wait_for(lambda: trainer_jobs(cluster, namespace, "edited"), timeout=90, what="the trainer Job")
     assert trainer_config_of(first)["training"]["learningRate"] != 1e-3
+    # Nothing is compared before training: no review ConfigMap yet (it comes with the comparison Job).
+    assert cluster.kubectl("get", "cm", "edited-review", "-n", namespace, check=False).returncode != 0
 
     apply(cluster, namespace, ftj("edited", resources={"queueName": "team-a", "nodeSelector": NOWHERE,
                                                        "image": "finetune-trainer:edited"},

@@ -117,8 +117,10 @@ def _ensure_config(job: FineTuneJob) -> None:
 
 
 def _ensure_review_config_map(job: FineTuneJob) -> None:
-    # Owned like the others: an earlier job's of the same name (its comparison's results, and
-    # the garbage collector's to delete) is never taken for this one's.
+    """Created with the comparison Job, which fills it (the review page reads nothing from it
+    before): one write fewer while a burst of new jobs waits for its trainer Jobs, and none for
+    a job that never gets that far. Owned like the other children: an earlier job's of the
+    same name (its comparison's results, the garbage collector's to delete) is never taken."""
     if job.spec.evaluation.comparison.enabled:
         core = kube.core()
         _create_owned(job, review.build_review_config_map(job), core.create_namespaced_config_map,
@@ -137,7 +139,7 @@ def _ensure_service(job: FineTuneJob) -> None:
 # The trainer's config travels in the Job's pod template; only one too large for it has a
 # ConfigMap (builders/trainer_config.py).
 _PREREQUISITES = (_ensure_claim, _ensure_service_account, _ensure_role, _ensure_role_binding,
-                  _ensure_config, _ensure_review_config_map, _ensure_service)
+                  _ensure_config, _ensure_service)
 _pool = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="children")
 
 
@@ -271,6 +273,7 @@ def _suspend_queued(job: FineTuneJob, body: dict, current: dict, wants: bool) ->
 
 
 def _ensure_comparison_job(job: FineTuneJob, notes: list[tuple[str, str]]) -> None:
+    _ensure_review_config_map(job)  # the comparison fills it: it must exist before the Job
     manifest = comparison_job.build_comparison_job(job, settings.current.vllm_image,
                                                    settings.current.gpu_hour_price)
     batch = kube.batch()
